@@ -1,0 +1,234 @@
+"""Configs: find one by name or path, compose it with Hydra, validate it.
+
+A config is a YAML file under ``configs/`` (a Hydra tree: a file may start
+with ``defaults: [other-config, _self_]`` to inherit). It is merged onto the
+typed schema below, so an unknown key or a wrongly typed value is an error
+that names the key, and then ``key=value`` overrides are applied.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from mpq.errors import MpqError
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    # "embedded:tiny-sdxl", a hub id ("stabilityai/sdxl-turbo") or a local diffusers folder
+    id: str = "embedded:tiny-sdxl"
+    dtype: str = "fp32"  # fp32 | fp16 | bf16 (quantizer statistics are always fp32)
+    device: str = "auto"  # auto -> cuda if available, else cpu
+    variant: str | None = None  # e.g. "fp16" weights variant on the hub
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 1
+    resolution: int = 512
+    guidance_scale: float = 0.0
+    scheduler: str = "euler_ancestral"  # euler_ancestral | euler | ddim | keep
+    timestep_spacing: str = "trailing"
+    seed: int = 42  # image i uses seed + i, whatever the batching
+    batch_size: int = 4
+
+
+@dataclass
+class CalibConfig:
+    num_samples: int = 32
+    prompts_file: str | None = None  # one prompt a line; default: mpq's shipped captions
+    batch_size: int = 8  # denoiser batch for the PTQ observation pass
+
+
+@dataclass
+class WeightQuantConfig:
+    symmetric: bool = True
+    granularity: str = "channel"  # channel | tensor
+    scale_method: str = "minmax"  # minmax | mse
+    mse_grid: int = 50  # clipping ratios tried by the MSE search
+    mse_min_ratio: float = 0.3  # smallest clipping ratio tried
+
+
+@dataclass
+class ActQuantConfig:
+    symmetric: bool = False
+    granularity: str = "tensor"
+    scale_method: str = "minmax"  # running min-max
+    momentum: float = 0.95  # running statistics: r = m * r + (1 - m) * batch
+
+
+@dataclass
+class QuantConfig:
+    bits: list[int] = field(default_factory=lambda: [2, 4, 8])
+    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    act: ActQuantConfig = field(default_factory=ActQuantConfig)
+
+
+@dataclass
+class GroupsConfig:
+    # a layer is "content" if a pattern equals one of its dotted name parts
+    # (or, for "re:<regex>", the regex matches the name); all others are "quality"
+    content: list[str] = field(default_factory=lambda: ["attn2", "ff"])
+
+
+@dataclass
+class InferConfig:
+    num_images: int = 8
+    weight_bits: int | None = 8  # uniform bits when no plan file is given (None: FP)
+    act_bits: int | None = 8
+
+
+@dataclass
+class MpqConfig:
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+
+
+# --------------------------------------------------------------------------- lookup
+def config_root() -> Path:
+    """The ``configs/`` tree: $MPQ_CONFIG_DIR, else the one beside the package."""
+    env = os.environ.get("MPQ_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parent.parent / "configs"
+
+
+def available_configs() -> list[str]:
+    root = config_root()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path that exists, else a name (with or without ``.yaml``, with or without folder) under configs/."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p.resolve()
+    root = config_root()
+    name = name_or_path if name_or_path.endswith((".yaml", ".yml")) else f"{name_or_path}.yaml"
+    direct = root / name
+    if direct.is_file():
+        return direct.resolve()
+    hits = sorted(root.rglob(Path(name).name)) if root.is_dir() else []
+    hits = [h for h in hits if str(h.relative_to(root)).endswith(name)]
+    if len(hits) == 1:
+        return hits[0].resolve()
+    if len(hits) > 1:
+        names = ", ".join(str(h.relative_to(root)) for h in hits)
+        raise MpqError(f"config '{name_or_path}' is ambiguous: {names}; give the folder too")
+    avail = ", ".join(available_configs()) or f"none (no configs under {root})"
+    raise MpqError(f"unknown config '{name_or_path}'; available: {avail}; or give a path to a .yaml file")
+
+
+# --------------------------------------------------------------------------- loading
+def _compose(path: Path) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base=None):
+            return compose(config_name=path.stem)
+    except HydraException as err:
+        first = str(err).strip().splitlines()[0]
+        raise MpqError(f"config {path}: {first}") from None
+
+
+def _key_error(err: OmegaConfBaseException, source: str) -> MpqError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).strip().splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        parent_key = key.rsplit(".", 1)[0] if "." in key else ""
+        node: Any = OmegaConf.structured(MpqConfig)
+        for part in parent_key.split(".") if parent_key else []:
+            node = node.get(part) if isinstance(node, DictConfig) else None
+        valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else ""
+        hint = f"; valid keys{' under ' + parent_key if parent_key else ''}: {valid}" if valid else ""
+        return MpqError(f"unknown config key '{key}' in {source}{hint}")
+    return MpqError(f"bad value for config key '{key}' in {source}: {msg}")
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load a config by name or path, apply ``key=value`` overrides, validate."""
+    path = resolve_config_path(name_or_path)
+    raw = _compose(path)
+    return build_config(raw, overrides, source=str(path), default_name=path.stem)
+
+
+def build_config(raw: Any, overrides: list[str] | tuple[str, ...] = (), source: str = "config", default_name: str = "") -> DictConfig:
+    """Merge a raw mapping onto the schema, then apply overrides and validate."""
+    schema = OmegaConf.structured(MpqConfig)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as err:
+        raise _key_error(err, source) from None
+    for item in overrides:
+        if "=" not in item:
+            raise MpqError(f"override '{item}' is not of the form key=value (e.g. quant.bits=[4,8])")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _key_error(err, f"override '{item}'") from None
+    if not cfg.name:
+        cfg.name = default_name or "run"
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def config_from_yaml_text(text: str, source: str) -> DictConfig:
+    """Rebuild a config saved in a run directory (already resolved)."""
+    try:
+        raw = OmegaConf.create(text)
+    except OmegaConfBaseException as err:
+        raise MpqError(f"{source}: not a valid config ({str(err).splitlines()[0]})") from None
+    return build_config(raw, source=source)
+
+
+def _one_of(value: Any, allowed: tuple[Any, ...], key: str) -> None:
+    if value not in allowed:
+        raise MpqError(f"config key '{key}' is '{value}'; use one of: {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: DictConfig) -> None:
+    _one_of(cfg.model.dtype, ("fp32", "fp16", "bf16"), "model.dtype")
+    if not (cfg.model.device in ("auto", "cpu", "cuda", "mps") or str(cfg.model.device).startswith("cuda:")):
+        raise MpqError(f"config key 'model.device' is '{cfg.model.device}'; use auto, cpu, cuda, cuda:N or mps")
+    _one_of(cfg.sampling.scheduler, ("euler_ancestral", "euler", "ddim", "keep"), "sampling.scheduler")
+    _one_of(cfg.sampling.timestep_spacing, ("trailing", "leading", "linspace"), "sampling.timestep_spacing")
+    if cfg.sampling.steps < 1:
+        raise MpqError("config key 'sampling.steps' must be >= 1")
+    if cfg.sampling.resolution % 8 or cfg.sampling.resolution < 32:
+        raise MpqError(f"config key 'sampling.resolution' is {cfg.sampling.resolution}; use a multiple of 8, >= 32")
+    bits = list(cfg.quant.bits)
+    if not bits or any(b < 2 or b > 16 for b in bits) or bits != sorted(set(bits)):
+        raise MpqError(f"config key 'quant.bits' is {bits}; give distinct increasing bit-widths in 2..16, e.g. [2,4,8]")
+    _one_of(cfg.quant.weight.granularity, ("channel", "tensor"), "quant.weight.granularity")
+    _one_of(cfg.quant.weight.scale_method, ("minmax", "mse"), "quant.weight.scale_method")
+    _one_of(cfg.quant.act.granularity, ("tensor",), "quant.act.granularity")
+    _one_of(cfg.quant.act.scale_method, ("minmax",), "quant.act.scale_method")
+    if not 0.0 <= cfg.quant.act.momentum < 1.0:
+        raise MpqError("config key 'quant.act.momentum' must be in [0, 1)")
+    if not 0.0 < cfg.quant.weight.mse_min_ratio <= 1.0:
+        raise MpqError("config key 'quant.weight.mse_min_ratio' must be in (0, 1]")
+    for key in ("sampling.batch_size", "calib.batch_size", "calib.num_samples", "infer.num_images"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise MpqError(f"config key '{key}' must be >= 1")
+    for key in ("infer.weight_bits", "infer.act_bits"):
+        b = OmegaConf.select(cfg, key)
+        if b is not None and b not in bits:
+            raise MpqError(f"config key '{key}' is {b}; use one of the candidate bits {bits} or null (FP)")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

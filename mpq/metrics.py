@@ -1,0 +1,63 @@
+"""Metrics: SQNR and MSE on tensors, SSIM/PSNR on images (torchmetrics)."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+
+def sqnr_db(ref_sq: float, err_sq: float) -> float:
+    """10 log10(sum ref^2 / sum err^2); +inf when the error is exactly zero."""
+    if err_sq <= 0.0:
+        return float("inf")
+    return float(10.0 * np.log10(ref_sq / err_sq))
+
+
+class SqnrAccumulator:
+    """SQNR over many batches: sums of squares accumulated in float64."""
+
+    def __init__(self) -> None:
+        self.ref_sq = 0.0
+        self.err_sq = 0.0
+
+    def update(self, out: torch.Tensor, ref: torch.Tensor) -> None:
+        r = ref.double()
+        self.ref_sq += float(r.pow(2).sum())
+        self.err_sq += float((out.double() - r).pow(2).sum())
+
+    @property
+    def value(self) -> float:
+        return sqnr_db(self.ref_sq, self.err_sq)
+
+
+def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
+    acc = SqnrAccumulator()
+    acc.update(out, ref)
+    return acc.value
+
+
+def _nchw(images: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) floats in [0, 1] -> (N, 3, H, W) float64 tensor."""
+    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).double()
+
+
+def image_mse(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Per-image MSE of [0, 1] images."""
+    d = images.astype(np.float64) - refs.astype(np.float64)
+    return (d**2).reshape(len(d), -1).mean(axis=1)
+
+
+def image_ssim(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Per-image SSIM (torchmetrics, Gaussian 11x11, data range 1)."""
+    from torchmetrics.functional.image import structural_similarity_index_measure
+
+    vals = structural_similarity_index_measure(_nchw(images), _nchw(refs), data_range=1.0, reduction="none")
+    return vals.numpy().reshape(-1)
+
+
+def image_psnr(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
+    """Per-image PSNR in dB (torchmetrics, data range 1)."""
+    from torchmetrics.functional.image import peak_signal_noise_ratio
+
+    vals = peak_signal_noise_ratio(_nchw(images), _nchw(refs), data_range=1.0, reduction="none", dim=(1, 2, 3))
+    return vals.numpy().reshape(-1)

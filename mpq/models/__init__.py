@@ -1,0 +1,18 @@
+"""Model loading: a hub id, a local diffusers folder, or the embedded default.
+
+All three end in the same ``DiffusionPipeline.from_pretrained`` call: the
+embedded model is built once in code and saved as a diffusers folder in the
+cache (``$MPQ_CACHE``, default ``~/.cache/mpq``), then loaded like any other.
+"""
+
+from mpq.models.loader import (
+    EMBEDDED_PREFIX,
+    denoiser_of,
+    load_arch,
+    load_pipeline,
+    meta_denoiser,
+    resolve_device,
+    torch_dtype,
+)
+
+__all__ = ["EMBEDDED_PREFIX", "denoiser_of", "load_arch", "load_pipeline", "meta_denoiser", "resolve_device", "torch_dtype"]

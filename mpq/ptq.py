@@ -1,0 +1,60 @@
+"""PTQ: calibrate weight and activation quant params for every candidate bit in one pass.
+
+Weights: per candidate bit, a symmetric scale per output channel (min-max, or
+an MSE search over clipping ratios). Activations: one pass of the
+calibration data through the FP denoiser records each layer's running
+input range (momentum 0.95, per tensor); every candidate bit's scale and zero
+point derive from that one range. So the cost of calibrating three bits is
+one forward pass plus three cheap weight-scale computations.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from mpq.calib import CalibData
+from mpq.ckpt import save_checkpoint
+from mpq.errors import MpqError
+from mpq.models import denoiser_of, load_pipeline, torch_dtype
+from mpq.quant.model import QuantModel
+from mpq.rundir import RunDir
+
+
+def calibrate(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int] | None = None, progress: bool = True) -> dict[str, float]:
+    """Fill ``qm``'s quant params for ``bits`` (default: the config's candidates); returns timings (s)."""
+    bits = list(bits if bits is not None else cfg.quant.bits)
+    wq, aq = cfg.quant.weight, cfg.quant.act
+    device = next(qm.denoiser.parameters()).device
+    dtype = torch_dtype(cfg.model.dtype)
+    qm.set_fp()
+    t0 = time.perf_counter()
+    for layer in tqdm(qm.layers.values(), desc=f"ptq: weight scales {bits}", unit="layer", disable=not progress, leave=False):
+        layer.calibrate_weight(bits, wq.granularity == "channel", wq.scale_method, wq.mse_grid, wq.mse_min_ratio)
+    t1 = time.perf_counter()
+    bs = cfg.calib.batch_size
+    with qm.observing(aq.momentum), torch.no_grad():
+        for kwargs, _ in tqdm(calib.batches(bs, device, dtype), total=calib.num_batches(bs), desc="ptq: activation ranges", unit="batch", disable=not progress, leave=False):
+            qm(**kwargs, return_dict=False)
+    missing = [n for n, layer in qm.layers.items() if layer.a_range is None]
+    if missing:
+        raise MpqError(f"{len(missing)} layers never ran on the calibration data (first: {missing[0]}); check the calibration data matches the model")
+    for layer in qm.layers.values():
+        layer.finalize_act(bits, aq.symmetric)
+    t2 = time.perf_counter()
+    return {"weight_s": t1 - t0, "act_s": t2 - t1, "total_s": t2 - t0}
+
+
+def run_ptq(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str, Any]:
+    calib = CalibData.open(run)
+    pipe = pipe if pipe is not None else load_pipeline(cfg)
+    qm = QuantModel(denoiser_of(pipe))
+    if calib.meta.get("fingerprint") != qm.fingerprint:
+        raise MpqError(f"{run.calib} was recorded with another model ({calib.meta.get('model_id')}); re-run `mpq calib` for {cfg.model.id}")
+    timings = calibrate(qm, calib, cfg)
+    manifest = save_checkpoint(run.ckpt, qm, cfg)
+    return {"timings": timings, "layers": len(manifest["layers"]), "bits": manifest["bits"]}

@@ -1,0 +1,115 @@
+"""The run directory: every stage reads and writes files here.
+
+A stage leaves a stamp (``.stamps/<stage>.json``) holding a hash of the
+config keys it depends on and of its upstream stamps. It is up to date when
+its stamp matches and all its outputs exist; then it is skipped. Deleting an
+artifact, or changing a config key it reads, re-runs that stage and, through
+the stamp chain, everything downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mpq.config import config_from_yaml_text, load_config, to_yaml
+from mpq.errors import MpqError
+from mpq.io import read_json, write_json, write_text
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    config_keys: tuple[str, ...]  # dotted config keys whose values the stage's outputs depend on
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    outputs: tuple[str, ...]  # paths relative to the run directory
+
+
+class RunDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ paths
+    def __truediv__(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def calib(self) -> Path:
+        return self.root / "calib"
+
+    @property
+    def fp_images(self) -> Path:
+        return self.root / "fp_images"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "ckpt.safetensors"
+
+    @property
+    def stamps(self) -> Path:
+        return self.root / ".stamps"
+
+    def require(self, rel: str, how: str) -> Path:
+        path = self.root / rel
+        if not path.exists():
+            raise MpqError(f"{path} is missing; {how}")
+        return path
+
+    # ------------------------------------------------------------------ config
+    def save_config(self, cfg: DictConfig) -> None:
+        write_text(self.config_path, to_yaml(cfg))
+
+    def load_config(self, config: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+        """``config`` (name or path) if given, else the run's own ``config.yaml``."""
+        if config:
+            return load_config(config, list(overrides))
+        if not self.config_path.is_file():
+            raise MpqError(f"{self.root} is not an mpq run directory (no config.yaml); give --config, or run `mpq calib` first")
+        cfg = config_from_yaml_text(self.config_path.read_text(), str(self.config_path))
+        if overrides:
+            from mpq.config import build_config
+
+            cfg = build_config(OmegaConf.to_container(cfg), list(overrides), source=str(self.config_path))
+        return cfg
+
+    # ------------------------------------------------------------------ stamps
+    def _stamp_path(self, stage: str) -> Path:
+        return self.stamps / f"{stage}.json"
+
+    def _expected(self, stage: Stage, cfg: DictConfig) -> dict[str, object]:
+        values = {k: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, k)}), resolve=True)["v"] for k in stage.config_keys}
+        upstream = {}
+        for up in stage.upstream:
+            p = self._stamp_path(up)
+            upstream[up] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
+        return {"config": values, "upstream": upstream}
+
+    def is_fresh(self, stage: Stage, cfg: DictConfig) -> bool:
+        p = self._stamp_path(stage.name)
+        if not p.is_file() or not all((self.root / o).exists() for o in stage.outputs):
+            return False
+        try:
+            stamp = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return False
+        expected = self._expected(stage, cfg)
+        return stamp.get("config") == expected["config"] and stamp.get("upstream") == expected["upstream"]
+
+    def mark_done(self, stage: Stage, cfg: DictConfig, seconds: float) -> None:
+        stamp = self._expected(stage, cfg)
+        stamp.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3)})
+        write_json(self._stamp_path(stage.name), stamp)
+
+    def stamp(self, stage: str) -> dict[str, object] | None:
+        p = self._stamp_path(stage)
+        return read_json(p) if p.is_file() else None

@@ -1,0 +1,28 @@
+"""The stages of a run and the runner that skips what is up to date."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from typing import Any
+
+from omegaconf import DictConfig
+
+from mpq.rundir import RunDir, Stage
+
+CALIB = Stage("calib", ("model.id", "model.variant", "model.dtype", "sampling", "calib.num_samples", "calib.prompts_file"), (), ("calib/meta.json",))
+PTQ = Stage("ptq", ("model.id", "model.variant", "model.dtype", "quant", "calib.batch_size"), ("calib",), ("ckpt.safetensors",))
+
+
+def run_stage(stage: Stage, cfg: DictConfig, run: RunDir, fn: Callable[[], Any], force: bool = False, log: Callable[[str], None] = print) -> Any:
+    """Run ``fn`` unless the stage is up to date; stamp it when done."""
+    if not force and run.is_fresh(stage, cfg):
+        log(f"[{stage.name}] up to date, skipped ({run.root})")
+        return None
+    log(f"[{stage.name}] running ...")
+    t0 = time.perf_counter()
+    result = fn()
+    seconds = time.perf_counter() - t0
+    run.mark_done(stage, cfg, seconds)
+    log(f"[{stage.name}] done in {seconds:.1f} s")
+    return result

@@ -1,0 +1,31 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="mpq",
+    version="0.1.0",
+    description="Mixed-precision quantization search for text-to-image diffusion models (MixDQ-compatible)",
+    long_description=open("README.md").read() if __import__("os").path.exists("README.md") else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.11",
+    packages=find_packages(include=["mpq", "mpq.*"]),
+    package_data={"mpq": ["data/*.txt", "models/arch/*.json"]},
+    install_requires=[
+        "torch>=2.1,<2.14",
+        "diffusers>=0.30",
+        "transformers>=4.44",
+        "accelerate>=0.30",
+        "safetensors>=0.4",
+        "ortools>=9.10",
+        "pyyaml>=6",
+        "scikit-image>=0.22",
+        "hydra-core>=1.3",
+        "omegaconf>=2.3",
+        "torchmetrics>=1.3",
+        "tqdm>=4.66",
+        "matplotlib>=3.8",
+        "pillow>=10",
+        "numpy>=1.26",
+    ],
+    extras_require={"test": ["pytest>=7"]},
+    entry_points={"console_scripts": ["mpq=mpq.cli:main_entry"]},
+)

@@ -1,0 +1,52 @@
+"""Shared fixtures: one small calibrated run of the embedded tiny model per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from mpq.calib import CalibData, run_calibration
+from mpq.config import load_config
+from mpq.metrics import SqnrAccumulator
+from mpq.models import denoiser_of, load_pipeline
+from mpq.ptq import run_ptq
+from mpq.quant.model import QuantModel
+from mpq.rundir import RunDir
+
+SMALL = ["calib.num_samples=8", "sampling.batch_size=4", "calib.batch_size=8", "model.device=cpu"]
+
+
+@pytest.fixture(scope="session")
+def tiny_cfg():
+    return load_config("tiny-sdxl", SMALL)
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_cfg) -> RunDir:
+    run = RunDir(tmp_path_factory.mktemp("run"))
+    run.save_config(tiny_cfg)
+    pipe = load_pipeline(tiny_cfg)
+    run_calibration(tiny_cfg, run, pipe)
+    run_ptq(tiny_cfg, run, pipe)
+    return run
+
+
+def denoiser_sqnr(qm: QuantModel, calib: CalibData) -> float:
+    acc = SqnrAccumulator()
+    with torch.no_grad():
+        for kwargs, ref in calib.batches(8, torch.device("cpu")):
+            acc.update(qm(**kwargs, return_dict=False)[0], ref)
+    return acc.value
+
+
+@pytest.fixture()
+def fresh_qm(tiny_cfg):
+    """A freshly loaded pipeline and its wrapped denoiser (FP)."""
+    pipe = load_pipeline(tiny_cfg)
+    return pipe, QuantModel(denoiser_of(pipe))
+
+
+def repo_root() -> Path:
+    return Path(__file__).resolve().parent.parent

@@ -1,0 +1,64 @@
+"""Bad input is a one-line error naming the fix, never a traceback."""
+
+import pytest
+
+from mpq.cli import main
+from mpq.config import load_config
+from mpq.errors import MpqError
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+def test_unknown_config_lists_available(capsys):
+    code, err = run_cli(capsys, "layers", "--config", "no-such-model", "--meta")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "sdxl-turbo" in err and "tiny-sdxl" in err
+
+
+def test_bad_config_key_is_named(capsys):
+    code, err = run_cli(capsys, "layers", "--config", "tiny-sdxl", "--meta", "quant.wieght.bits=4")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "quant.wieght" in err and "weight" in err
+
+
+def test_bad_key_inside_a_config_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model:\n  id: embedded:tiny-sdxl\n  dtpye: fp16\n")
+    with pytest.raises(MpqError, match="model.dtpye"):
+        load_config(str(bad))
+
+
+def test_bad_value_is_named():
+    with pytest.raises(MpqError, match="model.dtype"):
+        load_config("tiny-sdxl", ["model.dtype=int3"])
+
+
+def test_missing_local_model_folder(capsys, tmp_path):
+    code, err = run_cli(capsys, "ptq", "--config", "tiny-sdxl", "--outdir", str(tmp_path / "r"), f"model.id={tmp_path}/nope/sdxl")
+    assert code == 2 and len(err.splitlines()) == 1 and "no such folder" in err
+
+
+def test_unreachable_hub_id_says_how_to_use_a_local_folder(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    code, err = run_cli(capsys, "ptq", "--config", "sdxl-turbo", "--outdir", str(tmp_path / "r"), "model.device=cpu")
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "stabilityai/sdxl-turbo" in err and "model.id=" in err and "local" in err
+
+
+def test_plan_with_unknown_layer_or_uncalibrated_bits(capsys, tiny_run, tmp_path):
+    plan = tmp_path / "w.yaml"
+    plan.write_text("model.conv_in: 8\nmodel.not_a_layer: 4\n")
+    code, err = run_cli(capsys, "infer", "--base_path", str(tiny_run.root), "--config_weight_mp", str(plan), "--num_imgs", "1")
+    assert code == 2 and len(err.splitlines()) == 1 and "model.not_a_layer" in err
+    plan.write_text("model.conv_in: 3\n")
+    code, err = run_cli(capsys, "infer", "--base_path", str(tiny_run.root), "--config_weight_mp", str(plan), "--num_imgs", "1")
+    assert code == 2 and len(err.splitlines()) == 1 and "3 bits" in err and "[2, 4, 8]" in err
+
+
+def test_run_dir_without_checkpoint(capsys, tmp_path):
+    code, err = run_cli(capsys, "infer", "--base_path", str(tmp_path), "--config", "tiny-sdxl", "--weight-bits", "8")
+    assert code == 2 and len(err.splitlines()) == 1 and "ckpt.safetensors" in err
