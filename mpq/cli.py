@@ -150,6 +150,106 @@ def cmd_run(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def cmd_search(args: argparse.Namespace) -> None:
+    from mpq.config import build_config
+    from mpq.plan import read_plan, write_plan
+    from mpq.search import solve_compare
+    from mpq.search_run import (compare_report, feasible_error, reference_problem, run_problem, run_search, run_sweep,
+                                solve_point, sweep_values, write_csv)
+    from mpq.stages import SEARCH, run_stage
+
+    ref_files = [args.sensitivity_ssim, args.sensitivity_sqnr, args.para_size_config]
+    reference_flags = any(ref_files)
+    if reference_flags and not all(ref_files):
+        raise MpqError("MixDQ-file mode needs all of --sensitivity_ssim, --sensitivity_sqnr and --para_size_config")
+    if reference_flags:
+        cfg = resolve_run(args)[0] if (args.config or args.run_dir) else build_config({}, list(args.overrides))
+        run = None
+    else:
+        cfg, run = resolve_run(args)
+    if args.mode:
+        cfg.search.mode = args.mode
+    elif reference_flags:
+        cfg.search.mode = "reference"
+    kind = args.kind
+    s = cfg.search
+
+    def problem_for(k: str):
+        if reference_flags:
+            return reference_problem(k, args.sensitivity_ssim, args.sensitivity_sqnr, args.para_size_config, cfg, args.act_protect)
+        return run_problem(cfg, run, k)[0]
+
+    if args.compare:
+        if not args.out:
+            raise MpqError("--compare PLAN needs --out BEST.yaml for the optimal plan")
+        problem = problem_for(kind or "weight")
+        given = read_plan(args.compare)
+        best = solve_compare(problem, given, s.solver, s.time_limit_s)
+        if not best.plan:
+            raise MpqError(f"the solver found no plan ({best.status}) within the given plan's average bits")
+        write_plan(args.out, best.plan)
+        print(compare_report(problem, given, best))
+        print(f"optimal plan: {args.out}")
+        return
+
+    single = args.K is not None or args.budget_mb is not None
+    if reference_flags or single:
+        kinds = [kind] if kind else (["weight"] if reference_flags else ["weight", "act"])
+        for k in kinds:
+            problem, kc = problem_for(k), s[k]
+            target = args.target_bitwidth if args.target_bitwidth is not None else kc.target_bitwidth
+            outdir = Path(args.mixed_precision_config) if args.mixed_precision_config else (run.root / "candidates" / k if run else None)
+            if outdir is None:
+                raise MpqError("give --mixed_precision_config DIR for the plan files")
+            if single:
+                kk = args.K if args.K is not None else 1.0
+                budget = args.budget_mb * 2**20 if args.budget_mb is not None else None
+                lo, _ = problem.bytes_range()
+                if s.mode == "mpq" and budget is not None and budget < lo:
+                    raise MpqError(f"budget {args.budget_mb} MiB ({budget:,.0f} bytes) is below the smallest possible {k} plan; feasible: {lo / 2**20:.3f} .. {problem.bytes_range()[1] / 2**20:.3f} MiB")
+                try:
+                    sol = solve_point(problem, s.mode, target, kk, s, budget)
+                except MpqError:
+                    raise feasible_error(problem, s.mode, target, kk, s.band) from None
+                if not sol.plan:
+                    raise feasible_error(problem, s.mode, target, kk, s.band)
+                path = outdir / f"{k}_{sol.details['avg_bits']:.2f}_{kk:.2f}.yaml"
+                write_plan(path, sol.plan)
+                d = sol.details
+                print(f"{k} plan: {path}\n  avg bits {d['avg_bits']:.3f} (content {d.get('content_avg_bits', float('nan')):.3f}, "
+                      f"quality {d.get('quality_avg_bits', float('nan')):.3f}), {d['bytes']:,.0f} bytes; solver {sol.status}, gap {sol.gap:.1e}, {sol.seconds:.2f} s")
+            else:
+                targets = sweep_values(target - s.sweep_span, target, s.sweep_steps)
+                rows = run_sweep(problem, k, s.mode, targets, sweep_values(kc.k_min, kc.k_max, kc.k_num), s, outdir)
+                write_csv(outdir / "pareto.csv", rows)
+                _print_sweep(rows, outdir)
+        return
+
+    def stage() -> list[dict[str, Any]]:
+        return run_search(cfg, run, [kind] if kind else ("weight", "act"))
+
+    rows = run_stage(SEARCH, cfg, run, stage, args.force)
+    if rows is not None:
+        _print_sweep(rows, run.root / "candidates")
+    print(f"candidates: {run.root / 'candidates'}\nPareto plot: {run.root / 'report' / 'pareto.png'}")
+
+
+def _print_sweep(rows: list[dict[str, Any]], outdir: Path) -> None:
+    from collections import Counter
+
+    for kind in ("weight", "act"):
+        rs = [r for r in rows if r["kind"] == kind]
+        if not rs:
+            continue
+        status = Counter(r["status"] for r in rs)
+        files = {r["plan_file"] for r in rs if r["plan_file"]}
+        worst_gap = max((r["gap"] for r in rs if r["plan_file"]), default=0.0)
+        print(f"{kind}: {len(rs)} (budget, K) points, {len(files)} distinct plans in {outdir}; "
+              f"status {dict(status)}; largest gap {worst_gap:.1e}; Pareto-optimal: {sum(r['pareto'] for r in rs)}")
+        if status.get("FEASIBLE"):
+            print(f"  warning: {status['FEASIBLE']} solves hit search.time_limit_s and are not proven optimal (see the gap column)")
+
+
 # --------------------------------------------------------------------------- parser
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mpq", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -185,6 +285,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable); default: the calibration prompts, so MSE vs FP is printed")
     p.add_argument("--outdir", dest="outdir_images", default=None, help="image folder (default: RUN_DIR/generated_images)")
     p.set_defaults(fn=cmd_infer, force=False)
+
+    p = sub.add_parser("search", help="integer program: candidate plans over budgets x K (run dir or MixDQ files)",
+                       description="Modes: (1) --base_path RUN: the search stage, all plans into RUN/candidates; "
+                       "(2) MixDQ flags (--sensitivity_ssim/--sensitivity_sqnr/--para_size_config/--mixed_precision_config): "
+                       "reference programs on MixDQ files; (3) --compare PLAN --out BEST: the optimal plan within PLAN's per-group average bits.")
+    add_config_args(p, required=False)
+    add_run_args(p, flag="--base_path")
+    p.add_argument("--mixed_precision_type", "--kind", dest="kind", choices=("weight", "act"), default=None, help="weight or act (default: both in a run)")
+    p.add_argument("--sensitivity_ssim", default=None, metavar="YAML", help="MixDQ SSIM sensitivity file (content layers)")
+    p.add_argument("--sensitivity_sqnr", default=None, metavar="YAML", help="MixDQ SQNR sensitivity file (all layers)")
+    p.add_argument("--para_size_config", default=None, metavar="YAML", help="MixDQ tensor-size ratio file")
+    p.add_argument("--mixed_precision_config", default=None, metavar="DIR", help="folder for the plan files")
+    p.add_argument("--target_bitwidth", type=float, default=None, help="average bits; the sweep goes from target - search.sweep_span to target")
+    p.add_argument("--act_protect", default=None, metavar="FILE", help="layers whose activations stay FP (MixDQ files mode)")
+    p.add_argument("--mode", choices=("mpq", "reference"), default=None, help="mpq: one program, byte budget; reference: MixDQ's two programs")
+    p.add_argument("--K", type=float, default=None, help="solve one K (and one budget) instead of the sweep")
+    p.add_argument("--budget_mb", type=float, default=None, help="mpq mode: one budget in MiB (2^20 bytes) instead of the sweep")
+    p.add_argument("--compare", default=None, metavar="PLAN", help="a plan yaml to check against the optimum")
+    p.add_argument("--out", default=None, metavar="YAML", help="with --compare: where to write the optimal plan")
+    p.set_defaults(fn=cmd_search)
 
     p = sub.add_parser("run", help="the whole flow on a config, skipping stages that are up to date")
     add_config_args(p)

@@ -86,6 +86,35 @@ class InferConfig:
 
 
 @dataclass
+class SearchKindConfig:
+    target_bitwidth: float = 4.0  # the sweep's top average bits; it goes down by sweep_span
+    bits_content: list[int] = field(default_factory=lambda: [2, 4, 8])
+    bits_quality: list[int] = field(default_factory=lambda: [4, 8])
+    k_min: float = 0.46  # K = avg bits content / avg bits quality, swept over linspace(k_min, k_max, k_num)
+    k_max: float = 1.36
+    k_num: int = 10
+
+
+def _act_search() -> SearchKindConfig:
+    return SearchKindConfig(target_bitwidth=7.5, bits_content=[4, 8], bits_quality=[4, 8], k_min=0.94, k_max=1.09, k_num=20)
+
+
+@dataclass
+class SearchConfig:
+    mode: str = "mpq"  # mpq: one program, budget in bytes | reference: MixDQ's two programs, avg-bit bands
+    solver: str = "CBC"  # OR-Tools MIP backend (CBC or SCIP); solved to a zero relative gap
+    time_limit_s: float = 60.0  # per solve; a solve stopped by it is reported with its gap
+    band: float = 0.02  # reference mode: +- around each group's average-bit share
+    sweep_steps: int = 10  # targets: linspace(target - sweep_span, target, sweep_steps)
+    sweep_span: float = 0.3
+    scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
+    fp_bytes: int = 2  # bytes per element of a layer kept in floating point (fp16)
+    act_protect_percent: float = 2.0  # per group, this % most sensitive activation layers stay FP
+    weight: SearchKindConfig = field(default_factory=SearchKindConfig)
+    act: SearchKindConfig = field(default_factory=_act_search)
+
+
+@dataclass
 class MpqConfig:
     name: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -94,6 +123,7 @@ class MpqConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     groups: GroupsConfig = field(default_factory=GroupsConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
 
 
 # --------------------------------------------------------------------------- lookup
@@ -228,6 +258,25 @@ def validate(cfg: DictConfig) -> None:
         b = OmegaConf.select(cfg, key)
         if b is not None and b not in bits:
             raise MpqError(f"config key '{key}' is {b}; use one of the candidate bits {bits} or null (FP)")
+    _validate_search(cfg)
+
+
+def _validate_search(cfg: DictConfig) -> None:
+    s = cfg.search
+    _one_of(s.mode, ("mpq", "reference"), "search.mode")
+    _one_of(s.solver, ("CBC", "SCIP"), "search.solver")
+    if s.sweep_steps < 1 or s.sweep_span < 0 or s.band <= 0:
+        raise MpqError("config keys search.sweep_steps >= 1, search.sweep_span >= 0 and search.band > 0 are required")
+    if not 0.0 <= s.act_protect_percent < 100.0:
+        raise MpqError("config key 'search.act_protect_percent' must be in [0, 100)")
+    for kind in ("weight", "act"):
+        k = s[kind]
+        for key in ("bits_content", "bits_quality"):
+            bad = [b for b in k[key] if b not in cfg.quant.bits]
+            if bad or not k[key]:
+                raise MpqError(f"config key 'search.{kind}.{key}' is {list(k[key])}; use a non-empty subset of quant.bits {list(cfg.quant.bits)}")
+        if k.k_num < 1 or k.k_min <= 0 or k.k_max < k.k_min:
+            raise MpqError(f"config keys search.{kind}.k_min/k_max/k_num must give 0 < k_min <= k_max and k_num >= 1")
 
 
 def to_yaml(cfg: DictConfig) -> str:

@@ -98,3 +98,20 @@ def write_layer_list(path: str | Path, names: Iterable[str]) -> None:
 
     names = list(names)
     write_with(path, lambda tmp: torch.save(names, tmp))
+
+
+# ----------------------------------------------------------------------------- size accounting
+def weight_bytes(numel: int, n_scales: int, bits: int | None, scale_bytes: int = 2, fp_bytes: int = 2) -> float:
+    """Bytes of one layer's weight: packed ``bits``-bit integers plus one scale per channel
+    (symmetric: no zero point); ``bits=None`` is the FP weight (``fp_bytes`` an element)."""
+    if bits is None:
+        return float(numel * fp_bytes)
+    return float(-(-numel * bits // 8) + n_scales * scale_bytes)
+
+
+def act_bytes(numel: int, bits: int | None, scale_bytes: int = 2, fp_bytes: int = 2) -> float:
+    """Bytes of one layer's input activation for one sample: packed integers plus its
+    per-tensor scale and zero point; ``bits=None`` keeps it FP."""
+    if bits is None:
+        return float(numel * fp_bytes)
+    return float(-(-numel * bits // 8) + 2 * scale_bytes)

@@ -12,6 +12,8 @@ from mpq.rundir import RunDir, Stage
 
 CALIB = Stage("calib", ("model.id", "model.variant", "model.dtype", "sampling", "calib.num_samples", "calib.prompts_file"), (), ("calib/meta.json",))
 PTQ = Stage("ptq", ("model.id", "model.variant", "model.dtype", "quant", "calib.batch_size"), ("calib",), ("ckpt.safetensors",))
+SEARCH = Stage("search", ("model.id", "search", "quant.bits", "quant.weight.granularity", "groups", "sampling.resolution"),
+               ("sensitivity",), ("candidates/pareto.csv", "report/pareto.png"))
 
 
 def run_stage(stage: Stage, cfg: DictConfig, run: RunDir, fn: Callable[[], Any], force: bool = False, log: Callable[[str], None] = print) -> Any:

@@ -1,0 +1,243 @@
+"""The integer program: exact (brute force), byte accounting, bands, MixDQ flags, compare, errors."""
+
+import itertools
+import math
+
+import numpy as np
+import pytest
+import yaml
+
+from mpq.cli import main
+from mpq.config import load_config
+from mpq.errors import MpqError
+from mpq.groups import CONTENT, QUALITY
+from mpq.layer_table import layer_table
+from mpq.plan import act_bytes, read_plan, weight_bytes
+from mpq.search import Problem, solve_compare, solve_mpq, solve_reference, split_target
+from mpq.search_run import SizedLayer, budget_for_avg, build_problem
+
+BITS = [2, 4, 8]
+
+
+def random_problem(rng, n, kind="weight"):
+    layers = [SizedLayer(f"model.l{i}", CONTENT if i % 2 else QUALITY, int(rng.integers(50, 5000)), int(rng.integers(1, 16))) for i in range(n)]
+    ssim = {l.name: sorted(rng.uniform(0.3, 1.0, 3).tolist()) for l in layers if l.group == CONTENT}
+    sqnr = {l.name: sorted(rng.uniform(0.0, 60.0, 3).tolist()) for l in layers}
+    return build_problem(kind, layers, ssim, sqnr, BITS, {CONTENT: BITS, QUALITY: BITS}), layers
+
+
+def all_plans(problem, idx):
+    for combo in itertools.product(*[problem.bits[i] for i in idx]):
+        yield dict(zip([problem.names[i] for i in idx], combo))
+
+
+def brute_reference(problem, target, k, band):
+    shares = split_target(problem, target, k)
+    total = 0.0
+    for g in (CONTENT, QUALITY):
+        idx = problem.members(g)
+        best = -math.inf
+        for plan in all_plans(problem, idx):
+            if abs(problem.avg_bits(plan, g) - shares[g]) <= band + 1e-9:
+                best = max(best, problem.raw_objective(plan, g))
+        if best == -math.inf:
+            return None
+        total += best
+    return total
+
+
+def brute_mpq(problem, budget, k):
+    idx = [i for i in range(len(problem.names)) if problem.bits[i]]
+    best = -math.inf
+    for plan in all_plans(problem, idx):
+        if problem.plan_bytes(plan) <= budget + 1e-6:
+            best = max(best, k * problem.norm_objective(plan, CONTENT) + problem.norm_objective(plan, QUALITY))
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_mpq_mode_equals_brute_force(seed):
+    rng = np.random.default_rng(seed)
+    problem, _ = random_problem(rng, int(rng.integers(4, 11)))
+    lo, hi = problem.bytes_range()
+    for frac in (0.15, 0.5, 0.85):
+        budget = lo + frac * (hi - lo)
+        k = float(rng.uniform(0.5, 1.5))
+        sol = solve_mpq(problem, budget, k)
+        assert sol.optimal and sol.gap <= 1e-9
+        got = k * sol.details["content_norm_objective"] + sol.details["quality_norm_objective"]
+        assert got == pytest.approx(brute_mpq(problem, budget, k), abs=1e-7)
+        assert problem.plan_bytes(sol.plan) <= budget + 1e-6
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reference_mode_equals_brute_force(seed):
+    rng = np.random.default_rng(100 + seed)
+    problem, _ = random_problem(rng, int(rng.integers(4, 11)))
+    solved = 0
+    for target, k, band in ((4.0, 1.0, 0.5), (3.5, 0.8, 0.3), (5.0, 1.2, 0.4), (4.0, 1.0, 0.02)):
+        expected = brute_reference(problem, target, k, band)
+        sol = solve_reference(problem, target, k, band)
+        if expected is None:
+            assert sol.status == "INFEASIBLE" and not sol.plan
+            continue
+        solved += 1
+        assert sol.optimal
+        assert sol.objective == pytest.approx(expected, abs=1e-7)
+    assert solved >= 2
+
+
+def test_plan_bytes_equal_sum_of_packed_layer_sizes():
+    cfg = load_config("tiny-sdxl")
+    infos = layer_table(cfg)
+    rng = np.random.default_rng(0)
+    plan = {i.name: int(rng.choice(BITS)) for i in infos}
+    layers = [SizedLayer(i.name, i.group, i.weight_numel, i.out_channels) for i in infos]
+    flat = {i.name: [0.5, 0.7, 0.9] for i in infos}
+    problem = build_problem("weight", layers, flat, flat, BITS, {CONTENT: BITS, QUALITY: BITS})
+    expected = sum(math.ceil(i.weight_numel * plan[i.name] / 8) + 2 * i.out_channels for i in infos)
+    assert problem.plan_bytes(plan) == expected
+    # activations: packed input + per-tensor scale and zero point; protected layers count as fp16
+    alayers = [SizedLayer(i.name, i.group, i.act_numel, 1) for i in infos]
+    protect = [infos[0].name]
+    aproblem = build_problem("act", alayers, flat, flat, BITS, {CONTENT: [4, 8], QUALITY: [4, 8]}, protect=protect)
+    aplan = {i.name: 8 for i in infos[1:]}
+    assert aproblem.plan_bytes(aplan) == infos[0].act_numel * 2 + sum(math.ceil(i.act_numel * 8 / 8) + 4 for i in infos[1:])
+    assert weight_bytes(100, 3, 4) == 50 + 6 and act_bytes(10, 2) == 3 + 4 and weight_bytes(100, 3, None) == 200
+
+
+def test_reference_mode_keeps_band_and_sweeps(tmp_path):
+    cfg = load_config("tiny-sdxl")
+    infos = layer_table(cfg)
+    files = write_mixdq_files(tmp_path, infos)
+    out = tmp_path / "plans"
+    code = main(["search", "--mixed_precision_type", "weight", "--sensitivity_ssim", str(files["ssim"]), "--sensitivity_sqnr", str(files["sqnr"]),
+                 "--para_size_config", str(files["size"]), "--mixed_precision_config", str(out), "--target_bitwidth", "4"])
+    assert code == 0
+    plans = sorted(out.glob("weight_*_*.yaml"))
+    assert len(plans) >= 5
+    ratios = yaml.safe_load(files["size"].read_text())
+    ssim = yaml.safe_load(files["ssim"].read_text())
+    import csv
+
+    rows = list(csv.DictReader(open(out / "pareto.csv")))
+    assert len(rows) == 100  # 10 targets x 10 K
+    for r in rows:
+        if not r["plan_file"]:
+            continue
+        plan = read_plan(out / r["plan_file"])
+        assert set(plan) == set(ratios)
+        target, k = float(r["target_avg_bits"]), float(r["K"])
+        for group, names in ((CONTENT, [n for n in plan if n in ssim]), (QUALITY, [n for n in plan if n not in ssim])):
+            size = sum(ratios[n] for n in names)
+            avg = sum(ratios[n] * plan[n] for n in names) / size
+            s_c = sum(ratios[n] for n in plan if n in ssim)
+            s_q = sum(ratios[n] for n in plan if n not in ssim)
+            a_q = target * (s_c + s_q) / (k * s_c + s_q)
+            share = k * a_q if group == CONTENT else a_q
+            assert abs(avg - share) <= 0.02 + 1e-9
+        assert all(plan[n] in (4, 8) for n in plan if n not in ssim)  # reference: quality weights {4, 8}
+
+
+def write_mixdq_files(tmp_path, infos):
+    rng = np.random.default_rng(7)
+    conv_in = next(i for i in infos if i.name == "model.conv_in").weight_numel
+    size = {i.name: i.weight_numel / conv_in for i in infos}
+    sqnr = {i.name: [float(v) for v in np.sort(rng.uniform(5, 60, 3)).round(3)] for i in infos}
+    ssim = {i.name: [float(v) for v in np.sort(rng.uniform(0.5, 1.0, 3)).round(5)] for i in infos if i.group == CONTENT}
+    files = {}
+    for key, data in (("size", size), ("sqnr", sqnr), ("ssim", ssim)):
+        files[key] = tmp_path / f"weight_{key}.yaml"
+        files[key].write_text(yaml.safe_dump(data, sort_keys=False))
+    return files
+
+
+def test_compare_finds_a_plan_at_least_as_good_within_the_same_bits(tmp_path, capsys):
+    infos = layer_table(load_config("tiny-sdxl"))
+    files = write_mixdq_files(tmp_path, infos)
+    ssim = yaml.safe_load(files["ssim"].read_text())
+    given = {i.name: (8 if n % 3 == 0 else 4) if i.name not in ssim else (2, 4, 8)[n % 3] for n, i in enumerate(infos)}
+    plan_path, best_path = tmp_path / "given.yaml", tmp_path / "best.yaml"
+    plan_path.write_text(yaml.safe_dump(given))
+    code = main(["search", "--compare", str(plan_path), "--out", str(best_path), "--sensitivity_ssim", str(files["ssim"]),
+                 "--sensitivity_sqnr", str(files["sqnr"]), "--para_size_config", str(files["size"])])
+    out = capsys.readouterr().out
+    assert code == 0 and "given plan" in out and "optimal plan" in out and "OPTIMAL" in out
+    best = read_plan(best_path)
+    sqnr = yaml.safe_load(files["sqnr"].read_text())
+    ratios = yaml.safe_load(files["size"].read_text())
+    for group_names, table in (([n for n in given if n in ssim], ssim), ([n for n in given if n not in ssim], sqnr)):
+        obj = lambda p: sum(table[n][BITS.index(p[n])] for n in group_names)  # noqa: E731
+        avg = lambda p: sum(ratios[n] * p[n] for n in group_names) / sum(ratios[n] for n in group_names)  # noqa: E731
+        assert obj(best) >= obj(given) - 1e-9
+        assert avg(best) <= avg(given) + 1e-9
+
+
+def test_impossible_budget_is_one_line_error_with_range(tmp_path, capsys):
+    infos = layer_table(load_config("tiny-sdxl"))
+    files = write_mixdq_files(tmp_path, infos)
+    base = ["search", "--mixed_precision_type", "weight", "--sensitivity_ssim", str(files["ssim"]), "--sensitivity_sqnr", str(files["sqnr"]),
+            "--para_size_config", str(files["size"]), "--mixed_precision_config", str(tmp_path / "o")]
+    code = main(base + ["--target_bitwidth", "1.0", "--K", "1.0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "infeasible" in err and ".." in err
+    code = main(base + ["--mode", "mpq", "--target_bitwidth", "1.0", "--K", "1.0"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "feasible budgets" in err
+
+
+def test_budget_below_minimum_raises():
+    rng = np.random.default_rng(3)
+    problem, _ = random_problem(rng, 6)
+    lo, hi = problem.bytes_range()
+    with pytest.raises(MpqError, match="feasible range"):
+        solve_mpq(problem, lo - 1, 1.0)
+    assert budget_for_avg(problem, 8.0) >= hi - 1e-6
+
+
+def test_compare_rejects_incomplete_plan():
+    rng = np.random.default_rng(4)
+    problem, _ = random_problem(rng, 5)
+    with pytest.raises(MpqError, match="missing"):
+        solve_compare(problem, {problem.names[0]: 4})
+
+
+def test_run_dir_search_writes_family_csv_plot_and_dedupes(tiny_run, tmp_path):
+    import csv
+    import shutil
+    import subprocess
+
+    from mpq.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(tiny_run.root, run.root)
+    infos = layer_table(run.load_config())
+    rng = np.random.default_rng(11)
+    for kind in ("weight", "act"):
+        sqnr = {i.name: [float(v) for v in np.sort(rng.uniform(5, 60, 3))] for i in infos}
+        ssim = {i.name: [float(v) for v in np.sort(rng.uniform(0.5, 1.0, 3))] for i in infos if i.group == CONTENT}
+        (run.root / "sensitivity").mkdir(exist_ok=True)
+        (run.root / "sensitivity" / f"{kind}_sqnr.yaml").write_text(yaml.safe_dump(sqnr))
+        (run.root / "sensitivity" / f"{kind}_ssim.yaml").write_text(yaml.safe_dump(ssim))
+    out = subprocess.run(["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
+                         capture_output=True, text=True, cwd=str(__import__("conftest").repo_root()))
+    assert out.returncode == 0, out.stderr
+    rows = list(csv.DictReader(open(run.root / "candidates" / "pareto.csv")))
+    assert {r["kind"] for r in rows} == {"weight", "act"}
+    assert len([r for r in rows if r["kind"] == "weight"]) == 3 * 10 and len([r for r in rows if r["kind"] == "act"]) == 3 * 4
+    for kind in ("weight", "act"):
+        files = {r["plan_file"] for r in rows if r["kind"] == kind and r["plan_file"]}
+        on_disk = {p.name for p in (run.root / "candidates" / kind).glob("*.yaml")}
+        assert files == on_disk  # one file per distinct plan
+        plans = [tuple(sorted(read_plan(run.root / "candidates" / kind / f).items())) for f in on_disk]
+        assert len(plans) == len(set(plans))
+        assert any(r["pareto"] == "True" for r in rows if r["kind"] == kind)
+        assert all(r["status"] == "OPTIMAL" for r in rows if r["kind"] == kind and r["plan_file"])
+    assert (run.root / "report" / "pareto.png").stat().st_size > 10_000
+    protect = __import__("torch").load(run.root / "candidates" / "act_protect.pt")
+    assert len(protect) == 1 + 2  # 2% of 36 content and of 87 quality layers, rounded up
+    act_plan = read_plan(next((run.root / "candidates" / "act").glob("*.yaml")))
+    assert not set(protect) & set(act_plan)
+    again = subprocess.run(["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
+                           capture_output=True, text=True, cwd=str(__import__("conftest").repo_root()))
+    assert "up to date, skipped" in again.stdout
