@@ -171,7 +171,7 @@ def run_sweep(problem: Problem, kind: str, mode: str, targets: Sequence[float], 
         else:
             sol = solve_point(problem, mode, t, k, s, budget if mode == "mpq" else None)
         row: dict[str, Any] = {"kind": kind, "mode": mode, "target_avg_bits": t, "K": k, "budget_bytes": budget,
-                               "status": sol.status, "gap": sol.gap, "plan_file": ""}
+                               "status": sol.status, "gap": sol.gap, "plan_file": "", "_seconds": sol.seconds}
         for c in CSV_COLUMNS:
             row.setdefault(c, sol.details.get(c, float("nan")))
         if sol.plan:
