@@ -150,6 +150,32 @@ def cmd_run(args: argparse.Namespace) -> None:
     print("\n".join(lines))
 
 
+def run_sensitivity_all(cfg: Any, run: Any, kinds: Sequence[str], metrics: Sequence[str], method: str | None = None, pipe: Any = None) -> None:
+    from mpq.ckpt import read_manifest
+    from mpq.groups import assign_groups
+    from mpq.sensitivity import compute_sensitivity, plot_sensitivity
+
+    for kind in kinds:
+        for metric in metrics:
+            values = compute_sensitivity(cfg, run, kind, metric, method, pipe)
+            manifest = read_manifest(run.ckpt)
+            groups = assign_groups([layer["name"] for layer in manifest["layers"]], list(cfg.groups.content), warn=False)
+            plot = plot_sensitivity(run, kind, metric, values, manifest["bits"], groups)
+            print(f"[sensitivity] {kind} {metric}: {len(values)} layers -> {run.root / 'sensitivity' / f'{kind}_{metric}.yaml'} (plot {plot})")
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    from mpq.stages import SENSITIVITY, run_stage
+
+    cfg, run = resolve_run(args)
+    kinds = [args.sensitivity_type] if args.sensitivity_type else ["weight", "act"]
+    metrics = [args.metric] if args.metric else ["sqnr", "ssim"]
+    if args.sensitivity_type or args.metric or args.method:
+        run_sensitivity_all(cfg, run, kinds, metrics, args.method)
+    else:
+        run_stage(SENSITIVITY, cfg, run, lambda: run_sensitivity_all(cfg, run, kinds, metrics), args.force)
+
+
 def cmd_search(args: argparse.Namespace) -> None:
     from mpq.config import build_config
     from mpq.plan import read_plan, write_plan
@@ -285,6 +311,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable); default: the calibration prompts, so MSE vs FP is printed")
     p.add_argument("--outdir", dest="outdir_images", default=None, help="image folder (default: RUN_DIR/generated_images)")
     p.set_defaults(fn=cmd_infer, force=False)
+
+    p = sub.add_parser("sensitivity", help="each layer quantized alone: SQNR (all layers) and SSIM (content group), W and A",
+                       description="Without --sensitivity_type/--metric: all four files (skipped when up to date). "
+                       "Partial results are saved as it goes; re-running resumes where a killed run stopped.")
+    add_config_args(p, required=False)
+    add_run_args(p, flag="--base_path")
+    p.add_argument("--sensitivity_type", "--kind", dest="sensitivity_type", choices=("weight", "act"), default=None)
+    p.add_argument("--metric", choices=("sqnr", "ssim"), default=None)
+    p.add_argument("--method", choices=("fast", "naive"), default=None, help="fast (FP prefix cache, same numbers) or naive (default: sensitivity.method)")
+    p.set_defaults(fn=cmd_sensitivity)
 
     p = sub.add_parser("search", help="integer program: candidate plans over budgets x K (run dir or MixDQ files)",
                        description="Modes: (1) --base_path RUN: the search stage, all plans into RUN/candidates; "

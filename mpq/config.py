@@ -86,6 +86,15 @@ class InferConfig:
 
 
 @dataclass
+class SensitivityConfig:
+    method: str = "fast"  # fast: FP prefix cache (exact) | naive: one full forward per (layer, bit)
+    num_images: int = 8  # SSIM: the first N calibration prompts/seeds, against their FP images
+    batch_size: int = 8  # SQNR: denoiser batch over the calibration data
+    cache_budget_mb: float = 4096.0  # fast: FP activations cached at once; more batches -> more chunks, same numbers
+    save_every_s: float = 30.0  # partial results are written this often (0: after every layer)
+
+
+@dataclass
 class SearchKindConfig:
     target_bitwidth: float = 4.0  # the sweep's top average bits; it goes down by sweep_span
     bits_content: list[int] = field(default_factory=lambda: [2, 4, 8])
@@ -123,6 +132,7 @@ class MpqConfig:
     quant: QuantConfig = field(default_factory=QuantConfig)
     groups: GroupsConfig = field(default_factory=GroupsConfig)
     infer: InferConfig = field(default_factory=InferConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
 
 
@@ -259,6 +269,9 @@ def validate(cfg: DictConfig) -> None:
         if b is not None and b not in bits:
             raise MpqError(f"config key '{key}' is {b}; use one of the candidate bits {bits} or null (FP)")
     _validate_search(cfg)
+    _one_of(cfg.sensitivity.method, ("fast", "naive"), "sensitivity.method")
+    if cfg.sensitivity.num_images < 1 or cfg.sensitivity.batch_size < 1 or cfg.sensitivity.cache_budget_mb <= 0:
+        raise MpqError("config keys sensitivity.num_images, sensitivity.batch_size must be >= 1 and sensitivity.cache_budget_mb > 0")
 
 
 def _validate_search(cfg: DictConfig) -> None:

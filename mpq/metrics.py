@@ -48,11 +48,15 @@ def image_mse(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
 
 
 def image_ssim(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
-    """Per-image SSIM (torchmetrics, Gaussian 11x11, data range 1)."""
-    from torchmetrics.functional.image import structural_similarity_index_measure
+    """Per-image SSIM (scikit-image; Wang et al. settings: Gaussian sigma 1.5, population
+    covariance, data range 1; the same definition as torchmetrics' default, ~20x faster on CPU)."""
+    from skimage.metrics import structural_similarity
 
-    vals = structural_similarity_index_measure(_nchw(images), _nchw(refs), data_range=1.0, reduction="none")
-    return vals.numpy().reshape(-1)
+    return np.array([
+        structural_similarity(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), channel_axis=2, data_range=1.0,
+                              gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
+        for a, b in zip(images, refs)
+    ])
 
 
 def image_psnr(images: np.ndarray, refs: np.ndarray) -> np.ndarray:

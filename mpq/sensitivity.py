@@ -1,0 +1,265 @@
+"""Metric-decoupled sensitivity: each layer quantized alone, each candidate bit.
+
+* SQNR (dB) of the denoiser output against the recorded FP output, over the
+  whole calibration set: every layer (MixDQ's SQNR file covers all layers;
+  the search uses it for the quality group).
+* SSIM of the generated image against the FP reference image (same prompt and
+  seed), averaged over ``sensitivity.num_images`` images: the content group.
+
+Both are sums accumulated in float64 over batches in a fixed order (SQNR:
+sum ref^2 and sum err^2; SSIM: sum of per-image SSIM and count), so neither
+chunking for memory nor a kill-and-resume changes a single digit.
+
+``method=fast`` reuses the FP computation preceding the quantized layer
+(:class:`mpq.prefix_cache.PrefixCache`) and the text embeddings; it computes
+the same numbers as ``naive`` (one full forward per layer x bit x batch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mpq.calib import CalibData, calib_prompts, fp_image_paths
+from mpq.errors import MpqError
+from mpq.generate import generators, to_array
+from mpq.groups import CONTENT
+from mpq.infer import quantized_pipeline
+from mpq.io import read_json, write_json, write_yaml
+from mpq.metrics import image_ssim, sqnr_db
+from mpq.models import torch_dtype
+from mpq.prefix_cache import PrefixCache
+from mpq.quant.model import PREFIX, QuantModel, layer_infos
+from mpq.rundir import RunDir
+
+KINDS = ("weight", "act")
+METRICS = ("sqnr", "ssim")
+
+
+def result_path(run: RunDir, kind: str, metric: str) -> Path:
+    return run.root / "sensitivity" / f"{kind}_{metric}.yaml"
+
+
+def _partial_path(run: RunDir, kind: str, metric: str) -> Path:
+    return run.root / "sensitivity" / f".{kind}_{metric}.partial.json"
+
+
+def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[int]) -> str:
+    """What the numbers depend on: a partial file with another signature is discarded."""
+    keys = {"kind": kind, "metric": metric, "bits": bits, "ckpt": run.ckpt.stat().st_size,
+            "ckpt_mtime": run.ckpt.stat().st_mtime_ns, "sens": OmegaConf.to_container(cfg.sensitivity),
+            "sampling": OmegaConf.to_container(cfg.sampling), "dtype": cfg.model.dtype}
+    keys["sens"].pop("method")  # fast and naive give the same numbers
+    keys["sens"].pop("save_every_s")
+    keys["sens"].pop("cache_budget_mb")
+    return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------ units of work
+class _Work:
+    """Batches of one metric: ``inputs()`` yields batch payloads; ``score()`` gives (a, b) sums per batch."""
+
+    def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, run: RunDir, metric: str, fast: bool) -> None:
+        self.pipe, self.qm, self.cfg, self.metric, self.fast = pipe, qm, cfg, metric, fast
+        self.device = next(qm.denoiser.parameters()).device
+        if metric == "sqnr":
+            calib = CalibData.open(run)
+            self.batches = list(calib.batches(cfg.sensitivity.batch_size, self.device, torch_dtype(cfg.model.dtype)))
+        else:
+            prompts, seeds = calib_prompts(run)
+            n = min(cfg.sensitivity.num_images, len(prompts))
+            refs = to_array([Image.open(p) for p in fp_image_paths(run, n)])
+            bs = cfg.sampling.batch_size
+            self.batches = [(prompts[i : i + bs], seeds[i : i + bs], refs[i : i + bs]) for i in range(0, n, bs)]
+            self._embeds: dict[int, dict[str, torch.Tensor]] = {}
+
+    def _generate(self, k: int) -> np.ndarray:
+        prompts, seeds, _ = self.batches[k]
+        c = self.cfg.sampling
+        kwargs: dict[str, Any] = {"num_inference_steps": c.steps, "guidance_scale": c.guidance_scale, "height": c.resolution,
+                                  "width": c.resolution, "generator": generators(seeds), "output_type": "pil"}
+        if self.fast and hasattr(self.pipe, "encode_prompt") and "pooled_prompt_embeds" in self.pipe.__call__.__code__.co_varnames:
+            if k not in self._embeds:
+                with torch.no_grad():
+                    pe, npe, ppe, nppe = self.pipe.encode_prompt(list(prompts), device=self.device, num_images_per_prompt=1,
+                                                                 do_classifier_free_guidance=c.guidance_scale > 1.0)
+                self._embeds[k] = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
+                if c.guidance_scale > 1.0:
+                    self._embeds[k].update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
+            kwargs.update(self._embeds[k])
+        else:
+            kwargs["prompt"] = list(prompts)
+        with torch.no_grad():
+            return to_array(self.pipe(**kwargs).images)
+
+    def run_fp(self, k: int) -> None:
+        """The FP pass of batch ``k`` (recorded by the prefix cache in fast mode)."""
+        if self.metric == "sqnr":
+            kwargs, _ = self.batches[k]
+            with torch.no_grad():
+                self.qm(**kwargs, return_dict=False)
+        else:
+            self._generate(k)
+
+    def score(self, k: int) -> tuple[float, float]:
+        if self.metric == "sqnr":
+            kwargs, ref = self.batches[k]
+            with torch.no_grad():
+                out = self.qm(**kwargs, return_dict=False)[0]
+            r = ref.double()
+            return float(r.pow(2).sum()), float((out.double() - r).pow(2).sum())
+        images = self._generate(k)
+        vals = image_ssim(images, self.batches[k][2])
+        return float(vals.astype(np.float64).sum()), float(len(vals))
+
+
+def _value(metric: str, a: float, b: float) -> float:
+    return sqnr_db(a, b) if metric == "sqnr" else a / b
+
+
+# ------------------------------------------------------------------------------ the stage
+def layer_names_for(qm: QuantModel, cfg: DictConfig, metric: str) -> list[str]:
+    infos = layer_infos(qm.denoiser, {}, list(cfg.groups.content))
+    return [i.name for i in infos if metric == "sqnr" or i.group == CONTENT]
+
+
+def compute_sensitivity(
+    cfg: DictConfig,
+    run: RunDir,
+    kind: str,
+    metric: str,
+    method: str | None = None,
+    pipe: Any | None = None,
+    progress: bool = True,
+    write: bool = True,
+) -> dict[str, list[float]]:
+    """{layer: [metric at each candidate bit]}; resumable through a partial file when ``write``."""
+    if kind not in KINDS or metric not in METRICS:
+        raise MpqError(f"sensitivity type must be weight|act and metric sqnr|ssim (got {kind}, {metric})")
+    pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
+    bits: list[int] = list(manifest["bits"])
+    names = layer_names_for(qm, cfg, metric)
+    if not names:
+        raise MpqError(f"no layer is in the content group (patterns {list(cfg.groups.content)}); the SSIM file would be empty")
+    fast = (method or cfg.sensitivity.method) == "fast"
+    work = _Work(pipe, qm, cfg, run, metric, fast)
+    sig = _signature(cfg, run, kind, metric, bits)
+    partial = _partial_path(run, kind, metric)
+    state: dict[str, Any] = {"signature": sig, "done": [], "sums": {}}
+    if write and partial.is_file():
+        try:
+            loaded = read_json(partial)
+            if loaded.get("signature") == sig:
+                state = loaded
+        except MpqError:
+            pass  # a corrupt partial file: start over
+    done = {tuple(d) for d in state["done"]}
+    sums: dict[str, list[list[float]]] = state["sums"]
+    n_batches = len(work.batches)
+    budget = cfg.sensitivity.cache_budget_mb * 2**20
+    cache = PrefixCache(qm.denoiser) if fast else None
+    last_save = time.monotonic()
+    total = n_batches * len(names)
+    bar = tqdm(total=total, initial=len(done), desc=f"sensitivity {kind} {metric} ({'fast' if fast else 'naive'})",
+               unit="layer", disable=not progress)
+    try:
+        qm.set_fp()
+        for chunk in _chunks(work, cache, n_batches, budget, done, names):
+            for name in names:
+                todo = [k for k in chunk if (k, name) not in done]
+                if not todo:
+                    continue
+                layer = qm.layers[name]
+                for bi, b in enumerate(bits):
+                    layer.set_bits(b if kind == "weight" else None, b if kind == "act" else None)
+                    if cache is not None:
+                        cache.replay(name[len(PREFIX):])
+                    for k in todo:
+                        a, c = work.score(k)
+                        acc = sums.setdefault(name, [[0.0, 0.0] for _ in bits])[bi]
+                        acc[0] += a
+                        acc[1] += c
+                    if cache is not None:
+                        cache.off()
+                layer.set_bits(None, None)
+                for k in todo:
+                    done.add((k, name))
+                bar.update(len(todo))
+                if write and time.monotonic() - last_save >= cfg.sensitivity.save_every_s:
+                    state["done"] = sorted(done)
+                    write_json(partial, state)
+                    last_save = time.monotonic()
+    finally:
+        bar.close()
+        qm.set_fp()
+        if cache is not None:
+            cache.close()
+    result = {name: [_value(metric, *sums[name][i]) for i in range(len(bits))] for name in names}
+    if write:
+        write_yaml(result_path(run, kind, metric), {n: [round(v, 6) if math.isfinite(v) else v for v in vals] for n, vals in result.items()})
+        partial.unlink(missing_ok=True)
+    return result
+
+
+def _chunks(work: _Work, cache: PrefixCache | None, n: int, budget: float, done: set[tuple[int, str]], names: list[str]) -> Iterator[list[int]]:
+    """Batch indices in order, grouped so that the FP activations recorded for a group fit the budget."""
+    pending = [k for k in range(n) if any((k, name) not in done for name in names)]
+    if cache is None:
+        yield pending
+        return
+    i = 0
+    while i < len(pending):
+        cache.clear()
+        chunk: list[int] = []
+        while i < len(pending):
+            cache.record()
+            work.run_fp(pending[i])
+            cache.off()
+            chunk.append(pending[i])
+            i += 1
+            if cache.nbytes() >= budget:
+                break
+        yield chunk
+        cache.clear()
+
+
+def plot_sensitivity(run: RunDir, kind: str, metric: str, values: dict[str, list[float]], bits: list[int], groups: dict[str, str]) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from mpq.io import write_with
+
+    names = list(values)
+    fig, ax = plt.subplots(figsize=(max(8, len(names) / 25), 4.2))
+    markers = ["v", "s", "o", "^", "D"]
+    colors = {"content": "tab:orange", "quality": "tab:blue"}
+    for bi, b in enumerate(bits):
+        for g, color in colors.items():
+            idx = [i for i, n in enumerate(names) if groups.get(n) == g]
+            if idx:
+                y = [min(values[names[i]][bi], 150.0) for i in idx]
+                ax.scatter(idx, y, s=12, marker=markers[bi % len(markers)], color=color, alpha=0.5 + 0.5 * bi / max(1, len(bits) - 1),
+                           label=f"{g}, {b} bit")
+    ax.set_xlabel("layer index (module order)")
+    ax.set_ylabel("SQNR of denoiser output (dB)" if metric == "sqnr" else "SSIM vs FP image")
+    ax.set_title(f"{kind} sensitivity, {metric.upper()}: each layer quantized alone")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=len(bits), loc="lower left")
+    fig.tight_layout()
+    path = run.root / "report" / f"sensitivity_{kind}_{metric}.png"
+    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
+    plt.close(fig)
+    return path

@@ -1,0 +1,131 @@
+"""Sensitivity: right layers per group, ordering by bits, fast == naive, kill-and-resume, bad run dirs."""
+
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+import yaml
+
+from conftest import repo_root
+from mpq.cli import main
+from mpq.layer_table import layer_table
+from mpq.rundir import RunDir
+from mpq.sensitivity import compute_sensitivity
+
+SMALL = ["sensitivity.num_images=4", "sensitivity.batch_size=8"]
+
+
+@pytest.fixture(scope="module")
+def sens_run(tiny_run, tmp_path_factory):
+    run = RunDir(tmp_path_factory.mktemp("sens") / "run")
+    shutil.copytree(tiny_run.root, run.root)
+    assert main(["sensitivity", "--base_path", str(run.root), *SMALL]) == 0
+    return run
+
+
+def test_files_have_right_layers_and_ordering(sens_run):
+    infos = layer_table(sens_run.load_config())
+    all_names = [i.name for i in infos]
+    content = [i.name for i in infos if i.group == "content"]
+    for kind in ("weight", "act"):
+        sqnr = yaml.safe_load((sens_run.root / "sensitivity" / f"{kind}_sqnr.yaml").read_text())
+        ssim = yaml.safe_load((sens_run.root / "sensitivity" / f"{kind}_ssim.yaml").read_text())
+        assert list(sqnr) == all_names  # MixDQ: the SQNR file covers every layer, in module order
+        assert list(ssim) == content  # the SSIM file covers the content group
+        for table in (sqnr, ssim):
+            assert all(len(v) == 3 and all(math.isfinite(x) for x in v) for v in table.values())
+        ordered = sum(v[2] >= v[1] >= v[0] for v in sqnr.values())
+        assert ordered >= 0.9 * len(sqnr)
+        assert all(0.0 <= x <= 1.0 for v in ssim.values() for x in v)
+        assert sum(v[2] >= v[1] >= v[0] for v in ssim.values()) >= 0.8 * len(ssim)
+        assert (sens_run.root / "report" / f"sensitivity_{kind}_sqnr.png").is_file()
+    # re-running the stage skips it
+    out = subprocess.run([sys.executable, "-m", "mpq.cli", "sensitivity", "--base_path", str(sens_run.root), *SMALL],
+                         capture_output=True, text=True, cwd=repo_root())
+    assert out.returncode == 0 and "up to date, skipped" in out.stdout
+
+
+@pytest.mark.parametrize("kind,metric", [("weight", "sqnr"), ("act", "ssim")])
+def test_fast_equals_naive(sens_run, kind, metric):
+    cfg = sens_run.load_config(None, SMALL)
+    naive = compute_sensitivity(cfg, sens_run, kind, metric, "naive", progress=False, write=False)
+    fast = compute_sensitivity(cfg, sens_run, kind, metric, "fast", progress=False, write=False)
+    tol = 1e-3 if metric == "sqnr" else 1e-5
+    assert naive.keys() == fast.keys()
+    for name in naive:
+        for a, b in zip(naive[name], fast[name]):
+            assert a == b or abs(a - b) <= tol, (name, naive[name], fast[name])
+
+
+def test_fast_path_with_tiny_cache_budget_gives_same_numbers(sens_run):
+    """Chunking the calibration set to respect the memory budget changes nothing."""
+    cfg = sens_run.load_config(None, ["sensitivity.num_images=4", "sensitivity.batch_size=2", "sensitivity.cache_budget_mb=0.001"])
+    chunked = compute_sensitivity(cfg, sens_run, "act", "sqnr", "fast", progress=False, write=False)
+    cfg2 = sens_run.load_config(None, ["sensitivity.num_images=4", "sensitivity.batch_size=2"])
+    whole = compute_sensitivity(cfg2, sens_run, "act", "sqnr", "naive", progress=False, write=False)
+    assert chunked == whole
+
+
+def test_kill_and_resume_gives_identical_file(sens_run, tmp_path):
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(sens_run.root, run.root)
+    target = run.root / "sensitivity" / "weight_sqnr.yaml"
+    reference = target.read_text()
+    target.unlink()
+    partial = run.root / "sensitivity" / ".weight_sqnr.partial.json"
+    cmd = [sys.executable, "-m", "mpq.cli", "sensitivity", "--base_path", str(run.root), "--sensitivity_type", "weight",
+           "--metric", "sqnr", *SMALL, "sensitivity.batch_size=2", "sensitivity.save_every_s=0"]
+    proc = subprocess.Popen(cmd, cwd=repo_root(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (partial.is_file() and len(yaml.safe_load(partial.read_text())["done"]) >= 40):
+        time.sleep(0.05)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert partial.is_file() and not target.exists(), "the run finished before it could be killed"
+    assert main(["sensitivity", "--base_path", str(run.root), "--sensitivity_type", "weight", "--metric", "sqnr", *SMALL,
+                 "sensitivity.batch_size=2"]) == 0
+    assert not partial.exists()
+    resumed = yaml.safe_load(target.read_text())
+    expected = yaml.safe_load(reference)
+    assert list(resumed) == list(expected)
+    # and the resumed file is byte-identical to an uninterrupted run with the same settings
+    again = RunDir(tmp_path / "again")
+    shutil.copytree(sens_run.root, again.root)
+    assert main(["sensitivity", "--base_path", str(again.root), "--sensitivity_type", "weight", "--metric", "sqnr", *SMALL,
+                 "sensitivity.batch_size=2"]) == 0
+    assert (again.root / "sensitivity" / "weight_sqnr.yaml").read_text() == target.read_text()
+
+
+def test_bad_run_directories_are_one_line_errors(tiny_run, tmp_path, capsys):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "config.yaml").write_text((tiny_run.root / "config.yaml").read_text())
+    assert main(["sensitivity", "--base_path", str(empty), "--sensitivity_type", "weight", "--metric", "sqnr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "ckpt.safetensors" in err
+    # a checkpoint calibrated for another model
+    other = RunDir(tmp_path / "other")
+    shutil.copytree(tiny_run.root, other.root)
+    from safetensors.torch import load_file, save_file
+    from mpq.io import read_tensor_metadata
+    import json
+
+    meta = read_tensor_metadata(other.ckpt)
+    manifest = json.loads(meta["mpq_manifest"])
+    manifest["fingerprint"] = "0123456789abcdef"
+    manifest["model_id"] = "stabilityai/sdxl-turbo"
+    save_file(load_file(str(other.ckpt)), str(other.ckpt), metadata={"mpq_manifest": json.dumps(manifest)})
+    assert main(["sensitivity", "--base_path", str(other.root), "--sensitivity_type", "act", "--metric", "sqnr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "another model" in err
+    # a corrupt checkpoint
+    other.ckpt.write_bytes(b"not a safetensors file")
+    assert main(["sensitivity", "--base_path", str(other.root), "--sensitivity_type", "act", "--metric", "sqnr"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and ("corrupt" in err or "not an mpq checkpoint" in err)
