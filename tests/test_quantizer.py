@@ -65,3 +65,15 @@ def test_running_minmax_momentum():
     s = running_minmax(s, torch.tensor([-3.0, 4.0]), 0.95)
     assert float(s[0]) == pytest.approx(0.95 * -1 + 0.05 * -3)
     assert float(s[1]) == pytest.approx(0.95 * 2 + 0.05 * 4)
+
+
+def test_all_bits_minmax_scales_match_per_bit_scales():
+    from mpq.quant.quantizer import weight_scales
+
+    torch.manual_seed(2)
+    w = torch.randn(8, 4, 3, 3)
+    shared = weight_scales(w, [2, 4, 8])
+    for b in (2, 4, 8):
+        assert torch.equal(shared[b], weight_scale(w, b))
+    mse = weight_scales(w, [2, 4], method="mse")
+    assert torch.equal(mse[2], weight_scale(w, 2, method="mse"))

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.quant.quantizer import act_qparams, fake_quant, qrange, quantize_weight, running_minmax, weight_scale
+from mpq.quant.quantizer import act_qparams, fake_quant, qrange, quantize_weight, running_minmax, weight_scales
 
 
 class QuantLayer:
@@ -39,8 +39,7 @@ class QuantLayer:
 
     # ------------------------------------------------------------------ calibration
     def calibrate_weight(self, bits: list[int], per_channel: bool, method: str, grid: int, min_ratio: float) -> None:
-        for b in bits:
-            self.w_scale[b] = weight_scale(self.weight, b, per_channel, method, grid, min_ratio).cpu()
+        self.w_scale.update(weight_scales(self.weight, bits, per_channel, method, grid, min_ratio))
 
     def observe(self, x: torch.Tensor) -> None:
         self.a_range = running_minmax(self.a_range, x, self.momentum)

@@ -63,6 +63,22 @@ def weight_scale(
     return best.reshape((best.shape[0],) + (1,) * (w.dim() - 1))
 
 
+def weight_scales(
+    w: torch.Tensor,
+    bits: list[int],
+    per_channel: bool = True,
+    method: str = "minmax",
+    grid: int = 50,
+    min_ratio: float = 0.3,
+) -> dict[int, torch.Tensor]:
+    """:func:`weight_scale` for every bit in ``bits``; min-max shares one abs-max pass across bits."""
+    if method != "minmax":
+        return {b: weight_scale(w, b, per_channel, method, grid, min_ratio) for b in bits}
+    rows = _channel_view(w, per_channel)
+    amax = rows.abs().amax(dim=1, keepdim=True).clamp(min=EPS).reshape((rows.shape[0],) + (1,) * (w.dim() - 1))
+    return {b: amax / qrange(b, symmetric=True)[1] for b in bits}
+
+
 def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
     """Fake-quantized weight for a symmetric scale from :func:`weight_scale`."""
     qmin, qmax = qrange(bits, symmetric=True)
