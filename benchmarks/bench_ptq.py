@@ -16,20 +16,13 @@ import gc
 import time
 
 import torch
+from _measure import peak_mb
 
 from mpq.config import load_config
 from mpq.models import load_arch
 from mpq.ptq import calibrate
 from mpq.quant.model import QuantModel
 from mpq.synthetic import random_denoiser, synthetic_calib
-
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def bench(label: str, cfg_name: str, overrides: list[str], n: int, device: torch.device, repeats: int) -> list[str]:

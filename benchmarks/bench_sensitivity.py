@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
 import torch
+from _measure import max_diff, measure
 
 from mpq.calib import run_calibration
 from mpq.config import load_config
@@ -26,19 +26,6 @@ from mpq.quant.model import PREFIX, QuantModel
 from mpq.rundir import RunDir
 from mpq.sensitivity import compute_sensitivity
 from mpq.synthetic import random_denoiser, synthetic_calib
-
-
-def peak_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def row(label, device, n_layers, t_naive, t_fast, m_naive, m_fast, diff):
@@ -56,18 +43,9 @@ def tiny_rows(device: torch.device) -> list[str]:
         run_calibration(cfg, run, pipe)
         run_ptq(cfg, run, pipe)
         for kind, metric in (("weight", "sqnr"), ("act", "sqnr"), ("weight", "ssim"), ("act", "ssim")):
-            res, times, mems = {}, {}, {}
-            for method in ("naive", "fast"):
-                if device.type == "cuda":
-                    torch.cuda.reset_peak_memory_stats(device)
-                sync(device)
-                t0 = time.perf_counter()
-                res[method] = compute_sensitivity(cfg, run, kind, metric, method, pipe=pipe, progress=False, write=False)
-                sync(device)
-                times[method], mems[method] = time.perf_counter() - t0, peak_mb(device)
-            diff = max(abs(a - b) for n in res["naive"] for a, b in zip(res["naive"][n], res["fast"][n]) if a != b) if any(
-                a != b for n in res["naive"] for a, b in zip(res["naive"][n], res["fast"][n])) else 0.0
-            rows.append(row(f"tiny-sdxl {kind} {metric}", device, len(res["naive"]), times["naive"], times["fast"], mems["naive"], mems["fast"], diff))
+            naive, t_n, m_n = measure(device, lambda: compute_sensitivity(cfg, run, kind, metric, "naive", pipe=pipe, progress=False, write=False))
+            fast, t_f, m_f = measure(device, lambda: compute_sensitivity(cfg, run, kind, metric, "fast", pipe=pipe, progress=False, write=False))
+            rows.append(row(f"tiny-sdxl {kind} {metric}", device, len(naive), t_n, t_f, m_n, m_f, max_diff(naive, fast)))
     return rows
 
 
@@ -117,18 +95,10 @@ def sdxl_row(device: torch.device, n_layers: int, n_samples: int) -> str:
                 cache.close()
         return out
 
-    res, times, mems = {}, {}, {}
-    for method in ("naive", "fast"):
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        sync(device)
-        t0 = time.perf_counter()
-        res[method] = scores(method == "fast")
-        sync(device)
-        times[method], mems[method] = time.perf_counter() - t0, peak_mb(device)
-    diff = max(abs(a - b) for n in subset for a, b in zip(res["naive"][n], res["fast"][n]))
+    naive, t_n, m_n = measure(device, lambda: scores(False))
+    fast, t_f, m_f = measure(device, lambda: scores(True))
     return row(f"SDXL UNet bf16 weight sqnr, {len(subset)}-layer subset, {n_samples} samples", device, len(subset),
-               times["naive"], times["fast"], mems["naive"], mems["fast"], diff)
+               t_n, t_f, m_n, m_f, max_diff(naive, fast))
 
 
 def main() -> None:
