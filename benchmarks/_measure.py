@@ -34,6 +34,7 @@ def measure(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float, fl
     return result, time.perf_counter() - t0, peak_mb(device)
 
 
-def max_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> float:
-    """Largest |a - b| over layers and bits (equal values, infinities included, count as 0)."""
-    return max((abs(x - y) for n in a for x, y in zip(a[n], b[n]) if x != y), default=0.0)
+def max_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> str:
+    """Largest |a - b| over layers, per candidate-bit column (equal values, infinities included, count as 0)."""
+    cols = len(next(iter(a.values())))
+    return " / ".join(f"{max((abs(a[n][j] - b[n][j]) for n in a if a[n][j] != b[n][j]), default=0.0):.1e}" for j in range(cols))

@@ -24,13 +24,13 @@ from mpq.prefix_cache import PrefixCache
 from mpq.ptq import calibrate, run_ptq
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.rundir import RunDir
-from mpq.sensitivity import compute_sensitivity
+from mpq.sensitivity import tile_batch, compute_sensitivity
 from mpq.synthetic import random_denoiser, synthetic_calib
 
 
 def row(label, device, n_layers, t_naive, t_fast, m_naive, m_fast, diff):
     return (f"| {label} | {device.type} | {n_layers} | {t_naive:.2f} | {t_fast:.2f} | {t_naive / t_fast:.2f}x | "
-            f"{m_naive:,.0f} | {m_fast:,.0f} | {diff:.2e} |")
+            f"{m_naive:,.0f} | {m_fast:,.0f} | {diff} |")
 
 
 def tiny_rows(device: torch.device) -> list[str]:
@@ -42,10 +42,15 @@ def tiny_rows(device: torch.device) -> list[str]:
         run.save_config(cfg)
         run_calibration(cfg, run, pipe)
         run_ptq(cfg, run, pipe)
+        unshared = load_config("tiny-sdxl", [f"model.device={device.type}", "calib.num_samples=16", "sensitivity.num_images=8",
+                                             "sensitivity.share_bits=never"])
         for kind, metric in (("weight", "sqnr"), ("act", "sqnr"), ("weight", "ssim"), ("act", "ssim")):
             naive, t_n, m_n = measure(device, lambda: compute_sensitivity(cfg, run, kind, metric, "naive", pipe=pipe, progress=False, write=False))
-            fast, t_f, m_f = measure(device, lambda: compute_sensitivity(cfg, run, kind, metric, "fast", pipe=pipe, progress=False, write=False))
-            rows.append(row(f"tiny-sdxl {kind} {metric}", device, len(naive), t_n, t_f, m_n, m_f, max_diff(naive, fast)))
+            shared = cfg.copy()
+            shared.sensitivity.share_bits = "always"
+            for c, tag in ((shared, "always"), (unshared, "never")):
+                fast, t_f, m_f = measure(device, lambda: compute_sensitivity(c, run, kind, metric, "fast", pipe=pipe, progress=False, write=False))
+                rows.append(row(f"tiny-sdxl {kind} {metric}, share_bits={tag}", device, len(naive), t_n, t_f, m_n, m_f, max_diff(naive, fast)))
     return rows
 
 
@@ -62,7 +67,7 @@ def sdxl_row(device: torch.device, n_layers: int, n_samples: int) -> str:
     batches = list(calib.batches(1, device))
     bits = list(cfg.quant.bits)
 
-    def scores(fast: bool) -> dict[str, list[float]]:
+    def scores(fast: bool, share: bool = True) -> dict[str, list[float]]:
         cache = PrefixCache(den) if fast else None
         out = {}
         try:
@@ -73,22 +78,35 @@ def sdxl_row(device: torch.device, n_layers: int, n_samples: int) -> str:
                         qm(**kwargs, return_dict=False)
                 cache.off()
             for name in subset:
-                vals = []
-                for b in bits:
-                    qm.layers[name].set_bits(b, None)
-                    if cache:
-                        cache.replay(name[len(PREFIX):])
-                    ref_sq = err_sq = 0.0
+                layer = qm.layers[name]
+                sums = [[0.0, 0.0] for _ in bits]
+                if cache and share:  # the library's fast path: all bits in one tiled pass after the cached prefix
+                    layer.set_multi("weight", bits)
+                    cache.replay(name[len(PREFIX):], tile=len(bits))
                     with torch.no_grad():
                         for kwargs, ref in batches:
-                            o = qm(**kwargs, return_dict=False)[0].double()
-                            r = ref.to(o.device).double()
-                            ref_sq += float(r.pow(2).sum())
-                            err_sq += float((o - r).pow(2).sum())
-                    if cache:
-                        cache.off()
-                    vals.append(sqnr_db(ref_sq, err_sq))
-                qm.layers[name].set_bits(None, None)
+                            outs = qm(**tile_batch(kwargs, len(bits)), return_dict=False)[0].chunk(len(bits))
+                            r = ref.to(outs[0].device).double()
+                            for j, o in enumerate(outs):
+                                sums[j][0] += float(r.pow(2).sum())
+                                sums[j][1] += float((o.double() - r).pow(2).sum())
+                    cache.off()
+                    layer.set_multi(None)
+                else:
+                    for j, b in enumerate(bits):
+                        layer.set_bits(b, None)
+                        if cache:
+                            cache.replay(name[len(PREFIX):])
+                        with torch.no_grad():
+                            for kwargs, ref in batches:
+                                o = qm(**kwargs, return_dict=False)[0].double()
+                                r = ref.to(o.device).double()
+                                sums[j][0] += float(r.pow(2).sum())
+                                sums[j][1] += float((o - r).pow(2).sum())
+                        if cache:
+                            cache.off()
+                    layer.set_bits(None, None)
+                vals = [sqnr_db(a, c) for a, c in sums]
                 out[name] = vals
         finally:
             if cache:
@@ -96,9 +114,12 @@ def sdxl_row(device: torch.device, n_layers: int, n_samples: int) -> str:
         return out
 
     naive, t_n, m_n = measure(device, lambda: scores(False))
-    fast, t_f, m_f = measure(device, lambda: scores(True))
-    return row(f"SDXL UNet bf16 weight sqnr, {len(subset)}-layer subset, {n_samples} samples", device, len(subset),
-               t_n, t_f, m_n, m_f, max_diff(naive, fast))
+    label = f"SDXL UNet bf16 weight sqnr, {len(subset)}-layer subset, {n_samples} samples"
+    out = []
+    for share in (True, False):
+        fast, t_f, m_f = measure(device, lambda: scores(True, share))
+        out.append(row(f"{label}, share_bits={'always' if share else 'never'}", device, len(subset), t_n, t_f, m_n, m_f, max_diff(naive, fast)))
+    return "\n".join(out)
 
 
 def main() -> None:
@@ -108,9 +129,13 @@ def main() -> None:
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--sdxl-layers", type=int, default=12)
     ap.add_argument("--sdxl-samples", type=int, default=2)
+    ap.add_argument("--no-tf32", action="store_true", help="CUDA: disable TF32 matmul/conv (fp32 stays fp32)")
     args = ap.parse_args()
     device = torch.device(args.device)
-    print("| case | device | layers | naive (s) | fast (s) | speed-up | naive peak MB | fast peak MB | max score diff |")
+    if args.no_tf32:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    print("| case | device | layers | naive (s) | fast (s) | speed-up | naive peak MB | fast peak MB | max score diff per bit (2/4/8) |")
     print("|---|---|---|---|---|---|---|---|---|")
     if not args.skip_tiny:
         for r in tiny_rows(device):

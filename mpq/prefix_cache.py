@@ -33,6 +33,23 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
+def _repeat(obj: Any, n: int, batch: int) -> Any:
+    """Repeat every batch-major tensor in ``obj`` ``n`` times along dim 0.
+
+    Batch-major: dim 0 is a multiple of the batch (a flattened (batch, k) tensor, such as
+    SDXL's ``time_ids`` projection, counts too)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(n, *([1] * (obj.dim() - 1))) if obj.dim() and obj.shape[0] % batch == 0 else obj
+    if isinstance(obj, tuple):
+        return tuple(_repeat(o, n, batch) for o in obj)
+    if isinstance(obj, list):
+        return [_repeat(o, n, batch) for o in obj]
+    if isinstance(obj, dict):
+        items = {k: _repeat(v, n, batch) for k, v in obj.items()}
+        return items if type(obj) is dict else type(obj)(**items)
+    return obj
+
+
 @dataclass
 class _Recording:
     sample: torch.Tensor  # the root call's first input, to check a replay matches
@@ -51,6 +68,7 @@ class PrefixCache:
         self._counters: dict[str, int] = {}
         self._replay_idx = 0
         self.target: str | None = None
+        self.tile = 1
         self._patched: list[tuple[nn.Module, Callable[..., Any]]] = []
         for name, module in root.named_modules():
             orig = module.forward
@@ -61,9 +79,12 @@ class PrefixCache:
     def record(self) -> None:
         self.mode = "record"
 
-    def replay(self, target: str) -> None:
-        """Replay the recorded calls, in order, with ``target`` (a module path) the first module recomputed."""
-        self.mode, self.target, self._replay_idx = "replay", target, 0
+    def replay(self, target: str, tile: int = 1) -> None:
+        """Replay recorded calls with ``target`` (a module path) the first module recomputed.
+
+        ``tile`` > 1: the replayed inputs are the recorded ones repeated ``tile`` times along the
+        batch (one copy per candidate bit); recorded outputs are repeated the same way."""
+        self.mode, self.target, self._replay_idx, self.tile = "replay", target, 0, tile
 
     def off(self) -> None:
         self.mode, self._active = "off", None
@@ -93,9 +114,12 @@ class PrefixCache:
     def _find(self, sample: torch.Tensor) -> _Recording | None:
         """The recording whose input equals ``sample`` (searched from the last match on)."""
         n = len(self.records)
+        batch = sample.shape[0] // self.tile
         for j in range(n):
             rec = self.records[(self._replay_idx + j) % n]
-            if rec.sample.shape == sample.shape and rec.sample.device == sample.device and torch.equal(rec.sample, sample):
+            if rec.sample.shape[0] != batch or rec.sample.shape[1:] != sample.shape[1:] or rec.sample.device != sample.device:
+                continue
+            if all(torch.equal(rec.sample, part) for part in sample.split(batch)):
                 self._replay_idx = (self._replay_idx + j + 1) % n
                 return rec
         return None
@@ -139,7 +163,8 @@ class PrefixCache:
             if name in self._skip:
                 i = self._counters.get(name, 0)
                 self._counters[name] = i + 1
-                return rec.outputs[name][i]
+                out = rec.outputs[name][i]
+                return out if self.tile == 1 else _repeat(out, self.tile, rec.sample.shape[0])
             return orig(*args, **kwargs)
 
         return call

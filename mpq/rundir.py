@@ -75,12 +75,7 @@ class RunDir:
             return load_config(config, list(overrides))
         if not self.config_path.is_file():
             raise MpqError(f"{self.root} is not an mpq run directory (no config.yaml); give --config, or run `mpq calib` first")
-        cfg = config_from_yaml_text(self.config_path.read_text(), str(self.config_path))
-        if overrides:
-            from mpq.config import build_config
-
-            cfg = build_config(OmegaConf.to_container(cfg), list(overrides), source=str(self.config_path))
-        return cfg
+        return config_from_yaml_text(self.config_path.read_text(), str(self.config_path), overrides)
 
     # ------------------------------------------------------------------ stamps
     def _stamp_path(self, stage: str) -> Path:

@@ -63,6 +63,7 @@ def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[
     keys["sens"].pop("method")  # fast and naive give the same numbers
     keys["sens"].pop("save_every_s")
     keys["sens"].pop("cache_budget_mb")
+    keys["sens"].pop("share_bits")
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -84,11 +85,12 @@ class _Work:
             self.batches = [(prompts[i : i + bs], seeds[i : i + bs], refs[i : i + bs]) for i in range(0, n, bs)]
             self._embeds: dict[int, dict[str, torch.Tensor]] = {}
 
-    def _generate(self, k: int) -> np.ndarray:
+    def _generate(self, k: int, tile: int = 1) -> np.ndarray:
+        """Images of batch ``k``; ``tile`` > 1 generates the batch ``tile`` times in one pipeline call."""
         prompts, seeds, _ = self.batches[k]
         c = self.cfg.sampling
         kwargs: dict[str, Any] = {"num_inference_steps": c.steps, "guidance_scale": c.guidance_scale, "height": c.resolution,
-                                  "width": c.resolution, "generator": generators(seeds), "output_type": "pil"}
+                                  "width": c.resolution, "generator": generators(list(seeds) * tile), "output_type": "pil"}
         if self.fast and hasattr(self.pipe, "encode_prompt") and "pooled_prompt_embeds" in self.pipe.__call__.__code__.co_varnames:
             if k not in self._embeds:
                 with torch.no_grad():
@@ -97,9 +99,9 @@ class _Work:
                 self._embeds[k] = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
                 if c.guidance_scale > 1.0:
                     self._embeds[k].update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
-            kwargs.update(self._embeds[k])
+            kwargs.update({key: tile_batch(t, tile) for key, t in self._embeds[k].items()})
         else:
-            kwargs["prompt"] = list(prompts)
+            kwargs["prompt"] = list(prompts) * tile
         with torch.no_grad():
             return to_array(self.pipe(**kwargs).images)
 
@@ -112,16 +114,40 @@ class _Work:
         else:
             self._generate(k)
 
-    def score(self, k: int) -> tuple[float, float]:
+    def scores(self, k: int, tile: int = 1) -> list[tuple[float, float]]:
+        """Sums (a, b) of batch ``k`` for each of ``tile`` copies of the batch run together
+        (copy j is what the layer's ``multi`` bit j produced)."""
         if self.metric == "sqnr":
             kwargs, ref = self.batches[k]
             with torch.no_grad():
-                out = self.qm(**kwargs, return_dict=False)[0]
+                out = self.qm(**tile_batch(kwargs, tile), return_dict=False)[0]
             r = ref.double()
-            return float(r.pow(2).sum()), float((out.double() - r).pow(2).sum())
-        images = self._generate(k)
-        vals = image_ssim(images, self.batches[k][2])
-        return float(vals.astype(np.float64).sum()), float(len(vals))
+            return [(float(r.pow(2).sum()), float((o.double() - r).pow(2).sum())) for o in out.chunk(tile)]
+        images = self._generate(k, tile)
+        refs = self.batches[k][2]
+        res = []
+        for j in range(tile):
+            vals = image_ssim(images[j * len(refs) : (j + 1) * len(refs)], refs)
+            res.append((float(vals.astype(np.float64).sum()), float(len(vals))))
+        return res
+
+
+def share_bits(setting: str, metric: str) -> bool:
+    """Whether the fast path batches the candidate bits of a layer into one pass (see the config)."""
+    if setting == "auto":
+        return metric == "ssim"
+    return setting == "always"
+
+
+def tile_batch(obj: Any, n: int) -> Any:
+    """Every tensor in ``obj`` repeated ``n`` times along the batch (dim 0)."""
+    if n == 1:
+        return obj
+    if isinstance(obj, torch.Tensor):
+        return obj.repeat(n, *([1] * (obj.dim() - 1)))
+    if isinstance(obj, dict):
+        return {k: tile_batch(v, n) for k, v in obj.items()}
+    return obj
 
 
 def _value(metric: str, a: float, b: float) -> float:
@@ -154,6 +180,7 @@ def compute_sensitivity(
         raise MpqError(f"no layer is in the content group (patterns {list(cfg.groups.content)}); the SSIM file would be empty")
     fast = (method or cfg.sensitivity.method) == "fast"
     work = _Work(pipe, qm, cfg, run, metric, fast)
+    share = fast and share_bits(cfg.sensitivity.share_bits, metric)
     sig = _signature(cfg, run, kind, metric, bits)
     partial = _partial_path(run, kind, metric)
     state: dict[str, Any] = {"signature": sig, "done": [], "sums": {}}
@@ -181,18 +208,28 @@ def compute_sensitivity(
                 if not todo:
                     continue
                 layer = qm.layers[name]
-                for bi, b in enumerate(bits):
-                    layer.set_bits(b if kind == "weight" else None, b if kind == "act" else None)
-                    if cache is not None:
-                        cache.replay(name[len(PREFIX):])
+                acc = sums.setdefault(name, [[0.0, 0.0] for _ in bits])
+                if cache is not None and share:  # all candidate bits in one pass: batch copy j at bits[j]
+                    layer.set_multi(kind, bits)
+                    cache.replay(name[len(PREFIX):], tile=len(bits))
                     for k in todo:
-                        a, c = work.score(k)
-                        acc = sums.setdefault(name, [[0.0, 0.0] for _ in bits])[bi]
-                        acc[0] += a
-                        acc[1] += c
-                    if cache is not None:
-                        cache.off()
-                layer.set_bits(None, None)
+                        for bi, (a, c) in enumerate(work.scores(k, len(bits))):
+                            acc[bi][0] += a
+                            acc[bi][1] += c
+                    cache.off()
+                    layer.set_multi(None)
+                else:
+                    for bi, b in enumerate(bits):
+                        layer.set_bits(b if kind == "weight" else None, b if kind == "act" else None)
+                        if cache is not None:
+                            cache.replay(name[len(PREFIX):])
+                        for k in todo:
+                            a, c = work.scores(k)[0]
+                            acc[bi][0] += a
+                            acc[bi][1] += c
+                        if cache is not None:
+                            cache.off()
+                    layer.set_bits(None, None)
                 for k in todo:
                     done.add((k, name))
                 bar.update(len(todo))
@@ -203,6 +240,8 @@ def compute_sensitivity(
     finally:
         bar.close()
         qm.set_fp()
+        for layer in qm.layers.values():
+            layer.set_multi(None)
         if cache is not None:
             cache.close()
     result = {name: [_value(metric, *sums[name][i]) for i in range(len(bits))] for name in names}

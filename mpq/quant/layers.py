@@ -36,6 +36,8 @@ class QuantLayer:
         self.observing = False
         self.momentum = 0.95
         self._qweight: torch.Tensor | None = None
+        self.multi: tuple[str, list[int]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
+        self._multi_w: dict[int, torch.Tensor] = {}
 
     # ------------------------------------------------------------------ calibration
     def calibrate_weight(self, bits: list[int], per_channel: bool, method: str, grid: int, min_ratio: float) -> None:
@@ -65,16 +67,44 @@ class QuantLayer:
                 self._qweight = quantize_weight(self.weight, scale, w_bits)
         self.w_bits, self.a_bits = w_bits, a_bits
 
+    def set_multi(self, kind: str | None, bits: list[int] | None = None) -> None:
+        """Several candidate bits in one pass: the batch is ``len(bits)`` equal chunks, chunk k
+        quantized (weights or input activations) at ``bits[k]``; ``kind=None`` ends it."""
+        self._multi_w = {}
+        if kind is None or bits is None:
+            self.multi = None
+            return
+        table = self.w_scale if kind == "weight" else self.a_scale
+        missing = [b for b in bits if b not in table]
+        if missing:
+            raise KeyError(f"{kind} bit-width {missing[0]} was not calibrated (calibrated: {sorted(table)})")
+        if kind == "weight":
+            self._multi_w = {b: quantize_weight(self.weight, self.w_scale[b].to(self.weight.device), b) for b in bits}
+        self.multi = (kind, list(bits))
+
+    def _fq_act(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+        qmin, qmax = qrange(bits, self.a_symmetric)
+        return fake_quant(x, self.a_scale[bits].to(x.device), self.a_zero[bits].to(x.device), qmin, qmax)
+
     def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
             self.observe(x)
-        if self.a_bits is None:
-            return x
-        qmin, qmax = qrange(self.a_bits, self.a_symmetric)
-        return fake_quant(x, self.a_scale[self.a_bits].to(x.device), self.a_zero[self.a_bits].to(x.device), qmin, qmax)
+        return x if self.a_bits is None else self._fq_act(x, self.a_bits)
 
     def active_weight(self) -> torch.Tensor:
         return self.weight if self._qweight is None else self._qweight
+
+    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.multi is None:
+            return self._apply(self.quantize_input(x), self.active_weight())
+        kind, bits = self.multi
+        outs = []
+        for b, xc in zip(bits, x.chunk(len(bits), dim=0)):
+            outs.append(self._apply(self._fq_act(xc, b), self.weight) if kind == "act" else self._apply(xc, self._multi_w[b]))
+        return torch.cat(outs)
 
     # ------------------------------------------------------------------ checkpoint
     def quant_state(self) -> dict[str, torch.Tensor]:
@@ -116,8 +146,10 @@ class QuantLinear(nn.Linear, QuantLayer):
     def from_float(cls, module: nn.Linear) -> QuantLinear:
         return _adopt(cls, module)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(self.quantize_input(x), self.active_weight(), self.bias)
+    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, w, self.bias)
+
+    forward = QuantLayer.forward
 
 
 class QuantConv2d(nn.Conv2d, QuantLayer):
@@ -125,5 +157,7 @@ class QuantConv2d(nn.Conv2d, QuantLayer):
     def from_float(cls, module: nn.Conv2d) -> QuantConv2d:
         return _adopt(cls, module)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._conv_forward(self.quantize_input(x), self.active_weight(), self.bias)
+    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        return self._conv_forward(x, w, self.bias)
+
+    forward = QuantLayer.forward
