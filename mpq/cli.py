@@ -134,20 +134,66 @@ def cmd_infer(args: argparse.Namespace) -> None:
     print(msg)
 
 
+def cmd_select(args: argparse.Namespace) -> None:
+    from mpq.select import run_selection
+    from mpq.stages import SELECT, run_stage
+
+    cfg, run = resolve_run(args)
+    result = run_stage(SELECT, cfg, run, lambda: run_selection(cfg, run), args.force)
+    if result:
+        for kind, r in result.items():
+            print(f"{kind}: chose {r['plan_file']} (MSE {r['mse']:.6g}, SSIM {r['ssim']:.6f}, PSNR {r['psnr']:.2f} dB)")
+    print(f"final plans: {run.root / 'selection' / 'final_weight.yaml'}, {run.root / 'selection' / 'final_act.yaml'}")
+
+
+def cmd_final(args: argparse.Namespace) -> None:
+    from mpq.infer import run_final
+    from mpq.stages import FINAL, run_stage
+
+    cfg, run = resolve_run(args)
+    run_stage(FINAL, cfg, run, lambda: run_final(cfg, run), args.force)
+    print(f"images with the final plans: {run.root / 'generated_images'}")
+
+
+def cmd_report(args: argparse.Namespace) -> None:
+    from mpq.report import build_report
+    from mpq.stages import REPORT, run_stage
+
+    cfg, run = resolve_run(args)
+    run_stage(REPORT, cfg, run, lambda: build_report(cfg, run), args.force)
+    print(f"report: {run.root / 'report' / 'index.html'}")
+
+
 def cmd_run(args: argparse.Namespace) -> None:
-    from mpq.infer import run_infer
+    """calib -> ptq -> sensitivity -> search -> select -> final -> report, skipping what is up to date."""
+    import json
+
+    from mpq.infer import run_final
     from mpq.models import load_pipeline
+    from mpq.report import build_report
+    from mpq.search_run import run_search
+    from mpq.select import run_selection
+    from mpq.stages import FINAL, REPORT, SEARCH, SELECT, SENSITIVITY, run_stage
 
     cfg, run = resolve_run(args)
     pipe = load_pipeline(cfg)
     ensure_ptq(cfg, run, args.force, pipe)
-    lines = [f"run directory: {run.root}", f"  FP images:   {run.fp_images}", f"  checkpoint:  {run.ckpt}"]
-    for w, a in ((8, 8), (4, 8)):
-        if w in cfg.quant.bits and a in cfg.quant.bits:
-            out = run.root / "generated_images" / f"w{w}a{a}"
-            res = run_infer(cfg, run, {"weight_bits": w, "act_bits": a}, out, cfg.infer.num_images, pipe=pipe)
-            lines.append(f"  W{w}A{a} images: {out}  (MSE vs FP: {res['mse']:.6f})")
-    print("\n".join(lines))
+    run_stage(SENSITIVITY, cfg, run, lambda: run_sensitivity_all(cfg, run, ("weight", "act"), ("sqnr", "ssim"), pipe=pipe), args.force)
+    run_stage(SEARCH, cfg, run, lambda: run_search(cfg, run), args.force)
+    run_stage(SELECT, cfg, run, lambda: run_selection(cfg, run, pipe), args.force)
+    run_stage(FINAL, cfg, run, lambda: run_final(cfg, run, pipe), args.force)
+    run_stage(REPORT, cfg, run, lambda: build_report(cfg, run, pipe), args.force)
+    s = json.loads((run.root / "report" / "summary.json").read_text())
+    print("\n".join([
+        f"run directory: {run.root}",
+        f"  final plans: {run.root / 'selection' / 'final_weight.yaml'}, {run.root / 'selection' / 'final_act.yaml'} "
+        f"(+ {s['act_protected']} act-protected layers)",
+        f"  images:      {run.root / 'generated_images'}",
+        f"  report:      {run.root / 'report' / 'index.html'}",
+        f"  weights {s['weight_avg_bits']:.2f} avg bits, activations {s['act_avg_bits']:.2f} avg bits",
+        f"  weight bytes {s['weight_bytes']:,.0f} vs FP16 {s['fp16_bytes']:,.0f} ({s['weight_bytes'] / s['fp16_bytes']:.1%})",
+        f"  MSE vs FP images: {s['final_mse']:.6g}",
+    ]))
 
 
 def run_sensitivity_all(cfg: Any, run: Any, kinds: Sequence[str], metrics: Sequence[str], method: str | None = None, pipe: Any = None) -> None:
@@ -342,8 +388,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, metavar="YAML", help="with --compare: where to write the optimal plan")
     p.set_defaults(fn=cmd_search)
 
-    p = sub.add_parser("run", help="the whole flow on a config, skipping stages that are up to date")
-    add_config_args(p)
+    for name, fn, text in (("select", cmd_select, "score every candidate plan by image MSE vs FP; choose the weight plan, then the act plan"),
+                           ("final", cmd_final, "generate RUN/generated_images with the selected plans"),
+                           ("report", cmd_report, "RUN/report/index.html: images, plans, Pareto plot, sensitivity plots")):
+        p = sub.add_parser(name, help=text)
+        add_config_args(p, required=False)
+        add_run_args(p, flag="--base_path")
+        p.set_defaults(fn=fn)
+
+    p = sub.add_parser("run", help="the whole flow: calib, ptq, sensitivity, search, select, final, report (up-to-date stages skipped)")
+    add_config_args(p, required=False)
     add_run_args(p)
     p.set_defaults(fn=cmd_run)
     return parser

@@ -129,6 +129,12 @@ class SearchConfig:
 
 
 @dataclass
+class SelectConfig:
+    num_images: int = 8  # selection images: the first N calibration prompts/seeds, scored against their FP images
+    pareto_only: bool = False  # score only Pareto-optimal candidates (fewer generations on big sweeps)
+
+
+@dataclass
 class MpqConfig:
     name: str = ""
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -139,6 +145,7 @@ class MpqConfig:
     infer: InferConfig = field(default_factory=InferConfig)
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
 
 
 # --------------------------------------------------------------------------- lookup
@@ -275,6 +282,8 @@ def validate(cfg: DictConfig) -> None:
             raise MpqError(f"config key '{key}' is {b}; use one of the candidate bits {bits} or null (FP)")
     _validate_search(cfg)
     _one_of(cfg.sensitivity.method, ("fast", "naive"), "sensitivity.method")
+    if cfg.select.num_images < 1:
+        raise MpqError("config key 'select.num_images' must be >= 1")
     _one_of(cfg.sensitivity.share_bits, ("auto", "always", "never"), "sensitivity.share_bits")
     if cfg.sensitivity.num_images < 1 or cfg.sensitivity.batch_size < 1 or cfg.sensitivity.cache_budget_mb <= 0:
         raise MpqError("config keys sensitivity.num_images, sensitivity.batch_size must be >= 1 and sensitivity.cache_budget_mb > 0")

@@ -75,7 +75,10 @@ def run_infer(
     else:
         all_prompts, all_seeds = calib_prompts(run)
         chosen, seeds = all_prompts[:num_images], all_seeds[:num_images]
-    images: list[Image.Image] = generate(pipe, chosen, seeds, cfg, desc="generating")
+    try:
+        images: list[Image.Image] = generate(pipe, chosen, seeds, cfg, desc="generating")
+    finally:
+        qm.set_fp()
     paths = save_images(images, outdir)
     result: dict[str, Any] = {"images": paths, "outdir": outdir, "plan": plan, "mse": None}
     if not prompts:
@@ -83,3 +86,18 @@ def run_infer(
         if all(p.is_file() for p in refs):
             result["mse"] = float(np.mean(image_mse(to_array(images), to_array([Image.open(p) for p in refs]))))
     return result
+
+
+def run_final(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str, Any]:
+    """Images with the selected plans (and act-protect list) into RUN/generated_images."""
+    import shutil
+
+    sel = run.root / "selection"
+    plan_args = {
+        "weight_plan": run.require("selection/final_weight.yaml", f"run `mpq select --base_path {run.root}` first"),
+        "act_plan": run.require("selection/final_act.yaml", f"run `mpq select --base_path {run.root}` first"),
+        "act_protect": sel / "final_act_protect.pt" if (sel / "final_act_protect.pt").is_file() else None,
+    }
+    outdir = run.root / "generated_images"
+    shutil.rmtree(outdir, ignore_errors=True)
+    return run_infer(cfg, run, plan_args, outdir, cfg.infer.num_images, pipe=pipe)

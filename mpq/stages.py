@@ -17,6 +17,10 @@ SENSITIVITY = Stage("sensitivity", ("model.id", "model.dtype", "sensitivity.num_
 SEARCH = Stage("search", ("model.id", "search", "quant.bits", "quant.weight.granularity", "groups", "sampling.resolution"),
                ("sensitivity",), ("candidates/pareto.csv", "report/pareto.png"))
 
+SELECT = Stage("select", ("model.id", "select", "sampling"), ("search",), ("selection/final_weight.yaml", "selection/final_act.yaml"))
+FINAL = Stage("final", ("model.id", "infer.num_images", "sampling"), ("select",), ("generated_images",))
+REPORT = Stage("report", ("model.id", "select.num_images", "sampling"), ("sensitivity", "search", "select", "final"), ("report/index.html",))
+
 
 def run_stage(stage: Stage, cfg: DictConfig, run: RunDir, fn: Callable[[], Any], force: bool = False, log: Callable[[str], None] = print) -> Any:
     """Run ``fn`` unless the stage is up to date; stamp it when done."""

@@ -1,0 +1,115 @@
+"""Selection: generate images with each candidate plan, rank by MSE against the FP images.
+
+Weights first (activations FP), then every activation candidate on top of the
+chosen weight plan. SSIM and PSNR are recorded beside MSE so a user can see
+whether another metric would choose differently. Ties (equal MSE) go to the
+smaller plan, then to the file name: deterministic.
+
+Writes ``selection/{weight,act}_scores.csv``, ``selection/final_{weight,act}.yaml``
+(+ ``final_act_protect.pt``) and each candidate's images under
+``selection/images/<kind>/<plan>/``.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import shutil
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from omegaconf import DictConfig
+from PIL import Image
+from tqdm.auto import tqdm
+
+from mpq.calib import calib_prompts, fp_image_paths
+from mpq.errors import MpqError
+from mpq.generate import generate, save_images, to_array
+from mpq.infer import quantized_pipeline
+from mpq.io import read_json, write_json, write_text
+from mpq.metrics import image_mse, image_psnr, image_ssim
+from mpq.plan import read_layer_list, read_plan, validate_plan, write_layer_list, write_plan
+from mpq.rundir import RunDir
+
+SCORE_COLUMNS = ("plan_file", "kind", "mse", "ssim", "psnr", "avg_bits", "bytes", "chosen")
+
+
+def image_scores(images: Sequence[Image.Image], refs: np.ndarray) -> dict[str, float]:
+    arr = to_array(images)
+    return {"mse": float(image_mse(arr, refs).mean()), "ssim": float(image_ssim(arr, refs).mean()), "psnr": float(image_psnr(arr, refs).mean())}
+
+
+def candidate_files(run: RunDir, kind: str, pareto_only: bool) -> list[str]:
+    """Distinct plan files of ``kind`` from candidates/pareto.csv, in file-name order."""
+    table = run.require("candidates/pareto.csv", f"run `mpq search --base_path {run.root}` first")
+    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    files = sorted({r["plan_file"] for r in rows if r["kind"] == kind and r["plan_file"] and (r["pareto"] == "True" or not pareto_only)})
+    if not files:
+        raise MpqError(f"{table} lists no {kind} plans; re-run the search with a feasible budget")
+    return files
+
+
+def pick_best(scores: Mapping[str, Mapping[str, float]]) -> str:
+    """Lowest MSE; ties to fewer bytes, then to the file name."""
+    return min(scores, key=lambda f: (round(scores[f]["mse"], 12), scores[f]["bytes"], f))
+
+
+def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progress: bool = True) -> dict[str, Any]:
+    pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
+    bits = list(manifest["bits"])
+    prompts, seeds = calib_prompts(run)
+    n = min(cfg.select.num_images, len(prompts))
+    refs = to_array([Image.open(p) for p in fp_image_paths(run, n)])
+    out = run.root / "selection"
+    partial_path = out / ".scores.partial.json"
+    sig = hashlib.sha256(f"{n}|{seeds[:n]}|{run.ckpt.stat().st_mtime_ns}|{(run.root / 'candidates' / 'pareto.csv').read_text()}".encode()).hexdigest()
+    partial: dict[str, Any] = read_json(partial_path) if partial_path.is_file() else {}
+    if partial.get("_signature") != sig:
+        partial = {"_signature": sig}
+    table = {r["plan_file"]: r for r in csv.DictReader(io.StringIO((run.root / "candidates" / "pareto.csv").read_text()))}
+    protect_path = run.root / "candidates" / "act_protect.pt"
+    protect = read_layer_list(protect_path) if protect_path.is_file() else []
+    chosen: dict[str, str] = {}
+    result: dict[str, Any] = {}
+    try:
+        for kind in ("weight", "act"):
+            files = candidate_files(run, kind, cfg.select.pareto_only)
+            scores: dict[str, dict[str, float]] = {}
+            for f in tqdm(files, desc=f"select: {kind} candidates", unit="plan", disable=not progress):
+                key = f"{kind}/{f}" + (f"@{chosen['weight']}" if kind == "act" else "")
+                plan = read_plan(run.root / "candidates" / kind / f)
+                validate_plan(plan, qm.names, bits, f)
+                if key not in partial:
+                    if kind == "weight":
+                        qm.apply(plan, None)
+                    else:
+                        qm.apply(final_weight, {k: v for k, v in plan.items() if k not in set(protect)})
+                    images = generate(pipe, prompts[:n], seeds[:n], cfg)
+                    folder = out / "images" / kind / Path(f).stem
+                    shutil.rmtree(folder, ignore_errors=True)
+                    save_images(images, folder)
+                    partial[key] = image_scores(images, refs)
+                    write_json(partial_path, partial)
+                row = table.get(f, {})
+                scores[f] = dict(partial[key], avg_bits=float(row.get("avg_bits", "nan")), bytes=float(row.get("bytes", "nan")))
+            best = pick_best(scores)
+            chosen[kind] = best
+            if kind == "weight":
+                final_weight = read_plan(run.root / "candidates" / "weight" / best)
+            lines = io.StringIO()
+            w = csv.DictWriter(lines, fieldnames=SCORE_COLUMNS, lineterminator="\n")
+            w.writeheader()
+            for f in sorted(scores, key=lambda f: (scores[f]["mse"], scores[f]["bytes"], f)):
+                w.writerow({"plan_file": f, "kind": kind, **{k: f"{scores[f][k]:.8g}" for k in ("mse", "ssim", "psnr", "avg_bits", "bytes")},
+                            "chosen": f == best})
+            write_text(out / f"{kind}_scores.csv", lines.getvalue())
+            write_plan(out / f"final_{kind}.yaml", read_plan(run.root / "candidates" / kind / best))
+            result[kind] = {"plan_file": best, **scores[best]}
+        write_layer_list(out / "final_act_protect.pt", protect)
+    finally:
+        qm.set_fp()
+    partial_path.unlink(missing_ok=True)
+    return result
