@@ -73,6 +73,7 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progres
     protect_path = run.root / "candidates" / "act_protect.pt"
     protect = read_layer_list(protect_path) if protect_path.is_file() else []
     chosen: dict[str, str] = {}
+    final_weight: dict[str, int] = {}  # set when the weight pass ends; the act pass scores on top of it
     result: dict[str, Any] = {}
     try:
         for kind in ("weight", "act"):

@@ -11,7 +11,6 @@ from typing import Any
 import torch
 
 from mpq.calib import OUTPUT_KEY, CalibData
-from mpq.models import meta_denoiser
 from mpq.quant.model import example_inputs
 
 

@@ -4,7 +4,6 @@ import csv
 import json
 import re
 
-import pytest
 import yaml
 
 from mpq.cli import main

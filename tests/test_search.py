@@ -13,7 +13,7 @@ from mpq.errors import MpqError
 from mpq.groups import CONTENT, QUALITY
 from mpq.layer_table import layer_table
 from mpq.plan import act_bytes, read_plan, weight_bytes
-from mpq.search import Problem, solve_compare, solve_mpq, solve_reference, split_target
+from mpq.search import solve_compare, solve_mpq, solve_reference, split_target
 from mpq.search_run import SizedLayer, budget_for_avg, build_problem
 
 BITS = [2, 4, 8]

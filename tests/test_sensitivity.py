@@ -9,7 +9,6 @@ import sys
 import time
 
 import pytest
-import torch
 import yaml
 
 from conftest import repo_root
