@@ -188,7 +188,8 @@ def cmd_run(args: argparse.Namespace) -> None:
         f"run directory: {run.root}",
         f"  final plans: {run.root / 'selection' / 'final_weight.yaml'}, {run.root / 'selection' / 'final_act.yaml'} "
         f"(+ {s['act_protected']} act-protected layers)",
-        f"  images:      {run.root / 'generated_images'}",
+        f"  images:      {run.root / 'generated_images'}  (FP references: {run.fp_images})",
+        f"  checkpoint:  {run.ckpt}",
         f"  report:      {run.root / 'report' / 'index.html'}",
         f"  weights {s['weight_avg_bits']:.2f} avg bits, activations {s['act_avg_bits']:.2f} avg bits",
         f"  weight bytes {s['weight_bytes']:,.0f} vs FP16 {s['fp16_bytes']:,.0f} ({s['weight_bytes'] / s['fp16_bytes']:.1%})",
