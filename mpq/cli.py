@@ -228,7 +228,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from mpq.plan import read_plan, write_plan
     from mpq.search import solve_compare
     from mpq.search_run import (compare_report, feasible_error, reference_problem, run_problem, run_search, run_sweep,
-                                solve_point, sweep_values, write_csv)
+                                solve_point, sweep_values, write_pareto_csv)
     from mpq.stages import SEARCH, run_stage
 
     ref_files = [args.sensitivity_ssim, args.sensitivity_sqnr, args.para_size_config]
@@ -294,7 +294,7 @@ def cmd_search(args: argparse.Namespace) -> None:
             else:
                 targets = sweep_values(target - s.sweep_span, target, s.sweep_steps)
                 rows = run_sweep(problem, k, s.mode, targets, sweep_values(kc.k_min, kc.k_max, kc.k_num), s, outdir)
-                write_csv(outdir / "pareto.csv", rows)
+                write_pareto_csv(outdir / "pareto.csv", rows)
                 _print_sweep(rows, outdir)
         return
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import os
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -101,3 +103,20 @@ def read_tensor_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
             return dict(f.metadata() or {})
     except (SafetensorError, OSError, ValueError) as err:
         raise MpqError(f"{p}: corrupt safetensors file ({str(err).splitlines()[0]}); delete it and re-run the stage") from None
+
+
+def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    """Atomically write ``rows`` under ``columns`` (extra keys ignored; floats as %.6g unless pre-formatted)."""
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), extrasaction="ignore", lineterminator="\n")
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    write_text(path, buf.getvalue())
+
+
+def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
+    p = Path(path)
+    if not p.is_file():
+        raise MpqError(f"{p}: file not found")
+    return list(csv.DictReader(io.StringIO(p.read_text())))

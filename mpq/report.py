@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import csv
 import html
-import io
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +14,7 @@ from mpq.calib import calib_prompts
 from mpq.generate import generate, save_images, to_array
 from mpq.groups import CONTENT, QUALITY
 from mpq.infer import quantized_pipeline
-from mpq.io import write_json, write_text
+from mpq.io import read_csv, write_json, write_text
 from mpq.layer_table import layer_table
 from mpq.metrics import image_mse
 from mpq.plan import read_layer_list, read_plan, weight_bytes
@@ -61,7 +59,7 @@ def final_mse(run: RunDir, n: int) -> float:
 
 
 def _csv(path: Path) -> list[dict[str, str]]:
-    return list(csv.DictReader(io.StringIO(path.read_text()))) if path.is_file() else []
+    return read_csv(path) if path.is_file() else []
 
 
 def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:

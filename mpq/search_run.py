@@ -8,9 +8,7 @@ one plan yaml per distinct plan, ``pareto.csv`` and the Pareto plot.
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -22,7 +20,7 @@ from tqdm.auto import tqdm
 
 from mpq.errors import MpqError
 from mpq.groups import CONTENT, QUALITY
-from mpq.io import read_yaml, write_text
+from mpq.io import read_yaml, write_csv, write_text
 from mpq.plan import act_bytes, weight_bytes, write_layer_list, write_plan
 from mpq.search import Problem, Solution, solve_mpq, solve_reference
 
@@ -204,13 +202,8 @@ def mark_pareto(rows: list[dict[str, Any]]) -> None:
         r["pareto"] = not dominated
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=CSV_COLUMNS, extrasaction="ignore", lineterminator="\n")
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    write_text(path, buf.getvalue())
+def write_pareto_csv(path: Path, rows: Sequence[Mapping[str, Any]]) -> None:
+    write_csv(path, rows, CSV_COLUMNS)
 
 
 def plot_pareto(rows: Sequence[Mapping[str, Any]], path: Path, chosen: Mapping[str, str] | None = None) -> None:
@@ -287,7 +280,7 @@ def run_search(cfg: Any, run: Any, kinds: Sequence[str] = KINDS, progress: bool 
         for old in folder.glob("*.yaml"):
             old.unlink()
         all_rows += run_sweep(problem, kind, cfg.search.mode, targets, sweep_values(kc.k_min, kc.k_max, kc.k_num), cfg.search, folder, progress)
-    write_csv(out / "pareto.csv", all_rows)
+    write_pareto_csv(out / "pareto.csv", all_rows)
     plot_pareto(all_rows, run.root / "report" / "pareto.png")
     return all_rows
 

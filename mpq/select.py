@@ -12,9 +12,7 @@ Writes ``selection/{weight,act}_scores.csv``, ``selection/final_{weight,act}.yam
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import shutil
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -29,7 +27,7 @@ from mpq.calib import calib_prompts, fp_image_paths
 from mpq.errors import MpqError
 from mpq.generate import generate, save_images, to_array
 from mpq.infer import quantized_pipeline
-from mpq.io import read_json, write_json, write_text
+from mpq.io import read_csv, read_json, write_csv, write_json
 from mpq.metrics import image_mse, image_psnr, image_ssim
 from mpq.plan import read_layer_list, read_plan, validate_plan, write_layer_list, write_plan
 from mpq.rundir import RunDir
@@ -45,7 +43,7 @@ def image_scores(images: Sequence[Image.Image], refs: np.ndarray) -> dict[str, f
 def candidate_files(run: RunDir, kind: str, pareto_only: bool) -> list[str]:
     """Distinct plan files of ``kind`` from candidates/pareto.csv, in file-name order."""
     table = run.require("candidates/pareto.csv", f"run `mpq search --base_path {run.root}` first")
-    rows = list(csv.DictReader(io.StringIO(table.read_text())))
+    rows = read_csv(table)
     files = sorted({r["plan_file"] for r in rows if r["kind"] == kind and r["plan_file"] and (r["pareto"] == "True" or not pareto_only)})
     if not files:
         raise MpqError(f"{table} lists no {kind} plans; re-run the search with a feasible budget")
@@ -69,7 +67,7 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progres
     partial: dict[str, Any] = read_json(partial_path) if partial_path.is_file() else {}
     if partial.get("_signature") != sig:
         partial = {"_signature": sig}
-    table = {r["plan_file"]: r for r in csv.DictReader(io.StringIO((run.root / "candidates" / "pareto.csv").read_text()))}
+    table = {r["plan_file"]: r for r in read_csv(run.root / "candidates" / "pareto.csv")}
     protect_path = run.root / "candidates" / "act_protect.pt"
     protect = read_layer_list(protect_path) if protect_path.is_file() else []
     chosen: dict[str, str] = {}
@@ -100,13 +98,10 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progres
             chosen[kind] = best
             if kind == "weight":
                 final_weight = read_plan(run.root / "candidates" / "weight" / best)
-            lines = io.StringIO()
-            w = csv.DictWriter(lines, fieldnames=SCORE_COLUMNS, lineterminator="\n")
-            w.writeheader()
-            for f in sorted(scores, key=lambda f: (scores[f]["mse"], scores[f]["bytes"], f)):
-                w.writerow({"plan_file": f, "kind": kind, **{k: f"{scores[f][k]:.8g}" for k in ("mse", "ssim", "psnr", "avg_bits", "bytes")},
-                            "chosen": f == best})
-            write_text(out / f"{kind}_scores.csv", lines.getvalue())
+            ranked = sorted(scores, key=lambda f: (scores[f]["mse"], scores[f]["bytes"], f))
+            write_csv(out / f"{kind}_scores.csv", [
+                {"plan_file": f, "kind": kind, **{k: f"{scores[f][k]:.8g}" for k in ("mse", "ssim", "psnr", "avg_bits", "bytes")}, "chosen": f == best}
+                for f in ranked], SCORE_COLUMNS)
             write_plan(out / f"final_{kind}.yaml", read_plan(run.root / "candidates" / kind / best))
             result[kind] = {"plan_file": best, **scores[best]}
         write_layer_list(out / "final_act_protect.pt", protect)
