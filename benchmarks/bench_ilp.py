@@ -21,7 +21,7 @@ import numpy as np
 
 from mpq.config import load_config
 from mpq.groups import CONTENT, QUALITY
-from mpq.search_run import build_problem, layers_from_run, read_sensitivity, run_sweep, sweep_values
+from mpq.search_run import build_problem, layers_from_run, read_sensitivity, run_sweep, sweep_grid
 
 
 def synthetic_sensitivity(layers, bits, seed=0):
@@ -61,8 +61,8 @@ def main() -> None:
                                         sqnr, bits, allowed)
                 s = cfg.search.copy()
                 s.solver, s.time_limit_s = solver, args.time_limit
-                targets = sweep_values(kc.target_bitwidth - 0.3, kc.target_bitwidth, 10)
-                ks = sweep_values(kc.k_min, kc.k_max, 10)
+                s[kind].k_num = 10  # the family: 10 targets x 10 K = 100 points for weights and for acts
+                targets, ks = sweep_grid(s, kind)
                 import tempfile
 
                 t0 = time.perf_counter()

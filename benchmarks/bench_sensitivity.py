@@ -20,11 +20,11 @@ from mpq.calib import run_calibration
 from mpq.config import load_config
 from mpq.metrics import sqnr_db
 from mpq.models import load_arch, load_pipeline
-from mpq.prefix_cache import PrefixCache
+from mpq.prefix_cache import PrefixCache, repeat_batch
 from mpq.ptq import calibrate, run_ptq
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.rundir import RunDir
-from mpq.sensitivity import tile_batch, compute_sensitivity
+from mpq.sensitivity import compute_sensitivity
 from mpq.synthetic import random_denoiser, synthetic_calib
 
 
@@ -85,7 +85,7 @@ def sdxl_row(device: torch.device, n_layers: int, n_samples: int) -> str:
                     cache.replay(name[len(PREFIX):], tile=len(bits))
                     with torch.no_grad():
                         for kwargs, ref in batches:
-                            outs = qm(**tile_batch(kwargs, len(bits)), return_dict=False)[0].chunk(len(bits))
+                            outs = qm(**repeat_batch(kwargs, len(bits)), return_dict=False)[0].chunk(len(bits))
                             r = ref.to(outs[0].device).double()
                             for j, o in enumerate(outs):
                                 sums[j][0] += float(r.pow(2).sum())

@@ -202,11 +202,11 @@ def run_sensitivity_all(cfg: Any, run: Any, kinds: Sequence[str], metrics: Seque
     from mpq.groups import assign_groups
     from mpq.sensitivity import compute_sensitivity, plot_sensitivity
 
+    manifest = read_manifest(run.ckpt)
+    groups = assign_groups([layer["name"] for layer in manifest["layers"]], list(cfg.groups.content), warn=False)
     for kind in kinds:
         for metric in metrics:
             values = compute_sensitivity(cfg, run, kind, metric, method, pipe)
-            manifest = read_manifest(run.ckpt)
-            groups = assign_groups([layer["name"] for layer in manifest["layers"]], list(cfg.groups.content), warn=False)
             plot = plot_sensitivity(run, kind, metric, values, manifest["bits"], groups)
             print(f"[sensitivity] {kind} {metric}: {len(values)} layers -> {run.root / 'sensitivity' / f'{kind}_{metric}.yaml'} (plot {plot})")
 
@@ -228,7 +228,7 @@ def cmd_search(args: argparse.Namespace) -> None:
     from mpq.plan import read_plan, write_plan
     from mpq.search import solve_compare
     from mpq.search_run import (compare_report, feasible_error, reference_problem, run_problem, run_search, run_sweep,
-                                solve_point, sweep_values, write_pareto_csv)
+                                solve_point, sweep_grid, write_pareto_csv)
     from mpq.stages import SEARCH, run_stage
 
     ref_files = [args.sensitivity_ssim, args.sensitivity_sqnr, args.para_size_config]
@@ -269,31 +269,28 @@ def cmd_search(args: argparse.Namespace) -> None:
     if reference_flags or single:
         kinds = [kind] if kind else (["weight"] if reference_flags else ["weight", "act"])
         for k in kinds:
-            problem, kc = problem_for(k), s[k]
-            target = args.target_bitwidth if args.target_bitwidth is not None else kc.target_bitwidth
+            problem = problem_for(k)
+            target = args.target_bitwidth if args.target_bitwidth is not None else s[k].target_bitwidth
             outdir = Path(args.mixed_precision_config) if args.mixed_precision_config else (run.root / "candidates" / k if run else None)
             if outdir is None:
                 raise MpqError("give --mixed_precision_config DIR for the plan files")
             if single:
                 kk = args.K if args.K is not None else 1.0
                 budget = args.budget_mb * 2**20 if args.budget_mb is not None else None
-                lo, _ = problem.bytes_range()
-                if s.mode == "mpq" and budget is not None and budget < lo:
-                    raise MpqError(f"budget {args.budget_mb} MiB ({budget:,.0f} bytes) is below the smallest possible {k} plan; feasible: {lo / 2**20:.3f} .. {problem.bytes_range()[1] / 2**20:.3f} MiB")
                 try:
                     sol = solve_point(problem, s.mode, target, kk, s, budget)
                 except MpqError:
-                    raise feasible_error(problem, s.mode, target, kk, s.band) from None
+                    raise feasible_error(problem, s.mode, target, kk, s.band, budget) from None
                 if not sol.plan:
-                    raise feasible_error(problem, s.mode, target, kk, s.band)
+                    raise feasible_error(problem, s.mode, target, kk, s.band, budget)
                 path = outdir / f"{k}_{sol.details['avg_bits']:.2f}_{kk:.2f}.yaml"
                 write_plan(path, sol.plan)
                 d = sol.details
                 print(f"{k} plan: {path}\n  avg bits {d['avg_bits']:.3f} (content {d.get('content_avg_bits', float('nan')):.3f}, "
                       f"quality {d.get('quality_avg_bits', float('nan')):.3f}), {d['bytes']:,.0f} bytes; solver {sol.status}, gap {sol.gap:.1e}, {sol.seconds:.2f} s")
             else:
-                targets = sweep_values(target - s.sweep_span, target, s.sweep_steps)
-                rows = run_sweep(problem, k, s.mode, targets, sweep_values(kc.k_min, kc.k_max, kc.k_num), s, outdir)
+                targets, ks = sweep_grid(s, k, target)
+                rows = run_sweep(problem, k, s.mode, targets, ks, s, outdir)
                 write_pareto_csv(outdir / "pareto.csv", rows)
                 _print_sweep(rows, outdir)
         return

@@ -33,19 +33,19 @@ def _tensors(obj: Any) -> list[torch.Tensor]:
     return []
 
 
-def _repeat(obj: Any, n: int, batch: int) -> Any:
-    """Repeat every batch-major tensor in ``obj`` ``n`` times along dim 0.
+def repeat_batch(obj: Any, n: int, batch: int = 1) -> Any:
+    """Repeat every batch-major tensor in ``obj`` (tensors, tuples, lists, dicts) ``n`` times along dim 0.
 
     Batch-major: dim 0 is a multiple of the batch (a flattened (batch, k) tensor, such as
     SDXL's ``time_ids`` projection, counts too)."""
     if isinstance(obj, torch.Tensor):
         return obj.repeat(n, *([1] * (obj.dim() - 1))) if obj.dim() and obj.shape[0] % batch == 0 else obj
     if isinstance(obj, tuple):
-        return tuple(_repeat(o, n, batch) for o in obj)
+        return tuple(repeat_batch(o, n, batch) for o in obj)
     if isinstance(obj, list):
-        return [_repeat(o, n, batch) for o in obj]
+        return [repeat_batch(o, n, batch) for o in obj]
     if isinstance(obj, dict):
-        items = {k: _repeat(v, n, batch) for k, v in obj.items()}
+        items = {k: repeat_batch(v, n, batch) for k, v in obj.items()}
         return items if type(obj) is dict else type(obj)(**items)
     return obj
 
@@ -164,7 +164,7 @@ class PrefixCache:
                 i = self._counters.get(name, 0)
                 self._counters[name] = i + 1
                 out = rec.outputs[name][i]
-                return out if self.tile == 1 else _repeat(out, self.tile, rec.sample.shape[0])
+                return out if self.tile == 1 else repeat_batch(out, self.tile, rec.sample.shape[0])
             return orig(*args, **kwargs)
 
         return call

@@ -18,14 +18,14 @@ from mpq.io import read_csv, write_json, write_text
 from mpq.layer_table import layer_table
 from mpq.metrics import image_mse
 from mpq.plan import read_layer_list, read_plan, weight_bytes
+from mpq.quant.model import LayerInfo
 from mpq.rundir import RunDir
 from mpq.search_run import plot_pareto
 from mpq.select import image_scores
 
 
-def plan_summary(cfg: DictConfig, run: RunDir) -> dict[str, Any]:
+def plan_summary(cfg: DictConfig, run: RunDir, infos: list[LayerInfo]) -> dict[str, Any]:
     """Average W/A bits (size-weighted; FP activations count 16), per group, and weight bytes vs FP16."""
-    infos = layer_table(cfg)
     w = read_plan(run.root / "selection" / "final_weight.yaml")
     a = read_plan(run.root / "selection" / "final_act.yaml")
     protect = set(read_layer_list(run.root / "selection" / "final_act_protect.pt"))
@@ -89,9 +89,9 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
             uniform[label] = image_scores(images, refs)
     finally:
         qm.set_fp()
-    summary = plan_summary(cfg, run)
-    summary["final_mse"] = final_mse(run, n)
     infos = layer_table(cfg)
+    summary = plan_summary(cfg, run, infos)
+    summary["final_mse"] = final_mse(run, n)
     for label, bits in (("W4A16", 4), ("W8A16", 8)):
         if label in uniform:
             uniform[label]["bytes"] = sum(weight_bytes(i.weight_numel, i.out_channels, bits, cfg.search.scale_bytes) for i in infos)

@@ -131,6 +131,14 @@ def sweep_values(start: float, stop: float, num: int) -> list[float]:
     return [round(float(v), 4) for v in np.linspace(start, stop, num)] if num > 1 else [round(float(stop), 4)]
 
 
+def sweep_grid(s: Any, kind: str, target: float | None = None) -> tuple[list[float], list[float]]:
+    """(average-bit targets, K values) of a sweep: linspace(target - sweep_span, target, sweep_steps) x
+    linspace(k_min, k_max, k_num); ``target`` defaults to ``search.<kind>.target_bitwidth``."""
+    kc = s[kind]
+    top = kc.target_bitwidth if target is None else target
+    return sweep_values(top - s.sweep_span, top, s.sweep_steps), sweep_values(kc.k_min, kc.k_max, kc.k_num)
+
+
 def budget_for_avg(problem: Problem, avg_bits: float) -> float:
     """Bytes of a plan whose every quantized layer has ``avg_bits`` (fractional) bits, scales included."""
     total = problem.fixed_bytes
@@ -274,12 +282,11 @@ def run_search(cfg: Any, run: Any, kinds: Sequence[str] = KINDS, progress: bool 
         if kind == "act":
             write_layer_list(out / "act_protect.pt", protect)
             write_text(out / "act_protect.txt", "".join(n + "\n" for n in protect))
-        kc = cfg.search[kind]
-        targets = sweep_values(kc.target_bitwidth - cfg.search.sweep_span, kc.target_bitwidth, cfg.search.sweep_steps)
+        targets, ks = sweep_grid(cfg.search, kind)
         folder = out / kind
         for old in folder.glob("*.yaml"):
             old.unlink()
-        all_rows += run_sweep(problem, kind, cfg.search.mode, targets, sweep_values(kc.k_min, kc.k_max, kc.k_num), cfg.search, folder, progress)
+        all_rows += run_sweep(problem, kind, cfg.search.mode, targets, ks, cfg.search, folder, progress)
     write_pareto_csv(out / "pareto.csv", all_rows)
     plot_pareto(all_rows, run.root / "report" / "pareto.png")
     return all_rows
@@ -296,10 +303,13 @@ def reference_problem(kind: str, ssim_path: str, sqnr_path: str, ratio_path: str
     return build_problem(kind, layers, ssim, sqnr, cand, _allowed(cfg.search[kind]), protect, 0, cfg.search.fp_bytes)
 
 
-def feasible_error(problem: Problem, mode: str, target: float, k: float, band: float) -> MpqError:
+def feasible_error(problem: Problem, mode: str, target: float, k: float, band: float, budget: float | None = None) -> MpqError:
+    """The one-line error for an impossible point, giving the feasible range (``budget``: bytes, mpq mode)."""
     if mode == "mpq":
         lo, hi = problem.bytes_range()
-        return MpqError(f"no plan fits {budget_for_avg(problem, target):,.0f} bytes; feasible budgets: {lo:,.0f} .. {hi:,.0f} bytes")
+        budget = budget_for_avg(problem, target) if budget is None else budget
+        return MpqError(f"no plan fits {budget:,.0f} bytes ({budget / 2**20:.3f} MiB); feasible budgets: {lo:,.0f} .. {hi:,.0f} bytes "
+                        f"({lo / 2**20:.3f} .. {hi / 2**20:.3f} MiB)")
     from mpq.search import split_target
 
     shares = split_target(problem, target, k)

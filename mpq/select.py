@@ -29,7 +29,7 @@ from mpq.generate import generate, save_images, to_array
 from mpq.infer import quantized_pipeline
 from mpq.io import read_csv, read_json, write_csv, write_json
 from mpq.metrics import image_mse, image_psnr, image_ssim
-from mpq.plan import read_layer_list, read_plan, validate_plan, write_layer_list, write_plan
+from mpq.plan import BitPlan, read_layer_list, read_plan, validate_plan, write_layer_list, write_plan
 from mpq.rundir import RunDir
 
 SCORE_COLUMNS = ("plan_file", "kind", "mse", "ssim", "psnr", "avg_bits", "bytes", "chosen")
@@ -50,9 +50,9 @@ def candidate_files(run: RunDir, kind: str, pareto_only: bool) -> list[str]:
     return files
 
 
-def pick_best(scores: Mapping[str, Mapping[str, float]]) -> str:
-    """Lowest MSE; ties to fewer bytes, then to the file name."""
-    return min(scores, key=lambda f: (round(scores[f]["mse"], 12), scores[f]["bytes"], f))
+def rank(scores: Mapping[str, Mapping[str, float]]) -> list[str]:
+    """Plan files best first: lowest MSE; ties to fewer bytes, then to the file name."""
+    return sorted(scores, key=lambda f: (round(scores[f]["mse"], 12), scores[f]["bytes"], f))
 
 
 def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progress: bool = True) -> dict[str, Any]:
@@ -71,21 +71,20 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progres
     protect_path = run.root / "candidates" / "act_protect.pt"
     protect = read_layer_list(protect_path) if protect_path.is_file() else []
     chosen: dict[str, str] = {}
-    final_weight: dict[str, int] = {}  # set when the weight pass ends; the act pass scores on top of it
+    final = BitPlan()  # the chosen weight plan, set when the weight pass ends; the act pass scores on top of it
     result: dict[str, Any] = {}
     try:
         for kind in ("weight", "act"):
             files = candidate_files(run, kind, cfg.select.pareto_only)
             scores: dict[str, dict[str, float]] = {}
+            plans: dict[str, dict[str, int]] = {}
             for f in tqdm(files, desc=f"select: {kind} candidates", unit="plan", disable=not progress):
                 key = f"{kind}/{f}" + (f"@{chosen['weight']}" if kind == "act" else "")
-                plan = read_plan(run.root / "candidates" / kind / f)
+                plan = plans[f] = read_plan(run.root / "candidates" / kind / f)
                 validate_plan(plan, qm.names, bits, f)
                 if key not in partial:
-                    if kind == "weight":
-                        qm.apply(plan, None)
-                    else:
-                        qm.apply(final_weight, {k: v for k, v in plan.items() if k not in set(protect)})
+                    trial = BitPlan(plan) if kind == "weight" else BitPlan(final.weight, plan).protect(protect)
+                    qm.apply(trial.weight, trial.act)
                     images = generate(pipe, prompts[:n], seeds[:n], cfg)
                     folder = out / "images" / kind / Path(f).stem
                     shutil.rmtree(folder, ignore_errors=True)
@@ -94,15 +93,14 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progres
                     write_json(partial_path, partial)
                 row = table.get(f, {})
                 scores[f] = dict(partial[key], avg_bits=float(row.get("avg_bits", "nan")), bytes=float(row.get("bytes", "nan")))
-            best = pick_best(scores)
-            chosen[kind] = best
+            ranked = rank(scores)
+            best = chosen[kind] = ranked[0]
             if kind == "weight":
-                final_weight = read_plan(run.root / "candidates" / "weight" / best)
-            ranked = sorted(scores, key=lambda f: (scores[f]["mse"], scores[f]["bytes"], f))
+                final = BitPlan(plans[best])
             write_csv(out / f"{kind}_scores.csv", [
                 {"plan_file": f, "kind": kind, **{k: f"{scores[f][k]:.8g}" for k in ("mse", "ssim", "psnr", "avg_bits", "bytes")}, "chosen": f == best}
                 for f in ranked], SCORE_COLUMNS)
-            write_plan(out / f"final_{kind}.yaml", read_plan(run.root / "candidates" / kind / best))
+            write_plan(out / f"final_{kind}.yaml", plans[best])
             result[kind] = {"plan_file": best, **scores[best]}
         write_layer_list(out / "final_act_protect.pt", protect)
     finally:

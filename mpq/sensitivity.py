@@ -39,7 +39,7 @@ from mpq.infer import quantized_pipeline
 from mpq.io import read_json, write_json, write_yaml
 from mpq.metrics import image_ssim, sqnr_db
 from mpq.models import torch_dtype
-from mpq.prefix_cache import PrefixCache
+from mpq.prefix_cache import PrefixCache, repeat_batch
 from mpq.quant.model import PREFIX, QuantModel, layer_infos
 from mpq.rundir import RunDir
 
@@ -69,7 +69,8 @@ def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[
 
 # ------------------------------------------------------------------------------ units of work
 class _Work:
-    """Batches of one metric: ``inputs()`` yields batch payloads; ``score()`` gives (a, b) sums per batch."""
+    """The batches of one metric: ``run_fp(k)`` runs batch k in FP (for the prefix cache to record);
+    ``scores(k, tile)`` gives its float64 sums (a, b) for each of ``tile`` bit copies."""
 
     def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, run: RunDir, metric: str, fast: bool) -> None:
         self.pipe, self.qm, self.cfg, self.metric, self.fast = pipe, qm, cfg, metric, fast
@@ -99,7 +100,7 @@ class _Work:
                 self._embeds[k] = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
                 if c.guidance_scale > 1.0:
                     self._embeds[k].update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
-            kwargs.update({key: tile_batch(t, tile) for key, t in self._embeds[k].items()})
+            kwargs.update({key: repeat_batch(t, tile) for key, t in self._embeds[k].items()})
         else:
             kwargs["prompt"] = list(prompts) * tile
         with torch.no_grad():
@@ -120,7 +121,7 @@ class _Work:
         if self.metric == "sqnr":
             kwargs, ref = self.batches[k]
             with torch.no_grad():
-                out = self.qm(**tile_batch(kwargs, tile), return_dict=False)[0]
+                out = self.qm(**repeat_batch(kwargs, tile), return_dict=False)[0]
             r = ref.double()
             return [(float(r.pow(2).sum()), float((o.double() - r).pow(2).sum())) for o in out.chunk(tile)]
         images = self._generate(k, tile)
@@ -137,17 +138,6 @@ def share_bits(setting: str, metric: str) -> bool:
     if setting == "auto":
         return metric == "ssim"
     return setting == "always"
-
-
-def tile_batch(obj: Any, n: int) -> Any:
-    """Every tensor in ``obj`` repeated ``n`` times along the batch (dim 0)."""
-    if n == 1:
-        return obj
-    if isinstance(obj, torch.Tensor):
-        return obj.repeat(n, *([1] * (obj.dim() - 1)))
-    if isinstance(obj, dict):
-        return {k: tile_batch(v, n) for k, v in obj.items()}
-    return obj
 
 
 def _value(metric: str, a: float, b: float) -> float:
