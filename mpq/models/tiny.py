@@ -1,12 +1,26 @@
-"""The embedded default: a tiny SDXL-Turbo-architecture pipeline built offline.
+"""The embedded model's architecture: a tiny SDXL-Turbo-architecture pipeline.
 
-Same component kinds as SDXL-Turbo (two CLIP text encoders, the second with a
-projection; a UNet with ``text_time`` added conditioning, resnets with
-``time_emb_proj`` and ``conv_shortcut``, down/upsamplers, linear ``proj_in`` /
-``proj_out``, ``attn1``/``attn2``/``ff`` transformer blocks; an 8x VAE;
-EulerAncestral with trailing timesteps), with random weights from a fixed
-seed, so every layer name and group behaves as on SDXL. A 128 px image takes
-~50 ms on 2 CPU cores.
+Same component kinds as SDXL-Turbo: two CLIP text encoders (the second with a
+projection), a ``UNet2DConditionModel`` with ``text_time`` added conditioning,
+resnets with ``time_emb_proj`` and ``conv_shortcut``, down/upsamplers, linear
+``proj_in``/``proj_out``, ``attn1``/``attn2``/``ff`` transformer blocks; an 8x
+``AutoencoderKL``; EulerAncestral with trailing timesteps. So every layer name
+and group behaves as on SDXL (123 quantizable layers, 36 in the content group).
+
+Two differences from SDXL, both for the procedural shapes world it is trained
+on (:mod:`mpq.shapes`):
+
+* a word-level CLIP BPE tokenizer whose merges make each word of the shapes
+  vocabulary one token (any other text still tokenizes, character by character);
+* v-prediction (SDXL-Turbo: epsilon + adversarial distillation). At the first,
+  pure-noise step, v ~ -x0 is well conditioned, so a plain diffusion loss gives
+  a model that samples in 1-4 steps with no distillation: a caption fixes its
+  image up to a few pixels of jitter, so the first step's x0 estimate is
+  already nearly sharp, and the next steps only settle the jitter.
+
+:func:`build_pipeline` makes the untrained pipeline from a seed; the trained
+weights ship with the package (``mpq/models/weights/tiny-sdxl``) and are made by
+``scripts/train_tiny.py`` (:mod:`mpq.shapes.train`).
 """
 
 from __future__ import annotations
@@ -15,13 +29,14 @@ from typing import Any
 
 import torch
 
-TINY_SEED = 20240924  # any fixed value: the model must be the same on every machine
+TINY_SEED = 20240924  # any fixed value: the untrained model must be the same on every machine
 TEXT_MAX_LENGTH = 77
 TEXT_HIDDEN = 32  # each text encoder; cross-attention dim = 2 * TEXT_HIDDEN as in SDXL (768 + 1280)
 TIME_EMBED = 8  # addition_time_embed_dim (SDXL: 256)
+RESOLUTION = 128
 
 UNET_CONFIG: dict[str, Any] = {
-    "sample_size": 16,
+    "sample_size": RESOLUTION // 8,
     "in_channels": 4,
     "out_channels": 4,
     "layers_per_block": 2,
@@ -44,14 +59,16 @@ UNET_CONFIG: dict[str, Any] = {
 VAE_CONFIG: dict[str, Any] = {
     "in_channels": 3,
     "out_channels": 3,
-    "block_out_channels": [16, 16, 32, 32],
+    "block_out_channels": [8, 16, 32, 64],
     "down_block_types": ["DownEncoderBlock2D"] * 4,
     "up_block_types": ["UpDecoderBlock2D"] * 4,
     "latent_channels": 4,
-    "norm_num_groups": 8,
+    "norm_num_groups": 2,  # 4 channels a group at full resolution: one channel a group would erase absolute colors
     "layers_per_block": 1,
-    "sample_size": 128,
-    "scaling_factor": 0.13025,
+    "sample_size": RESOLUTION,
+    "scaling_factor": 1.0,  # set from the trained encoder's latent std (as SD did)
+    "mid_block_add_attention": False,
+    "force_upcast": False,
 }
 
 SCHEDULER_CONFIG: dict[str, Any] = {
@@ -61,7 +78,7 @@ SCHEDULER_CONFIG: dict[str, Any] = {
     "beta_schedule": "scaled_linear",
     "steps_offset": 1,
     "timestep_spacing": "trailing",
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
 }
 
 
@@ -70,21 +87,39 @@ def arch() -> dict[str, Any]:
     return {"unet": dict(UNET_CONFIG), "vae_scale_factor": 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1), "text_max_length": TEXT_MAX_LENGTH}
 
 
+def shapes_words() -> list[str]:
+    """Every word of the shapes grammar (:mod:`mpq.shapes.data`)."""
+    from mpq.shapes.data import VOCAB
+
+    fixed = ["a", "an", "at", "the", "in", "on", "background"]
+    return sorted(set(fixed + [w for values in VOCAB.values() for v in values for w in v.split()]))
+
+
 def build_tokenizer() -> Any:
-    """A byte-level CLIP BPE tokenizer with no merges: one token per character."""
-    from tokenizers import pre_tokenizers
+    """A CLIP BPE tokenizer (byte-level alphabet, ``</w>`` word ends) whose merges, learned with
+    ``tokenizers``' BPE trainer on the shapes vocabulary, make each of its words one token."""
+    import json
+
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import CLIPTokenizer
 
+    words = shapes_words()
+    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
+    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
+    bpe.train_from_iterator([" ".join(words)], trainers.BpeTrainer(vocab_size=10_000, show_progress=False, end_of_word_suffix="</w>"))
+    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(chars)}
     vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
+    for a, b in merges:
+        vocab.setdefault(a + b, len(vocab))
     vocab["<|startoftext|>"] = len(vocab)
     vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=TEXT_MAX_LENGTH)
+    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
 
 
-def build_tiny_sdxl() -> Any:
-    """Build the embedded pipeline (deterministic: same weights on every machine)."""
+def build_pipeline(seed: int = TINY_SEED) -> Any:
+    """The untrained pipeline (deterministic: same weights on every machine for a seed)."""
     from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
@@ -105,7 +140,7 @@ def build_tiny_sdxl() -> Any:
     )
     gen_state = torch.random.get_rng_state()
     try:
-        torch.manual_seed(TINY_SEED)
+        torch.manual_seed(seed)
         text_encoder = CLIPTextModel(text_cfg)
         text_encoder_2 = CLIPTextModelWithProjection(text_cfg)
         unet = UNet2DConditionModel(**UNET_CONFIG)
