@@ -1,10 +1,11 @@
 """The PTQ checkpoint: quant params for every candidate bit, in one safetensors file.
 
-Tensors are named ``<layer>::w_scale.<bits>``, ``<layer>::a_scale.<bits>``,
-``<layer>::a_zero.<bits>``, ``<layer>::a_min``/``a_max`` (float32). The
-manifest (layers, kinds, shapes, candidate bits, quantizer settings, model
-id and fingerprint) is stored in the file's metadata under ``mpq_manifest``
-and copied beside it as ``ckpt.json`` for people to read.
+Tensors are each layer's quant buffers (:mod:`mpq.quant.layers`), named
+``<layer>::<buffer>``: ``qbits``, ``w_scale`` (bits, parts, C_out), ``a_scale`` /
+``a_zero`` (bits, parts), ``a_range`` (parts, 2). The manifest (layers with
+kind, shape, input split and BOS-awareness; candidate bits; quantizer settings;
+model id and fingerprint) is stored in the file's metadata under
+``mpq_manifest`` and copied beside it as ``ckpt.json`` for people to read.
 """
 
 from __future__ import annotations
@@ -17,23 +18,24 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpq.errors import MpqError
 from mpq.io import load_tensors, read_tensor_metadata, save_tensors, write_json
-from mpq.quant.model import QuantModel, quantizable_modules
+from mpq.quant.model import QuantModel
 
-FORMAT = "mpq-ckpt/1"
+FORMAT = "mpq-ckpt/2"  # 2: quant buffers per layer, input splits, BOS-aware layers
 
 
 def manifest_for(qm: QuantModel, cfg: DictConfig) -> dict[str, Any]:
-    modules = quantizable_modules(qm.denoiser)
     return {
         "format": FORMAT,
         "model_id": cfg.model.id,
         "fingerprint": qm.fingerprint,
-        "bits": list(cfg.quant.bits),
+        "bits": qm.bits,
         "weight_quant": OmegaConf.to_container(cfg.quant.weight),
         "act_quant": OmegaConf.to_container(cfg.quant.act),
+        "split_shortcut": bool(cfg.quant.split_shortcut),
         "layers": [
-            {"name": name, "kind": "linear" if m.weight.dim() == 2 else "conv", "shape": list(m.weight.shape)}
-            for name, m in modules.items()
+            {"name": name, "kind": "linear" if layer.weight.dim() == 2 else "conv", "shape": list(layer.weight.shape),
+             "in_split": list(layer.in_split), "bos_aware": layer.bos_aware}
+            for name, layer in qm.layers.items()
         ],
     }
 
@@ -49,9 +51,13 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     meta = read_tensor_metadata(path)
     if "mpq_manifest" not in meta:
         raise MpqError(f"{path} is not an mpq checkpoint (no manifest); re-run `mpq ptq`")
-    manifest = json.loads(meta["mpq_manifest"])
+    try:
+        manifest = json.loads(meta["mpq_manifest"])
+    except json.JSONDecodeError:
+        raise MpqError(f"{path} has a corrupt manifest; delete it and re-run `mpq ptq`") from None
     if manifest.get("format") != FORMAT:
-        raise MpqError(f"{path} has format {manifest.get('format')!r}, this mpq reads {FORMAT!r}; re-run `mpq ptq`")
+        raise MpqError(f"{path} has format {manifest.get('format')!r} (written by an older mpq), this mpq reads {FORMAT!r}; "
+                       "re-run `mpq ptq --force`")
     return manifest
 
 
@@ -64,5 +70,13 @@ def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
             f"fingerprint {manifest['fingerprint']}) than the one loaded ({len(qm.layers)} layers, fingerprint {qm.fingerprint}); "
             "use the matching config or re-run `mpq ptq`"
         )
-    qm.load_quant_state(load_tensors(path), a_symmetric=bool(manifest["act_quant"]["symmetric"]))
+    layers = manifest["layers"]
+    qm.prepare(manifest["bits"], bool(manifest["act_quant"]["symmetric"]), {entry["name"]: entry["in_split"] for entry in layers},
+               [entry["name"] for entry in layers if entry["bos_aware"]])
+    tensors = load_tensors(path)
+    expected = set(qm.quant_state())
+    if set(tensors) != expected:
+        missing = sorted(expected - set(tensors)) or sorted(set(tensors) - expected)
+        raise MpqError(f"{path} does not hold the quant params this manifest describes (first mismatch: {missing[0]}); re-run `mpq ptq --force`")
+    qm.load_quant_state(tensors)
     return manifest

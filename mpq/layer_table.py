@@ -8,18 +8,20 @@ import io
 from omegaconf import DictConfig
 
 from mpq.models import load_arch, meta_denoiser
-from mpq.quant.model import LayerInfo, example_inputs, input_numels, layer_infos
+from mpq.quant.model import LayerInfo, layer_infos
+from mpq.quant.structure import enabled, example_inputs, trace
 
 COLUMNS = ("name", "kind", "group", "weight_numel", "act_numel")
 
 
 def layer_table(cfg: DictConfig) -> list[LayerInfo]:
     """LayerInfo of every Linear/Conv2d of the configured denoiser, built on the meta device
-    (no weights, no memory); ``act_numel`` is for one sample at ``sampling.resolution``."""
+    (no weights, no memory); ``act_numel`` is for one sample at ``sampling.resolution``; input splits
+    and BOS-aware layers as ``quant.split_shortcut`` / ``quant.act.bos_aware`` set them."""
     arch = load_arch(cfg)
     denoiser = meta_denoiser(arch)
-    sizes = input_numels(denoiser, example_inputs(arch, cfg.sampling.resolution))
-    return layer_infos(denoiser, sizes, list(cfg.groups.content))
+    st = trace(denoiser, example_inputs(arch, cfg.sampling.resolution))
+    return layer_infos(denoiser, enabled(st, cfg.quant.split_shortcut, cfg.quant.act.bos_aware), list(cfg.groups.content))
 
 
 def format_table(infos: list[LayerInfo], as_csv: bool) -> str:

@@ -1,14 +1,27 @@
 """QuantLinear / QuantConv2d: a float layer with quant params for every candidate bit.
 
 The layer keeps its module path and its parameters (the float module's own
-tensors), so names, state dicts and hooks are unchanged. ``w_bits`` /
-``a_bits`` select the active bit-widths (None = floating point); the
-fake-quantized weight of the active bit is cached, so a forward costs one
-activation fake-quant more than the float layer.
+tensors), so names, hooks and the float state dict are unchanged. Quant params
+are registered buffers, so ``.to()``, ``.half()``, ``state_dict()`` and offload
+hooks treat them as any module's tensors:
+
+* ``qbits`` (n_bits,): the candidate bit-widths, in order;
+* ``w_scale`` (n_bits, n_parts, C_out): symmetric weight scale per output channel;
+* ``a_scale``, ``a_zero`` (n_bits, n_parts): per-tensor activation scale and zero point;
+* ``a_range`` (n_parts, 2): the observed running (min, max) of the input.
+
+``n_parts`` > 1 splits a concatenated input (``in_split``, e.g. a UNet skip
+concatenation) into parts with their own weight and activation quantizers.
+``bos_aware`` layers (cross-attention ``to_k``/``to_v``) compute the first
+(BOS) token with FP weights and activations and leave it out of the range.
+
+``w_bits`` / ``a_bits`` select the active bit-widths (None = floating point);
+the fake-quantized weight of each bit is cached until the module is moved.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -17,147 +30,197 @@ from torch import nn
 
 from mpq.quant.quantizer import act_qparams, fake_quant, qrange, quantize_weight, running_minmax, weight_scales
 
+BUFFERS = ("qbits", "w_scale", "a_scale", "a_zero", "a_range")
+
 
 class QuantLayer:
-    """Mixin holding per-bit quant params and the active bits of one layer."""
+    """Mixin holding the quant params of one Linear/Conv2d and its active bits."""
 
     weight: torch.Tensor
-    w_scale: dict[int, torch.Tensor]
-    a_scale: dict[int, torch.Tensor]
-    a_zero: dict[int, torch.Tensor]
-    a_range: tuple[torch.Tensor, torch.Tensor] | None
+    qbits: torch.Tensor
+    w_scale: torch.Tensor
+    a_scale: torch.Tensor
+    a_zero: torch.Tensor
+    a_range: torch.Tensor
+    register_buffer: Callable[..., None]
 
     def _init_quant(self) -> None:
-        self.w_scale, self.a_scale, self.a_zero = {}, {}, {}
-        self.a_range = None
+        self.in_split: tuple[int, ...] = (0, self.weight.shape[1])
+        self.bos_aware = False
         self.a_symmetric = False
         self.w_bits: int | None = None
         self.a_bits: int | None = None
         self.observing = False
+        self.a_observed = False
         self.momentum = 0.95
-        self._qweight: torch.Tensor | None = None
+        self._wcache: dict[int, torch.Tensor] = {}
         self.multi: tuple[str, list[int]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
-        self._multi_w: dict[int, torch.Tensor] = {}
+
+    def init_quant(self, bits: Sequence[int], in_split: Sequence[int] | None = None, bos_aware: bool = False, a_symmetric: bool = False) -> None:
+        """(Re)allocate the buffers for ``bits`` (zeros until calibrated or loaded)."""
+        self.in_split = tuple(in_split) if in_split else (0, self.weight.shape[1])
+        if self.in_split[0] != 0 or self.in_split[-1] != self.weight.shape[1] or list(self.in_split) != sorted(set(self.in_split)):
+            raise ValueError(f"in_split {self.in_split} does not partition the {self.weight.shape[1]} input channels")
+        self.bos_aware, self.a_symmetric = bos_aware, a_symmetric
+        n, parts, dev = len(bits), len(self.in_split) - 1, self.weight.device
+        self.register_buffer("qbits", torch.tensor(list(bits), dtype=torch.int64, device=dev))
+        self.register_buffer("w_scale", torch.zeros(n, parts, self.weight.shape[0], device=dev))
+        self.register_buffer("a_scale", torch.zeros(n, parts, device=dev))
+        self.register_buffer("a_zero", torch.zeros(n, parts, device=dev))
+        self.register_buffer("a_range", torch.zeros(parts, 2, device=dev))
+        self.a_observed = False
+        self.w_bits = self.a_bits = None
+        self._wcache = {}
+
+    @property
+    def bits(self) -> list[int]:
+        return [int(b) for b in self.qbits.tolist()] if hasattr(self, "qbits") else []
+
+    @property
+    def n_parts(self) -> int:
+        return len(self.in_split) - 1
+
+    def _index(self, bits: int, kind: str) -> int:
+        cand = self.bits
+        if bits not in cand:
+            raise KeyError(f"{kind} bit-width {bits} was not calibrated (calibrated: {cand})")
+        return cand.index(bits)
+
+    def _input_dim(self) -> int:
+        return 1 if isinstance(self, nn.Conv2d) else -1
 
     # ------------------------------------------------------------------ calibration
-    def calibrate_weight(self, bits: list[int], per_channel: bool, method: str, grid: int, min_ratio: float) -> None:
-        self.w_scale.update(weight_scales(self.weight, bits, per_channel, method, grid, min_ratio))
+    def calibrate_weight(self, per_channel: bool, method: str, grid: int, min_ratio: float) -> None:
+        for p, (lo, hi) in enumerate(zip(self.in_split, self.in_split[1:])):
+            scales = weight_scales(self.weight[:, lo:hi], self.bits, per_channel, method, grid, min_ratio)
+            for k, b in enumerate(self.bits):
+                self.w_scale[k, p] = scales[b].reshape(-1).expand(self.weight.shape[0])
+        self._wcache = {}
 
     def observe(self, x: torch.Tensor) -> None:
-        self.a_range = running_minmax(self.a_range, x, self.momentum)
+        if self.bos_aware and x.dim() == 3:
+            x = x[:, 1:]
+        for p, part in enumerate(self._parts(x)):
+            prev = (self.a_range[p, 0], self.a_range[p, 1]) if self.a_observed else None
+            lo, hi = running_minmax(prev, part, self.momentum)
+            self.a_range[p, 0], self.a_range[p, 1] = lo, hi
+        self.a_observed = True
 
-    def finalize_act(self, bits: list[int], symmetric: bool) -> None:
-        if self.a_range is None:
+    def finalize_act(self) -> None:
+        if not self.a_observed:
             raise RuntimeError("activation range not observed: the layer never ran during calibration")
-        self.a_symmetric = symmetric
-        lo, hi = (t.cpu() for t in self.a_range)
-        self.a_range = (lo, hi)
-        for b in bits:
-            self.a_scale[b], self.a_zero[b] = act_qparams(lo, hi, b, symmetric)
+        for k, b in enumerate(self.bits):
+            for p in range(self.n_parts):
+                self.a_scale[k, p], self.a_zero[k, p] = act_qparams(self.a_range[p, 0], self.a_range[p, 1], b, self.a_symmetric)
 
     # ------------------------------------------------------------------ activation of bits
     def set_bits(self, w_bits: int | None, a_bits: int | None) -> None:
-        for kind, b, table in (("weight", w_bits, self.w_scale), ("activation", a_bits, self.a_scale)):
-            if b is not None and b not in table:
-                raise KeyError(f"{kind} bit-width {b} was not calibrated (calibrated: {sorted(table)})")
-        if w_bits != self.w_bits:
-            self._qweight = None
-            if w_bits is not None:
-                scale = self.w_scale[w_bits].to(self.weight.device)
-                self._qweight = quantize_weight(self.weight, scale, w_bits)
+        for kind, b in (("weight", w_bits), ("activation", a_bits)):
+            if b is not None:
+                self._index(b, kind)
         self.w_bits, self.a_bits = w_bits, a_bits
 
     def set_multi(self, kind: str | None, bits: list[int] | None = None) -> None:
         """Several candidate bits in one pass: the batch is ``len(bits)`` equal chunks, chunk k
         quantized (weights or input activations) at ``bits[k]``; ``kind=None`` ends it."""
-        self._multi_w = {}
         if kind is None or bits is None:
             self.multi = None
             return
-        table = self.w_scale if kind == "weight" else self.a_scale
-        missing = [b for b in bits if b not in table]
-        if missing:
-            raise KeyError(f"{kind} bit-width {missing[0]} was not calibrated (calibrated: {sorted(table)})")
-        if kind == "weight":
-            self._multi_w = {b: quantize_weight(self.weight, self.w_scale[b].to(self.weight.device), b) for b in bits}
+        for b in bits:
+            self._index(b, kind)
         self.multi = (kind, list(bits))
 
-    def _fq_act(self, x: torch.Tensor, bits: int) -> torch.Tensor:
+    def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        if self.n_parts == 1:
+            return (x,)
+        sizes = [hi - lo for lo, hi in zip(self.in_split, self.in_split[1:])]
+        return x.split(sizes, dim=self._input_dim())
+
+    def _fq_act(self, x: torch.Tensor, bits: int | None) -> torch.Tensor:
+        if bits is None:
+            return x
+        k = self._index(bits, "activation")
         qmin, qmax = qrange(bits, self.a_symmetric)
-        return fake_quant(x, self.a_scale[bits].to(x.device), self.a_zero[bits].to(x.device), qmin, qmax)
+        parts = [fake_quant(part, self.a_scale[k, p], self.a_zero[k, p], qmin, qmax) for p, part in enumerate(self._parts(x))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self._input_dim())
 
-    def quantize_input(self, x: torch.Tensor) -> torch.Tensor:
-        if self.observing:
-            self.observe(x)
-        return x if self.a_bits is None else self._fq_act(x, self.a_bits)
+    def weight_at(self, bits: int | None) -> torch.Tensor:
+        """The weight fake-quantized at ``bits`` (cached), or the float weight."""
+        if bits is None:
+            return self.weight
+        if bits not in self._wcache:
+            k = self._index(bits, "weight")
+            view = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
+            parts = [quantize_weight(self.weight[:, lo:hi], self.w_scale[k, p].reshape(view), bits)
+                     for p, (lo, hi) in enumerate(zip(self.in_split, self.in_split[1:]))]
+            self._wcache[bits] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return self._wcache[bits]
 
-    def active_weight(self) -> torch.Tensor:
-        return self.weight if self._qweight is None else self._qweight
-
-    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def _quant_forward(self, x: torch.Tensor, w_bits: int | None, a_bits: int | None) -> torch.Tensor:
+        if self.bos_aware and x.dim() == 3 and (w_bits is not None or a_bits is not None):
+            head = self._op(x[:, :1], self.weight)  # the BOS token: FP weights and activations
+            return torch.cat([head, self._op(self._fq_act(x[:, 1:], a_bits), self.weight_at(w_bits))], dim=1)
+        return self._op(self._fq_act(x, a_bits), self.weight_at(w_bits))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.observing:
+            self.observe(x)
         if self.multi is None:
-            return self._apply(self.quantize_input(x), self.active_weight())
+            return self._quant_forward(x, self.w_bits, self.a_bits)
         kind, bits = self.multi
-        outs = []
-        for b, xc in zip(bits, x.chunk(len(bits), dim=0)):
-            outs.append(self._apply(self._fq_act(xc, b), self.weight) if kind == "act" else self._apply(xc, self._multi_w[b]))
-        return torch.cat(outs)
+        chunks = x.chunk(len(bits), dim=0)
+        return torch.cat([self._quant_forward(c, b, None) if kind == "weight" else self._quant_forward(c, None, b) for b, c in zip(bits, chunks)])
 
-    # ------------------------------------------------------------------ checkpoint
+    # ------------------------------------------------------------------ torch plumbing
+    def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
+        self._wcache = {}  # moved or cast: the cached quantized weights are stale
+        return super()._apply(fn, recurse)  # type: ignore[misc]
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._wcache = {}
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+
     def quant_state(self) -> dict[str, torch.Tensor]:
-        state: dict[str, torch.Tensor] = {}
-        for b, s in self.w_scale.items():
-            state[f"w_scale.{b}"] = s
-        for b, s in self.a_scale.items():
-            state[f"a_scale.{b}"] = s.reshape(1)
-            state[f"a_zero.{b}"] = self.a_zero[b].reshape(1)
-        if self.a_range is not None:
-            state["a_min"], state["a_max"] = (t.reshape(1) for t in self.a_range)
-        return state
+        return {b: getattr(self, b) for b in BUFFERS if hasattr(self, b)}
 
-    def load_quant_state(self, state: dict[str, torch.Tensor], a_symmetric: bool) -> None:
-        self._init_quant()
-        self.a_symmetric = a_symmetric
-        for key, t in state.items():
-            kind, _, b = key.partition(".")
-            if kind == "w_scale":
-                self.w_scale[int(b)] = t
-            elif kind == "a_scale":
-                self.a_scale[int(b)] = t.reshape(())
-            elif kind == "a_zero":
-                self.a_zero[int(b)] = t.reshape(())
-        if "a_min" in state:
-            self.a_range = (state["a_min"].reshape(()), state["a_max"].reshape(()))
+    def extra_repr(self) -> str:
+        base = super().extra_repr()  # type: ignore[misc]
+        extra = f", bits={self.bits}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+        if self.n_parts > 1:
+            extra += f", in_split={self.in_split}"
+        return base + extra + (", bos_aware=True" if self.bos_aware else "")
 
 
 def _adopt(cls: type, module: nn.Module) -> Any:
-    """A ``cls`` instance sharing all state (parameters, hooks) of ``module``."""
+    """A ``cls`` instance sharing all state (parameters, buffers, hooks) of ``module``."""
     q = cls.__new__(cls)
     q.__dict__ = module.__dict__.copy()
+    for key in ("_parameters", "_buffers", "_modules", "_non_persistent_buffers_set"):
+        q.__dict__[key] = type(module.__dict__[key])(module.__dict__[key])  # own containers: new buffers stay on q
     q._init_quant()
     return q
 
 
-class QuantLinear(nn.Linear, QuantLayer):
+class QuantLinear(QuantLayer, nn.Linear):
     @classmethod
     def from_float(cls, module: nn.Linear) -> QuantLinear:
         return _adopt(cls, module)
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return F.linear(x, w, self.bias)
 
     forward = QuantLayer.forward
 
 
-class QuantConv2d(nn.Conv2d, QuantLayer):
+class QuantConv2d(QuantLayer, nn.Conv2d):
     @classmethod
     def from_float(cls, module: nn.Conv2d) -> QuantConv2d:
         return _adopt(cls, module)
 
-    def _apply(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         return self._conv_forward(x, w, self.bias)
 
     forward = QuantLayer.forward

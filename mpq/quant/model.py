@@ -7,7 +7,7 @@ is ``model.`` + its module path, as in the MixDQ files.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -17,8 +17,9 @@ from torch import nn
 
 from mpq.groups import assign_groups
 from mpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
+from mpq.quant.structure import PREFIX, Structure, example_inputs, quantizable_modules
 
-PREFIX = "model."
+__all__ = ["PREFIX", "LayerInfo", "QuantModel", "example_inputs", "fingerprint", "layer_infos", "quantizable_modules"]
 
 
 @dataclass(frozen=True)
@@ -31,65 +32,22 @@ class LayerInfo:
     weight_numel: int  # bias excluded
     act_numel: int  # input activation elements for one sample at the config's resolution
     out_channels: int
+    n_parts: int = 1  # input parts with their own quantizers (a split concatenated input: 2)
+    bos_numel: int = 0  # input elements per sample kept FP (the BOS token of a BOS-aware layer)
 
     def as_row(self) -> dict[str, Any]:
         return asdict(self)
 
 
-def quantizable_modules(denoiser: nn.Module) -> dict[str, nn.Module]:
-    """{``model.<path>``: module} for every Linear and Conv2d, in module order."""
-    return {PREFIX + path: m for path, m in denoiser.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))}
-
-
-def example_inputs(arch: Mapping[str, Any], resolution: int, batch: int = 1, device: str | torch.device = "meta") -> dict[str, Any]:
-    """Denoiser kwargs of the right shapes for one call at ``resolution`` px."""
-    cfg = arch["unet"]
-    side = resolution // arch["vae_scale_factor"]
-    cross = cfg["cross_attention_dim"]
-    cross = cross if isinstance(cross, int) else cross[0]
-    kwargs: dict[str, Any] = {
-        "sample": torch.zeros(batch, cfg.get("in_channels", 4), side, side, device=device),
-        "timestep": torch.full((batch,), 999, device=device),
-        "encoder_hidden_states": torch.zeros(batch, arch["text_max_length"], cross, device=device),
-    }
-    if cfg.get("addition_embed_type") == "text_time":
-        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.zeros(batch, pooled, device=device),
-            "time_ids": torch.zeros(batch, 6, device=device),
-        }
-    return kwargs
-
-
-def input_numels(denoiser: nn.Module, inputs: Mapping[str, Any]) -> dict[str, int]:
-    """Per-sample element count of each quantizable layer's input, from one forward."""
-    batch = inputs["sample"].shape[0]
-    sizes: dict[str, int] = {}
-    handles = [
-        m.register_forward_pre_hook(lambda _m, args, name=name: sizes.__setitem__(name, args[0].numel() // batch))
-        for name, m in quantizable_modules(denoiser).items()
-    ]
-    try:
-        with torch.no_grad():
-            denoiser(**inputs)
-    finally:
-        for h in handles:
-            h.remove()
-    return sizes
-
-
-def layer_infos(denoiser: nn.Module, act_numels: Mapping[str, int], content_patterns: list[str]) -> list[LayerInfo]:
+def layer_infos(denoiser: nn.Module, structure: Structure, content_patterns: list[str]) -> list[LayerInfo]:
+    """One :class:`LayerInfo` per quantizable layer; ``structure`` as the quantizer will use it
+    (splits and BOS layers present only where enabled)."""
     modules = quantizable_modules(denoiser)
     groups = assign_groups(modules, content_patterns)
     return [
-        LayerInfo(
-            name=name,
-            kind="linear" if isinstance(m, nn.Linear) else "conv",
-            group=groups[name],
-            weight_numel=m.weight.numel(),
-            act_numel=int(act_numels.get(name, 0)),
-            out_channels=m.weight.shape[0],
-        )
+        LayerInfo(name=name, kind="linear" if isinstance(m, nn.Linear) else "conv", group=groups[name], weight_numel=m.weight.numel(),
+                  act_numel=int(structure.act_numel.get(name, 0)), out_channels=m.weight.shape[0],
+                  n_parts=len(structure.in_split.get(name, (0, 0))) - 1, bos_numel=m.weight.shape[1] if name in structure.bos else 0)
         for name, m in modules.items()
     ]
 
@@ -103,7 +61,12 @@ def fingerprint(denoiser: nn.Module) -> str:
 
 
 class QuantModel:
-    """The denoiser with every Linear/Conv2d replaced by its quantized twin (in place)."""
+    """The denoiser with every Linear/Conv2d replaced by its quantized twin (in place).
+
+    The quant params live in each layer's buffers, so the denoiser itself is the
+    quantized model (``.to()``, ``state_dict()`` and hooks see them); this class
+    lists the layers and switches their bits.
+    """
 
     def __init__(self, denoiser: nn.Module) -> None:
         self.denoiser = denoiser
@@ -124,6 +87,17 @@ class QuantModel:
     @property
     def names(self) -> list[str]:
         return list(self.layers)
+
+    @property
+    def bits(self) -> list[int]:
+        return next(iter(self.layers.values())).bits if self.layers else []
+
+    def prepare(self, bits: Sequence[int], a_symmetric: bool, in_split: Mapping[str, Sequence[int]] | None = None,
+                bos: Iterable[str] = ()) -> None:
+        """Allocate every layer's quant buffers for ``bits`` (``in_split``: split inputs; ``bos``: BOS-aware layers)."""
+        in_split, bos = in_split or {}, set(bos)
+        for name, layer in self.layers.items():
+            layer.init_quant(bits, in_split.get(name), name in bos, a_symmetric)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.denoiser(*args, **kwargs)
@@ -157,10 +131,12 @@ class QuantModel:
     def quant_state(self) -> dict[str, torch.Tensor]:
         return {f"{name}::{key}": t for name, layer in self.layers.items() for key, t in layer.quant_state().items()}
 
-    def load_quant_state(self, tensors: Mapping[str, torch.Tensor], a_symmetric: bool) -> None:
-        per_layer: dict[str, dict[str, torch.Tensor]] = {name: {} for name in self.layers}
+    def load_quant_state(self, tensors: Mapping[str, torch.Tensor]) -> None:
+        """Copy checkpoint tensors into the prepared buffers (shapes must match)."""
         for key, t in tensors.items():
-            name, _, sub = key.partition("::")
-            per_layer[name][sub] = t
-        for name, layer in self.layers.items():
-            layer.load_quant_state(per_layer[name], a_symmetric)
+            name, _, buf = key.partition("::")
+            layer = self.layers[name]
+            getattr(layer, buf).copy_(t)
+            if buf == "a_range":
+                layer.a_observed = True
+            layer._wcache = {}
