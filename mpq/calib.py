@@ -14,18 +14,18 @@ from __future__ import annotations
 import inspect
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
+from mpq.progress import progress as tqdm
 
 from mpq.errors import MpqError
 from mpq.generate import generate, save_images
 from mpq.io import load_tensors, read_json, save_tensors, write_json
 from mpq.models import denoiser_of, load_pipeline
+from mpq.prompts import cycle, read_prompts
 from mpq.quant.model import fingerprint
 from mpq.rundir import RunDir
 
@@ -33,24 +33,9 @@ OUTPUT_KEY = "output"
 
 
 # --------------------------------------------------------------------------- prompts
-def default_prompts() -> list[str]:
-    text = resources.files("mpq.data").joinpath("prompts.txt").read_text()
-    return [line.strip() for line in text.splitlines() if line.strip()]
-
-
 def load_prompts(cfg: DictConfig, n: int) -> tuple[list[str], list[int]]:
-    """``n`` prompts (cycled if the list is shorter) and their seeds ``seed + i``."""
-    if cfg.calib.prompts_file:
-        path = Path(cfg.calib.prompts_file).expanduser()
-        if not path.is_file():
-            raise MpqError(f"calib.prompts_file={path} does not exist; give a text file with one prompt a line")
-        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
-        if not prompts:
-            raise MpqError(f"calib.prompts_file={path} has no prompts")
-    else:
-        prompts = default_prompts()
-    chosen = [prompts[i % len(prompts)] for i in range(n)]
-    return chosen, [cfg.sampling.seed + i for i in range(n)]
+    """``n`` calibration prompts (cycled if the list is shorter) and their seeds ``seed + i``."""
+    return cycle(read_prompts(cfg.calib.prompts_file), n, cfg.sampling.seed)
 
 
 # --------------------------------------------------------------------------- recording

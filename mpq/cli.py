@@ -134,6 +134,27 @@ def cmd_infer(args: argparse.Namespace) -> None:
     print(msg)
 
 
+def cmd_generate(args: argparse.Namespace) -> None:
+    from mpq.config import load_config
+    from mpq.generate import generate, save_images
+    from mpq.models import load_pipeline
+    from mpq.shapes.judge import adherence
+
+    overrides = list(args.overrides) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
+    cfg = load_config(args.config, overrides)
+    outdir = Path(args.outdir)
+    seeds = [cfg.sampling.seed + i for i in range(len(args.prompt))]
+    images = generate(load_pipeline(cfg), args.prompt, seeds, cfg, desc="generating")
+    paths = save_images(images, outdir)
+    print(f"{len(paths)} FP images in {outdir} ({paths[0].name} .. {paths[-1].name}; image i uses seed {cfg.sampling.seed} + i, "
+          f"{cfg.sampling.steps} steps, {cfg.sampling.resolution} px)")
+    if cfg.model.id.startswith("embedded:tiny-sdxl"):
+        score = adherence(images, args.prompt)
+        if score is not None:
+            print(f"prompt adherence (shapes judge): {score['all']:.0%} of images right in every attribute; "
+                  + ", ".join(f"{a} {score[a]:.0%}" for a in ("shape", "color", "size", "position", "background")))
+
+
 def cmd_select(args: argparse.Namespace) -> None:
     from mpq.select import run_selection
     from mpq.stages import SELECT, run_stage
@@ -170,7 +191,7 @@ def cmd_run(args: argparse.Namespace) -> None:
 
     from mpq.infer import run_final
     from mpq.models import load_pipeline
-    from mpq.report import build_report
+    from mpq.report import adherence_line, build_report
     from mpq.search_run import run_search
     from mpq.select import run_selection
     from mpq.stages import FINAL, REPORT, SEARCH, SELECT, SENSITIVITY, run_stage
@@ -195,6 +216,24 @@ def cmd_run(args: argparse.Namespace) -> None:
         f"  weight bytes {s['weight_bytes']:,.0f} vs FP16 {s['fp16_bytes']:,.0f} ({s['weight_bytes'] / s['fp16_bytes']:.1%})",
         f"  MSE vs FP images: {s['final_mse']:.6g}",
     ]))
+    adh = adherence_line(s)
+    if adh:
+        print(f"  prompt adherence ({s['eval_prompts']['n']} prompts, {s['eval_prompts']['source']}): {adh}")
+
+
+def cmd_train_tiny(args: argparse.Namespace) -> None:
+    import torch
+
+    from mpq.shapes.train import TrainConfig, train_tiny
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MpqError(f"--device {args.device} but no CUDA GPU is visible; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    info = train_tiny(args.outdir, TrainConfig(**fields))
+    print(f"trained pipeline: {args.outdir} (load it with model.id={args.outdir})\n"
+          f"  judge: {Path(args.outdir) / 'shapes-judge.safetensors'}\n  seconds per phase: {info['timings_s']}")
 
 
 def run_sensitivity_all(cfg: Any, run: Any, kinds: Sequence[str], metrics: Sequence[str], method: str | None = None, pipe: Any = None) -> None:
@@ -249,7 +288,8 @@ def cmd_search(args: argparse.Namespace) -> None:
 
     def problem_for(k: str):
         if reference_flags:
-            return reference_problem(k, args.sensitivity_ssim, args.sensitivity_sqnr, args.para_size_config, cfg, args.act_protect)
+            out = Path(args.mixed_precision_config) if args.mixed_precision_config else None
+            return reference_problem(k, args.sensitivity_ssim, args.sensitivity_sqnr, args.para_size_config, cfg, args.act_protect, out)
         return run_problem(cfg, run, k)[0]
 
     if args.compare:
@@ -271,7 +311,9 @@ def cmd_search(args: argparse.Namespace) -> None:
         for k in kinds:
             problem = problem_for(k)
             target = args.target_bitwidth if args.target_bitwidth is not None else s[k].target_bitwidth
-            outdir = Path(args.mixed_precision_config) if args.mixed_precision_config else (run.root / "candidates" / k if run else None)
+            # in a run, single solves go beside the sweep folders: candidates/<kind>/ holds exactly the sweep's plans
+            default_dir = (run.root / "candidates" / ("manual" if single else k)) if run else None
+            outdir = Path(args.mixed_precision_config) if args.mixed_precision_config else default_dir
             if outdir is None:
                 raise MpqError("give --mixed_precision_config DIR for the plan files")
             if single:
@@ -343,6 +385,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None, help="base seed (image i uses seed + i)")
     p.set_defaults(fn=cmd_ptq)
 
+    p = sub.add_parser("generate", help="FP images for prompts with the config's default sampling: DIR/0000.png, DIR/0001.png, ...",
+                       description="One full-precision image per --prompt, in prompt order; image i uses seed S + i. "
+                       "For the embedded shapes model, the prompt adherence of the images is printed too.")
+    add_config_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="base seed (default: sampling.seed)")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="image folder")
+    p.set_defaults(fn=cmd_generate)
+
     p = sub.add_parser("infer", help="generate images with uniform bits or MixDQ plan files (fake-quant)")
     add_config_args(p, required=False)
     p.add_argument("--base_path", "--base-path", dest="run_dir", required=True, metavar="RUN_DIR", help="run directory with ckpt.safetensors")
@@ -378,7 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--para_size_config", default=None, metavar="YAML", help="MixDQ tensor-size ratio file")
     p.add_argument("--mixed_precision_config", default=None, metavar="DIR", help="folder for the plan files")
     p.add_argument("--target_bitwidth", type=float, default=None, help="average bits; the sweep goes from target - search.sweep_span to target")
-    p.add_argument("--act_protect", default=None, metavar="FILE", help="layers whose activations stay FP (MixDQ files mode)")
+    p.add_argument("--act_protect", default=None, metavar="FILE",
+                   help="layers whose activations stay FP (MixDQ files mode); without it, an act search derives the list by MixDQ's rule "
+                   "(search.act_protect_percent per group at search.act_protect_bit) and writes act_protect.pt/.txt into --mixed_precision_config")
     p.add_argument("--mode", choices=("mpq", "reference"), default=None, help="mpq: one program, byte budget; reference: MixDQ's two programs")
     p.add_argument("--K", type=float, default=None, help="solve one K (and one budget) instead of the sweep")
     p.add_argument("--budget_mb", type=float, default=None, help="mpq mode: one budget in MiB (2^20 bytes) instead of the sweep")
@@ -393,6 +446,20 @@ def build_parser() -> argparse.ArgumentParser:
         add_config_args(p, required=False)
         add_run_args(p, flag="--base_path")
         p.set_defaults(fn=fn)
+
+    p = sub.add_parser("train-tiny", help="train the embedded shapes model (VAE, both text encoders, UNet) and its judge from scratch",
+                       description="Seeded and resumable (state in OUTDIR/.train). Writes a diffusers folder (save_pretrained layout) "
+                       "plus shapes-judge.safetensors and training.json. Defaults are the shipped model's settings.")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="output folder (a diffusers pipeline folder when done)")
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    from mpq.shapes.train import TrainConfig
+
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        if name != "device":
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, type=type(f.default), default=None, metavar="N",
+                           help=f"default {f.default}")
+    p.set_defaults(fn=cmd_train_tiny)
 
     p = sub.add_parser("run", help="the whole flow: calib, ptq, sensitivity, search, select, final, report (up-to-date stages skipped)")
     add_config_args(p, required=False)

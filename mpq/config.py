@@ -44,7 +44,7 @@ class SamplingConfig:
 @dataclass
 class CalibConfig:
     num_samples: int = 32
-    prompts_file: str | None = None  # one prompt a line; default: mpq's shipped captions
+    prompts_file: str | None = None  # a file (one prompt a line) or builtin:captions|shapes|shapes-heldout; null: builtin:captions
     batch_size: int = 8  # denoiser batch for the PTQ observation pass
 
 
@@ -63,11 +63,16 @@ class ActQuantConfig:
     granularity: str = "tensor"
     scale_method: str = "minmax"  # running min-max
     momentum: float = 0.95  # running statistics: r = m * r + (1 - m) * batch
+    # cross-attention to_k/to_v: the text's first (BOS) token stays FP and out of the range (MixDQ)
+    bos_aware: bool = True
 
 
 @dataclass
 class QuantConfig:
     bits: list[int] = field(default_factory=lambda: [2, 4, 8])
+    # a layer whose input concatenates two tensors (UNet up blocks: upsampled features + skip) quantizes
+    # each part with its own weight and activation quantizer (MixDQ's conv_shortcut split)
+    split_shortcut: bool = True
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     act: ActQuantConfig = field(default_factory=ActQuantConfig)
 
@@ -89,7 +94,11 @@ class InferConfig:
 @dataclass
 class SensitivityConfig:
     method: str = "fast"  # fast: FP prefix cache (exact) | naive: one full forward per (layer, bit)
-    num_images: int = 8  # SSIM: the first N calibration prompts/seeds, against their FP images
+    # dtype of the denoiser for PTQ statistics and sensitivity, whatever model.dtype generates in: in fp16/bf16,
+    # quantized-vs-FP levels off at the dtype's own noise and 4-vs-8-bit scores become rounding noise (MixDQ: fp32)
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    ssim: str = "mixdq"  # content metric: mixdq (uniform window of the side - 1, uint8) | gaussian (local, sigma 1.5)
+    num_images: int = 8  # SSIM: the first N calibration prompts/seeds, against FP images of the same pass
     batch_size: int = 8  # SQNR: denoiser batch over the calibration data
     # fast: run all candidate bits of a layer in one batched pass? always | never (one pass per bit:
     # bit-identical to naive) | auto: for SSIM (moves it by ~3e-8) but not for SQNR, where batch-size-
@@ -123,7 +132,10 @@ class SearchConfig:
     sweep_span: float = 0.3
     scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
     fp_bytes: int = 2  # bytes per element of a layer kept in floating point (fp16)
-    act_protect_percent: float = 2.0  # per group, this % most sensitive activation layers stay FP
+    # MixDQ's act-protect rule: per group, the ceil(percent %) activation layers most damaged at act_protect_bit stay FP
+    act_protect_percent: float = 1.0
+    act_protect_bit: int = 8
+    protect_weights: bool = False  # act-protected layers keep FP weights too (MixDQ's final inference does)
     weight: SearchKindConfig = field(default_factory=SearchKindConfig)
     act: SearchKindConfig = field(default_factory=_act_search)
 
@@ -132,6 +144,13 @@ class SearchConfig:
 class SelectConfig:
     num_images: int = 8  # selection images: the first N calibration prompts/seeds, scored against their FP images
     pareto_only: bool = False  # score only Pareto-optimal candidates (fewer generations on big sweeps)
+
+
+@dataclass
+class EvalConfig:
+    # the report's evaluation prompts (MSE vs FP, adherence, images): a file or builtin: list; null: the calibration prompts
+    prompts_file: str | None = None
+    num_images: int = 8  # the first N of them (image i uses seed sampling.seed + i)
 
 
 @dataclass
@@ -146,6 +165,7 @@ class MpqConfig:
     sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
     search: SearchConfig = field(default_factory=SearchConfig)
     select: SelectConfig = field(default_factory=SelectConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
 
 
 # --------------------------------------------------------------------------- lookup
@@ -273,7 +293,7 @@ def validate(cfg: DictConfig) -> None:
         raise MpqError("config key 'quant.act.momentum' must be in [0, 1)")
     if not 0.0 < cfg.quant.weight.mse_min_ratio <= 1.0:
         raise MpqError("config key 'quant.weight.mse_min_ratio' must be in (0, 1]")
-    for key in ("sampling.batch_size", "calib.batch_size", "calib.num_samples", "infer.num_images"):
+    for key in ("sampling.batch_size", "calib.batch_size", "calib.num_samples", "infer.num_images", "eval.num_images"):
         if OmegaConf.select(cfg, key) < 1:
             raise MpqError(f"config key '{key}' must be >= 1")
     for key in ("infer.weight_bits", "infer.act_bits"):
@@ -282,6 +302,8 @@ def validate(cfg: DictConfig) -> None:
             raise MpqError(f"config key '{key}' is {b}; use one of the candidate bits {bits} or null (FP)")
     _validate_search(cfg)
     _one_of(cfg.sensitivity.method, ("fast", "naive"), "sensitivity.method")
+    _one_of(cfg.sensitivity.dtype, ("fp32", "fp16", "bf16"), "sensitivity.dtype")
+    _one_of(cfg.sensitivity.ssim, ("mixdq", "gaussian"), "sensitivity.ssim")
     if cfg.select.num_images < 1:
         raise MpqError("config key 'select.num_images' must be >= 1")
     _one_of(cfg.sensitivity.share_bits, ("auto", "always", "never"), "sensitivity.share_bits")
@@ -297,6 +319,8 @@ def _validate_search(cfg: DictConfig) -> None:
         raise MpqError("config keys search.sweep_steps >= 1, search.sweep_span >= 0 and search.band > 0 are required")
     if not 0.0 <= s.act_protect_percent < 100.0:
         raise MpqError("config key 'search.act_protect_percent' must be in [0, 100)")
+    if s.act_protect_bit not in cfg.quant.bits:
+        raise MpqError(f"config key 'search.act_protect_bit' is {s.act_protect_bit}; use one of the candidate bits {list(cfg.quant.bits)}")
     for kind in ("weight", "act"):
         k = s[kind]
         for key in ("bits_content", "bits_quality"):

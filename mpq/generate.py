@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from tqdm.auto import tqdm
+from mpq.progress import progress as tqdm
 
 from mpq.io import write_with
 

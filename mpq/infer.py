@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from omegaconf import DictConfig
 from PIL import Image
 
@@ -14,16 +15,17 @@ from mpq.ckpt import load_checkpoint
 from mpq.errors import MpqError
 from mpq.generate import generate, save_images, to_array
 from mpq.metrics import image_mse
-from mpq.models import denoiser_of, load_pipeline
+from mpq.models import denoiser_of, pipeline_in, torch_dtype
 from mpq.plan import BitPlan, read_layer_list, read_plan, validate_plan
 from mpq.quant.model import QuantModel
 from mpq.rundir import RunDir
 
 
-def quantized_pipeline(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> tuple[Any, QuantModel, dict[str, Any]]:
-    """The run's pipeline with its denoiser wrapped and the checkpoint loaded (FP until a plan is applied)."""
+def quantized_pipeline(cfg: DictConfig, run: RunDir, pipe: Any | None = None, dtype: torch.dtype | None = None) -> tuple[Any, QuantModel, dict[str, Any]]:
+    """The run's pipeline (in ``dtype``, default ``model.dtype``) with its denoiser wrapped and the checkpoint
+    loaded (FP until a plan is applied); ``pipe`` is reused when it computes in that dtype."""
     run.require("ckpt.safetensors", f"run `mpq ptq --base_path {run.root}` first")
-    pipe = pipe if pipe is not None else load_pipeline(cfg)
+    pipe = pipeline_in(cfg, dtype or torch_dtype(cfg.model.dtype), pipe)
     qm = QuantModel(denoiser_of(pipe))
     manifest = load_checkpoint(run.ckpt, qm)
     return pipe, qm, manifest
@@ -37,6 +39,7 @@ def build_plan(
     weight_plan: str | Path | None = None,
     act_plan: str | Path | None = None,
     act_protect: str | Path | None = None,
+    protect_weights: bool = False,
 ) -> BitPlan:
     """Plan files win over uniform bits; everything is validated against the model and checkpoint."""
     plan = BitPlan.uniform(qm.names, weight_bits, act_bits)
@@ -49,7 +52,7 @@ def build_plan(
     if act_protect:
         protected = read_layer_list(act_protect)
         validate_plan({n: bits[0] for n in protected}, qm.names, bits, str(act_protect))
-        plan = plan.protect(protected)
+        plan = plan.protect(protected, weights=protect_weights)
     for kind, mapping in (("weight", weight_bits), ("activation", act_bits)):
         if mapping is not None and mapping not in bits:
             raise MpqError(f"uniform {kind} bits {mapping} were not calibrated (checkpoint has {bits})")
@@ -67,7 +70,7 @@ def run_infer(
 ) -> dict[str, Any]:
     """Generate ``num_images`` with the plan into ``outdir``; MSE vs FP when the prompts are the calibration ones."""
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
-    plan = build_plan(qm, manifest["bits"], **plan_args)
+    plan = build_plan(qm, manifest["bits"], **plan_args, protect_weights=cfg.search.protect_weights)
     qm.apply(plan.weight, plan.act)
     if prompts:
         chosen = [prompts[i % len(prompts)] for i in range(num_images)]

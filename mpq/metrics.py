@@ -47,11 +47,28 @@ def image_mse(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
     return (d**2).reshape(len(d), -1).mean(axis=1)
 
 
-def image_ssim(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
-    """Per-image SSIM (scikit-image; Wang et al. settings: Gaussian sigma 1.5, population
-    covariance, data range 1; the same definition as torchmetrics' default, ~20x faster on CPU)."""
+def mixdq_window(side: int) -> int:
+    """MixDQ's SSIM window: the image side minus one, made odd (512 px -> 511)."""
+    w = side - 1
+    return w if w % 2 else w - 1
+
+
+def image_ssim(images: np.ndarray, refs: np.ndarray, kind: str = "gaussian") -> np.ndarray:
+    """Per-image SSIM of (N, H, W, 3) images in [0, 1] (scikit-image).
+
+    ``gaussian``: Wang et al.'s local SSIM (Gaussian sigma 1.5, population covariance, data range 1;
+    torchmetrics' default definition, ~20x faster on CPU) -- texture and noise weigh in.
+    ``mixdq``: MixDQ's content metric: 8-bit images, data range 255, a uniform window of the image
+    side minus one (odd) with sample covariance -- a near-global structure score.
+    """
     from skimage.metrics import structural_similarity
 
+    if kind == "mixdq":
+        win = mixdq_window(min(images.shape[1], images.shape[2]))
+        as8 = [np.round(np.asarray(x, dtype=np.float64) * 255).astype(np.uint8) for x in (images, refs)]
+        return np.array([structural_similarity(a, b, channel_axis=2, win_size=win, data_range=255) for a, b in zip(*as8)])
+    if kind != "gaussian":
+        raise ValueError(f"unknown SSIM kind {kind!r} (gaussian or mixdq)")
     return np.array([
         structural_similarity(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), channel_axis=2, data_range=1.0,
                               gaussian_weights=True, sigma=1.5, use_sample_covariance=False)

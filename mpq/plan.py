@@ -31,10 +31,12 @@ class BitPlan:
         names = list(names)
         return cls({n: w_bits for n in names} if w_bits else {}, {n: a_bits for n in names} if a_bits else {})
 
-    def protect(self, names: Iterable[str]) -> BitPlan:
-        """A copy whose activations of ``names`` stay FP."""
+    def protect(self, names: Iterable[str], weights: bool = False) -> BitPlan:
+        """A copy whose activations of ``names`` stay FP (and their weights too with ``weights``, as MixDQ's
+        final inference keeps act-protected layers entirely FP)."""
         drop = set(names)
-        return BitPlan(dict(self.weight), {n: b for n, b in self.act.items() if n not in drop})
+        weight = {n: b for n, b in self.weight.items() if n not in drop} if weights else dict(self.weight)
+        return BitPlan(weight, {n: b for n, b in self.act.items() if n not in drop})
 
 
 def read_plan(path: str | Path) -> dict[str, int]:
@@ -109,9 +111,10 @@ def weight_bytes(numel: int, n_scales: int, bits: int | None, scale_bytes: int =
     return float(-(-numel * bits // 8) + n_scales * scale_bytes)
 
 
-def act_bytes(numel: int, bits: int | None, scale_bytes: int = 2, fp_bytes: int = 2) -> float:
-    """Bytes of one layer's input activation for one sample: packed integers plus its
-    per-tensor scale and zero point; ``bits=None`` keeps it FP."""
+def act_bytes(numel: int, bits: int | None, scale_bytes: int = 2, fp_bytes: int = 2, n_parts: int = 1, fp_numel: int = 0) -> float:
+    """Bytes of one layer's input activation for one sample: packed integers plus a per-tensor scale
+    and zero point for each of its ``n_parts`` quantizers, ``fp_numel`` elements (a BOS token) kept FP;
+    ``bits=None`` keeps it all FP."""
     if bits is None:
         return float(numel * fp_bytes)
-    return float(-(-numel * bits // 8) + 2 * scale_bytes)
+    return float(-(-(numel - fp_numel) * bits // 8) + 2 * scale_bytes * n_parts + fp_numel * fp_bytes)

@@ -15,43 +15,52 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from tqdm.auto import tqdm
+from mpq.progress import progress as tqdm
 
 from mpq.calib import CalibData
 from mpq.ckpt import save_checkpoint
 from mpq.errors import MpqError
-from mpq.models import denoiser_of, load_pipeline, torch_dtype
+from mpq.models import denoiser_of, pipeline_in, torch_dtype
 from mpq.quant.model import QuantModel
+from mpq.quant.structure import enabled, meta_structure
 from mpq.rundir import RunDir
+
+
+def prepare(qm: QuantModel, cfg: DictConfig, bits: list[int] | None = None) -> None:
+    """Allocate ``qm``'s quant params for ``bits`` (default: the config's candidates), with the input
+    splits and BOS-aware layers found in the model's structure where the config enables them."""
+    st = enabled(meta_structure(qm.denoiser), cfg.quant.split_shortcut, cfg.quant.act.bos_aware)
+    qm.prepare(list(bits if bits is not None else cfg.quant.bits), cfg.quant.act.symmetric, st.in_split, st.bos)
 
 
 def calibrate(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int] | None = None, progress: bool = True) -> dict[str, float]:
     """Fill ``qm``'s quant params for ``bits`` (default: the config's candidates); returns timings (s)."""
-    bits = list(bits if bits is not None else cfg.quant.bits)
+    prepare(qm, cfg, bits)
+    bits = qm.bits
     wq, aq = cfg.quant.weight, cfg.quant.act
     device = next(qm.denoiser.parameters()).device
-    dtype = torch_dtype(cfg.model.dtype)
+    dtype = next(qm.denoiser.parameters()).dtype
     qm.set_fp()
     t0 = time.perf_counter()
     for layer in tqdm(qm.layers.values(), desc=f"ptq: weight scales {bits}", unit="layer", disable=not progress, leave=False):
-        layer.calibrate_weight(bits, wq.granularity == "channel", wq.scale_method, wq.mse_grid, wq.mse_min_ratio)
+        layer.calibrate_weight(wq.granularity == "channel", wq.scale_method, wq.mse_grid, wq.mse_min_ratio)
     t1 = time.perf_counter()
     bs = cfg.calib.batch_size
     with qm.observing(aq.momentum), torch.no_grad():
         for kwargs, _ in tqdm(calib.batches(bs, device, dtype), total=calib.num_batches(bs), desc="ptq: activation ranges", unit="batch", disable=not progress, leave=False):
             qm(**kwargs, return_dict=False)
-    missing = [n for n, layer in qm.layers.items() if layer.a_range is None]
+    missing = [n for n, layer in qm.layers.items() if not layer.a_observed]
     if missing:
         raise MpqError(f"{len(missing)} layers never ran on the calibration data (first: {missing[0]}); check the calibration data matches the model")
     for layer in qm.layers.values():
-        layer.finalize_act(bits, aq.symmetric)
+        layer.finalize_act()
     t2 = time.perf_counter()
     return {"weight_s": t1 - t0, "act_s": t2 - t1, "total_s": t2 - t0}
 
 
 def run_ptq(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str, Any]:
     calib = CalibData.open(run)
-    pipe = pipe if pipe is not None else load_pipeline(cfg)
+    pipe = pipeline_in(cfg, torch_dtype(cfg.sensitivity.dtype), pipe)  # statistics in the sensitivity dtype (fp32)
     qm = QuantModel(denoiser_of(pipe))
     if calib.meta.get("fingerprint") != qm.fingerprint:
         raise MpqError(f"{run.calib} was recorded with another model ({calib.meta.get('model_id')}); re-run `mpq calib` for {cfg.model.id}")

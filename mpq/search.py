@@ -8,9 +8,11 @@ and the sensitivity score of each allowed bit. Three programs:
   sizes (T * S = K * a_q * S_c + a_q * S_q); each group's size-weighted
   average bits must stay within +-band of its share; each maximizes its summed
   metric (SSIM for content, SQNR for quality).
-* :func:`solve_mpq`: one program over all layers with a budget in **bytes**;
-  maximizes K * objective_content + objective_quality, each group's objective
-  normalized to [0, 1] (0: every layer at its worst allowed bit, 1: at its best).
+* :func:`solve_mpq`: one program over all layers with a budget in **bytes**
+  (packed weights plus scales); K means what it means in MixDQ (content
+  average bits = K x quality average bits, +-band); maximizes the sum of the
+  two groups' objectives, each normalized to [0, 1] (0: every layer at its
+  worst allowed bit, 1: at its best).
 * :func:`solve_compare`: a group-wise program with a given plan's per-group
   average bits as upper bounds: the best plan no larger than it.
 
@@ -100,7 +102,13 @@ class Solution:
         return self.status == "OPTIMAL"
 
 
-_STATUS = {0: "OPTIMAL", 1: "FEASIBLE", 2: "INFEASIBLE", 3: "UNBOUNDED", 4: "ABNORMAL", 5: "MODEL_INVALID", 6: "NOT_SOLVED"}
+def _status_name(code: int) -> str:
+    from ortools.linear_solver import pywraplp
+
+    names = {pywraplp.Solver.OPTIMAL: "OPTIMAL", pywraplp.Solver.FEASIBLE: "FEASIBLE", pywraplp.Solver.INFEASIBLE: "INFEASIBLE",
+             pywraplp.Solver.UNBOUNDED: "UNBOUNDED", pywraplp.Solver.ABNORMAL: "ABNORMAL", pywraplp.Solver.MODEL_INVALID: "MODEL_INVALID",
+             pywraplp.Solver.NOT_SOLVED: "NOT_SOLVED"}
+    return names.get(code, "ABNORMAL")
 
 
 def _solve_mip(
@@ -137,7 +145,7 @@ def _solve_mip(
     solver.SetTimeLimit(int(time_limit_s * 1000))
     params = pywraplp.MPSolverParameters()
     params.SetDoubleParam(params.RELATIVE_MIP_GAP, 0.0)
-    status = _STATUS.get(solver.Solve(params), "ABNORMAL")
+    status = _status_name(solver.Solve(params))
     seconds = time.perf_counter() - t0
     if status not in ("OPTIMAL", "FEASIBLE"):
         return {}, status, float("nan"), float("nan"), seconds
@@ -218,17 +226,24 @@ def solve_compare(problem: Problem, plan: Mapping[str, int], solver: str = DEFAU
 
 
 # ------------------------------------------------------------------------------ mpq (bytes, joint)
-def solve_mpq(problem: Problem, budget_bytes: float, k: float, solver: str = DEFAULT_SOLVER, time_limit_s: float = 60.0) -> Solution:
+def solve_mpq(problem: Problem, budget_bytes: float, k: float, solver: str = DEFAULT_SOLVER, time_limit_s: float = 60.0,
+              band: float = 0.02) -> Solution:
+    """One program over all layers: maximize the sum of the two groups' normalized objectives within a
+    budget in bytes, with K as in MixDQ: the content group's average bits = K x the quality group's (+-``band``)."""
     lo, hi = problem.bytes_range()
     if budget_bytes < lo:
         raise MpqError(f"budget {budget_bytes:,.0f} bytes is below the smallest possible plan ({lo:,.0f} bytes); feasible range {lo:,.0f} .. {hi:,.0f} bytes")
     layers = [i for i in range(len(problem.names)) if problem.bits[i]]
     weights: dict[int, float] = {}
-    for g, w in ((CONTENT, k), (QUALITY, 1.0)):
+    for g in GROUPS:
         span_lo, span_hi = problem._norm_span(g)
         for i in problem.members(g):
-            weights[i] = w / (span_hi - span_lo) if span_hi > span_lo else 0.0
-    coefs = {i: problem.bytes[i] for i in layers}
-    part = _solve_mip(layers, problem, weights, {i: problem.scores[i] for i in layers},
-                      [(coefs, 0.0, budget_bytes - problem.fixed_bytes)], solver, time_limit_s)
+            weights[i] = 1.0 / (span_hi - span_lo) if span_hi > span_lo else 0.0
+    constraints = [({i: problem.bytes[i] for i in layers}, 0.0, budget_bytes - problem.fixed_bytes)]
+    s_c, s_q = problem.group_size(CONTENT), problem.group_size(QUALITY)
+    if s_c and s_q:  # avg_content - K avg_quality in [-band, band]
+        ratio = {i: [problem.sizes[i] * b / s_c for b in problem.bits[i]] for i in problem.members(CONTENT)}
+        ratio.update({i: [-k * problem.sizes[i] * b / s_q for b in problem.bits[i]] for i in problem.members(QUALITY)})
+        constraints.append((ratio, -band, band))
+    part = _solve_mip(layers, problem, weights, {i: problem.scores[i] for i in layers}, constraints, solver, time_limit_s)
     return _solution(problem, [part])

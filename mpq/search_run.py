@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from tqdm.auto import tqdm
+from mpq.progress import progress as tqdm
 
 from mpq.errors import MpqError
 from mpq.groups import CONTENT, QUALITY
@@ -53,7 +53,9 @@ class SizedLayer:
     name: str
     group: str
     numel: int  # weight elements (weight kind) or input-activation elements (act kind)
-    n_scales: int  # weight scales stored (output channels for per-channel)
+    n_scales: int  # weight scales stored (output channels x input parts for per-channel)
+    n_parts: int = 1  # activation quantizers (a split concatenated input: 2)
+    fp_numel: int = 0  # activation elements kept FP (the BOS token of a BOS-aware layer)
 
 
 def build_problem(
@@ -86,20 +88,23 @@ def build_problem(
         ok = [b for b in cand_bits if b in allowed[layer.group]]
         bits.append(ok)
         scores.append([table[layer.name][list(cand_bits).index(b)] for b in ok])
-        nbytes.append([act_bytes(layer.numel, b, scale_bytes) if kind == "act" else weight_bytes(layer.numel, layer.n_scales, b, scale_bytes) for b in ok])
+        nbytes.append([act_bytes(layer.numel, b, scale_bytes, fp_bytes, layer.n_parts, layer.fp_numel) if kind == "act"
+                       else weight_bytes(layer.numel, layer.n_scales, b, scale_bytes) for b in ok])
     return Problem(names, groups, np.asarray(sizes, dtype=np.float64), bits, scores, nbytes, fixed)
 
 
 def act_protect_list(layers: Sequence[SizedLayer], ssim: Mapping[str, list[float]], sqnr: Mapping[str, list[float]],
-                     cand_bits: Sequence[int], allowed: Mapping[str, Sequence[int]], percent: float) -> list[str]:
-    """Per group, the ``percent`` % layers whose activations are most damaged at the group's lowest allowed bit."""
+                     cand_bits: Sequence[int], percent: float, rank_bit: int) -> list[str]:
+    """MixDQ's rule: per group, the ceil(``percent`` %) layers whose activations are most damaged at
+    ``rank_bit`` bits (lowest SSIM for content, lowest SQNR for quality) stay FP. On MixDQ's published
+    SDXL-Turbo activation sensitivity, 1% at A8 gives exactly its shipped 9-layer list."""
     chosen: list[str] = []
+    col = list(cand_bits).index(rank_bit)
     for group, table in ((CONTENT, ssim), (QUALITY, sqnr)):
         members = [layer.name for layer in layers if layer.group == group and layer.name in table]
         if not members or percent <= 0:
             continue
-        col = list(cand_bits).index(min(allowed[group]))
-        n = max(1, math.ceil(len(members) * percent / 100.0))
+        n = math.ceil(len(members) * percent / 100.0 - 1e-9)
         chosen += sorted(members, key=lambda name: (table[name][col], name))[:n]
     return chosen
 
@@ -108,10 +113,9 @@ def layers_from_run(cfg: Any, kind: str) -> list[SizedLayer]:
     from mpq.layer_table import layer_table
 
     per_channel = cfg.quant.weight.granularity == "channel"
-    return [
-        SizedLayer(i.name, i.group, i.weight_numel if kind == "weight" else i.act_numel, i.out_channels if per_channel else 1)
-        for i in layer_table(cfg)
-    ]
+    if kind == "weight":
+        return [SizedLayer(i.name, i.group, i.weight_numel, (i.out_channels if per_channel else 1) * i.n_parts) for i in layer_table(cfg)]
+    return [SizedLayer(i.name, i.group, i.act_numel, 0, i.n_parts, i.bos_numel) for i in layer_table(cfg)]
 
 
 def layers_from_ratio_file(path: str | Path, ssim: Mapping[str, list[float]], sqnr: Mapping[str, list[float]]) -> list[SizedLayer]:
@@ -153,7 +157,7 @@ def solve_point(problem: Problem, mode: str, target: float, k: float, s: Any, bu
     if mode == "reference":
         return solve_reference(problem, target, k, s.band, s.solver, s.time_limit_s)
     budget = budget_bytes if budget_bytes is not None else budget_for_avg(problem, target)
-    return solve_mpq(problem, budget, k, s.solver, s.time_limit_s)
+    return solve_mpq(problem, budget, k, s.solver, s.time_limit_s, s.band)
 
 
 def plan_key(plan: Mapping[str, int]) -> str:
@@ -268,7 +272,7 @@ def run_problem(cfg: Any, run: Any, kind: str) -> tuple[Problem, list[str]]:
     ssim, sqnr = _sensitivities(run.root / "sensitivity", kind, len(cand), f"run `mpq sensitivity --base_path {run.root}` first")
     layers = layers_from_run(cfg, kind)
     kc = cfg.search[kind]
-    protect = act_protect_list(layers, ssim, sqnr, cand, _allowed(kc), cfg.search.act_protect_percent) if kind == "act" else []
+    protect = act_protect_list(layers, ssim, sqnr, cand, cfg.search.act_protect_percent, cfg.search.act_protect_bit) if kind == "act" else []
     s = cfg.search
     return build_problem(kind, layers, ssim, sqnr, cand, _allowed(kc), protect, s.scale_bytes, s.fp_bytes), protect
 
@@ -280,8 +284,7 @@ def run_search(cfg: Any, run: Any, kinds: Sequence[str] = KINDS, progress: bool 
     for kind in kinds:
         problem, protect = run_problem(cfg, run, kind)
         if kind == "act":
-            write_layer_list(out / "act_protect.pt", protect)
-            write_text(out / "act_protect.txt", "".join(n + "\n" for n in protect))
+            write_protect_list(out, protect)
         targets, ks = sweep_grid(cfg.search, kind)
         folder = out / kind
         for old in folder.glob("*.yaml"):
@@ -292,15 +295,31 @@ def run_search(cfg: Any, run: Any, kinds: Sequence[str] = KINDS, progress: bool 
     return all_rows
 
 
-def reference_problem(kind: str, ssim_path: str, sqnr_path: str, ratio_path: str, cfg: Any, protect_path: str | None = None) -> Problem:
-    """A problem from MixDQ files: sizes are the ratio file's (so bytes are in ratio units)."""
+def reference_problem(kind: str, ssim_path: str, sqnr_path: str, ratio_path: str, cfg: Any, protect_path: str | None = None,
+                      protect_out: Path | None = None) -> Problem:
+    """A problem from MixDQ files: sizes are the ratio file's (so bytes are in ratio units). For activations
+    without ``protect_path``, the act-protect list is derived by MixDQ's rule and written to ``protect_out``
+    (``act_protect.pt`` + ``.txt``)."""
     from mpq.plan import read_layer_list
 
     cand = list(cfg.quant.bits)
     ssim, sqnr = read_sensitivity(ssim_path, len(cand)), read_sensitivity(sqnr_path, len(cand))
     layers = layers_from_ratio_file(ratio_path, ssim, sqnr)
-    protect = read_layer_list(protect_path) if protect_path else []
+    if protect_path:
+        protect = read_layer_list(protect_path)
+    elif kind == "act":
+        protect = act_protect_list(layers, ssim, sqnr, cand, cfg.search.act_protect_percent, cfg.search.act_protect_bit)
+        if protect_out is not None:
+            write_protect_list(protect_out, protect)
+    else:
+        protect = []
     return build_problem(kind, layers, ssim, sqnr, cand, _allowed(cfg.search[kind]), protect, 0, cfg.search.fp_bytes)
+
+
+def write_protect_list(folder: Path, names: Sequence[str]) -> None:
+    """``act_protect.pt`` (MixDQ: a torch.save'd list) and ``act_protect.txt`` (one name a line)."""
+    write_layer_list(folder / "act_protect.pt", names)
+    write_text(folder / "act_protect.txt", "".join(n + "\n" for n in names))
 
 
 def feasible_error(problem: Problem, mode: str, target: float, k: float, band: float, budget: float | None = None) -> MpqError:

@@ -1,9 +1,10 @@
 """Selection: generate images with each candidate plan, rank by MSE against the FP images.
 
 Weights first (activations FP), then every activation candidate on top of the
-chosen weight plan. SSIM and PSNR are recorded beside MSE so a user can see
-whether another metric would choose differently. Ties (equal MSE) go to the
-smaller plan, then to the file name: deterministic.
+chosen weight plan. SSIM, PSNR and (for the embedded shapes model) prompt
+adherence are recorded beside MSE so a user can see whether another metric
+would choose differently. Ties (equal MSE) go to the higher adherence, then to
+the smaller plan, then to the file name: deterministic.
 
 Writes ``selection/{weight,act}_scores.csv``, ``selection/final_{weight,act}.yaml``
 (+ ``final_act_protect.pt``) and each candidate's images under
@@ -14,30 +15,24 @@ from __future__ import annotations
 
 import hashlib
 import shutil
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
-from tqdm.auto import tqdm
+from mpq.progress import progress as tqdm
 
 from mpq.calib import calib_prompts, fp_image_paths
 from mpq.errors import MpqError
 from mpq.generate import generate, save_images, to_array
 from mpq.infer import quantized_pipeline
 from mpq.io import read_csv, read_json, write_csv, write_json
-from mpq.metrics import image_mse, image_psnr, image_ssim
+from mpq.evaluate import score_images
 from mpq.plan import BitPlan, read_layer_list, read_plan, validate_plan, write_layer_list, write_plan
 from mpq.rundir import RunDir
 
-SCORE_COLUMNS = ("plan_file", "kind", "mse", "ssim", "psnr", "avg_bits", "bytes", "chosen")
-
-
-def image_scores(images: Sequence[Image.Image], refs: np.ndarray) -> dict[str, float]:
-    arr = to_array(images)
-    return {"mse": float(image_mse(arr, refs).mean()), "ssim": float(image_ssim(arr, refs).mean()), "psnr": float(image_psnr(arr, refs).mean())}
+SCORE_COLUMNS = ("plan_file", "kind", "mse", "ssim", "psnr", "adherence", "avg_bits", "bytes", "chosen")
 
 
 def candidate_files(run: RunDir, kind: str, pareto_only: bool) -> list[str]:
@@ -51,8 +46,8 @@ def candidate_files(run: RunDir, kind: str, pareto_only: bool) -> list[str]:
 
 
 def rank(scores: Mapping[str, Mapping[str, float]]) -> list[str]:
-    """Plan files best first: lowest MSE; ties to fewer bytes, then to the file name."""
-    return sorted(scores, key=lambda f: (round(scores[f]["mse"], 12), scores[f]["bytes"], f))
+    """Plan files best first: lowest MSE; ties to higher adherence (when measured), fewer bytes, then the file name."""
+    return sorted(scores, key=lambda f: (round(scores[f]["mse"], 12), -scores[f].get("adherence", 0.0), scores[f]["bytes"], f))
 
 
 def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progress: bool = True) -> dict[str, Any]:
@@ -83,13 +78,15 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progres
                 plan = plans[f] = read_plan(run.root / "candidates" / kind / f)
                 validate_plan(plan, qm.names, bits, f)
                 if key not in partial:
-                    trial = BitPlan(plan) if kind == "weight" else BitPlan(final.weight, plan).protect(protect)
+                    trial = BitPlan(plan) if kind == "weight" else BitPlan(final.weight, plan).protect(protect, cfg.search.protect_weights)
                     qm.apply(trial.weight, trial.act)
                     images = generate(pipe, prompts[:n], seeds[:n], cfg)
                     folder = out / "images" / kind / Path(f).stem
                     shutil.rmtree(folder, ignore_errors=True)
                     save_images(images, folder)
-                    partial[key] = image_scores(images, refs)
+                    scored = score_images(images, refs, prompts[:n])
+                    adh = scored.pop("adherence")
+                    partial[key] = dict(scored, **({"adherence": adh["all"]} if adh else {}))
                     write_json(partial_path, partial)
                 row = table.get(f, {})
                 scores[f] = dict(partial[key], avg_bits=float(row.get("avg_bits", "nan")), bytes=float(row.get("bytes", "nan")))
@@ -98,7 +95,8 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, progres
             if kind == "weight":
                 final = BitPlan(plans[best])
             write_csv(out / f"{kind}_scores.csv", [
-                {"plan_file": f, "kind": kind, **{k: f"{scores[f][k]:.8g}" for k in ("mse", "ssim", "psnr", "avg_bits", "bytes")}, "chosen": f == best}
+                {"plan_file": f, "kind": kind, **{k: f"{scores[f][k]:.8g}" for k in ("mse", "ssim", "psnr", "avg_bits", "bytes")},
+                 "adherence": f"{scores[f]['adherence']:.4f}" if "adherence" in scores[f] else "", "chosen": f == best}
                 for f in ranked], SCORE_COLUMNS)
             write_plan(out / f"final_{kind}.yaml", plans[best])
             result[kind] = {"plan_file": best, **scores[best]}

@@ -18,6 +18,7 @@ the same numbers as ``naive`` (one full forward per layer x bit x batch).
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import math
 import time
@@ -28,19 +29,18 @@ from typing import Any
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from PIL import Image
-from tqdm.auto import tqdm
+from mpq.progress import progress as tqdm
 
-from mpq.calib import CalibData, calib_prompts, fp_image_paths
+from mpq.calib import CalibData, calib_prompts
 from mpq.errors import MpqError
 from mpq.generate import generators, to_array
-from mpq.groups import CONTENT
+from mpq.groups import CONTENT, assign_groups
 from mpq.infer import quantized_pipeline
 from mpq.io import read_json, write_json, write_yaml
-from mpq.metrics import image_ssim, sqnr_db
+from mpq.metrics import SqnrAccumulator, image_ssim, sqnr, sqnr_db
 from mpq.models import torch_dtype
 from mpq.prefix_cache import PrefixCache, repeat_batch
-from mpq.quant.model import PREFIX, QuantModel, layer_infos
+from mpq.quant.model import PREFIX, QuantModel
 from mpq.rundir import RunDir
 
 KINDS = ("weight", "act")
@@ -59,7 +59,7 @@ def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[
     """What the numbers depend on: a partial file with another signature is discarded."""
     keys = {"kind": kind, "metric": metric, "bits": bits, "ckpt": run.ckpt.stat().st_size,
             "ckpt_mtime": run.ckpt.stat().st_mtime_ns, "sens": OmegaConf.to_container(cfg.sensitivity),
-            "sampling": OmegaConf.to_container(cfg.sampling), "dtype": cfg.model.dtype}
+            "sampling": OmegaConf.to_container(cfg.sampling)}
     keys["sens"].pop("method")  # fast and naive give the same numbers
     keys["sens"].pop("save_every_s")
     keys["sens"].pop("cache_budget_mb")
@@ -69,30 +69,38 @@ def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[
 
 # ------------------------------------------------------------------------------ units of work
 class _Work:
-    """The batches of one metric: ``run_fp(k)`` runs batch k in FP (for the prefix cache to record);
-    ``scores(k, tile)`` gives its float64 sums (a, b) for each of ``tile`` bit copies."""
+    """The batches of one metric: ``run_fp(k)`` runs batch k in FP (recorded by the prefix cache in fast
+    mode) and keeps its output as the reference; ``scores(k, tile)`` gives the float64 sums (a, b) of
+    batch k for each of ``tile`` bit copies. The reference is the FP pass of this same pipeline, in
+    ``sensitivity.dtype``, on the same batches: scores depend on the calibration inputs and that model
+    alone, not on the dtype the calibration images were generated in."""
 
     def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, run: RunDir, metric: str, fast: bool) -> None:
         self.pipe, self.qm, self.cfg, self.metric, self.fast = pipe, qm, cfg, metric, fast
         self.device = next(qm.denoiser.parameters()).device
+        self.refs: dict[int, Any] = {}
+        self.recorded: list[torch.Tensor] = []
         if metric == "sqnr":
             calib = CalibData.open(run)
-            self.batches = list(calib.batches(cfg.sensitivity.batch_size, self.device, torch_dtype(cfg.model.dtype)))
+            dtype = next(qm.denoiser.parameters()).dtype
+            pairs = list(calib.batches(cfg.sensitivity.batch_size, self.device, dtype))
+            self.batches: list[Any] = [kwargs for kwargs, _ in pairs]
+            self.recorded = [out for _, out in pairs]  # the calibration run's outputs, in its dtype (the float floor)
         else:
             prompts, seeds = calib_prompts(run)
             n = min(cfg.sensitivity.num_images, len(prompts))
-            refs = to_array([Image.open(p) for p in fp_image_paths(run, n)])
             bs = cfg.sampling.batch_size
-            self.batches = [(prompts[i : i + bs], seeds[i : i + bs], refs[i : i + bs]) for i in range(0, n, bs)]
+            self.batches = [(prompts[i : i + bs], seeds[i : i + bs]) for i in range(0, n, bs)]
             self._embeds: dict[int, dict[str, torch.Tensor]] = {}
+            self._cached_text = fast and hasattr(pipe, "encode_prompt") and "pooled_prompt_embeds" in inspect.signature(pipe.__call__).parameters
 
     def _generate(self, k: int, tile: int = 1) -> np.ndarray:
         """Images of batch ``k``; ``tile`` > 1 generates the batch ``tile`` times in one pipeline call."""
-        prompts, seeds, _ = self.batches[k]
+        prompts, seeds = self.batches[k]
         c = self.cfg.sampling
         kwargs: dict[str, Any] = {"num_inference_steps": c.steps, "guidance_scale": c.guidance_scale, "height": c.resolution,
                                   "width": c.resolution, "generator": generators(list(seeds) * tile), "output_type": "pil"}
-        if self.fast and hasattr(self.pipe, "encode_prompt") and "pooled_prompt_embeds" in self.pipe.__call__.__code__.co_varnames:
+        if self._cached_text:
             if k not in self._embeds:
                 with torch.no_grad():
                     pe, npe, ppe, nppe = self.pipe.encode_prompt(list(prompts), device=self.device, num_images_per_prompt=1,
@@ -107,30 +115,35 @@ class _Work:
             return to_array(self.pipe(**kwargs).images)
 
     def run_fp(self, k: int) -> None:
-        """The FP pass of batch ``k`` (recorded by the prefix cache in fast mode)."""
+        """The FP pass of batch ``k``: its output is the reference of every score of the batch."""
         if self.metric == "sqnr":
-            kwargs, _ = self.batches[k]
             with torch.no_grad():
-                self.qm(**kwargs, return_dict=False)
+                self.refs[k] = self.qm(**self.batches[k], return_dict=False)[0]
         else:
-            self._generate(k)
+            self.refs[k] = self._generate(k)
 
     def scores(self, k: int, tile: int = 1) -> list[tuple[float, float]]:
         """Sums (a, b) of batch ``k`` for each of ``tile`` copies of the batch run together
         (copy j is what the layer's ``multi`` bit j produced)."""
+        ref = self.refs[k]
         if self.metric == "sqnr":
-            kwargs, ref = self.batches[k]
             with torch.no_grad():
-                out = self.qm(**repeat_batch(kwargs, tile), return_dict=False)[0]
+                out = self.qm(**repeat_batch(self.batches[k], tile), return_dict=False)[0]
             r = ref.double()
             return [(float(r.pow(2).sum()), float((o.double() - r).pow(2).sum())) for o in out.chunk(tile)]
         images = self._generate(k, tile)
-        refs = self.batches[k][2]
         res = []
         for j in range(tile):
-            vals = image_ssim(images[j * len(refs) : (j + 1) * len(refs)], refs)
+            vals = image_ssim(images[j * len(ref) : (j + 1) * len(ref)], ref, self.cfg.sensitivity.ssim)
             res.append((float(vals.astype(np.float64).sum()), float(len(vals))))
         return res
+
+    def float_floor_db(self) -> float:
+        """SQNR (dB) of the calibration run's FP output (its dtype) against this pass's FP output."""
+        acc = SqnrAccumulator()
+        for k, rec in enumerate(self.recorded):
+            acc.update(rec, self.refs[k])
+        return acc.value
 
 
 def share_bits(setting: str, metric: str) -> bool:
@@ -146,8 +159,8 @@ def _value(metric: str, a: float, b: float) -> float:
 
 # ------------------------------------------------------------------------------ the stage
 def layer_names_for(qm: QuantModel, cfg: DictConfig, metric: str) -> list[str]:
-    infos = layer_infos(qm.denoiser, {}, list(cfg.groups.content))
-    return [i.name for i in infos if metric == "sqnr" or i.group == CONTENT]
+    groups = assign_groups(qm.names, list(cfg.groups.content), warn=False)
+    return [n for n in qm.names if metric == "sqnr" or groups[n] == CONTENT]
 
 
 def compute_sensitivity(
@@ -163,7 +176,7 @@ def compute_sensitivity(
     """{layer: [metric at each candidate bit]}; resumable through a partial file when ``write``."""
     if kind not in KINDS or metric not in METRICS:
         raise MpqError(f"sensitivity type must be weight|act and metric sqnr|ssim (got {kind}, {metric})")
-    pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
+    pipe, qm, manifest = quantized_pipeline(cfg, run, pipe, dtype=torch_dtype(cfg.sensitivity.dtype))
     bits: list[int] = list(manifest["bits"])
     names = layer_names_for(qm, cfg, metric)
     if not names:
@@ -236,15 +249,58 @@ def compute_sensitivity(
             cache.close()
     result = {name: [_value(metric, *sums[name][i]) for i in range(len(bits))] for name in names}
     if write:
+        if metric == "sqnr":
+            floor = float_floor(cfg, work)
+            write_json(run.root / "sensitivity" / "float_floor.json", floor)
+            warning = inseparable(result, floor["sensitivity_floor_db"])
+            if warning:
+                print(f"[sensitivity] warning: {kind} {metric}: {warning}", flush=True)
         write_yaml(result_path(run, kind, metric), {n: [round(v, 6) if math.isfinite(v) else v for v in vals] for n, vals in result.items()})
         partial.unlink(missing_ok=True)
     return result
+
+
+def float_floor(cfg: DictConfig, work: _Work) -> dict[str, Any]:
+    """The float noise floors (SQNR in dB, +inf when exact): ``run_floor_db``, the calibration run's FP
+    output (``model.dtype``) against this pass's FP output (``sensitivity.dtype``); ``sensitivity_floor_db``,
+    this pass's FP output against the same weights in fp32 (first batch; +inf when already fp32). A
+    quantization error below a floor is masked by that dtype's own rounding."""
+    for k in range(len(work.batches)):
+        if k not in work.refs:
+            work.run_fp(k)
+    params = dict(work.qm.denoiser.named_parameters())
+    sens_floor = float("inf")
+    if next(iter(params.values())).dtype != torch.float32:
+        from torch.func import functional_call
+
+        fp32 = {k: v.float() for k, v in params.items()}  # buffers (the quant params) are left as they are
+        kwargs = repeat_batch(work.batches[0], 1)
+        kwargs = {k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+        with torch.no_grad():
+            hi = functional_call(work.qm.denoiser, fp32, args=(), kwargs={**kwargs, "return_dict": False})[0]
+        sens_floor = sqnr(work.refs[0], hi)
+    return {"model_dtype": cfg.model.dtype, "sensitivity_dtype": cfg.sensitivity.dtype,
+            "run_floor_db": work.float_floor_db(), "sensitivity_floor_db": sens_floor}
+
+
+def inseparable(result: dict[str, list[float]], floor_db: float, margin_db: float = 3.0, close_db: float = 1.0) -> str | None:
+    """A warning when layers' scores at two candidate bits lie within ``close_db`` of each other and within
+    ``margin_db`` of the float floor: their order is then decided by rounding noise, not by the bits."""
+    if not math.isfinite(floor_db):
+        return None
+    layers = [n for n, vals in result.items() if any(min(a, b) >= floor_db - margin_db and abs(a - b) < close_db for a, b in zip(vals, vals[1:]))]
+    if not layers:
+        return None
+    return (f"{len(layers)} layers (first: {layers[0]}) score two bit-widths within {close_db} dB of each other near the "
+            f"{floor_db:.1f} dB float floor of sensitivity.dtype; their order is rounding noise: use sensitivity.dtype=fp32")
 
 
 def _chunks(work: _Work, cache: PrefixCache | None, n: int, budget: float, done: set[tuple[int, str]], names: list[str]) -> Iterator[list[int]]:
     """Batch indices in order, grouped so that the FP activations recorded for a group fit the budget."""
     pending = [k for k in range(n) if any((k, name) not in done for name in names)]
     if cache is None:
+        for k in pending:
+            work.run_fp(k)
         yield pending
         return
     i = 0

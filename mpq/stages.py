@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 from mpq.rundir import RunDir, Stage
 
 CALIB = Stage("calib", ("model.id", "model.variant", "model.dtype", "sampling", "calib.num_samples", "calib.prompts_file"), (), ("calib/meta.json",))
-PTQ = Stage("ptq", ("model.id", "model.variant", "model.dtype", "quant", "calib.batch_size"), ("calib",), ("ckpt.safetensors",))
-SENSITIVITY = Stage("sensitivity", ("model.id", "model.dtype", "sensitivity.num_images", "sensitivity.batch_size", "groups", "quant"),
+PTQ = Stage("ptq", ("model.id", "model.variant", "sensitivity.dtype", "quant", "calib.batch_size"), ("calib",), ("ckpt.safetensors",))
+SENSITIVITY = Stage("sensitivity", ("model.id", "sensitivity.dtype", "sensitivity.ssim", "sensitivity.num_images", "sensitivity.batch_size",
+                                    "groups", "quant"),
                     ("ptq",), tuple(f"sensitivity/{k}_{m}.yaml" for k in ("weight", "act") for m in ("sqnr", "ssim")))
 SEARCH = Stage("search", ("model.id", "search", "quant.bits", "quant.weight.granularity", "groups", "sampling.resolution"),
                ("sensitivity",), ("candidates/pareto.csv", "report/pareto.png"))

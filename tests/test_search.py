@@ -46,12 +46,14 @@ def brute_reference(problem, target, k, band):
     return total
 
 
-def brute_mpq(problem, budget, k):
+def brute_mpq(problem, budget, k, band):
     idx = [i for i in range(len(problem.names)) if problem.bits[i]]
-    best = -math.inf
+    best = None
     for plan in all_plans(problem, idx):
-        if problem.plan_bytes(plan) <= budget + 1e-6:
-            best = max(best, k * problem.norm_objective(plan, CONTENT) + problem.norm_objective(plan, QUALITY))
+        ratio_ok = abs(problem.avg_bits(plan, CONTENT) - k * problem.avg_bits(plan, QUALITY)) <= band + 1e-9
+        if problem.plan_bytes(plan) <= budget + 1e-6 and ratio_ok:
+            value = problem.norm_objective(plan, CONTENT) + problem.norm_objective(plan, QUALITY)
+            best = value if best is None else max(best, value)
     return best
 
 
@@ -60,14 +62,22 @@ def test_mpq_mode_equals_brute_force(seed):
     rng = np.random.default_rng(seed)
     problem, _ = random_problem(rng, int(rng.integers(4, 11)))
     lo, hi = problem.bytes_range()
+    solved = 0
     for frac in (0.15, 0.5, 0.85):
-        budget = lo + frac * (hi - lo)
-        k = float(rng.uniform(0.5, 1.5))
-        sol = solve_mpq(problem, budget, k)
-        assert sol.optimal and sol.gap <= 1e-9
-        got = k * sol.details["content_norm_objective"] + sol.details["quality_norm_objective"]
-        assert got == pytest.approx(brute_mpq(problem, budget, k), abs=1e-7)
-        assert problem.plan_bytes(sol.plan) <= budget + 1e-6
+        for band in (0.3, 1.0):
+            budget = lo + frac * (hi - lo)
+            k = float(rng.uniform(0.5, 1.5))
+            sol = solve_mpq(problem, budget, k, band=band)
+            expected = brute_mpq(problem, budget, k, band)
+            if expected is None:
+                assert sol.status == "INFEASIBLE" and not sol.plan
+                continue
+            solved += 1
+            assert sol.optimal and sol.gap <= 1e-9
+            assert sol.details["content_norm_objective"] + sol.details["quality_norm_objective"] == pytest.approx(expected, abs=1e-7)
+            assert problem.plan_bytes(sol.plan) <= budget + 1e-6
+            assert abs(sol.details["content_avg_bits"] - k * sol.details["quality_avg_bits"]) <= band + 1e-9
+    assert solved >= 2
 
 
 @pytest.mark.parametrize("seed", range(6))
@@ -238,6 +248,12 @@ def test_run_dir_search_writes_family_csv_plot_and_dedupes(tiny_run, tmp_path):
     assert len(protect) == 1 + 2  # 2% of 36 content and of 87 quality layers, rounded up
     act_plan = read_plan(next((run.root / "candidates" / "act").glob("*.yaml")))
     assert not set(protect) & set(act_plan)
+    # a single solve in the run lands beside the sweep folders, never over a sweep plan
+    before = {p.name: p.read_text() for p in (run.root / "candidates" / "weight").glob("*.yaml")}
+    assert main(["search", "--base_path", str(run.root), "--kind", "weight", "--K", "1.0", "--target_bitwidth", "3.9",
+                 "search.sweep_steps=3", "search.act.k_num=4"]) == 0
+    assert {p.name: p.read_text() for p in (run.root / "candidates" / "weight").glob("*.yaml")} == before
+    assert len(list((run.root / "candidates" / "manual").glob("weight_*_1.00.yaml"))) == 1
     again = subprocess.run(["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
                            capture_output=True, text=True, cwd=str(__import__("conftest").repo_root()))
     assert "up to date, skipped" in again.stdout

@@ -11,8 +11,9 @@ from mpq.models.loader import (
     load_arch,
     load_pipeline,
     meta_denoiser,
+    pipeline_in,
     resolve_device,
     torch_dtype,
 )
 
-__all__ = ["EMBEDDED_PREFIX", "denoiser_of", "load_arch", "load_pipeline", "meta_denoiser", "resolve_device", "torch_dtype"]
+__all__ = ["EMBEDDED_PREFIX", "denoiser_of", "load_arch", "load_pipeline", "meta_denoiser", "pipeline_in", "resolve_device", "torch_dtype"]

@@ -15,7 +15,9 @@ from omegaconf import DictConfig
 from mpq.errors import MpqError
 
 EMBEDDED_PREFIX = "embedded:"
-EMBEDDED = {"tiny-sdxl"}
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+# the trained shapes model ships with the package; the untrained one is built from a seed on first use
+EMBEDDED = {"tiny-sdxl": "trained on procedural shapes, shipped", "tiny-sdxl-random": "same architecture, random weights"}
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 _DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -48,19 +50,26 @@ def quiet_loading() -> None:
 
 
 def _embedded_folder(name: str) -> Path:
-    """Build the embedded pipeline once and keep it as a diffusers folder."""
+    """The shipped trained model's folder, or the random one built once into the cache."""
     from mpq.models import tiny
 
     if name not in EMBEDDED:
-        raise MpqError(f"unknown embedded model '{EMBEDDED_PREFIX}{name}'; available: {', '.join(EMBEDDED_PREFIX + e for e in sorted(EMBEDDED))}")
-    folder = cache_dir() / f"{name}-seed{tiny.TINY_SEED}-v1"
+        avail = ", ".join(f"{EMBEDDED_PREFIX}{e} ({why})" for e, why in sorted(EMBEDDED.items()))
+        raise MpqError(f"unknown embedded model '{EMBEDDED_PREFIX}{name}'; available: {avail}")
+    if name == "tiny-sdxl":
+        folder = WEIGHTS_DIR / name
+        if not (folder / "model_index.json").is_file():
+            raise MpqError(f"the embedded model's weights are missing from the package ({folder}); reinstall mpq, "
+                           "or train them with `python scripts/train_tiny.py --outdir DIR` and set model.id=DIR")
+        return folder
+    folder = cache_dir() / f"{name}-seed{tiny.TINY_SEED}-v2"
     if (folder / "model_index.json").is_file():
         return folder
     quiet_loading()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
     try:
-        tiny.build_tiny_sdxl().save_pretrained(tmp)
+        tiny.build_pipeline(tiny.TINY_SEED).save_pretrained(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race
@@ -94,13 +103,13 @@ def _set_scheduler(pipe: Any, cfg: DictConfig) -> None:
     pipe.scheduler = cls.from_config(pipe.scheduler.config, timestep_spacing=cfg.sampling.timestep_spacing)
 
 
-def load_pipeline(cfg: DictConfig, device: torch.device | None = None) -> Any:
-    """Load the configured pipeline on its device and dtype, eval mode, no progress bar."""
+def load_pipeline(cfg: DictConfig, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
+    """Load the configured pipeline on its device and dtype (``model.dtype`` unless ``dtype``), eval mode, no progress bar."""
     from diffusers import DiffusionPipeline
 
     quiet_loading()
     source = _source(cfg.model.id)
-    dtype = torch_dtype(cfg.model.dtype)
+    dtype = dtype or torch_dtype(cfg.model.dtype)
     device = device or resolve_device(cfg.model.device)
     kwargs: dict[str, Any] = {"torch_dtype": dtype}
     if cfg.model.variant and not cfg.model.id.startswith(EMBEDDED_PREFIX):
@@ -125,6 +134,13 @@ def load_pipeline(cfg: DictConfig, device: torch.device | None = None) -> Any:
     return pipe
 
 
+def pipeline_in(cfg: DictConfig, dtype: torch.dtype, pipe: Any | None = None) -> Any:
+    """``pipe`` if its denoiser computes in ``dtype``, else the configured pipeline loaded in ``dtype``."""
+    if pipe is not None and next(denoiser_of(pipe).parameters()).dtype == dtype:
+        return pipe
+    return load_pipeline(cfg, dtype=dtype)
+
+
 def denoiser_of(pipe: Any) -> torch.nn.Module:
     for name in ("unet", "transformer"):
         module = getattr(pipe, name, None)
@@ -138,10 +154,9 @@ def load_arch(cfg: DictConfig) -> dict[str, Any]:
     from mpq.models import tiny
 
     model_id = cfg.model.id
-    if model_id.startswith(EMBEDDED_PREFIX):
-        _ = _source(model_id)  # validates the name
+    if model_id == EMBEDDED_PREFIX + "tiny-sdxl-random":
         return tiny.arch()
-    p = Path(model_id).expanduser()
+    p = Path(_source(model_id) if model_id.startswith(EMBEDDED_PREFIX) else model_id).expanduser()
     if p.is_dir():
         unet_cfg = p / "unet" / "config.json"
         vae_cfg = p / "vae" / "config.json"
