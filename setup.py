@@ -8,7 +8,8 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["mpq", "mpq.*"]),
-    package_data={"mpq": ["data/*.txt", "models/arch/*.json"]},
+    package_data={"mpq": ["data/*.txt", "models/arch/*.json", "models/weights/*.safetensors", "models/weights/tiny-sdxl/*.json",
+                          "models/weights/tiny-sdxl/*/*"]},
     install_requires=[
         "torch>=2.1,<2.14",
         "diffusers>=0.30",

@@ -21,7 +21,11 @@ import numpy as np
 
 from mpq.config import load_config
 from mpq.groups import CONTENT, QUALITY
-from mpq.search_run import build_problem, layers_from_run, read_sensitivity, run_sweep, sweep_grid
+from mpq.layer_table import layer_table
+from mpq.mixdq_files import read_sensitivity
+from mpq.plan import CostModel
+from mpq.problem import build_problem
+from mpq.sweep import run_sweep, sweep_grid
 
 
 def synthetic_sensitivity(layers, bits, seed=0):
@@ -49,7 +53,7 @@ def main() -> None:
     for solver in args.solvers:
         for mode in ("mpq", "reference"):
             for kind in ("weight", "act"):
-                layers = layers_from_run(cfg, kind)
+                layers = layer_table(cfg)
                 if args.sensitivity_dir:
                     d = Path(args.sensitivity_dir)
                     ssim, sqnr = read_sensitivity(d / f"{kind}_ssim.yaml", 3), read_sensitivity(d / f"{kind}_sqnr.yaml", 3)
@@ -58,7 +62,7 @@ def main() -> None:
                 kc = cfg.search[kind]
                 allowed = {CONTENT: list(kc.bits_content), QUALITY: list(kc.bits_quality)}
                 problem = build_problem(kind, layers, {n: v for n, v in ssim.items() if any(l.name == n and l.group == CONTENT for l in layers)},
-                                        sqnr, bits, allowed)
+                                        sqnr, bits, allowed, cost=CostModel.from_config(cfg))
                 s = cfg.search.copy()
                 s.solver, s.time_limit_s = solver, args.time_limit
                 s[kind].k_num = 10  # the family: 10 targets x 10 K = 100 points for weights and for acts
@@ -67,15 +71,15 @@ def main() -> None:
 
                 t0 = time.perf_counter()
                 with tempfile.TemporaryDirectory() as tmp:
-                    rows = run_sweep(problem, kind, mode, targets, ks, s, Path(tmp), progress=False)
+                    rows = run_sweep(problem, kind, mode, targets, ks, s, Path(tmp), show=False)
                 total = time.perf_counter() - t0
                 grand[solver] = grand.get(solver, 0.0) + total
-                solved = [r for r in rows if r["plan_file"]]
-                gaps = [r["gap"] for r in solved if not math.isnan(r["gap"])]
+                solved = [r for r in rows if r.feasible]
+                gaps = [r.gap for r in solved if not math.isnan(r.gap)]
                 per = total / len(rows)
-                print(f"| {solver} | {mode} | {kind} | {len(rows)} | {len({r['plan_file'] for r in solved})} | "
-                      f"{sum(r['status'] == 'OPTIMAL' for r in rows)}/{len(rows)} | {max(gaps, default=0):.1e} | {per:.3f} | "
-                      f"{max(r['_seconds'] for r in rows):.3f} | {total:.1f} |", flush=True)
+                print(f"| {solver} | {mode} | {kind} | {len(rows)} | {len({r.plan_file for r in solved})} | "
+                      f"{sum(r.status == 'OPTIMAL' for r in rows)}/{len(rows)} | {max(gaps, default=0):.1e} | {per:.3f} | "
+                      f"{max(r.seconds for r in rows):.3f} | {total:.1f} |", flush=True)
     for solver, t in grand.items():
         print(f"{solver}: whole family (2 modes x weights+acts x 100 points) {t:.1f} s")
 

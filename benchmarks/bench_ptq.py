@@ -41,7 +41,7 @@ def bench(label: str, cfg_name: str, overrides: list[str], n: int, device: torch
         for _ in range(repeats):
             if device.type == "cuda":
                 torch.cuda.synchronize()
-            t = calibrate(qm, calib, cfg, bits=bits, progress=False)["total_s"]
+            t = calibrate(qm, calib, cfg, bits=bits, show=False)["total_s"]
             best = min(best, t)
         times[str(bits)] = best
     one, all_ = times["[8]"], times[str(list(cfg.quant.bits))]

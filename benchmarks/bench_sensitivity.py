@@ -18,13 +18,11 @@ from _measure import max_diff, measure
 
 from mpq.calib import run_calibration
 from mpq.config import load_config
-from mpq.metrics import sqnr_db
-from mpq.models import load_arch, load_pipeline
-from mpq.prefix_cache import PrefixCache, repeat_batch
+from mpq.models import load_arch, load_pipeline, torch_dtype
 from mpq.ptq import calibrate, run_ptq
-from mpq.quant.model import PREFIX, QuantModel
+from mpq.quant.model import QuantModel
 from mpq.rundir import RunDir
-from mpq.sensitivity import compute_sensitivity
+from mpq.sensitivity import Sqnr, compute_sensitivity, score_layers
 from mpq.synthetic import random_denoiser, synthetic_calib
 
 
@@ -45,76 +43,33 @@ def tiny_rows(device: torch.device) -> list[str]:
         unshared = load_config("tiny-sdxl", [f"model.device={device.type}", "calib.num_samples=16", "sensitivity.num_images=8",
                                              "sensitivity.share_bits=never"])
         for kind, metric in (("weight", "sqnr"), ("act", "sqnr"), ("weight", "ssim"), ("act", "ssim")):
-            naive, t_n, m_n = measure(device, lambda: compute_sensitivity(cfg, run, kind, metric, "naive", pipe=pipe, progress=False, write=False))
+            naive, t_n, m_n = measure(device, lambda: compute_sensitivity(cfg, run, kind, metric, "naive", pipe=pipe, show=False, write=False))
             shared = cfg.copy()
             shared.sensitivity.share_bits = "always"
             for c, tag in ((shared, "always"), (unshared, "never")):
-                fast, t_f, m_f = measure(device, lambda: compute_sensitivity(c, run, kind, metric, "fast", pipe=pipe, progress=False, write=False))
+                fast, t_f, m_f = measure(device, lambda: compute_sensitivity(c, run, kind, metric, "fast", pipe=pipe, show=False, write=False))
                 rows.append(row(f"tiny-sdxl {kind} {metric}, share_bits={tag}", device, len(naive), t_n, t_f, m_n, m_f, max_diff(naive, fast)))
     return rows
 
 
-def sdxl_row(device: torch.device, n_layers: int, n_samples: int) -> str:
-    cfg = load_config("sdxl-turbo", ["model.dtype=bf16", f"model.device={device.type}", "calib.batch_size=1"])
+def sdxl_row(device: torch.device, n_layers: int, n_samples: int, dtype: str = "bf16") -> str:
+    """The library's loop (:func:`mpq.sensitivity.score_layers`) on the full-size SDXL UNet, random weights."""
+    cfg = load_config("sdxl-turbo", [f"model.dtype={dtype}", f"sensitivity.dtype={dtype}", f"model.device={device.type}", "calib.batch_size=1",
+                                     "sensitivity.batch_size=1"])
     arch = load_arch(cfg)
-    den = random_denoiser(arch, torch.bfloat16, device)
+    den = random_denoiser(arch, torch_dtype(dtype), device)
     calib = synthetic_calib(den, arch, cfg.sampling.resolution, n_samples, batch=1)
     qm = QuantModel(den)
-    calibrate(qm, calib, cfg, bits=list(cfg.quant.bits), progress=False)
-    names = qm.names
-    step = max(1, len(names) // n_layers)
-    subset = names[::step][:n_layers]
-    batches = list(calib.batches(1, device))
-    bits = list(cfg.quant.bits)
+    calibrate(qm, calib, cfg, show=False)
+    bits = qm.bits
+    step = max(1, len(qm.names) // n_layers)
+    subset = qm.names[::step][:n_layers]
 
     def scores(fast: bool, share: bool = True) -> dict[str, list[float]]:
-        cache = PrefixCache(den) if fast else None
-        out = {}
-        try:
-            if cache:
-                cache.record()
-                with torch.no_grad():
-                    for kwargs, _ in batches:
-                        qm(**kwargs, return_dict=False)
-                cache.off()
-            for name in subset:
-                layer = qm.layers[name]
-                sums = [[0.0, 0.0] for _ in bits]
-                if cache and share:  # the library's fast path: all bits in one tiled pass after the cached prefix
-                    layer.set_multi("weight", bits)
-                    cache.replay(name[len(PREFIX):], tile=len(bits))
-                    with torch.no_grad():
-                        for kwargs, ref in batches:
-                            outs = qm(**repeat_batch(kwargs, len(bits)), return_dict=False)[0].chunk(len(bits))
-                            r = ref.to(outs[0].device).double()
-                            for j, o in enumerate(outs):
-                                sums[j][0] += float(r.pow(2).sum())
-                                sums[j][1] += float((o.double() - r).pow(2).sum())
-                    cache.off()
-                    layer.set_multi(None)
-                else:
-                    for j, b in enumerate(bits):
-                        layer.set_bits(b, None)
-                        if cache:
-                            cache.replay(name[len(PREFIX):])
-                        with torch.no_grad():
-                            for kwargs, ref in batches:
-                                o = qm(**kwargs, return_dict=False)[0].double()
-                                r = ref.to(o.device).double()
-                                sums[j][0] += float(r.pow(2).sum())
-                                sums[j][1] += float((o - r).pow(2).sum())
-                        if cache:
-                            cache.off()
-                    layer.set_bits(None, None)
-                vals = [sqnr_db(a, c) for a, c in sums]
-                out[name] = vals
-        finally:
-            if cache:
-                cache.close()
-        return out
+        return score_layers(qm, Sqnr(None, qm, cfg, None, fast, calib=calib), subset, bits, "weight", fast, share)
 
     naive, t_n, m_n = measure(device, lambda: scores(False))
-    label = f"SDXL UNet bf16 weight sqnr, {len(subset)}-layer subset, {n_samples} samples"
+    label = f"SDXL UNet {dtype} weight sqnr, {len(subset)}-layer subset, {n_samples} samples"
     out = []
     for share in (True, False):
         fast, t_f, m_f = measure(device, lambda: scores(True, share))
@@ -129,6 +84,8 @@ def main() -> None:
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--sdxl-layers", type=int, default=12)
     ap.add_argument("--sdxl-samples", type=int, default=2)
+    ap.add_argument("--sdxl-dtypes", nargs="+", default=["bf16"], choices=["fp32", "fp16", "bf16"],
+                    help="SDXL rows per dtype: fp32 vs bf16 gives the cost of the fp32 sensitivity default (issue: float floor)")
     ap.add_argument("--no-tf32", action="store_true", help="CUDA: disable TF32 matmul/conv (fp32 stays fp32)")
     args = ap.parse_args()
     device = torch.device(args.device)
@@ -141,7 +98,8 @@ def main() -> None:
         for r in tiny_rows(device):
             print(r, flush=True)
     if not args.skip_sdxl:
-        print(sdxl_row(device, args.sdxl_layers, args.sdxl_samples), flush=True)
+        for dtype in args.sdxl_dtypes:
+            print(sdxl_row(device, args.sdxl_layers, args.sdxl_samples, dtype), flush=True)
 
 
 if __name__ == "__main__":

@@ -19,12 +19,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from mpq.progress import progress as tqdm
 
 from mpq.errors import MpqError
+from mpq.files import load_tensors, read_json, save_tensors, write_json
 from mpq.generate import generate, save_images
-from mpq.io import load_tensors, read_json, save_tensors, write_json
 from mpq.models import denoiser_of, load_pipeline
+from mpq.progress import progress
 from mpq.prompts import cycle, read_prompts
 from mpq.quant.model import fingerprint
 from mpq.rundir import RunDir
@@ -92,11 +92,15 @@ class CalibData:
 
     @classmethod
     def open(cls, run: RunDir) -> CalibData:
-        meta_path = run.calib / "meta.json"
-        if not meta_path.is_file():
-            raise MpqError(f"{run.root} has no calibration data ({meta_path}); run `mpq calib --outdir {run.root}` first")
-        meta = read_json(meta_path)
-        steps = [load_tensors(run.calib / f"step_{k:03d}.safetensors") for k in range(meta["steps"])]
+        meta = read_meta(run)
+        fix = f"delete {run.calib} or re-run `mpq calib --force --base_path {run.root}`"
+        steps = []
+        for k in range(meta["steps"]):
+            path = run.calib / f"step_{k:03d}.safetensors"
+            step = load_tensors(path)
+            if OUTPUT_KEY not in step or "sample" not in step or step["sample"].shape[0] != meta["num_samples"]:
+                raise MpqError(f"{path} does not hold {meta['num_samples']} recorded denoiser calls (damaged calibration data); {fix}")
+            steps.append(step)
         return cls(steps, meta)
 
     @property
@@ -129,7 +133,7 @@ def run_calibration(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> di
     per_step: list[list[dict[str, torch.Tensor]]] = [[] for _ in range(cfg.sampling.steps)]
     bs = cfg.sampling.batch_size
     try:
-        for i in tqdm(range(0, n, bs), desc="calib: FP generation", unit="batch"):
+        for i in progress(range(0, n, bs), desc="calib: FP generation", unit="batch"):
             recorder.calls.clear()
             images = generate(pipe, prompts[i : i + bs], seeds[i : i + bs], cfg, batch_size=bs)
             if len(recorder.calls) != cfg.sampling.steps:
@@ -157,8 +161,26 @@ def run_calibration(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> di
     return meta
 
 
+META_FIELDS: dict[str, type] = {"model_id": str, "fingerprint": str, "num_samples": int, "steps": int, "fields": list, "prompts": list, "seeds": list}
+
+
+def read_meta(run: RunDir) -> dict[str, Any]:
+    """``calib/meta.json``, checked: a damaged file is a one-line error naming it and the fix."""
+    path = run.require("calib/meta.json", f"run `mpq calib --base_path {run.root}` first")
+    meta = read_json(path)
+    fix = f"delete {run.calib} or re-run `mpq calib --force --base_path {run.root}`"
+    if not isinstance(meta, dict):
+        raise MpqError(f"{path} is not a JSON object (damaged calibration data); {fix}")
+    for key, kind in META_FIELDS.items():
+        if not isinstance(meta.get(key), kind):
+            raise MpqError(f"{path} has no valid '{key}' (damaged calibration data); {fix}")
+    if len(meta["prompts"]) != meta["num_samples"] or len(meta["seeds"]) != meta["num_samples"] or meta["steps"] < 1:
+        raise MpqError(f"{path}: prompts, seeds and num_samples disagree (damaged calibration data); {fix}")
+    return meta
+
+
 def calib_prompts(run: RunDir) -> tuple[list[str], list[int]]:
-    meta = read_json(run.require("calib/meta.json", f"run `mpq calib --outdir {run.root}` first"))
+    meta = read_meta(run)
     return list(meta["prompts"]), list(meta["seeds"])
 
 
@@ -166,6 +188,6 @@ def fp_image_paths(run: RunDir, n: int) -> list[Path]:
     paths = [run.fp_images / f"{i:04d}.png" for i in range(n)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
-        raise MpqError(f"{missing[0]} is missing; re-run `mpq calib --outdir {run.root}`")
+        raise MpqError(f"{missing[0]} is missing; re-run `mpq calib --force --base_path {run.root}`")
     return paths
 

@@ -17,7 +17,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from mpq.errors import MpqError
-from mpq.io import load_tensors, read_tensor_metadata, save_tensors, write_json
+from mpq.files import load_tensors, read_tensor_metadata, save_tensors, write_json
 from mpq.quant.model import QuantModel
 
 FORMAT = "mpq-ckpt/2"  # 2: quant buffers per layer, input splits, BOS-aware layers

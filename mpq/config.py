@@ -65,6 +65,9 @@ class ActQuantConfig:
     momentum: float = 0.95  # running statistics: r = m * r + (1 - m) * batch
     # cross-attention to_k/to_v: the text's first (BOS) token stays FP and out of the range (MixDQ)
     bos_aware: bool = True
+    # mpq: the FP model, calibration batches in order, one range update per batch | mixdq: MixDQ's loop --
+    # shuffled batches, W8A8 on while observing (ranges so far), the range updated once per candidate bit
+    calibration: str = "mpq"
 
 
 @dataclass
@@ -131,7 +134,7 @@ class SearchConfig:
     sweep_steps: int = 10  # targets: linspace(target - sweep_span, target, sweep_steps)
     sweep_span: float = 0.3
     scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
-    fp_bytes: int = 2  # bytes per element of a layer kept in floating point (fp16)
+    fp_bytes: int | None = None  # bytes per element of a layer kept in floating point; null: the model dtype's (fp32 4, fp16/bf16 2)
     # MixDQ's act-protect rule: per group, the ceil(percent %) activation layers most damaged at act_protect_bit stay FP
     act_protect_percent: float = 1.0
     act_protect_bit: int = 8
@@ -260,10 +263,12 @@ def build_config(raw: Any, overrides: list[str] | tuple[str, ...] = (), source: 
 
 def config_from_yaml_text(text: str, source: str, overrides: list[str] | tuple[str, ...] | Sequence[str] = ()) -> DictConfig:
     """Rebuild a config saved in a run directory (already resolved), with ``key=value`` overrides."""
+    import yaml
+
     try:
         raw = OmegaConf.create(text)
-    except OmegaConfBaseException as err:
-        raise MpqError(f"{source}: not a valid config ({str(err).splitlines()[0]})") from None
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise MpqError(f"{source}: not a valid config ({str(err).splitlines()[0]}); fix it, or delete it and give --config") from None
     return build_config(raw, list(overrides), source=source)
 
 

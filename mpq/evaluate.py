@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from mpq.calib import calib_prompts, fp_image_paths
-from mpq.generate import generate, save_images, to_array
+from mpq.generate import generate, load_images, save_images, to_array
 from mpq.metrics import image_mse, image_psnr, image_ssim
 from mpq.plan import BitPlan
 from mpq.prompts import cycle, read_prompts
@@ -57,7 +57,7 @@ def eval_set(cfg: DictConfig, run: RunDir, pipe: Any, folder: Path) -> EvalSet:
     if cfg.eval.prompts_file is None:
         prompts, seeds = calib_prompts(run)
         n = min(cfg.eval.num_images, len(prompts))
-        return EvalSet(prompts[:n], seeds[:n], [Image.open(p).convert("RGB") for p in fp_image_paths(run, n)])
+        return EvalSet(prompts[:n], seeds[:n], load_images(fp_image_paths(run, n), f"re-run `mpq calib --force --base_path {run.root}`"))
     listed = read_prompts(cfg.eval.prompts_file, "eval.prompts_file")
     prompts, seeds = cycle(listed, min(cfg.eval.num_images, len(listed)), cfg.sampling.seed)
     images = generate(pipe, prompts, seeds, cfg, desc="eval: FP images")

@@ -10,9 +10,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 from PIL import Image
-from mpq.progress import progress as tqdm
 
-from mpq.io import write_with
+from mpq.errors import MpqError
+from mpq.files import write_with
+from mpq.progress import progress
 
 
 def generators(seeds: Sequence[int]) -> list[torch.Generator]:
@@ -33,7 +34,7 @@ def generate(
     batch_size = batch_size or cfg.sampling.batch_size
     out: list[Any] = []
     starts = range(0, len(prompts), batch_size)
-    bar = tqdm(starts, desc=desc, unit="batch", leave=False, disable=desc is None)
+    bar = progress(starts, desc=desc, unit="batch", leave=False, disable=desc is None)
     for i in bar:
         p, s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
         with torch.no_grad():
@@ -54,6 +55,18 @@ def to_array(images: Sequence[Any]) -> np.ndarray:
     """(N, H, W, 3) float32 in [0, 1] from PIL images or float arrays."""
     arrs = [np.asarray(im, dtype=np.float32) / 255.0 if isinstance(im, Image.Image) else np.asarray(im, dtype=np.float32) for im in images]
     return np.stack(arrs)
+
+
+def load_images(paths: Sequence[Path], fix: str = "delete it and re-run the stage that wrote it") -> list[Image.Image]:
+    """RGB images from PNG files; an unreadable file is a one-line error naming it."""
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise MpqError(f"{p}: not a readable image ({type(err).__name__}); {fix}") from None
+    return out
 
 
 def save_images(images: Sequence[Image.Image], folder: Path, start: int = 0) -> list[Path]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -13,10 +14,10 @@ from PIL import Image
 from mpq.calib import calib_prompts
 from mpq.ckpt import load_checkpoint
 from mpq.errors import MpqError
-from mpq.generate import generate, save_images, to_array
+from mpq.generate import generate, load_images, save_images, to_array
 from mpq.metrics import image_mse
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
-from mpq.plan import BitPlan, read_layer_list, read_plan, validate_plan
+from mpq.plan import BitPlan
 from mpq.quant.model import QuantModel
 from mpq.rundir import RunDir
 
@@ -31,46 +32,29 @@ def quantized_pipeline(cfg: DictConfig, run: RunDir, pipe: Any | None = None, dt
     return pipe, qm, manifest
 
 
-def build_plan(
-    qm: QuantModel,
-    bits: list[int],
-    weight_bits: int | None = None,
-    act_bits: int | None = None,
-    weight_plan: str | Path | None = None,
-    act_plan: str | Path | None = None,
-    act_protect: str | Path | None = None,
-    protect_weights: bool = False,
-) -> BitPlan:
+def plan_from_args(qm: QuantModel, bits: list[int], weight_bits: int | None = None, act_bits: int | None = None,
+                   weight_plan: str | Path | None = None, act_plan: str | Path | None = None, act_protect: str | Path | None = None,
+                   protect_weights: bool = False) -> BitPlan:
     """Plan files win over uniform bits; everything is validated against the model and checkpoint."""
-    plan = BitPlan.uniform(qm.names, weight_bits, act_bits)
-    if weight_plan:
-        plan.weight = read_plan(weight_plan)
-        validate_plan(plan.weight, qm.names, bits, str(weight_plan))
-    if act_plan:
-        plan.act = read_plan(act_plan)
-        validate_plan(plan.act, qm.names, bits, str(act_plan))
+    for kind, b in (("weight", weight_bits), ("activation", act_bits)):
+        if b is not None and b not in bits:
+            raise MpqError(f"uniform {kind} bits {b} were not calibrated (checkpoint has {bits})")
+    uniform = BitPlan.uniform(qm.names, weight_bits, act_bits)
+    files = BitPlan.load(weight_plan, act_plan)
+    plan = BitPlan(files.weight if weight_plan else uniform.weight, files.act if act_plan else uniform.act)
     if act_protect:
-        protected = read_layer_list(act_protect)
-        validate_plan({n: bits[0] for n in protected}, qm.names, bits, str(act_protect))
-        plan = plan.protect(protected, weights=protect_weights)
-    for kind, mapping in (("weight", weight_bits), ("activation", act_bits)):
-        if mapping is not None and mapping not in bits:
-            raise MpqError(f"uniform {kind} bits {mapping} were not calibrated (checkpoint has {bits})")
-    return plan
+        plan = plan.protect(BitPlan.load(protect=act_protect).protected, protect_weights)
+    return plan.validate(qm.names, bits, str(weight_plan or act_plan or act_protect or "plan"))
 
 
-def run_infer(
-    cfg: DictConfig,
-    run: RunDir,
-    plan_args: dict[str, Any],
-    outdir: Path,
-    num_images: int,
-    prompts: list[str] | None = None,
-    pipe: Any | None = None,
-) -> dict[str, Any]:
-    """Generate ``num_images`` with the plan into ``outdir``; MSE vs FP when the prompts are the calibration ones."""
+def run_infer(cfg: DictConfig, run: RunDir, plan: BitPlan | dict[str, Any], outdir: Path, num_images: int,
+              prompts: list[str] | None = None, pipe: Any | None = None) -> dict[str, Any]:
+    """Generate ``num_images`` with ``plan`` (a BitPlan, or :func:`plan_from_args` arguments) into ``outdir``;
+    MSE vs FP when the prompts are the calibration ones."""
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
-    plan = build_plan(qm, manifest["bits"], **plan_args, protect_weights=cfg.search.protect_weights)
+    if not isinstance(plan, BitPlan):
+        plan = plan_from_args(qm, manifest["bits"], **plan, protect_weights=cfg.search.protect_weights)
+    plan.validate(qm.names, manifest["bits"])
     qm.apply(plan.weight, plan.act)
     if prompts:
         chosen = [prompts[i % len(prompts)] for i in range(num_images)]
@@ -87,20 +71,15 @@ def run_infer(
     if not prompts:
         refs = [run.fp_images / f"{i:04d}.png" for i in range(len(images))]
         if all(p.is_file() for p in refs):
-            result["mse"] = float(np.mean(image_mse(to_array(images), to_array([Image.open(p) for p in refs]))))
+            result["mse"] = float(np.mean(image_mse(to_array(images), to_array(load_images(refs)))))
     return result
 
 
 def run_final(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str, Any]:
-    """Images with the selected plans (and act-protect list) into RUN/generated_images."""
-    import shutil
+    """Images with the selected plan (and its act-protect list) into RUN/generated_images."""
+    from mpq.selection import final_plan
 
-    sel = run.root / "selection"
-    plan_args = {
-        "weight_plan": run.require("selection/final_weight.yaml", f"run `mpq select --base_path {run.root}` first"),
-        "act_plan": run.require("selection/final_act.yaml", f"run `mpq select --base_path {run.root}` first"),
-        "act_protect": sel / "final_act_protect.pt" if (sel / "final_act_protect.pt").is_file() else None,
-    }
+    plan = final_plan(run, cfg.search.protect_weights)
     outdir = run.root / "generated_images"
     shutil.rmtree(outdir, ignore_errors=True)
-    return run_infer(cfg, run, plan_args, outdir, cfg.infer.num_images, pipe=pipe)
+    return run_infer(cfg, run, plan, outdir, cfg.infer.num_images, pipe=pipe)

@@ -21,33 +21,26 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_leaves, tree_map
+
+from mpq.errors import MpqError
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
-    if isinstance(obj, torch.Tensor):
-        return [obj]
-    if isinstance(obj, (tuple, list)):
-        return [t for o in obj for t in _tensors(o)]
-    if isinstance(obj, dict):
-        return [t for o in obj.values() for t in _tensors(o)]
-    return []
+    return [t for t in tree_leaves(obj) if isinstance(t, torch.Tensor)]
 
 
 def repeat_batch(obj: Any, n: int, batch: int = 1) -> Any:
-    """Repeat every batch-major tensor in ``obj`` (tensors, tuples, lists, dicts) ``n`` times along dim 0.
+    """Repeat every batch-major tensor in ``obj`` (any nesting of tuples, lists, dicts, diffusers outputs)
+    ``n`` times along dim 0. Batch-major: dim 0 is a multiple of the batch (a flattened (batch, k) tensor,
+    such as SDXL's ``time_ids`` projection, counts too)."""
 
-    Batch-major: dim 0 is a multiple of the batch (a flattened (batch, k) tensor, such as
-    SDXL's ``time_ids`` projection, counts too)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.repeat(n, *([1] * (obj.dim() - 1))) if obj.dim() and obj.shape[0] % batch == 0 else obj
-    if isinstance(obj, tuple):
-        return tuple(repeat_batch(o, n, batch) for o in obj)
-    if isinstance(obj, list):
-        return [repeat_batch(o, n, batch) for o in obj]
-    if isinstance(obj, dict):
-        items = {k: repeat_batch(v, n, batch) for k, v in obj.items()}
-        return items if type(obj) is dict else type(obj)(**items)
-    return obj
+    def rep(t: Any) -> Any:
+        if isinstance(t, torch.Tensor) and t.dim() and t.shape[0] % batch == 0:
+            return t.repeat(n, *([1] * (t.dim() - 1)))
+        return t
+
+    return obj if n == 1 else tree_map(rep, obj)  # diffusers' outputs are registered pytree nodes too
 
 
 @dataclass
@@ -70,6 +63,11 @@ class PrefixCache:
         self.target: str | None = None
         self.tile = 1
         self._patched: list[tuple[nn.Module, Callable[..., Any]]] = []
+        hooked = [name or "<root>" for name, m in root.named_modules()
+                  if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or "forward" in m.__dict__]
+        if hooked:  # it replaces module.forward: offload/compile hooks would be bypassed or double-wrapped
+            raise MpqError(f"the FP prefix cache cannot run on a model with its own forward hooks or patched forwards "
+                           f"({hooked[0]}, {len(hooked)} modules; e.g. accelerate offload); use sensitivity.method=naive")
         for name, module in root.named_modules():
             orig = module.forward
             self._patched.append((module, orig))
@@ -94,8 +92,8 @@ class PrefixCache:
         self.off()
 
     def close(self) -> None:
-        for module, orig in self._patched:
-            module.forward = orig  # type: ignore[method-assign]
+        for module, _ in self._patched:
+            del module.forward  # drop the instance attribute: the class's forward is back
         self._patched.clear()
         self.clear()
 

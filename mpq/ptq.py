@@ -15,12 +15,12 @@ from typing import Any
 
 import torch
 from omegaconf import DictConfig
-from mpq.progress import progress as tqdm
 
 from mpq.calib import CalibData
 from mpq.ckpt import save_checkpoint
 from mpq.errors import MpqError
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
+from mpq.progress import progress
 from mpq.quant.model import QuantModel
 from mpq.quant.structure import enabled, meta_structure
 from mpq.rundir import RunDir
@@ -33,7 +33,7 @@ def prepare(qm: QuantModel, cfg: DictConfig, bits: list[int] | None = None) -> N
     qm.prepare(list(bits if bits is not None else cfg.quant.bits), cfg.quant.act.symmetric, st.in_split, st.bos)
 
 
-def calibrate(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int] | None = None, progress: bool = True) -> dict[str, float]:
+def calibrate(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int] | None = None, show: bool = True) -> dict[str, float]:
     """Fill ``qm``'s quant params for ``bits`` (default: the config's candidates); returns timings (s)."""
     prepare(qm, cfg, bits)
     bits = qm.bits
@@ -42,12 +42,20 @@ def calibrate(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int]
     dtype = next(qm.denoiser.parameters()).dtype
     qm.set_fp()
     t0 = time.perf_counter()
-    for layer in tqdm(qm.layers.values(), desc=f"ptq: weight scales {bits}", unit="layer", disable=not progress, leave=False):
+    for layer in progress(qm.layers.values(), desc=f"ptq: weight scales {bits}", unit="layer", disable=not show, leave=False):
         layer.calibrate_weight(wq.granularity == "channel", wq.scale_method, wq.mse_grid, wq.mse_min_ratio)
     t1 = time.perf_counter()
     bs = cfg.calib.batch_size
-    with qm.observing(aq.momentum), torch.no_grad():
-        for kwargs, _ in tqdm(calib.batches(bs, device, dtype), total=calib.num_batches(bs), desc="ptq: activation ranges", unit="batch", disable=not progress, leave=False):
+    style = aq.get("calibration", "mpq")
+    if style not in ("mpq", "mixdq"):
+        raise MpqError(f"quant.act.calibration must be mpq or mixdq, not {style!r}")
+    batches = calib.batches(bs, device, dtype)
+    if style == "mixdq":  # MixDQ's loop: shuffled batches, W8A8 on, one range update per candidate bit
+        batches = list(batches)
+        batches = [batches[i] for i in torch.randperm(len(batches), generator=torch.Generator().manual_seed(0)).tolist()]
+    repeats, qbits = (len(bits), 8 if 8 in bits else max(bits)) if style == "mixdq" else (1, None)
+    with qm.observing(aq.momentum, repeats, qbits), torch.no_grad():
+        for kwargs, _ in progress(batches, total=calib.num_batches(bs), desc="ptq: activation ranges", unit="batch", disable=not show, leave=False):
             qm(**kwargs, return_dict=False)
     missing = [n for n, layer in qm.layers.items() if not layer.a_observed]
     if missing:

@@ -11,25 +11,26 @@ images, so on held-out evaluation prompts its score is not fitted to them.
 from __future__ import annotations
 
 import html
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from omegaconf import DictConfig
-from PIL import Image
 
+from mpq.candidates import read_candidates
+from mpq.errors import MpqError
 from mpq.evaluate import eval_set, evaluate_plans, slug
-from mpq.generate import to_array
-from mpq.groups import CONTENT, QUALITY
+from mpq.files import read_yaml, write_json, write_text
+from mpq.generate import load_images, to_array
+from mpq.groups import assign_groups
 from mpq.infer import quantized_pipeline
-from mpq.io import read_csv, write_json, write_text
 from mpq.layer_table import layer_table
 from mpq.metrics import image_mse
-from mpq.plan import BitPlan, read_layer_list, read_plan, weight_bytes
-from mpq.quant.model import LayerInfo
+from mpq.plan import BitPlan, CostModel, read_plan
+from mpq.plots import plot_pareto, plot_sensitivity
 from mpq.rundir import RunDir
-from mpq.search_run import plot_pareto
-from mpq.sensitivity import result_path
+from mpq.selection import Score, final_plan, read_scores
 from mpq.shapes.data import ATTRIBUTES
 
 MIXED_W = "mixed W, A16"  # the best mixed weight plan with no more bytes than uniform W4, activations FP
@@ -37,94 +38,117 @@ CHOSEN = "chosen"
 SHOWN_IMAGES = 8
 
 
-def final_plan(run: RunDir, protect_weights: bool = False) -> tuple[BitPlan, list[str]]:
-    """The selected plan (act-protected layers FP; their weights too with ``protect_weights``) and the act-protect list."""
-    sel = run.root / "selection"
-    protect = read_layer_list(sel / "final_act_protect.pt") if (sel / "final_act_protect.pt").is_file() else []
-    return BitPlan(read_plan(sel / "final_weight.yaml"), read_plan(sel / "final_act.yaml")).protect(protect, protect_weights), protect
-
-
-def plan_bits_bytes(plan: BitPlan, infos: list[LayerInfo], s: Any) -> dict[str, float]:
-    """Size-weighted average W and A bits (FP counts 16), per group, and weight bytes."""
-
-    def avg(bits: dict[str, int], attr: str, group: str | None = None) -> float:
-        chosen = [i for i in infos if group is None or i.group == group]
-        total = sum(getattr(i, attr) for i in chosen)
-        return sum(float(bits.get(i.name, 16)) * getattr(i, attr) for i in chosen) / total
-
-    out = {"weight_avg_bits": avg(plan.weight, "weight_numel"), "act_avg_bits": avg(plan.act, "act_numel"),
-           "weight_bytes": sum(weight_bytes(i.weight_numel, i.out_channels * i.n_parts, plan.weight.get(i.name), s.scale_bytes, s.fp_bytes) for i in infos)}
-    for g in (CONTENT, QUALITY):
-        out[f"{g}_weight_avg_bits"] = avg(plan.weight, "weight_numel", g)
-        out[f"{g}_act_avg_bits"] = avg(plan.act, "act_numel", g)
-    return out
-
-
 def final_mse(run: RunDir, n: int) -> float:
     gen = sorted((run.root / "generated_images").glob("*.png"))[:n]
     refs = [run.fp_images / p.name for p in gen]
-    return float(np.mean(image_mse(to_array([Image.open(p) for p in gen]), to_array([Image.open(p) for p in refs]))))
+    return float(np.mean(image_mse(to_array(load_images(gen)), to_array(load_images(refs)))))
 
 
-def ssim_spread(run: RunDir, bits: list[int]) -> dict[str, dict[str, list[float]]]:
+def _sensitivity_tables(run: RunDir) -> dict[str, dict[str, list[float]]]:
+    out = {}
+    for kind in ("weight", "act"):
+        for metric in ("sqnr", "ssim"):
+            path = run.root / "sensitivity" / f"{kind}_{metric}.yaml"
+            if path.is_file():
+                out[f"{kind}_{metric}"] = read_yaml(path)
+    return out
+
+
+def ssim_spread(tables: dict[str, dict[str, list[float]]], bits: list[int]) -> dict[str, dict[str, list[float]]]:
     """Per kind and candidate bit: min, median, max of the content layers' SSIM sensitivity."""
-    from mpq.io import read_yaml
-
     out: dict[str, dict[str, list[float]]] = {}
     for kind in ("weight", "act"):
-        path = result_path(run, kind, "ssim")
-        if path.is_file():
-            table = np.array(list(read_yaml(path).values()), dtype=np.float64)
+        if f"{kind}_ssim" in tables:
+            table = np.array(list(tables[f"{kind}_ssim"].values()), dtype=np.float64)
             out[kind] = {str(b): [float(table[:, k].min()), float(np.median(table[:, k])), float(table[:, k].max())] for k, b in enumerate(bits)}
     return out
 
 
-def _csv(path: Path) -> list[dict[str, str]]:
-    return read_csv(path) if path.is_file() else []
+def _scores(run: RunDir, kind: str) -> list[Score]:
+    path = run.root / "selection" / f"{kind}_scores.csv"
+    return read_scores(path) if path.is_file() else []
 
 
 def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
-    """Evaluate FP, uniform and chosen plans on the evaluation prompts; write summary.json, index.html, the Pareto plot."""
+    """Evaluate FP, uniform and chosen plans on the evaluation prompts; plots; summary.json; index.html."""
     rep = run.root / "report"
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
     bits = list(manifest["bits"])
     infos = layer_table(cfg)
-    final, protect = final_plan(run, cfg.search.protect_weights)
+    cost = CostModel.from_config(cfg)
+    final = final_plan(run, cfg.search.protect_weights)
     plans: dict[str, BitPlan] = {}
     for label, wb, ab in (("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A16", 4, None), ("W2A16", 2, None)):
         if wb in bits and (ab is None or ab in bits):
             plans[label] = BitPlan.uniform(qm.names, wb, ab)
-    w4_bytes = plan_bits_bytes(BitPlan.uniform(qm.names, 4, None), infos, cfg.search)["weight_bytes"] if 4 in bits else None
-    weight_rows = _csv(run.root / "selection" / "weight_scores.csv")
-    fits = [r for r in weight_rows if w4_bytes is not None and float(r["bytes"]) <= w4_bytes * (1 + 1e-9)]
-    mixed_file = min(fits, key=lambda r: (float(r["mse"]), float(r["bytes"]), r["plan_file"]))["plan_file"] if fits else None
-    if mixed_file:
-        plans[MIXED_W] = BitPlan(read_plan(run.root / "candidates" / "weight" / mixed_file))
+    w4_bytes = cost.plan_cost(BitPlan.uniform(qm.names, 4, None), infos).weight_bytes if 4 in bits else None
+    weight_rows = _scores(run, "weight")
+    fits = [r for r in weight_rows if w4_bytes is not None and r.bytes <= w4_bytes * (1 + 1e-9)]
+    mixed = min(fits, key=lambda r: (r.mse, r.bytes, r.plan_file)).plan_file if fits else None
+    if mixed:
+        plans[MIXED_W] = BitPlan(read_plan(run.root / "candidates" / "weight" / mixed))
     plans[CHOSEN] = final
     data = eval_set(cfg, run, pipe, rep / "images" / "fp")
     results = evaluate_plans(cfg, pipe, qm, plans, data, rep / "images")
     for label, res in results.items():
-        res.update(plan_bits_bytes(plans.get(label, BitPlan()), infos, cfg.search))
-    summary: dict[str, Any] = plan_bits_bytes(final, infos, cfg.search)
+        res.update(cost.plan_cost(plans.get(label, BitPlan()), infos).as_dict())
+    tables = _sensitivity_tables(run)
+    groups = assign_groups(qm.names, list(cfg.groups.content), warn=False)
+    for key, values in tables.items():
+        kind, metric = key.split("_")
+        plot_sensitivity(rep / f"sensitivity_{key}.png", kind, metric, values, bits, groups)
+    chosen = {k: next((r.plan_file for r in _scores(run, k) if r.chosen), "") for k in ("weight", "act")}
+    plot_pareto(read_candidates(run.require("candidates/pareto.csv", f"run `mpq search --base_path {run.root}` first")), rep / "pareto.png", chosen)
+    summary: dict[str, Any] = cost.plan_cost(final, infos).as_dict()
     summary.update({
-        "fp16_bytes": sum(weight_bytes(i.weight_numel, i.out_channels, None, cfg.search.scale_bytes, 2) for i in infos),
-        "act_protected": len(protect),
+        "fp_dtype_bytes": cost.fp_bytes,
+        "act_protected": len(final.protected),
+        "chosen": chosen,
         "final_mse": final_mse(run, cfg.infer.num_images),
         "eval_prompts": {"source": cfg.eval.prompts_file or "calibration prompts", "n": len(data.prompts)},
         "eval": results,
-        "mixed_weight_plan": mixed_file,
-        "ssim_sensitivity_spread": ssim_spread(run, bits),
+        "mixed_weight_plan": mixed,
+        "ssim_sensitivity_spread": ssim_spread(tables, bits),
     })
-    chosen = {k: next((r["plan_file"] for r in _csv(run.root / "selection" / f"{k}_scores.csv") if r["chosen"] == "True"), "") for k in ("weight", "act")}
-    pareto_rows = _csv(run.root / "candidates" / "pareto.csv")
-    for r in pareto_rows:
-        for k in ("bytes", "K", "content_norm_objective", "quality_norm_objective"):
-            r[k] = float(r[k]) if r.get(k) not in (None, "", "nan") else float("nan")
-        r["pareto"] = r["pareto"] == "True"
-    plot_pareto(pareto_rows, rep / "pareto.png", chosen)
     write_json(rep / "summary.json", summary)
-    write_text(rep / "index.html", _html(cfg, run, data.prompts, summary, chosen, weight_rows))
+    write_text(rep / "index.html", _html(cfg, run, data.prompts, summary, weight_rows))
     return rep / "index.html"
+
+
+SUMMARY_KEYS = ("weight_avg_bits", "act_avg_bits", "weight_bytes", "fp_weight_bytes", "fp_dtype_bytes", "act_protected", "final_mse",
+                "eval", "eval_prompts")
+
+
+def read_summary(run: RunDir) -> dict[str, Any]:
+    """``report/summary.json``, checked: a damaged file is a one-line error naming it and the fix."""
+    from mpq.files import read_json
+
+    path = run.require("report/summary.json", f"run `mpq report --base_path {run.root}` first")
+    s = read_json(path)
+    missing = [k for k in SUMMARY_KEYS if not isinstance(s, dict) or k not in s]
+    if missing:
+        raise MpqError(f"{path} has no '{missing[0]}' (damaged, or from another mpq version); run `mpq report --force --base_path {run.root}`")
+    return s
+
+
+def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:
+    """The headline numbers of a finished run, as ``mpq run`` prints them."""
+    lines = [
+        f"run directory: {run.root}",
+        f"  final plans: {run.root / 'selection' / 'final_weight.yaml'}, {run.root / 'selection' / 'final_act.yaml'} "
+        f"(+ {s['act_protected']} act-protected layers)",
+        f"  images:      {run.root / 'generated_images'}  (FP references: {run.fp_images})",
+        f"  checkpoint:  {run.ckpt}",
+        f"  report:      {run.root / 'report' / 'index.html'}",
+        f"  weights {s['weight_avg_bits']:.2f} avg bits, activations {s['act_avg_bits']:.2f} avg bits (FP layers count {8 * s['fp_dtype_bytes']})",
+        f"  weight bytes {s['weight_bytes']:,.0f} vs FP {s['fp_weight_bytes']:,.0f} ({s['weight_bytes'] / s['fp_weight_bytes']:.1%}; "
+        f"FP at {s['fp_dtype_bytes']} bytes a weight)",
+        f"  MSE vs FP images: {s['final_mse']:.6g}",
+    ]
+    adh = adherence_line(s)
+    if adh:
+        lines.append(f"  prompt adherence ({s['eval_prompts']['n']} prompts, {s['eval_prompts']['source']}): {adh}")
+    return lines
 
 
 def adherence_line(summary: dict[str, Any], labels: tuple[str, ...] = ("FP", "W8A8", "W4A8", CHOSEN)) -> str | None:
@@ -142,13 +166,14 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 
 def _eval_rows(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
+    fp = s["fp_weight_bytes"]
     cols = ["images", "weight bytes", "avg W bits", "avg A bits", "MSE vs FP", "SSIM", "PSNR (dB)"]
     has_adh = any(v.get("adherence") for v in s["eval"].values())
     if has_adh:
         cols += ["adherence (all)"] + list(ATTRIBUTES)
     rows = []
     for label, v in s["eval"].items():
-        row = {"images": label, "weight bytes": f"{v['weight_bytes']:,.0f} ({v['weight_bytes'] / s['fp16_bytes']:.1%})",
+        row = {"images": label, "weight bytes": f"{v['weight_bytes']:,.0f} ({v['weight_bytes'] / fp:.1%})",
                "avg W bits": f"{v['weight_avg_bits']:.2f}", "avg A bits": f"{v['act_avg_bits']:.2f}",
                "MSE vs FP": f"{v['mse']:.4g}", "SSIM": f"{v['ssim']:.4f}", "PSNR (dB)": f"{v['psnr']:.2f}" if np.isfinite(v["psnr"]) else "inf"}
         if v.get("adherence"):
@@ -171,10 +196,15 @@ def _image_grid(s: dict[str, Any], prompts: list[str]) -> str:
     return f"<table class=imgs>{''.join(rows)}</table>"
 
 
-def _html(cfg: DictConfig, run: RunDir, prompts: list[str], s: dict[str, Any], chosen: dict[str, str], sel: list[dict[str, str]]) -> str:
+def _html(cfg: DictConfig, run: RunDir, prompts: list[str], s: dict[str, Any], weight_rows: list[Score]) -> str:
+    chosen = s["chosen"]
+    fp, fpb = s["fp_weight_bytes"], 8 * s["fp_dtype_bytes"]
+    sel = [{"plan_file": r.plan_file, "mse": f"{r.mse:.6g}", "ssim": f"{r.ssim:.5f}", "psnr": f"{r.psnr:.2f}",
+            "adherence": "" if math.isnan(r.adherence) else f"{r.adherence:.3f}", "avg_bits": f"{r.avg_bits:.3f}", "bytes": f"{r.bytes:,.0f}",
+            "chosen": "yes" if r.chosen else ""} for r in weight_rows]
     plan_rows = [
         {"plan": f"weight: {chosen['weight']}", "avg bits": f"{s['weight_avg_bits']:.3f}", "content": f"{s['content_weight_avg_bits']:.3f}",
-         "quality": f"{s['quality_weight_avg_bits']:.3f}", "bytes": f"{s['weight_bytes']:,.0f} ({s['weight_bytes'] / s['fp16_bytes']:.1%} of FP16)"},
+         "quality": f"{s['quality_weight_avg_bits']:.3f}", "bytes": f"{s['weight_bytes']:,.0f} ({s['weight_bytes'] / fp:.1%} of FP{fpb})"},
         {"plan": f"act: {chosen['act']} (+{s['act_protected']} FP)", "avg bits": f"{s['act_avg_bits']:.3f}", "content": f"{s['content_act_avg_bits']:.3f}",
          "quality": f"{s['quality_act_avg_bits']:.3f}", "bytes": ""},
     ]
@@ -193,13 +223,13 @@ figcaption{{font-size:11px;color:#333}} figure.plot{{display:inline-block;margin
 .headline{{font-size:1.1em;background:#eef6ff;padding:10px}}</style></head><body>
 <h1>mpq report: {html.escape(cfg.name)}</h1>
 <p class=headline>Model <code>{html.escape(cfg.model.id)}</code>. Chosen plan: weights {s['weight_avg_bits']:.2f} avg bits,
-activations {s['act_avg_bits']:.2f} avg bits; weight bytes {s['weight_bytes']:,.0f} vs FP16 {s['fp16_bytes']:,.0f}
-({s['weight_bytes'] / s['fp16_bytes']:.1%}); final images MSE vs FP {s['final_mse']:.6g}.
+activations {s['act_avg_bits']:.2f} avg bits; weight bytes {s['weight_bytes']:,.0f} vs FP{fpb} {fp:,.0f}
+({s['weight_bytes'] / fp:.1%}); final images MSE vs FP {s['final_mse']:.6g}.
 {f"Prompt adherence on the evaluation prompts: {html.escape(adh)}." if adh else ""}</p>
 <h2>Chosen plans</h2>{_table(plan_rows, ["plan", "avg bits", "content", "quality", "bytes"])}
 <h2>Evaluation: {s['eval_prompts']['n']} prompts ({html.escape(str(s['eval_prompts']['source']))}), scored against FP</h2>
 <p>"{MIXED_W}": the selection's best weight plan ({html.escape(str(s['mixed_weight_plan']))}) with no more weight bytes than uniform W4,
-activations FP: compare it with W4A16. Averages count FP layers as 16 bits.</p>
+activations FP: compare it with W4A16. Averages count FP layers as {fpb} bits.</p>
 {_table(eval_rows, eval_cols)}
 <h2>Images (prompts under the images{"; ✓ / ✗: every attribute read back right or not" if adh else ""})</h2>{_image_grid(s, prompts)}
 <h2>Candidates: Pareto front</h2><img src='pareto.png'>

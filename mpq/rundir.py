@@ -12,7 +12,8 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,11 +21,11 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpq.config import config_from_yaml_text, load_config, to_yaml
 from mpq.errors import MpqError
-from mpq.io import read_json, write_json, write_text
+from mpq.files import read_json, write_json, write_text
 
 
 @dataclass(frozen=True)
-class Stage:
+class StageSpec:
     name: str
     config_keys: tuple[str, ...]  # dotted config keys whose values the stage's outputs depend on
     upstream: tuple[str, ...]  # stages whose outputs it reads
@@ -81,7 +82,7 @@ class RunDir:
     def _stamp_path(self, stage: str) -> Path:
         return self.stamps / f"{stage}.json"
 
-    def _expected(self, stage: Stage, cfg: DictConfig) -> dict[str, object]:
+    def _expected(self, stage: StageSpec, cfg: DictConfig) -> dict[str, object]:
         values = {k: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, k)}), resolve=True)["v"] for k in stage.config_keys}
         upstream = {}
         for up in stage.upstream:
@@ -89,7 +90,7 @@ class RunDir:
             upstream[up] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
         return {"config": values, "upstream": upstream}
 
-    def is_fresh(self, stage: Stage, cfg: DictConfig) -> bool:
+    def is_fresh(self, stage: StageSpec, cfg: DictConfig) -> bool:
         p = self._stamp_path(stage.name)
         if not p.is_file() or not all((self.root / o).exists() for o in stage.outputs):
             return False
@@ -100,10 +101,41 @@ class RunDir:
         expected = self._expected(stage, cfg)
         return stamp.get("config") == expected["config"] and stamp.get("upstream") == expected["upstream"]
 
-    def mark_done(self, stage: Stage, cfg: DictConfig, seconds: float) -> None:
+    def mark_done(self, stage: StageSpec, cfg: DictConfig, seconds: float) -> None:
         stamp = self._expected(stage, cfg)
         stamp.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3)})
         write_json(self._stamp_path(stage.name), stamp)
+
+    # ------------------------------------------------------------------ one job at a time
+    @contextmanager
+    def lock(self, what: str) -> Iterator[None]:
+        """Hold the run directory for this job. The lock is an OS file lock (``flock``), so a killed job's lock
+        is gone with its process and never blocks a resume; a second job gets a one-line error naming the holder."""
+        import fcntl
+        import os
+        import socket
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        f = open(path, "a+")  # noqa: SIM115 - held for the duration of the job
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                try:
+                    holder = json.loads(f.read() or "{}")
+                except json.JSONDecodeError:
+                    holder = {}
+                raise MpqError(f"{self.root} is in use by another mpq job (pid {holder.get('pid', '?')} on {holder.get('host', '?')}, "
+                               f"{holder.get('what', '?')}, since {holder.get('since', '?')}); wait for it to finish or stop it") from None
+            f.seek(0)
+            f.truncate()
+            f.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "what": what, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}))
+            f.flush()
+            yield
+        finally:
+            f.close()  # closing releases the lock
 
     def stamp(self, stage: str) -> dict[str, object] | None:
         p = self._stamp_path(stage)

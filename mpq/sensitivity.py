@@ -22,29 +22,28 @@ import inspect
 import json
 import math
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from mpq.progress import progress as tqdm
 
 from mpq.calib import CalibData, calib_prompts
 from mpq.errors import MpqError
+from mpq.files import read_json, write_json, write_yaml
 from mpq.generate import generators, to_array
 from mpq.groups import CONTENT, assign_groups
 from mpq.infer import quantized_pipeline
-from mpq.io import read_json, write_json, write_yaml
 from mpq.metrics import SqnrAccumulator, image_ssim, sqnr, sqnr_db
 from mpq.models import torch_dtype
 from mpq.prefix_cache import PrefixCache, repeat_batch
+from mpq.progress import progress
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.rundir import RunDir
 
 KINDS = ("weight", "act")
-METRICS = ("sqnr", "ssim")
 
 
 def result_path(run: RunDir, kind: str, metric: str) -> Path:
@@ -67,32 +66,83 @@ def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[
     return hashlib.sha256(json.dumps(keys, sort_keys=True).encode()).hexdigest()[:16]
 
 
-# ------------------------------------------------------------------------------ units of work
-class _Work:
-    """The batches of one metric: ``run_fp(k)`` runs batch k in FP (recorded by the prefix cache in fast
-    mode) and keeps its output as the reference; ``scores(k, tile)`` gives the float64 sums (a, b) of
-    batch k for each of ``tile`` bit copies. The reference is the FP pass of this same pipeline, in
-    ``sensitivity.dtype``, on the same batches: scores depend on the calibration inputs and that model
-    alone, not on the dtype the calibration images were generated in."""
+# ------------------------------------------------------------------------------ metrics
+class Metric:
+    """One sensitivity metric over its batches. ``run_fp(k)`` runs batch k in FP (recorded by the prefix
+    cache in fast mode) and keeps its output as the reference; ``scores(k, tile)`` gives the float64 sums
+    (a, b) of batch k for each of ``tile`` bit copies run together; ``value(a, b)`` is the metric. The
+    reference is the FP pass of this same pipeline, in ``sensitivity.dtype``, on the same batches: scores
+    depend on the calibration inputs and that model alone, not on the dtype the run generates in."""
 
-    def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, run: RunDir, metric: str, fast: bool) -> None:
-        self.pipe, self.qm, self.cfg, self.metric, self.fast = pipe, qm, cfg, metric, fast
+    name = ""
+    group: str | None = None  # the layers it scores (None: every layer)
+
+    def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, run: RunDir | None, fast: bool) -> None:
+        self.pipe, self.qm, self.cfg, self.fast = pipe, qm, cfg, fast
         self.device = next(qm.denoiser.parameters()).device
         self.refs: dict[int, Any] = {}
-        self.recorded: list[torch.Tensor] = []
-        if metric == "sqnr":
-            calib = CalibData.open(run)
-            dtype = next(qm.denoiser.parameters()).dtype
-            pairs = list(calib.batches(cfg.sensitivity.batch_size, self.device, dtype))
-            self.batches: list[Any] = [kwargs for kwargs, _ in pairs]
-            self.recorded = [out for _, out in pairs]  # the calibration run's outputs, in its dtype (the float floor)
-        else:
-            prompts, seeds = calib_prompts(run)
-            n = min(cfg.sensitivity.num_images, len(prompts))
-            bs = cfg.sampling.batch_size
-            self.batches = [(prompts[i : i + bs], seeds[i : i + bs]) for i in range(0, n, bs)]
-            self._embeds: dict[int, dict[str, torch.Tensor]] = {}
-            self._cached_text = fast and hasattr(pipe, "encode_prompt") and "pooled_prompt_embeds" in inspect.signature(pipe.__call__).parameters
+        self.batches: list[Any] = []
+
+    def run_fp(self, k: int) -> None:
+        raise NotImplementedError
+
+    def scores(self, k: int, tile: int = 1) -> list[tuple[float, float]]:
+        raise NotImplementedError
+
+    @staticmethod
+    def value(a: float, b: float) -> float:
+        raise NotImplementedError
+
+
+class Sqnr(Metric):
+    """SQNR (dB) of the denoiser output over the calibration set: sums of ref^2 and err^2."""
+
+    name = "sqnr"
+
+    def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, run: RunDir | None, fast: bool, calib: CalibData | None = None) -> None:
+        super().__init__(pipe, qm, cfg, run, fast)
+        dtype = next(qm.denoiser.parameters()).dtype
+        calib = calib if calib is not None else CalibData.open(run)  # type: ignore[arg-type]
+        pairs = list(calib.batches(cfg.sensitivity.batch_size, self.device, dtype))
+        self.batches = [kwargs for kwargs, _ in pairs]
+        self.recorded = [out for _, out in pairs]  # the calibration run's outputs, in its dtype (the float floor)
+
+    def run_fp(self, k: int) -> None:
+        with torch.no_grad():
+            self.refs[k] = self.qm(**self.batches[k], return_dict=False)[0]
+
+    def scores(self, k: int, tile: int = 1) -> list[tuple[float, float]]:
+        with torch.no_grad():
+            out = self.qm(**repeat_batch(self.batches[k], tile), return_dict=False)[0]
+        r = self.refs[k].double()
+        return [(float(r.pow(2).sum()), float((o.double() - r).pow(2).sum())) for o in out.chunk(tile)]
+
+    @staticmethod
+    def value(a: float, b: float) -> float:
+        return sqnr_db(a, b)
+
+    def float_floor_db(self) -> float:
+        """SQNR (dB) of the calibration run's FP output (its dtype) against this pass's FP output."""
+        acc = SqnrAccumulator()
+        for k, rec in enumerate(self.recorded):
+            acc.update(rec, self.refs[k])
+        return acc.value
+
+
+class Ssim(Metric):
+    """SSIM (``sensitivity.ssim``) of generated images against FP images of the same prompts and seeds."""
+
+    name = "ssim"
+    group = CONTENT
+
+    def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, run: RunDir, fast: bool) -> None:
+        super().__init__(pipe, qm, cfg, run, fast)
+        prompts, seeds = calib_prompts(run)
+        n = min(cfg.sensitivity.num_images, len(prompts))
+        bs = cfg.sampling.batch_size
+        self.batches = [(prompts[i : i + bs], seeds[i : i + bs]) for i in range(0, n, bs)]
+        self._embeds: dict[int, dict[str, torch.Tensor]] = {}
+        self._cached_text = fast and hasattr(pipe, "encode_prompt") and "pooled_prompt_embeds" in inspect.signature(pipe.__call__).parameters
 
     def _generate(self, k: int, tile: int = 1) -> np.ndarray:
         """Images of batch ``k``; ``tile`` > 1 generates the batch ``tile`` times in one pipeline call."""
@@ -100,7 +150,7 @@ class _Work:
         c = self.cfg.sampling
         kwargs: dict[str, Any] = {"num_inference_steps": c.steps, "guidance_scale": c.guidance_scale, "height": c.resolution,
                                   "width": c.resolution, "generator": generators(list(seeds) * tile), "output_type": "pil"}
-        if self._cached_text:
+        if self._cached_text:  # the text encoders are not quantized: encode each batch's prompts once
             if k not in self._embeds:
                 with torch.no_grad():
                     pe, npe, ppe, nppe = self.pipe.encode_prompt(list(prompts), device=self.device, num_images_per_prompt=1,
@@ -115,22 +165,10 @@ class _Work:
             return to_array(self.pipe(**kwargs).images)
 
     def run_fp(self, k: int) -> None:
-        """The FP pass of batch ``k``: its output is the reference of every score of the batch."""
-        if self.metric == "sqnr":
-            with torch.no_grad():
-                self.refs[k] = self.qm(**self.batches[k], return_dict=False)[0]
-        else:
-            self.refs[k] = self._generate(k)
+        self.refs[k] = self._generate(k)
 
     def scores(self, k: int, tile: int = 1) -> list[tuple[float, float]]:
-        """Sums (a, b) of batch ``k`` for each of ``tile`` copies of the batch run together
-        (copy j is what the layer's ``multi`` bit j produced)."""
         ref = self.refs[k]
-        if self.metric == "sqnr":
-            with torch.no_grad():
-                out = self.qm(**repeat_batch(self.batches[k], tile), return_dict=False)[0]
-            r = ref.double()
-            return [(float(r.pow(2).sum()), float((o.double() - r).pow(2).sum())) for o in out.chunk(tile)]
         images = self._generate(k, tile)
         res = []
         for j in range(tile):
@@ -138,12 +176,13 @@ class _Work:
             res.append((float(vals.astype(np.float64).sum()), float(len(vals))))
         return res
 
-    def float_floor_db(self) -> float:
-        """SQNR (dB) of the calibration run's FP output (its dtype) against this pass's FP output."""
-        acc = SqnrAccumulator()
-        for k, rec in enumerate(self.recorded):
-            acc.update(rec, self.refs[k])
-        return acc.value
+    @staticmethod
+    def value(a: float, b: float) -> float:
+        return a / b
+
+
+METRIC_TYPES: dict[str, type[Metric]] = {m.name: m for m in (Sqnr, Ssim)}
+METRICS = tuple(METRIC_TYPES)
 
 
 def share_bits(setting: str, metric: str) -> bool:
@@ -158,54 +197,26 @@ def _value(metric: str, a: float, b: float) -> float:
 
 
 # ------------------------------------------------------------------------------ the stage
-def layer_names_for(qm: QuantModel, cfg: DictConfig, metric: str) -> list[str]:
+def layer_names_for(qm: QuantModel, cfg: DictConfig, metric: type[Metric]) -> list[str]:
+    """The layers ``metric`` scores (SQNR: all; SSIM: the content group), in module order."""
     groups = assign_groups(qm.names, list(cfg.groups.content), warn=False)
-    return [n for n in qm.names if metric == "sqnr" or groups[n] == CONTENT]
+    return [n for n in qm.names if metric.group is None or groups[n] == metric.group]
 
 
-def compute_sensitivity(
-    cfg: DictConfig,
-    run: RunDir,
-    kind: str,
-    metric: str,
-    method: str | None = None,
-    pipe: Any | None = None,
-    progress: bool = True,
-    write: bool = True,
-) -> dict[str, list[float]]:
-    """{layer: [metric at each candidate bit]}; resumable through a partial file when ``write``."""
-    if kind not in KINDS or metric not in METRICS:
-        raise MpqError(f"sensitivity type must be weight|act and metric sqnr|ssim (got {kind}, {metric})")
-    pipe, qm, manifest = quantized_pipeline(cfg, run, pipe, dtype=torch_dtype(cfg.sensitivity.dtype))
-    bits: list[int] = list(manifest["bits"])
-    names = layer_names_for(qm, cfg, metric)
-    if not names:
-        raise MpqError(f"no layer is in the content group (patterns {list(cfg.groups.content)}); the SSIM file would be empty")
-    fast = (method or cfg.sensitivity.method) == "fast"
-    work = _Work(pipe, qm, cfg, run, metric, fast)
-    share = fast and share_bits(cfg.sensitivity.share_bits, metric)
-    sig = _signature(cfg, run, kind, metric, bits)
-    partial = _partial_path(run, kind, metric)
-    state: dict[str, Any] = {"signature": sig, "done": [], "sums": {}}
-    if write and partial.is_file():
-        try:
-            loaded = read_json(partial)
-            if loaded.get("signature") == sig:
-                state = loaded
-        except MpqError:
-            pass  # a corrupt partial file: start over
-    done = {tuple(d) for d in state["done"]}
-    sums: dict[str, list[list[float]]] = state["sums"]
-    n_batches = len(work.batches)
-    budget = cfg.sensitivity.cache_budget_mb * 2**20
+def score_layers(qm: QuantModel, work: Metric, names: list[str], bits: list[int], kind: str, fast: bool = True, share: bool = False,
+                 cache_budget_bytes: float = float("inf"), done: set[tuple[int, str]] | None = None,
+                 sums: dict[str, list[list[float]]] | None = None, after_layer: Callable[[], None] | None = None,
+                 bar: Any = None) -> dict[str, list[float]]:
+    """The sensitivity loop: each layer in ``names`` quantized alone (``kind``: its weights or its input
+    activations) at each of ``bits``, scored by ``work`` on each of its batches. ``done`` (batch, layer) items
+    are skipped and ``sums`` accumulated into (float64, in a fixed order): a resumed loop ends with the same
+    numbers. ``fast``: the FP prefix cache (exact); ``share``: all bits of a layer in one tiled pass."""
+    done = set() if done is None else done
+    sums = {} if sums is None else sums
     cache = PrefixCache(qm.denoiser) if fast else None
-    last_save = time.monotonic()
-    total = n_batches * len(names)
-    bar = tqdm(total=total, initial=len(done), desc=f"sensitivity {kind} {metric} ({'fast' if fast else 'naive'})",
-               unit="layer", disable=not progress)
     try:
         qm.set_fp()
-        for chunk in _chunks(work, cache, n_batches, budget, done, names):
+        for chunk in _chunks(work, cache, len(work.batches), cache_budget_bytes, done, names):
             for name in names:
                 todo = [k for k in chunk if (k, name) not in done]
                 if not todo:
@@ -233,23 +244,69 @@ def compute_sensitivity(
                         if cache is not None:
                             cache.off()
                     layer.set_bits(None, None)
-                for k in todo:
-                    done.add((k, name))
-                bar.update(len(todo))
-                if write and time.monotonic() - last_save >= cfg.sensitivity.save_every_s:
-                    state["done"] = sorted(done)
-                    write_json(partial, state)
-                    last_save = time.monotonic()
+                done.update((k, name) for k in todo)
+                if bar is not None:
+                    bar.update(len(todo))
+                if after_layer is not None:
+                    after_layer()
     finally:
-        bar.close()
         qm.set_fp()
         for layer in qm.layers.values():
             layer.set_multi(None)
         if cache is not None:
             cache.close()
-    result = {name: [_value(metric, *sums[name][i]) for i in range(len(bits))] for name in names}
+    return {name: [work.value(*sums[name][i]) for i in range(len(bits))] for name in names if name in sums}
+
+
+def compute_sensitivity(
+    cfg: DictConfig,
+    run: RunDir,
+    kind: str,
+    metric: str,
+    method: str | None = None,
+    pipe: Any | None = None,
+    show: bool = True,
+    write: bool = True,
+) -> dict[str, list[float]]:
+    """{layer: [metric at each candidate bit]}; resumable through a partial file when ``write``."""
+    if kind not in KINDS or metric not in METRIC_TYPES:
+        raise MpqError(f"sensitivity type must be {'|'.join(KINDS)} and metric {'|'.join(METRIC_TYPES)} (got {kind}, {metric})")
+    pipe, qm, manifest = quantized_pipeline(cfg, run, pipe, dtype=torch_dtype(cfg.sensitivity.dtype))
+    bits: list[int] = list(manifest["bits"])
+    names = layer_names_for(qm, cfg, METRIC_TYPES[metric])
+    if not names:
+        raise MpqError(f"no layer is in the content group (patterns {list(cfg.groups.content)}); the SSIM file would be empty")
+    fast = (method or cfg.sensitivity.method) == "fast"
+    work = METRIC_TYPES[metric](pipe, qm, cfg, run, fast)
+    share = fast and share_bits(cfg.sensitivity.share_bits, metric)
+    sig = _signature(cfg, run, kind, metric, bits)
+    partial = _partial_path(run, kind, metric)
+    state: dict[str, Any] = {"signature": sig, "done": [], "sums": {}}
+    if write and partial.is_file():
+        try:
+            loaded = read_json(partial)
+            if loaded.get("signature") == sig:
+                state = loaded
+        except MpqError:
+            pass  # a corrupt partial file: start over
+    done = {tuple(d) for d in state["done"]}
+    sums: dict[str, list[list[float]]] = state["sums"]
+    last_save = [time.monotonic()]
+
+    def save() -> None:
+        if write and time.monotonic() - last_save[0] >= cfg.sensitivity.save_every_s:
+            state["done"] = sorted(done)
+            write_json(partial, state)
+            last_save[0] = time.monotonic()
+
+    bar = progress(total=len(work.batches) * len(names), initial=len(done), unit="layer", disable=not show,
+                   desc=f"sensitivity {kind} {metric} ({'fast' if fast else 'naive'})")
+    try:
+        result = score_layers(qm, work, names, bits, kind, fast, share, cfg.sensitivity.cache_budget_mb * 2**20, done, sums, save, bar)
+    finally:
+        bar.close()
     if write:
-        if metric == "sqnr":
+        if isinstance(work, Sqnr):
             floor = float_floor(cfg, work)
             write_json(run.root / "sensitivity" / "float_floor.json", floor)
             warning = inseparable(result, floor["sensitivity_floor_db"])
@@ -260,7 +317,7 @@ def compute_sensitivity(
     return result
 
 
-def float_floor(cfg: DictConfig, work: _Work) -> dict[str, Any]:
+def float_floor(cfg: DictConfig, work: Sqnr) -> dict[str, Any]:
     """The float noise floors (SQNR in dB, +inf when exact): ``run_floor_db``, the calibration run's FP
     output (``model.dtype``) against this pass's FP output (``sensitivity.dtype``); ``sensitivity_floor_db``,
     this pass's FP output against the same weights in fp32 (first batch; +inf when already fp32). A
@@ -295,7 +352,7 @@ def inseparable(result: dict[str, list[float]], floor_db: float, margin_db: floa
             f"{floor_db:.1f} dB float floor of sensitivity.dtype; their order is rounding noise: use sensitivity.dtype=fp32")
 
 
-def _chunks(work: _Work, cache: PrefixCache | None, n: int, budget: float, done: set[tuple[int, str]], names: list[str]) -> Iterator[list[int]]:
+def _chunks(work: Metric, cache: PrefixCache | None, n: int, budget: float, done: set[tuple[int, str]], names: list[str]) -> Iterator[list[int]]:
     """Batch indices in order, grouped so that the FP activations recorded for a group fit the budget."""
     pending = [k for k in range(n) if any((k, name) not in done for name in names)]
     if cache is None:
@@ -319,32 +376,12 @@ def _chunks(work: _Work, cache: PrefixCache | None, n: int, budget: float, done:
         cache.clear()
 
 
-def plot_sensitivity(run: RunDir, kind: str, metric: str, values: dict[str, list[float]], bits: list[int], groups: dict[str, str]) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from mpq.io import write_with
-
-    names = list(values)
-    fig, ax = plt.subplots(figsize=(max(8, len(names) / 25), 4.2))
-    markers = ["v", "s", "o", "^", "D"]
-    colors = {"content": "tab:orange", "quality": "tab:blue"}
-    for bi, b in enumerate(bits):
-        for g, color in colors.items():
-            idx = [i for i, n in enumerate(names) if groups.get(n) == g]
-            if idx:
-                y = [min(values[names[i]][bi], 150.0) for i in idx]
-                ax.scatter(idx, y, s=12, marker=markers[bi % len(markers)], color=color, alpha=0.5 + 0.5 * bi / max(1, len(bits) - 1),
-                           label=f"{g}, {b} bit")
-    ax.set_xlabel("layer index (module order)")
-    ax.set_ylabel("SQNR of denoiser output (dB)" if metric == "sqnr" else "SSIM vs FP image")
-    ax.set_title(f"{kind} sensitivity, {metric.upper()}: each layer quantized alone")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=len(bits), loc="lower left")
-    fig.tight_layout()
-    path = run.root / "report" / f"sensitivity_{kind}_{metric}.png"
-    write_with(path, lambda tmp: fig.savefig(tmp, format="png", dpi=100))
-    plt.close(fig)
-    return path
+def run_sensitivity(cfg: DictConfig, run: RunDir, kinds: tuple[str, ...] = KINDS, metrics: tuple[str, ...] = METRICS,
+                    method: str | None = None, pipe: Any | None = None, show: bool = True) -> dict[str, dict[str, list[float]]]:
+    """The sensitivity stage: ``sensitivity/<kind>_<metric>.yaml`` for every kind and metric."""
+    out = {}
+    for kind in kinds:
+        for metric in metrics:
+            out[f"{kind}_{metric}"] = values = compute_sensitivity(cfg, run, kind, metric, method, pipe, show)
+            print(f"[sensitivity] {kind} {metric}: {len(values)} layers -> {result_path(run, kind, metric)}", flush=True)
+    return out

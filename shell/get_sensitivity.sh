@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# All four sensitivity files (weight/act x sqnr/ssim) and their plots:
-#   RUN_DIR/sensitivity/{weight,act}_{sqnr,ssim}.yaml, RUN_DIR/report/sensitivity_*.png
+# All four sensitivity files (weight/act x sqnr/ssim) and the float floor (plots: `mpq report`):
+#   RUN_DIR/sensitivity/{weight,act}_{sqnr,ssim}.yaml, RUN_DIR/sensitivity/float_floor.json
 # Each is resumable on its own: re-run after a kill and it continues where it stopped.
 # Usage: shell/get_sensitivity.sh [RUN_DIR] [key=value ...]   (RUN_DIR default: outputs/tiny-sdxl)
 set -euo pipefail

@@ -15,7 +15,7 @@ from mpq.ptq import run_ptq
 from mpq.quant.model import QuantModel
 from mpq.rundir import RunDir
 
-SMALL = ["calib.num_samples=8", "sampling.batch_size=4", "calib.batch_size=8", "model.device=cpu"]
+SMALL = ["sampling.steps=1", "calib.num_samples=8", "sampling.batch_size=4", "calib.batch_size=8", "model.device=cpu"]
 
 
 @pytest.fixture(scope="session")
@@ -33,10 +33,15 @@ def tiny_run(tmp_path_factory, tiny_cfg) -> RunDir:
     return run
 
 
-def denoiser_sqnr(qm: QuantModel, calib: CalibData) -> float:
+def fp_outputs(qm: QuantModel, calib: CalibData) -> list[torch.Tensor]:
+    with torch.no_grad():
+        return [qm(**kwargs, return_dict=False)[0] for kwargs, _ in calib.batches(8, torch.device("cpu"))]
+
+
+def denoiser_sqnr(qm: QuantModel, calib: CalibData, refs: list[torch.Tensor]) -> float:
     acc = SqnrAccumulator()
     with torch.no_grad():
-        for kwargs, ref in calib.batches(8, torch.device("cpu")):
+        for (kwargs, _), ref in zip(calib.batches(8, torch.device("cpu")), refs):
             acc.update(qm(**kwargs, return_dict=False)[0], ref)
     return acc.value
 
@@ -50,3 +55,24 @@ def fresh_qm(tiny_cfg):
 
 def repo_root() -> Path:
     return Path(__file__).resolve().parent.parent
+
+
+# the whole flow once per session, with small sizes: shared by the end-to-end and artifact tests
+FULL_SMALL = ["sampling.steps=1", "calib.num_samples=8", "sampling.batch_size=4", "calib.batch_size=8", "model.device=cpu", "sensitivity.num_images=4",
+              "sensitivity.batch_size=8", "select.num_images=4", "infer.num_images=4", "search.sweep_steps=2", "search.weight.k_num=2",
+              "search.act.k_num=2", "eval.num_images=8"]
+
+
+@pytest.fixture(scope="session")
+def full_run(tmp_path_factory) -> tuple[RunDir, str]:
+    """A finished ``mpq run`` directory and what the command printed."""
+    import contextlib
+    import io
+
+    from mpq.cli import main
+
+    run = RunDir(tmp_path_factory.mktemp("full") / "run")
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert main(["run", "--config", "tiny-sdxl", "--outdir", str(run.root), *FULL_SMALL]) == 0
+    return run, out.getvalue()

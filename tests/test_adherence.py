@@ -10,7 +10,15 @@ from mpq.config import load_config
 from mpq.generate import generate
 from mpq.models import load_pipeline
 from mpq.models.loader import WEIGHTS_DIR
-from mpq.shapes.data import ATTRIBUTES, HELDOUT_CAPTIONS, all_scenes, heldout_scenes, render, sample_scenes, to_uint8
+from mpq.shapes.data import (
+    ATTRIBUTES,
+    HELDOUT_CAPTIONS,
+    all_scenes,
+    heldout_scenes,
+    render,
+    sample_scenes,
+    to_uint8,
+)
 from mpq.shapes.judge import adherence, shipped_judge
 
 FP_GOAL_ALL, FP_GOAL_EACH = 0.85, 0.90  # issue: on held-out scenes at the default steps

@@ -62,3 +62,31 @@ def test_plan_with_unknown_layer_or_uncalibrated_bits(capsys, tiny_run, tmp_path
 def test_run_dir_without_checkpoint(capsys, tmp_path):
     code, err = run_cli(capsys, "infer", "--base_path", str(tmp_path), "--config", "tiny-sdxl", "--weight-bits", "8")
     assert code == 2 and len(err.splitlines()) == 1 and "ckpt.safetensors" in err
+
+
+def test_a_run_directory_is_used_by_one_job_at_a_time(tiny_run, tmp_path, capsys):
+    """A second job on a busy run directory gets a one-line error naming the holder; a killed holder's lock
+    is gone with its process and does not block the next job."""
+    import os
+    import shutil
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import repo_root
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.root, run)
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom mpq.rundir import RunDir\n"
+                               f"with RunDir({str(run)!r}).lock('mpq sensitivity'):\n    print('held', flush=True)\n    time.sleep(600)\n"],
+                              cwd=repo_root(), stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    code, err = run_cli(capsys, "sensitivity", "--base_path", str(run), "--kind", "weight", "--metric", "sqnr")
+    assert code == 2 and len(err.splitlines()) == 1 and f"pid {holder.pid}" in err and "mpq sensitivity" in err
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.wait()
+    from mpq.rundir import RunDir
+
+    with RunDir(run).lock("mpq report"):  # the stale lock file is still there, but nobody holds it
+        pass
+    assert (run / ".lock").is_file()

@@ -17,7 +17,7 @@ def test_mixdq_plan_files_drive_generation(tiny_run, tmp_path, capsys):
     assert torch.load(protect) == names[:3]  # the MixDQ storage: a torch.save'd list
     out = tmp_path / "imgs"
     code = main(["infer", "--base_path", str(tiny_run.root), "--config_weight_mp", str(w_plan), "--config_act_mp", str(a_plan),
-                 "--act_protect", str(protect), "--num_imgs", "2", "--outdir", str(out)])
+                 "--act_protect", str(protect), "--num_imgs", "2", "--image-dir", str(out)])
     assert code == 0
     assert "MSE vs FP" in capsys.readouterr().out
     files = sorted(out.glob("*.png"))
@@ -27,7 +27,7 @@ def test_mixdq_plan_files_drive_generation(tiny_run, tmp_path, capsys):
 
 def test_uniform_w8a8_images_are_close_to_fp_and_fp_plan_is_exact(tiny_run, tmp_path):
     for flags, name in ((["--weight-bits", "fp", "--act-bits", "fp"], "fp"), (["--weight-bits", "8", "--act-bits", "8"], "w8a8")):
-        assert main(["infer", "--base_path", str(tiny_run.root), *flags, "--num_imgs", "4", "--outdir", str(tmp_path / name)]) == 0
+        assert main(["infer", "--base_path", str(tiny_run.root), *flags, "--num_imgs", "4", "--image-dir", str(tmp_path / name)]) == 0
     fp_ref = np.asarray(Image.open(tiny_run.fp_images / "0000.png"), dtype=np.float64)
     same = np.asarray(Image.open(tmp_path / "fp" / "0000.png"), dtype=np.float64)
     w8 = np.asarray(Image.open(tmp_path / "w8a8" / "0000.png"), dtype=np.float64)

@@ -13,9 +13,10 @@ from torch import nn
 from mpq.cli import main
 from mpq.errors import MpqError
 from mpq.metrics import image_ssim, mixdq_window, sqnr
+from mpq.problem import act_protect_list
 from mpq.quant.layers import QuantConv2d, QuantLinear
+from mpq.quant.model import LayerInfo
 from mpq.rundir import RunDir
-from mpq.search_run import SizedLayer, act_protect_list
 
 
 def _calibrated(layer: nn.Module, xs: list[torch.Tensor], bits=(2, 4, 8), **kw):
@@ -86,7 +87,7 @@ def test_mixdq_ssim_equals_scikit_image_with_mixdq_settings():
 
 
 def test_act_protect_rule_ranks_each_group_at_the_given_bit():
-    layers = [SizedLayer(f"c{i}", "content", 10, 0) for i in range(150)] + [SizedLayer(f"q{i}", "quality", 10, 0) for i in range(120)]
+    layers = [LayerInfo(f"c{i}", "linear", "content", 10, 10, 1) for i in range(150)] + [LayerInfo(f"q{i}", "conv", "quality", 10, 10, 1) for i in range(120)]
     ssim = {f"c{i}": [0.5, 0.9, 0.999 - i * 1e-4] for i in range(150)}
     ssim["c7"] = [0.99, 0.995, 0.90]  # worst at 8 bit, best at 2 bit
     sqnr_t = {f"q{i}": [5.0, 20.0, 60.0 - i * 0.01] for i in range(120)}
@@ -132,7 +133,7 @@ def _ptq_and_sqnr(run: RunDir, overrides: list[str]) -> dict:
 
     cfg = run.load_config(None, ["sensitivity.num_images=4", "sensitivity.batch_size=8", *overrides])
     run_ptq(cfg, run)
-    compute_sensitivity(cfg, run, "weight", "sqnr", progress=False)
+    compute_sensitivity(cfg, run, "weight", "sqnr", show=False)
     return json.loads((run.root / "sensitivity" / "float_floor.json").read_text())
 
 
@@ -150,12 +151,19 @@ def test_fp32_sensitivity_does_not_depend_on_the_generation_dtype(tiny_run, tmp_
     assert ckpts[0] == ckpts[1]
 
 
-def test_low_precision_sensitivity_measures_its_floor_and_warns(tiny_run, tmp_path, capsys):
-    run = RunDir(tmp_path / "bf16")
-    shutil.copytree(tiny_run.root, run.root)
-    floor = _ptq_and_sqnr(run, ["sensitivity.dtype=bf16"])
+def test_low_precision_sensitivity_measures_its_floor_and_warns(tiny_run):
+    """In bf16 the float floor is finite and measured; scores within it are flagged as inseparable."""
+    from mpq.infer import quantized_pipeline
+    from mpq.sensitivity import Sqnr, float_floor, inseparable
+
+    cfg = tiny_run.load_config(None, ["sensitivity.dtype=bf16"])
+    pipe, qm, _ = quantized_pipeline(cfg, tiny_run, dtype=torch.bfloat16)
+    floor = float_floor(cfg, Sqnr(pipe, qm, cfg, tiny_run, True))
     assert 10 < floor["sensitivity_floor_db"] < 80 and 10 < floor["run_floor_db"] < 80  # bf16 keeps ~8 bits of mantissa
-    assert "float floor" in capsys.readouterr().out
+    fl = floor["sensitivity_floor_db"]
+    warning = inseparable({"a": [fl - 20, fl - 1, fl - 0.5], "b": [fl - 30, fl - 20, fl - 10]}, fl)
+    assert warning and warning.startswith("1 layers (first: a)") and "float floor" in warning
+    assert inseparable({"b": [fl - 30, fl - 20, fl - 10]}, fl) is None and inseparable({"a": [1.0, 1.0, 1.0]}, float("inf")) is None
 
 
 def test_unknown_ssim_kind_is_a_config_error():

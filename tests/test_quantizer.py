@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from mpq.quant.quantizer import act_qparams, fake_quant, qrange, quantize_weight, running_minmax, weight_scale
+from mpq.quant.quantizer import (
+    act_qparams,
+    fake_quant,
+    qrange,
+    quantize_weight,
+    running_minmax,
+    weight_scale,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 4, 8])
@@ -49,14 +56,19 @@ def test_per_channel_scale_shapes_linear_and_conv():
     assert weight_scale(w, 8).flatten().tolist() == pytest.approx([1 / 127, 2 / 127, 4 / 127])
 
 
-def test_mse_scale_search_is_no_worse_than_minmax():
+def test_mse_scale_search_picks_each_channels_best_clipping_and_beats_minmax_on_outliers():
     torch.manual_seed(1)
     w = torch.randn(32, 256) * torch.rand(32, 1)
     w[:, 0] *= 20  # outliers: clipping pays off at low bits
     for bits in (2, 4):
-        mm = (quantize_weight(w, weight_scale(w, bits, method="minmax"), bits) - w).pow(2).sum()
-        mse = (quantize_weight(w, weight_scale(w, bits, method="mse"), bits) - w).pow(2).sum()
-        assert mse <= mm
+        qmax = qrange(bits, symmetric=True)[1]
+        amax = w.abs().amax(dim=1, keepdim=True)
+        per_ratio = torch.stack([(quantize_weight(w, amax * r / qmax, bits) - w).pow(2).sum(dim=1)
+                                 for r in torch.linspace(1.0, 0.3, 50).tolist()])  # brute force over the same grid
+        chosen = (quantize_weight(w, weight_scale(w, bits, method="mse", grid=50, min_ratio=0.3), bits) - w).pow(2).sum(dim=1)
+        assert torch.allclose(chosen, per_ratio.min(dim=0).values, rtol=1e-6)
+        minmax = per_ratio[0].sum()
+        assert chosen.sum() < 0.9 * minmax  # with outliers, clipping removes ~20% of the error (measured 0.80x at 2 and 4 bits)
 
 
 def test_running_minmax_momentum():
@@ -77,3 +89,23 @@ def test_all_bits_minmax_scales_match_per_bit_scales():
         assert torch.equal(shared[b], weight_scale(w, b))
     mse = weight_scales(w, [2, 4], method="mse")
     assert torch.equal(mse[2], weight_scale(w, 2, method="mse"))
+
+
+def test_image_metrics_match_torchmetrics_definitions():
+    """mpq computes PSNR from its MSE and SSIM with scikit-image (fast on CPU): the same numbers as torchmetrics."""
+    import numpy as np
+    from torchmetrics.functional.image import (
+        peak_signal_noise_ratio,
+        structural_similarity_index_measure,
+    )
+
+    from mpq.metrics import image_psnr, image_ssim
+
+    rng = np.random.default_rng(0)
+    a = rng.random((3, 64, 64, 3))
+    b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)
+    ta, tb = (torch.from_numpy(x).permute(0, 3, 1, 2) for x in (a, b))
+    psnr = peak_signal_noise_ratio(ta, tb, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy()
+    assert np.allclose(image_psnr(a, b), psnr, rtol=1e-6)  # torchmetrics sums in float32
+    ssim = structural_similarity_index_measure(ta, tb, data_range=1.0, reduction="none").numpy()
+    assert np.allclose(image_ssim(a, b, "gaussian"), ssim, atol=1e-3)  # same definition; border handling differs slightly

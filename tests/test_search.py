@@ -12,15 +12,17 @@ from mpq.config import load_config
 from mpq.errors import MpqError
 from mpq.groups import CONTENT, QUALITY
 from mpq.layer_table import layer_table
-from mpq.plan import act_bytes, read_plan, weight_bytes
+from mpq.plan import CostModel, act_bytes, read_plan, weight_bytes
+from mpq.problem import budget_for_avg, build_problem
+from mpq.quant.model import LayerInfo
 from mpq.search import solve_compare, solve_mpq, solve_reference, split_target
-from mpq.search_run import SizedLayer, budget_for_avg, build_problem
 
 BITS = [2, 4, 8]
 
 
 def random_problem(rng, n, kind="weight"):
-    layers = [SizedLayer(f"model.l{i}", CONTENT if i % 2 else QUALITY, int(rng.integers(50, 5000)), int(rng.integers(1, 16))) for i in range(n)]
+    numel = [int(rng.integers(50, 5000)) for _ in range(n)]
+    layers = [LayerInfo(f"model.l{i}", "linear", CONTENT if i % 2 else QUALITY, numel[i], numel[i], int(rng.integers(1, 16))) for i in range(n)]
     ssim = {l.name: sorted(rng.uniform(0.3, 1.0, 3).tolist()) for l in layers if l.group == CONTENT}
     sqnr = {l.name: sorted(rng.uniform(0.0, 60.0, 3).tolist()) for l in layers}
     return build_problem(kind, layers, ssim, sqnr, BITS, {CONTENT: BITS, QUALITY: BITS}), layers
@@ -102,17 +104,19 @@ def test_plan_bytes_equal_sum_of_packed_layer_sizes():
     infos = layer_table(cfg)
     rng = np.random.default_rng(0)
     plan = {i.name: int(rng.choice(BITS)) for i in infos}
-    layers = [SizedLayer(i.name, i.group, i.weight_numel, i.out_channels) for i in infos]
     flat = {i.name: [0.5, 0.7, 0.9] for i in infos}
-    problem = build_problem("weight", layers, flat, flat, BITS, {CONTENT: BITS, QUALITY: BITS})
-    expected = sum(math.ceil(i.weight_numel * plan[i.name] / 8) + 2 * i.out_channels for i in infos)
+    problem = build_problem("weight", infos, flat, flat, BITS, {CONTENT: BITS, QUALITY: BITS})
+    # packed weights + one fp16 scale per output channel and input part (split skip inputs have two parts)
+    expected = sum(math.ceil(i.weight_numel * plan[i.name] / 8) + 2 * i.out_channels * i.n_parts for i in infos)
+    assert sum(i.n_parts == 2 for i in infos) == 6
     assert problem.plan_bytes(plan) == expected
-    # activations: packed input + per-tensor scale and zero point; protected layers count as fp16
-    alayers = [SizedLayer(i.name, i.group, i.act_numel, 1) for i in infos]
+    # activations: packed input + per-tensor scale and zero point per part; a BOS token and protected layers stay FP
     protect = [infos[0].name]
-    aproblem = build_problem("act", alayers, flat, flat, BITS, {CONTENT: [4, 8], QUALITY: [4, 8]}, protect=protect)
+    aproblem = build_problem("act", infos, flat, flat, BITS, {CONTENT: [4, 8], QUALITY: [4, 8]}, protect=protect, cost=CostModel(2, 4))
     aplan = {i.name: 8 for i in infos[1:]}
-    assert aproblem.plan_bytes(aplan) == infos[0].act_numel * 2 + sum(math.ceil(i.act_numel * 8 / 8) + 4 for i in infos[1:])
+    assert aproblem.plan_bytes(aplan) == infos[0].act_numel * 4 + sum(
+        (i.act_numel - i.bos_numel) + 4 * i.n_parts + 4 * i.bos_numel for i in infos[1:])
+    assert sum(i.bos_numel > 0 for i in infos) == 12
     assert weight_bytes(100, 3, 4) == 50 + 6 and act_bytes(10, 2) == 3 + 4 and weight_bytes(100, 3, None) == 200
 
 
@@ -212,11 +216,12 @@ def test_compare_rejects_incomplete_plan():
         solve_compare(problem, {problem.names[0]: 4})
 
 
-def test_run_dir_search_writes_family_csv_plot_and_dedupes(tiny_run, tmp_path):
-    import csv
+def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
+    import math
     import shutil
     import subprocess
 
+    from mpq.candidates import read_candidates
     from mpq.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
@@ -232,28 +237,30 @@ def test_run_dir_search_writes_family_csv_plot_and_dedupes(tiny_run, tmp_path):
     out = subprocess.run(["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
                          capture_output=True, text=True, cwd=str(__import__("conftest").repo_root()))
     assert out.returncode == 0, out.stderr
-    rows = list(csv.DictReader(open(run.root / "candidates" / "pareto.csv")))
-    assert {r["kind"] for r in rows} == {"weight", "act"}
-    assert len([r for r in rows if r["kind"] == "weight"]) == 3 * 10 and len([r for r in rows if r["kind"] == "act"]) == 3 * 4
+    rows = read_candidates(run.root / "candidates" / "pareto.csv")
+    assert {r.kind for r in rows} == {"weight", "act"}
+    assert len([r for r in rows if r.kind == "weight"]) == 3 * run.load_config().search.weight.k_num
+    assert len([r for r in rows if r.kind == "act"]) == 3 * 4
     for kind in ("weight", "act"):
-        files = {r["plan_file"] for r in rows if r["kind"] == kind and r["plan_file"]}
+        files = {r.plan_file for r in rows if r.kind == kind and r.plan_file}
         on_disk = {p.name for p in (run.root / "candidates" / kind).glob("*.yaml")}
         assert files == on_disk  # one file per distinct plan
         plans = [tuple(sorted(read_plan(run.root / "candidates" / kind / f).items())) for f in on_disk]
         assert len(plans) == len(set(plans))
-        assert any(r["pareto"] == "True" for r in rows if r["kind"] == kind)
-        assert all(r["status"] == "OPTIMAL" for r in rows if r["kind"] == kind and r["plan_file"])
-    assert (run.root / "report" / "pareto.png").stat().st_size > 10_000
+        assert any(r.pareto for r in rows if r.kind == kind)
+        assert all(r.status == "OPTIMAL" for r in rows if r.kind == kind and r.plan_file)
+    assert not (run.root / "report").exists()  # plots belong to the report stage
     protect = __import__("torch").load(run.root / "candidates" / "act_protect.pt")
-    assert len(protect) == 1 + 2  # 2% of 36 content and of 87 quality layers, rounded up
+    n_content = sum(i.group == CONTENT for i in infos)
+    assert len(protect) == math.ceil(0.01 * n_content) + math.ceil(0.01 * (len(infos) - n_content))  # 1% of each group
     act_plan = read_plan(next((run.root / "candidates" / "act").glob("*.yaml")))
     assert not set(protect) & set(act_plan)
     # a single solve in the run lands beside the sweep folders, never over a sweep plan
     before = {p.name: p.read_text() for p in (run.root / "candidates" / "weight").glob("*.yaml")}
-    assert main(["search", "--base_path", str(run.root), "--kind", "weight", "--K", "1.0", "--target_bitwidth", "3.9",
+    assert main(["search", "--base_path", str(run.root), "--kind", "weight", "--K", "0.8", "--target_bitwidth", "3.9",
                  "search.sweep_steps=3", "search.act.k_num=4"]) == 0
     assert {p.name: p.read_text() for p in (run.root / "candidates" / "weight").glob("*.yaml")} == before
-    assert len(list((run.root / "candidates" / "manual").glob("weight_*_1.00.yaml"))) == 1
+    assert len(list((run.root / "candidates" / "manual").glob("weight_*_0.80.yaml"))) == 1
     again = subprocess.run(["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
                            capture_output=True, text=True, cwd=str(__import__("conftest").repo_root()))
     assert "up to date, skipped" in again.stdout

@@ -6,11 +6,24 @@ import subprocess
 import sys
 
 import torch
-
 from conftest import repo_root
+
 from mpq.models.tiny import build_tokenizer, shapes_words
-from mpq.shapes.data import (ATTRIBUTES, BACKGROUNDS, COLORS, HELDOUT_CAPTIONS, POSITIONS, VOCAB, Scene, all_scenes, heldout_scenes,
-                             parse_caption, render, sample_scenes, train_scenes)
+from mpq.shapes.data import (
+    ATTRIBUTES,
+    BACKGROUNDS,
+    COLORS,
+    HELDOUT_CAPTIONS,
+    POSITIONS,
+    VOCAB,
+    Scene,
+    all_scenes,
+    heldout_scenes,
+    parse_caption,
+    render,
+    sample_scenes,
+    train_scenes,
+)
 
 
 def test_every_vocabulary_word_is_in_the_captions_and_captions_parse_back():

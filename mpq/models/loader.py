@@ -94,7 +94,11 @@ def _source(model_id: str) -> str:
 
 
 def _set_scheduler(pipe: Any, cfg: DictConfig) -> None:
-    from diffusers import DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler
+    from diffusers import (
+        DDIMScheduler,
+        EulerAncestralDiscreteScheduler,
+        EulerDiscreteScheduler,
+    )
 
     kinds = {"euler_ancestral": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
     if cfg.sampling.scheduler == "keep":

@@ -120,7 +120,12 @@ def build_tokenizer() -> Any:
 
 def build_pipeline(seed: int = TINY_SEED) -> Any:
     """The untrained pipeline (deterministic: same weights on every machine for a seed)."""
-    from diffusers import AutoencoderKL, EulerAncestralDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from diffusers import (
+        AutoencoderKL,
+        EulerAncestralDiscreteScheduler,
+        StableDiffusionXLPipeline,
+        UNet2DConditionModel,
+    )
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     tokenizer = build_tokenizer()

@@ -28,7 +28,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.quant.quantizer import act_qparams, fake_quant, qrange, quantize_weight, running_minmax, weight_scales
+from mpq.quant.quantizer import (
+    act_qparams,
+    fake_quant,
+    qrange,
+    quantize_weight,
+    running_minmax,
+    weight_scales,
+)
 
 BUFFERS = ("qbits", "w_scale", "a_scale", "a_zero", "a_range")
 
@@ -53,6 +60,8 @@ class QuantLayer:
         self.observing = False
         self.a_observed = False
         self.momentum = 0.95
+        self.observe_repeats = 1  # range updates per batch (MixDQ: one per candidate bit)
+        self.observe_bits: int | None = None  # quantize W and A at these bits while observing (MixDQ: 8), else FP
         self._wcache: dict[int, torch.Tensor] = {}
         self.multi: tuple[str, list[int]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
 
@@ -64,6 +73,7 @@ class QuantLayer:
         self.bos_aware, self.a_symmetric = bos_aware, a_symmetric
         n, parts, dev = len(bits), len(self.in_split) - 1, self.weight.device
         self.register_buffer("qbits", torch.tensor(list(bits), dtype=torch.int64, device=dev))
+        self._bits: list[int] | None = [int(b) for b in bits]
         self.register_buffer("w_scale", torch.zeros(n, parts, self.weight.shape[0], device=dev))
         self.register_buffer("a_scale", torch.zeros(n, parts, device=dev))
         self.register_buffer("a_zero", torch.zeros(n, parts, device=dev))
@@ -74,7 +84,12 @@ class QuantLayer:
 
     @property
     def bits(self) -> list[int]:
-        return [int(b) for b in self.qbits.tolist()] if hasattr(self, "qbits") else []
+        """The calibrated bit-widths (mirrors the ``qbits`` buffer, readable on any device, ``meta`` included)."""
+        if not hasattr(self, "qbits"):
+            return []
+        if getattr(self, "_bits", None) is None or len(self._bits) != self.qbits.numel():
+            self._bits = [int(b) for b in self.qbits.tolist()]
+        return self._bits
 
     @property
     def n_parts(self) -> int:
@@ -167,7 +182,11 @@ class QuantLayer:
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.observing:
-            self.observe(x)
+            for _ in range(self.observe_repeats):
+                self.observe(x)
+            if self.observe_bits is not None:  # MixDQ calibrates with the quantizers on, using the ranges so far
+                self.finalize_act()
+                return self._quant_forward(x, self.observe_bits, self.observe_bits)
         if self.multi is None:
             return self._quant_forward(x, self.w_bits, self.a_bits)
         kind, bits = self.multi
@@ -181,6 +200,7 @@ class QuantLayer:
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._wcache = {}
+        self._bits = None  # re-read from the loaded qbits
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
     def quant_state(self) -> dict[str, torch.Tensor]:

@@ -118,14 +118,16 @@ class QuantModel:
             layer.set_bits(weight_bits.get(name), act_bits.get(name))
 
     @contextmanager
-    def observing(self, momentum: float) -> Iterator[None]:
+    def observing(self, momentum: float, repeats: int = 1, quant_bits: int | None = None) -> Iterator[None]:
+        """Record input ranges while in the block (``repeats`` updates a call; with ``quant_bits``, W and A are
+        quantized at those bits with the ranges so far, as MixDQ's calibration does)."""
         for layer in self.layers.values():
-            layer.observing, layer.momentum = True, momentum
+            layer.observing, layer.momentum, layer.observe_repeats, layer.observe_bits = True, momentum, repeats, quant_bits
         try:
             yield
         finally:
             for layer in self.layers.values():
-                layer.observing = False
+                layer.observing, layer.observe_repeats, layer.observe_bits = False, 1, None
 
     # ------------------------------------------------------------------ checkpoint
     def quant_state(self) -> dict[str, torch.Tensor]:

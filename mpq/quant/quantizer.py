@@ -104,7 +104,12 @@ def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool =
 def running_minmax(
     state: tuple[torch.Tensor, torch.Tensor] | None, x: torch.Tensor, momentum: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Update running (min, max) with one batch: r = m * r + (1 - m) * batch (first batch initializes)."""
+    """Update running (min, max) with one batch: r = m * r + (1 - m) * batch (first batch initializes).
+
+    Kept hand-written rather than torch.ao's ``MovingAverageMinMaxObserver``: that computes
+    ``r + c * (batch - r)``, which rounds differently from MixDQ's formula (so ranges, and every score
+    after them, would move in the last bits), and it is a module: one per layer part would join the
+    module tree that hooks and the prefix cache walk, where two buffers do the job."""
     xf = x.detach().float()
     lo, hi = xf.amin(), xf.amax()
     if state is None:

@@ -63,14 +63,14 @@ class ShapeJudge(nn.Module):
 
 
 def save_judge(judge: ShapeJudge, path: str | Path, metrics: dict[str, Any] | None = None) -> None:
-    from mpq.io import save_tensors
+    from mpq.files import save_tensors
 
     meta = {"mpq_judge": json.dumps({"config": judge.config, "attributes": {a: list(VOCAB[a]) for a in ATTRIBUTES}, "metrics": metrics or {}})}
     save_tensors(path, judge.state_dict(), metadata=meta)
 
 
 def load_judge(path: str | Path = JUDGE_FILE) -> ShapeJudge:
-    from mpq.io import load_tensors, read_tensor_metadata
+    from mpq.files import load_tensors, read_tensor_metadata
 
     meta = read_tensor_metadata(path)
     if "mpq_judge" not in meta:

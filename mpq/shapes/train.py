@@ -11,7 +11,7 @@ same weights):
    the scaling factor is set to 1 / std of the latents, as SD did.
 3. **UNet and both text encoders together**, from scratch, through the
    pipeline's own ``encode_prompt`` (the exact text path used at inference):
-   v-prediction, MSE, AdamW, cosine LR, EMA weights. Half the timesteps are
+   v-prediction, MSE, AdamW, constant LR after warmup, EMA weights. Half the timesteps are
    uniform, half are the trailing timesteps a 1/2/4-step sampler visits
    (999, 749, 499, 249): the model is used with few steps, so those are
    where it must be best.
@@ -35,11 +35,19 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from mpq.progress import progress as tqdm
 
 from mpq.errors import MpqError
-from mpq.io import write_with
-from mpq.shapes.data import ATTRIBUTES, all_scenes, heldout_scenes, render, sample_scenes, to_uint8, train_scenes
+from mpq.files import write_with
+from mpq.progress import progress
+from mpq.shapes.data import (
+    ATTRIBUTES,
+    all_scenes,
+    heldout_scenes,
+    render,
+    sample_scenes,
+    to_uint8,
+    train_scenes,
+)
 from mpq.shapes.judge import ShapeJudge, save_judge
 
 TRAIN_TIMESTEPS = (999, 749, 499, 249)  # what trailing spacing visits with 1, 2 and 4 steps
@@ -56,7 +64,7 @@ class TrainConfig:
     vae_shape_weight: float = 10.0
     vae_kl: float = 1e-6
     pool_size: int = 16384
-    unet_steps: int = 8000
+    unet_steps: int = 1000
     unet_batch: int = 64
     unet_lr: float = 1e-3
     ema_decay: float = 0.999
@@ -68,10 +76,12 @@ class TrainConfig:
 
 
 # ------------------------------------------------------------------------------ helpers
-def _lr_lambda(steps: int, warmup: int) -> Callable[[int], float]:
+def _lr_lambda(steps: int, warmup: int, cosine: bool = True) -> Callable[[int], float]:
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if not cosine:
+            return 1.0
         progress = (step - warmup) / max(1, steps - warmup)
         return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
@@ -82,17 +92,22 @@ class _Phase:
     """Model(s), optimizer, scheduler, data generator and step of one phase, saved and restored as one."""
 
     def __init__(self, name: str, root: Path, modules: dict[str, torch.nn.Module], lr: float, steps: int, seed: int,
-                 extra: dict[str, Any] | None = None) -> None:
+                 extra: dict[str, Any] | None = None, cosine: bool = True, warmup: int | None = None) -> None:
         self.name, self.path, self.modules, self.steps = name, root / f"{name}.pt", modules, steps
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
-        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(steps, min(300, max(1, steps // 10))))
+        warmup = warmup if warmup is not None else min(300, max(1, steps // 10))
+        self.sched = torch.optim.lr_scheduler.LambdaLR(self.opt, _lr_lambda(steps, warmup, cosine))
         self.gen = torch.Generator().manual_seed(seed)
         self.step = 0
         self.extra = extra or {}
+        self.elapsed_s = 0.0  # wall time spent in this phase, summed over resumed runs
+        self._t0 = time.perf_counter()
         if self.path.is_file():
             state = torch.load(self.path, map_location="cpu", weights_only=False)
-            if state.get("steps") != steps:
+            # a cosine schedule depends on the total; a constant one does not, so such a phase may be extended
+            # (or finished early at a saved step): its first N steps are the same whatever the total
+            if (cosine and state.get("steps") != steps) or state["step"] > steps:
                 raise MpqError(f"{self.path} is from a run with {state.get('steps')} {name} steps, not {steps}; delete it or give the same steps")
             for k, m in modules.items():
                 m.load_state_dict(state["modules"][k])
@@ -101,14 +116,18 @@ class _Phase:
             self.gen.set_state(state["gen"])
             self.step = state["step"]
             self.extra = state.get("extra", self.extra)
+            self.elapsed_s = float(state.get("elapsed_s", 0.0))
 
     def save(self) -> None:
+        now = time.perf_counter()
+        self.elapsed_s += now - self._t0
+        self._t0 = now
         state = {"modules": {k: m.state_dict() for k, m in self.modules.items()}, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                 "gen": self.gen.get_state(), "step": self.step, "steps": self.steps, "extra": self.extra}
+                 "gen": self.gen.get_state(), "step": self.step, "steps": self.steps, "extra": self.extra, "elapsed_s": self.elapsed_s}
         write_with(self.path, lambda tmp: torch.save(state, tmp))
 
     def loop(self, every: int, desc: str) -> Iterator[int]:
-        bar = tqdm(total=self.steps, initial=self.step, desc=desc, unit="step", mininterval=5.0)
+        bar = progress(total=self.steps, initial=self.step, desc=desc, unit="step", mininterval=5.0)
         try:
             while self.step < self.steps:
                 yield self.step
@@ -142,7 +161,8 @@ def _vae_batch(cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, to
     return images * 2 - 1, weight
 
 
-def train_vae(pipe: Any, cfg: TrainConfig, root: Path, log: Callable[[str], None]) -> None:
+def train_vae(pipe: Any, cfg: TrainConfig, root: Path, log: Callable[[str], None]) -> float:
+    """Train the VAE in place; returns the phase's wall seconds (summed over resumed runs)."""
     vae = pipe.vae.train().requires_grad_(True)
     with torch.no_grad():  # start near-deterministic (posterior std ~0.02): with std ~1 the decoder first sees mostly noise
         vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
@@ -159,6 +179,7 @@ def train_vae(pipe: Any, cfg: TrainConfig, root: Path, log: Callable[[str], None
         if phase.step % 500 == 0:
             log(f"  vae step {phase.step}: loss {loss.item():.5f}")
     vae.eval().requires_grad_(False)
+    return phase.elapsed_s
 
 
 # ------------------------------------------------------------------------------ 2. latent pool
@@ -174,7 +195,7 @@ def encode_pool(pipe: Any, cfg: TrainConfig, root: Path) -> dict[str, torch.Tens
     scenes = train_scenes()
     dev = torch.device(cfg.device)
     idx, means, stds = [], [], []
-    for i in tqdm(range(0, cfg.pool_size, 64), desc="train: encode latent pool", unit="batch", mininterval=5.0):
+    for i in progress(range(0, cfg.pool_size, 64), desc="train: encode latent pool", unit="batch", mininterval=5.0):
         n = min(64, cfg.pool_size - i)
         k = torch.randint(len(scenes), (n,), generator=gen)
         images = to_uint8(render([scenes[j] for j in k.tolist()], cfg.resolution, gen)) * 2 - 1
@@ -193,7 +214,8 @@ def _time_ids(resolution: int, n: int) -> torch.Tensor:
     return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32).repeat(n, 1)
 
 
-def train_unet(pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root: Path, log: Callable[[str], None]) -> None:
+def train_unet(pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root: Path, log: Callable[[str], None]) -> float:
+    """Train the UNet and both text encoders in place (EMA weights kept); returns the phase's wall seconds."""
     from diffusers import DDPMScheduler
 
     dev = torch.device(cfg.device)
@@ -202,7 +224,9 @@ def train_unet(pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root:
     for m in trained.values():
         m.train().requires_grad_(True)
     ema = {k: [p.detach().clone() for p in m.parameters()] for k, m in trained.items()}
-    phase = _Phase("unet", root, trained, cfg.unet_lr, cfg.unet_steps, cfg.seed + 3, extra={"ema": ema})
+    # constant LR after a fixed warmup, EMA weights as the model: the run with N steps is the first N steps of
+    # any longer run, so a long run can be stopped at any saved step and reproduced with --unet-steps N
+    phase = _Phase("unet", root, trained, cfg.unet_lr, cfg.unet_steps, cfg.seed + 3, extra={"ema": ema}, cosine=False, warmup=300)
     ema = phase.extra["ema"]
     params = [p for m in trained.values() for p in m.parameters()]
     captions = [s.caption for s in train_scenes()]
@@ -234,6 +258,7 @@ def train_unet(pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root:
             for p, e in zip(m.parameters(), ema[key]):
                 p.copy_(e)
             m.eval().requires_grad_(False)
+    return phase.elapsed_s
 
 
 # ------------------------------------------------------------------------------ 4. judge
@@ -261,7 +286,7 @@ def judge_accuracy(judge: ShapeJudge, scenes: list[Any], resolution: int, seed: 
     return {a: float((preds[a] == truth[:, k]).float().mean()) for k, a in enumerate(ATTRIBUTES)}
 
 
-def train_judge(cfg: TrainConfig, root: Path, log: Callable[[str], None]) -> tuple[ShapeJudge, dict[str, Any]]:
+def train_judge(cfg: TrainConfig, root: Path, log: Callable[[str], None]) -> tuple[ShapeJudge, dict[str, Any], float]:
     judge = ShapeJudge()
     phase = _Phase("judge", root, {"judge": judge}, cfg.judge_lr, cfg.judge_steps, cfg.seed + 4)
     params = list(judge.parameters())
@@ -280,7 +305,7 @@ def train_judge(cfg: TrainConfig, root: Path, log: Callable[[str], None]) -> tup
         "heldout_scenes": judge_accuracy(judge, list(heldout_scenes()) * max(1, cfg.judge_eval // 60 // 4), cfg.resolution, cfg.seed + 7),
     }
     log(f"  judge accuracy on fresh renders: {json.dumps(metrics['fresh_renders'])}")
-    return judge, metrics
+    return judge, metrics, phase.elapsed_s
 
 
 # ------------------------------------------------------------------------------ all
@@ -293,21 +318,18 @@ def train_tiny(outdir: str | Path, cfg: TrainConfig, log: Callable[[str], None] 
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
-    t0 = time.perf_counter()
     pipe = build_pipeline(seed=cfg.seed + 1000)
     pipe.to(cfg.device)
-    timings: dict[str, float] = {}
-    train_vae(pipe, cfg, root, log)
-    timings["vae_s"] = time.perf_counter() - t0
+    # wall seconds per phase, summed over resumed runs (a phase saved by an older mpq counts only its resumed part)
+    timings: dict[str, float] = {"vae_s": train_vae(pipe, cfg, root, log)}
+    t0 = time.perf_counter()
     pool = encode_pool(pipe, cfg, root)
     sf = float(1.0 / pool["mean"].std())
     pipe.vae.register_to_config(scaling_factor=round(sf, 5))
-    timings["pool_s"] = time.perf_counter() - t0 - sum(timings.values())
+    timings["pool_s"] = time.perf_counter() - t0
     log(f"  latent std {1 / sf:.4f}: scaling_factor {pipe.vae.config.scaling_factor}")
-    train_unet(pipe, cfg, pool, root, log)
-    timings["unet_s"] = time.perf_counter() - t0 - sum(timings.values())
-    judge, metrics = train_judge(cfg, root, log)
-    timings["judge_s"] = time.perf_counter() - t0 - sum(timings.values())
+    timings["unet_s"] = train_unet(pipe, cfg, pool, root, log)
+    judge, metrics, timings["judge_s"] = train_judge(cfg, root, log)
     pipe.to("cpu")
     pipe.save_pretrained(out)
     save_judge(judge, out / "shapes-judge.safetensors", metrics)

@@ -1,0 +1,5 @@
+"""``python -m mpq`` (and ``torchrun -m mpq``) is the ``mpq`` command."""
+
+from mpq.cli import main_entry
+
+main_entry()

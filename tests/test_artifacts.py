@@ -1,0 +1,45 @@
+"""Every artifact a stage reads is checked when read: damage is a one-line error naming the file and the fix."""
+
+import shutil
+
+import pytest
+
+from mpq.cli import main
+
+# (artifact, how it is damaged, the command that reads it)
+CASES = [
+    ("calib/meta.json", "{}", ["ptq", "--force"]),
+    ("calib/step_000.safetensors", "truncated", ["ptq", "--force"]),
+    ("fp_images/0000.png", "not an image", ["select", "--force"]),
+    ("ckpt.safetensors", "truncated", ["sensitivity", "--force"]),
+    ("sensitivity/weight_sqnr.yaml", "model.conv_in: [1.0]\n", ["search", "--force"]),
+    ("sensitivity/act_ssim.yaml", ": : not yaml", ["search", "--force"]),
+    ("candidates/pareto.csv", "kind,mode\nweight,mpq\n", ["select", "--force"]),
+    ("candidates/act_protect.pt", "\x80garbage", ["select", "--force"]),
+    ("selection/weight_scores.csv", "plan_file,kind\nx,weight\n", ["report", "--force"]),
+    ("selection/final_weight.yaml", "model.conv_in: four\n", ["final", "--force"]),
+    ("selection/final_act_protect.pt", "\x80garbage", ["final", "--force"]),
+    ("report/summary.json", "{\"weight_bytes\": 1}", ["run"]),
+    ("config.yaml", "model: [unclosed", ["report"]),
+]
+
+
+@pytest.mark.parametrize("artifact,damage,command", CASES, ids=[c[0] for c in CASES])
+def test_damaged_artifact_is_a_one_line_error(full_run, tmp_path, capsys, artifact, damage, command):
+    run, _ = full_run
+    copy = tmp_path / "run"
+    shutil.copytree(run.root, copy)
+    target = copy / artifact
+    if damage == "truncated":
+        target.write_bytes(target.read_bytes()[:100])
+    else:
+        target.write_text(damage)
+    code = main([command[0], "--base_path", str(copy), *command[1:]])
+    out = capsys.readouterr().err
+    assert code == 2, out
+    assert "Traceback" not in out, out
+    errors = [line for line in out.splitlines() if line.startswith("mpq: error:")]  # besides progress lines
+    assert len(errors) == 1, out
+    err = errors[0]
+    assert artifact.split("/")[-1] in err, err
+    assert any(fix in err for fix in ("delete", "re-run", "--force", "fix")), err
