@@ -77,6 +77,32 @@ def sdxl_row(device: torch.device, n_layers: int, n_samples: int, dtype: str = "
     return "\n".join(out)
 
 
+def sdxl_forward_row(device: torch.device, dtype: str, repeats: int = 2) -> str:
+    """One denoiser forward of the full-size SDXL UNet (batch 1, 64x64 latents): what every sensitivity item costs
+    (naive: one per layer x bit x batch), in ``dtype``; run each dtype in its own process for its peak memory."""
+    import time
+
+    from _measure import peak_mb, sync
+
+    from mpq.quant.model import QuantModel
+
+    cfg = load_config("sdxl-turbo", [f"model.dtype={dtype}", f"model.device={device.type}"])
+    arch = load_arch(cfg)
+    den = random_denoiser(arch, torch_dtype(dtype), device)
+    calib = synthetic_calib(den, arch, cfg.sampling.resolution, 1, batch=1)
+    qm = QuantModel(den)
+    kwargs = next(iter(calib.batches(1, device, torch_dtype(dtype))))[0]
+    best = float("inf")
+    with torch.no_grad():
+        for _ in range(repeats):
+            sync(device)
+            t0 = time.perf_counter()
+            qm(**kwargs, return_dict=False)
+            sync(device)
+            best = min(best, time.perf_counter() - t0)
+    return f"| SDXL UNet forward, {dtype} | {device.type} | {best:.2f} s | {peak_mb(device):,.0f} MB |"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
@@ -87,8 +113,13 @@ def main() -> None:
     ap.add_argument("--sdxl-dtypes", nargs="+", default=["bf16"], choices=["fp32", "fp16", "bf16"],
                     help="SDXL rows per dtype: fp32 vs bf16 gives the cost of the fp32 sensitivity default (issue: float floor)")
     ap.add_argument("--no-tf32", action="store_true", help="CUDA: disable TF32 matmul/conv (fp32 stays fp32)")
+    ap.add_argument("--forward-only", metavar="DTYPE", choices=["fp32", "fp16", "bf16"],
+                    help="only time one full-size SDXL UNet forward in DTYPE (and the process's peak memory)")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.forward_only:
+        print("| case | device | seconds | peak memory |\n|---|---|---|---|\n" + sdxl_forward_row(device, args.forward_only))
+        return
     if args.no_tf32:
         torch.backends.cuda.matmul.allow_tf32 = False
         torch.backends.cudnn.allow_tf32 = False
