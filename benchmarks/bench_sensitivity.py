@@ -14,7 +14,7 @@ import argparse
 import tempfile
 
 import torch
-from _measure import max_diff, measure
+from _measure import max_diff, measure, peak_mb
 
 from mpq.calib import run_calibration
 from mpq.config import load_config
@@ -80,26 +80,14 @@ def sdxl_row(device: torch.device, n_layers: int, n_samples: int, dtype: str = "
 def sdxl_forward_row(device: torch.device, dtype: str, repeats: int = 2) -> str:
     """One denoiser forward of the full-size SDXL UNet (batch 1, 64x64 latents): what every sensitivity item costs
     (naive: one per layer x bit x batch), in ``dtype``; run each dtype in its own process for its peak memory."""
-    import time
-
-    from _measure import peak_mb, sync
-
-    from mpq.quant.model import QuantModel
-
     cfg = load_config("sdxl-turbo", [f"model.dtype={dtype}", f"model.device={device.type}"])
     arch = load_arch(cfg)
     den = random_denoiser(arch, torch_dtype(dtype), device)
     calib = synthetic_calib(den, arch, cfg.sampling.resolution, 1, batch=1)
     qm = QuantModel(den)
     kwargs = next(iter(calib.batches(1, device, torch_dtype(dtype))))[0]
-    best = float("inf")
     with torch.no_grad():
-        for _ in range(repeats):
-            sync(device)
-            t0 = time.perf_counter()
-            qm(**kwargs, return_dict=False)
-            sync(device)
-            best = min(best, time.perf_counter() - t0)
+        best = min(measure(device, lambda: qm(**kwargs, return_dict=False))[1] for _ in range(repeats))
     return f"| SDXL UNet forward, {dtype} | {device.type} | {best:.2f} s | {peak_mb(device):,.0f} MB |"
 
 

@@ -294,6 +294,7 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg.quant.weight.scale_method, ("minmax", "mse"), "quant.weight.scale_method")
     _one_of(cfg.quant.act.granularity, ("tensor",), "quant.act.granularity")
     _one_of(cfg.quant.act.scale_method, ("minmax",), "quant.act.scale_method")
+    _one_of(cfg.quant.act.calibration, ("mpq", "mixdq"), "quant.act.calibration")
     if not 0.0 <= cfg.quant.act.momentum < 1.0:
         raise MpqError("config key 'quant.act.momentum' must be in [0, 1)")
     if not 0.0 < cfg.quant.weight.mse_min_ratio <= 1.0:

@@ -46,9 +46,7 @@ def calibrate(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int]
         layer.calibrate_weight(wq.granularity == "channel", wq.scale_method, wq.mse_grid, wq.mse_min_ratio)
     t1 = time.perf_counter()
     bs = cfg.calib.batch_size
-    style = aq.get("calibration", "mpq")
-    if style not in ("mpq", "mixdq"):
-        raise MpqError(f"quant.act.calibration must be mpq or mixdq, not {style!r}")
+    style = aq.calibration
     batches = calib.batches(bs, device, dtype)
     if style == "mixdq":  # MixDQ's loop: shuffled batches, W8A8 on, one range update per candidate bit
         batches = list(batches)
