@@ -27,6 +27,6 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
     ],
-    extras_require={"test": ["pytest>=7"]},
+    extras_require={"torchao": ["torchao>=0.14,<0.19"], "test": ["pytest>=7", "torchao>=0.14,<0.19"]},
     entry_points={"console_scripts": ["mpq=mpq.cli:main_entry"]},
 )

@@ -1,5 +1,5 @@
 """The ``mpq`` command: one sub-command per stage (from :data:`mpq.stages.STAGES`), ``run`` for all of them,
-and tools (``layers``, ``generate``, ``infer``, ``train-tiny``).
+and tools (``layers``, ``generate``, ``infer``, ``export``, ``train-tiny``).
 
 Every command takes ``--config NAME_OR_PATH`` (a name under configs/, e.g.
 ``tiny-sdxl`` or ``sdxl-turbo.yaml``, or a path) and ``key=value`` overrides
@@ -49,11 +49,13 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_run(args: argparse.Namespace) -> tuple[Any, Any]:
     """(config, RunDir) from --config / --outdir / --seed / overrides."""
+    from mpq import distributed
     from mpq.config import load_config
     from mpq.rundir import RunDir
 
     run_dir = getattr(args, "run_dir", None)
     overrides = list(args.overrides) + ([f"sampling.seed={args.seed}"] if getattr(args, "seed", None) is not None else [])
+    overrides += distributed.device_override(distributed.current())
     if args.config is None:
         if run_dir is None:
             raise MpqError("give --config NAME_OR_PATH, or --base_path RUN_DIR of an existing run")
@@ -113,7 +115,7 @@ def cmd_sensitivity(args: argparse.Namespace) -> None:
     kinds = (args.sensitivity_type,) if args.sensitivity_type else KINDS
     metrics = (args.metric,) if args.metric else METRICS
     with run.lock("mpq sensitivity"):
-        run_sensitivity(cfg, run, kinds, metrics, args.method)
+        run_sensitivity(cfg, run, kinds, metrics, args.method, force=args.force)
 
 
 def cmd_search(args: argparse.Namespace) -> None:
@@ -187,6 +189,24 @@ def cmd_infer(args: argparse.Namespace) -> None:
     print(msg)
 
 
+def cmd_export(args: argparse.Namespace) -> None:
+    from mpq.export.run import export_plan
+
+    cfg, run = resolve_run(args)
+    plan_args = {"weight_bits": args.weight_bits, "act_bits": args.act_bits, "weight_plan": args.weight_plan,
+                 "act_plan": args.act_plan, "act_protect": args.act_protect}
+    with run.lock("mpq export"):
+        info = export_plan(cfg, run, args.out, args.format, plan_args, args.fp_dtype)
+    if args.format == "mpq":
+        print(f"exported to {info['out']}: {info['layers']} quantized layers, denoiser weights {info['denoiser_bytes']:,} bytes on disk; "
+              f"load it with `mpq.load_quantized('{info['out']}')`")
+    elif args.format == "torchao":
+        print(f"torchao plan in {info['out']}/torchao_config.json ({info['layers']} layers; per layer kind: {info['summary']}; "
+              "details in torchao_layers.csv)")
+    else:
+        print(f"encodings in {info['out']}/unet.encodings ({info['params']} weight and {info['activations']} activation encodings)")
+
+
 def cmd_train_tiny(args: argparse.Namespace) -> None:
     import torch
 
@@ -208,6 +228,10 @@ def _stage_parser(sub: Any, name: str, help_text: str, fn: Handler = cmd_stage, 
     add_config_args(p, required=False)
     add_run_args(p)
     p.set_defaults(fn=fn, stage=name)
+    if name in ("sensitivity", "select", "run"):
+        p.add_argument("--nproc", type=int, default=None, metavar="N",
+                       help="shard the work over N local processes (one per GPU when GPUs are visible, else CPU with gloo): "
+                       "the same as `torchrun --nproc_per_node N -m mpq ...`; results are identical to one process")
     return p
 
 
@@ -278,6 +302,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--image_folder", "--image-dir", dest="image_dir", default=None, metavar="DIR", help="image folder (default: RUN_DIR/generated_images)")
     p.set_defaults(fn=cmd_infer, force=False)
 
+    p = sub.add_parser("export", help="write a plan (the selected one by default) as a smaller model: packed mpq folder, torchao config, or encodings",
+                       description="--format mpq: a diffusers pipeline folder whose denoiser stores 2/4/8-bit weights packed (four, two, one a "
+                       "byte) with fp32 scales, FP layers in --fp-dtype; load it with mpq.load_quantized(DIR). --format torchao: the plan as "
+                       "a torchao FqnToConfig (torchao_config.json) with what torchao could and could not take (torchao_layers.csv). "
+                       "--format encodings: AIMET-style encodings JSON for every quantized weight and activation.")
+    add_config_args(p, required=False)
+    p.add_argument("--base_path", "--base-path", dest="run_dir", required=True, metavar="RUN_DIR", help="run directory with ckpt.safetensors")
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically if it exists)")
+    p.add_argument("--format", choices=("mpq", "torchao", "encodings"), default="mpq", help="default: mpq")
+    p.add_argument("--fp-dtype", "--fp_dtype", dest="fp_dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
+                   help="dtype of everything kept floating point (mpq format; fp32 makes images bit-identical to fake-quant)")
+    p.add_argument("--weight-bits", "--weight_bits", type=_bits_arg, default=None, help="uniform weight bits instead of the selected plan")
+    p.add_argument("--act-bits", "--act_bits", type=_bits_arg, default=None, help="uniform activation bits instead of the selected plan")
+    p.add_argument("--weight-plan", "--config_weight_mp", dest="weight_plan", default=None, metavar="YAML", help="a weight plan yaml")
+    p.add_argument("--act-plan", "--config_act_mp", dest="act_plan", default=None, metavar="YAML", help="an activation plan yaml")
+    p.add_argument("--act-protect", "--act_protect", dest="act_protect", default=None, metavar="FILE", help="act-protected layers")
+    p.set_defaults(fn=cmd_export, seed=None)
+
     p = sub.add_parser("train-tiny", help="train the embedded shapes model (VAE, both text encoders, UNet) and its judge from scratch",
                        description="Seeded and resumable (state in OUTDIR/.train). Writes a diffusers folder (save_pretrained layout) "
                        "plus shapes-judge.safetensors and training.json. Defaults are the shipped model's settings.")
@@ -294,18 +336,44 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from mpq import distributed
+
     _quiet_libraries()
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = parser.parse_args(argv)
+    tag = ""
     try:
+        if getattr(args, "nproc", None) and args.nproc > 1 and not distributed.launched():
+            from mpq.launch import launch_local
+
+            return launch_local(args.nproc, _without_nproc(argv))
+        d = distributed.init()
+        tag = d.tag()
+        if not d.is_main:  # rank 0 reports; the other ranks speak only to fail
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
         args.fn(args)
     except MpqError as err:
-        print(f"mpq: error: {err}", file=sys.stderr)
+        print(f"mpq: {tag}error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("mpq: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)
         return 130
+    finally:
+        distributed.shutdown()
     return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
 
 
 def script_main(command: str, argv: Sequence[str] | None = None) -> None:

@@ -109,6 +109,9 @@ class SensitivityConfig:
     share_bits: str = "auto"
     cache_budget_mb: float = 4096.0  # fast: FP activations cached at once; more batches -> more chunks, same numbers
     save_every_s: float = 30.0  # partial results are written this often (0: after every layer)
+    # only these layers (names or fnmatch patterns, with or without "model."): a partial run for a look or a
+    # test; the search needs every layer, so leave it empty for a real run
+    layers: list[str] = field(default_factory=list)
 
 
 @dataclass

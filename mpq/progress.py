@@ -34,7 +34,11 @@ class _LogBar(tqdm):  # type: ignore[misc]
 
 
 def progress(iterable: Any = None, **kwargs: Any) -> tqdm:
-    """``tqdm(iterable, **kwargs)`` on a terminal, a line-per-interval logger elsewhere."""
+    """``tqdm(iterable, **kwargs)`` on a terminal, a line-per-interval logger elsewhere; in a torchrun job, rank 0's only."""
+    from mpq import distributed
+
+    if not distributed.current().is_main:
+        kwargs["disable"] = True
     stream = kwargs.get("file") or sys.stderr
     if getattr(stream, "isatty", lambda: False)():
         return tqdm(iterable, **kwargs)

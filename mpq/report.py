@@ -92,6 +92,7 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     results = evaluate_plans(cfg, pipe, qm, plans, data, rep / "images")
     for label, res in results.items():
         res.update(cost.plan_cost(plans.get(label, BitPlan()), infos).as_dict())
+    export = exported_sizes(cfg, pipe, qm, plans, results, cost)
     tables = _sensitivity_tables(run)
     groups = assign_groups(qm.names, list(cfg.groups.content), warn=False)
     for key, values in tables.items():
@@ -109,10 +110,36 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
         "eval": results,
         "mixed_weight_plan": mixed,
         "ssim_sensitivity_spread": ssim_spread(tables, bits),
+        "export": export,
     })
     write_json(rep / "summary.json", summary)
     write_text(rep / "index.html", _html(cfg, run, data.prompts, summary, weight_rows))
     return rep / "index.html"
+
+
+def exported_sizes(cfg: DictConfig, pipe: Any, qm: Any, plans: dict[str, BitPlan], results: dict[str, Any], cost: CostModel) -> dict[str, Any]:
+    """Each evaluated plan exported in the ``mpq`` format (FP parts FP16), in memory: the denoiser file's bytes, and
+    its quantizable layers' weight bytes next to the cost model's (which prices scales at ``search.scale_bytes``
+    and FP weights at the model dtype; the export keeps scales fp32 and FP weights fp16)."""
+    import torch
+
+    from mpq.export.mpq_format import (
+        capture_bos_rows,
+        denoiser_export,
+        serialized_bytes,
+        weight_bytes_of,
+    )
+    from mpq.quant.model import PREFIX
+
+    bos = capture_bos_rows(pipe, qm, cfg)
+    paths = [n[len(PREFIX):] for n in qm.names]
+    fp16 = serialized_bytes(denoiser_export(qm, BitPlan(), torch.float16)[0])
+    for label, res in results.items():
+        tensors = denoiser_export(qm, plans.get(label, BitPlan()), torch.float16, bos)[0]
+        res["export_file_bytes"] = serialized_bytes(tensors)
+        res["export_weight_bytes"] = weight_bytes_of(tensors, paths)
+    return {"format": "mpq", "fp_dtype": "float16", "scale_dtype": "float32", "fp16_denoiser_bytes": fp16,
+            "scale_bytes_counted": cost.scale_bytes, "fp_bytes_counted": cost.fp_bytes}
 
 
 SUMMARY_KEYS = ("weight_avg_bits", "act_avg_bits", "weight_bytes", "fp_weight_bytes", "fp_dtype_bytes", "act_protected", "final_mse",
@@ -145,6 +172,12 @@ def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:
         f"FP at {s['fp_dtype_bytes']} bytes a weight)",
         f"  MSE vs FP images: {s['final_mse']:.6g}",
     ]
+    chosen = s["eval"].get(CHOSEN, {})
+    if "export" in s and "export_file_bytes" in chosen:
+        fp16 = s["export"]["fp16_denoiser_bytes"]
+        lines.append(f"  exported (`mpq export`, FP parts FP16): denoiser file {chosen['export_file_bytes']:,} bytes vs FP16 {fp16:,} "
+                     f"({fp16 / chosen['export_file_bytes']:.2f}x smaller); its layer weights {chosen['export_weight_bytes']:,} bytes vs "
+                     f"{chosen['weight_bytes']:,.0f} computed (scales stored fp32, FP weights fp16)")
     adh = adherence_line(s)
     if adh:
         lines.append(f"  prompt adherence ({s['eval_prompts']['n']} prompts, {s['eval_prompts']['source']}): {adh}")
@@ -167,13 +200,15 @@ def _table(rows: list[dict[str, Any]], cols: list[str]) -> str:
 
 def _eval_rows(s: dict[str, Any]) -> tuple[list[dict[str, str]], list[str]]:
     fp = s["fp_weight_bytes"]
-    cols = ["images", "weight bytes", "avg W bits", "avg A bits", "MSE vs FP", "SSIM", "PSNR (dB)"]
+    cols = ["images", "weight bytes", "exported weight bytes", "exported denoiser file", "avg W bits", "avg A bits", "MSE vs FP", "SSIM", "PSNR (dB)"]
     has_adh = any(v.get("adherence") for v in s["eval"].values())
     if has_adh:
         cols += ["adherence (all)"] + list(ATTRIBUTES)
     rows = []
     for label, v in s["eval"].items():
         row = {"images": label, "weight bytes": f"{v['weight_bytes']:,.0f} ({v['weight_bytes'] / fp:.1%})",
+               "exported weight bytes": f"{v['export_weight_bytes']:,}" if "export_weight_bytes" in v else "",
+               "exported denoiser file": f"{v['export_file_bytes']:,}" if "export_file_bytes" in v else "",
                "avg W bits": f"{v['weight_avg_bits']:.2f}", "avg A bits": f"{v['act_avg_bits']:.2f}",
                "MSE vs FP": f"{v['mse']:.4g}", "SSIM": f"{v['ssim']:.4f}", "PSNR (dB)": f"{v['psnr']:.2f}" if np.isfinite(v["psnr"]) else "inf"}
         if v.get("adherence"):
@@ -229,7 +264,9 @@ activations {s['act_avg_bits']:.2f} avg bits; weight bytes {s['weight_bytes']:,.
 <h2>Chosen plans</h2>{_table(plan_rows, ["plan", "avg bits", "content", "quality", "bytes"])}
 <h2>Evaluation: {s['eval_prompts']['n']} prompts ({html.escape(str(s['eval_prompts']['source']))}), scored against FP</h2>
 <p>"{MIXED_W}": the selection's best weight plan ({html.escape(str(s['mixed_weight_plan']))}) with no more weight bytes than uniform W4,
-activations FP: compare it with W4A16. Averages count FP layers as {fpb} bits.</p>
+activations FP: compare it with W4A16. Averages count FP layers as {fpb} bits. "weight bytes" is the cost model's arithmetic;
+"exported" columns are the real <code>mpq export</code> (packed integers, fp32 scales, FP parts FP16): the layers' weights, and the whole
+denoiser file (norms, biases, BOS caches, activation params included; FP16 denoiser: {s.get('export', {}).get('fp16_denoiser_bytes', 0):,} bytes).</p>
 {_table(eval_rows, eval_cols)}
 <h2>Images (prompts under the images{"; ✓ / ✗: every attribute read back right or not" if adh else ""})</h2>{_image_grid(s, prompts)}
 <h2>Candidates: Pareto front</h2><img src='pareto.png'>

@@ -110,10 +110,20 @@ class RunDir:
     @contextmanager
     def lock(self, what: str) -> Iterator[None]:
         """Hold the run directory for this job. The lock is an OS file lock (``flock``), so a killed job's lock
-        is gone with its process and never blocks a resume; a second job gets a one-line error naming the holder."""
+        is gone with its process and never blocks a resume; a second job gets a one-line error naming the holder.
+        The ranks of one torchrun job are one holder: rank 0 takes the lock for all of them."""
         import fcntl
         import os
         import socket
+
+        from mpq import distributed
+
+        d = distributed.current()
+        if not d.is_main:
+            yield
+            return
+        if d.enabled:
+            what = f"{what} ({d.world} ranks)"
 
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"

@@ -16,12 +16,14 @@ from __future__ import annotations
 import hashlib
 import math
 import shutil
+import time
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 from omegaconf import DictConfig
 
+from mpq import distributed
 from mpq.calib import calib_prompts, fp_image_paths
 from mpq.candidates import candidate_plans, read_candidates
 from mpq.errors import MpqError
@@ -92,14 +94,17 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, show: b
     out = run.root / "selection"
     table_path = run.require("candidates/pareto.csv", f"run `mpq search --base_path {run.root}` first")
     rows = read_candidates(table_path)
-    partial_path = out / ".scores.partial.json"
+    d = distributed.current()
+    partial_path = out / (f".scores.partial.rank{d.rank}.json" if d.enabled else ".scores.partial.json")
     sig = hashlib.sha256(f"{n}|{seeds[:n]}|{run.ckpt.stat().st_mtime_ns}|{table_path.read_text()}|{cfg.search.protect_weights}".encode()).hexdigest()
-    try:
-        partial: dict[str, Any] = read_json(partial_path) if partial_path.is_file() else {}
-    except MpqError:  # a damaged partial file (its writes are atomic, so only by hand): score again
-        partial = {}
-    if partial.get("_signature") != sig:
-        partial = {"_signature": sig}
+    partial: dict[str, Any] = {"_signature": sig}
+    for f in sorted(out.glob(".scores.partial*.json")):  # this process's, or every rank's of a distributed job
+        try:
+            loaded = read_json(f)
+        except MpqError:  # a damaged partial file (its writes are atomic, so only by hand): score again
+            continue
+        if isinstance(loaded, dict) and loaded.get("_signature") == sig:
+            partial.update(loaded)
     by_file = {r.plan_file: r for r in rows if r.feasible}
     chosen: dict[str, Score] = {}
     plans: dict[str, dict[str, BitPlan]] = {}
@@ -109,9 +114,15 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, show: b
             if not plans[kind]:
                 raise MpqError(f"{table_path} lists no {kind} plans; re-run the search with a feasible budget")
             scores = []
-            for f, plan in progress(plans[kind].items(), desc=f"select: {kind} candidates", unit="plan", disable=not show):
+            for f, plan in plans[kind].items():
                 plan.validate(qm.names, manifest["bits"], f)
-                key = f"{kind}/{f}" + (f"@{chosen['weight'].plan_file}" if kind == "act" else "")
+            keys = {f: f"{kind}/{f}" + (f"@{chosen['weight'].plan_file}" if kind == "act" else "") for f in plans[kind]}
+            # every plan costs the same (the same images): sharded evenly, each plan scored whole by one rank
+            owner = distributed.assign({f: 1.0 for f in plans[kind]}, d.world)
+            mine = [f for f in plans[kind] if owner[f] == d.rank and keys[f] not in partial]
+            t0 = time.perf_counter()
+            for f in progress(mine, desc=f"select: {kind} candidates", unit="plan", disable=not show):
+                plan, key = plans[kind][f], keys[f]
                 if key not in partial:
                     trial = plan if kind == "weight" else plans["weight"][chosen["weight"].plan_file].with_act(plan.act)
                     trial = trial.protect(plan.protected, cfg.search.protect_weights)
@@ -124,18 +135,33 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, show: b
                     adh = scored.pop("adherence")
                     partial[key] = dict(scored, adherence=adh["all"] if adh else math.nan)
                     write_json(partial_path, partial)
+            if d.enabled:
+                for part in d.gather({k: partial[k] for k in (keys[f] for f in plans[kind] if owner[f] == d.rank)}):
+                    partial.update(part)
+                busy = d.gather(time.perf_counter() - t0)
+                if d.is_main:
+                    report = distributed.idle_report(busy, [sum(1 for f in owner if owner[f] == r) for r in range(d.world)], [1.0] * d.world)
+                    print(f"[select] {kind}: {len(plans[kind])} plans over {d.world} ranks: " + ", ".join(
+                        f"rank {r['rank']} {r['items']} plans {r['busy_s']:.1f} s (idle {r['idle_fraction']:.0%})" for r in report), flush=True)
+            for f in plans[kind]:
+                key = keys[f]
                 row = by_file[f]
                 scores.append(Score(f, kind, partial[key]["mse"], partial[key]["ssim"], partial[key]["psnr"], partial[key]["adherence"],
                                     row.avg_bits, row.bytes))
             ranked = rank(scores)
             ranked[0].chosen = True
             chosen[kind] = ranked[0]
-            write_scores(out / f"{kind}_scores.csv", ranked)
+            if d.is_main:
+                write_scores(out / f"{kind}_scores.csv", ranked)
         weight, act = plans["weight"][chosen["weight"].plan_file], plans["act"][chosen["act"].plan_file]
-        write_plan(out / "final_weight.yaml", weight.weight)
-        write_plan(out / "final_act.yaml", act.act)
-        write_layer_list(out / "final_act_protect.pt", sorted(act.protected))
+        if d.is_main:
+            write_plan(out / "final_weight.yaml", weight.weight)
+            write_plan(out / "final_act.yaml", act.act)
+            write_layer_list(out / "final_act_protect.pt", sorted(act.protected))
     finally:
         qm.set_fp()
-    partial_path.unlink(missing_ok=True)
+    d.barrier()
+    if d.is_main:
+        for f in out.glob(".scores.partial*.json"):
+            f.unlink(missing_ok=True)
     return chosen

@@ -23,6 +23,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Iterator
+from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,10 @@ import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from mpq import distributed
 from mpq.calib import CalibData, calib_prompts
 from mpq.errors import MpqError
-from mpq.files import read_json, write_json, write_yaml
+from mpq.files import read_json, read_yaml, write_json, write_yaml
 from mpq.generate import generators, to_array
 from mpq.groups import CONTENT, assign_groups
 from mpq.infer import quantized_pipeline
@@ -50,8 +52,36 @@ def result_path(run: RunDir, kind: str, metric: str) -> Path:
     return run.root / "sensitivity" / f"{kind}_{metric}.yaml"
 
 
-def _partial_path(run: RunDir, kind: str, metric: str) -> Path:
-    return run.root / "sensitivity" / f".{kind}_{metric}.partial.json"
+def _partial_path(run: RunDir, kind: str, metric: str, rank: int | None = None) -> Path:
+    """A process's partial results (``rank``: one rank of a distributed job, its own file)."""
+    tail = "" if rank is None else f".rank{rank}"
+    return run.root / "sensitivity" / f".{kind}_{metric}.partial{tail}.json"
+
+
+def _partial_files(run: RunDir, kind: str, metric: str) -> list[Path]:
+    """Every partial file of ``kind``/``metric``: one process's, or each rank's of a distributed job."""
+    return sorted((run.root / "sensitivity").glob(f".{kind}_{metric}.partial*.json"))
+
+
+def load_partials(files: list[Path], sig: str) -> tuple[set[tuple[int, str]], dict[str, list[list[float]]]]:
+    """(done, sums) merged from partial files with signature ``sig``: per layer, the file that got furthest
+    (a layer's sums and done batches always come from one file, so resuming continues them exactly)."""
+    best: dict[str, tuple[list[int], list[list[float]]]] = {}
+    for f in files:
+        try:
+            state = read_json(f)
+        except MpqError:
+            continue  # a damaged partial file (writes are atomic, so only by hand): its layers start over
+        if not isinstance(state, dict) or state.get("signature") != sig:
+            continue
+        batches: dict[str, list[int]] = {}
+        for k, name in state.get("done", []):
+            batches.setdefault(name, []).append(int(k))
+        for name, ks in batches.items():
+            if name in state.get("sums", {}) and len(ks) > len(best.get(name, ([], []))[0]):
+                best[name] = (ks, state["sums"][name])
+    done = {(k, name) for name, (ks, _) in best.items() for k in ks}
+    return done, {name: sums for name, (_, sums) in best.items()}
 
 
 def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[int]) -> str:
@@ -200,7 +230,13 @@ def _value(metric: str, a: float, b: float) -> float:
 def layer_names_for(qm: QuantModel, cfg: DictConfig, metric: type[Metric]) -> list[str]:
     """The layers ``metric`` scores (SQNR: all; SSIM: the content group), in module order."""
     groups = assign_groups(qm.names, list(cfg.groups.content), warn=False)
-    return [n for n in qm.names if metric.group is None or groups[n] == metric.group]
+    names = [n for n in qm.names if metric.group is None or groups[n] == metric.group]
+    patterns = list(cfg.sensitivity.layers)
+    if patterns:
+        names = [n for n in names if any(fnmatchcase(n, p) or fnmatchcase(n[len(PREFIX):], p) for p in patterns)]
+        if not names and metric.group is None:
+            raise MpqError(f"sensitivity.layers={patterns} matches no layer; see `mpq layers --config ...` for the names")
+    return names
 
 
 def score_layers(qm: QuantModel, work: Metric, names: list[str], bits: list[int], kind: str, fast: bool = True, share: bool = False,
@@ -267,44 +303,80 @@ def compute_sensitivity(
     pipe: Any | None = None,
     show: bool = True,
     write: bool = True,
+    force: bool = False,
 ) -> dict[str, list[float]]:
-    """{layer: [metric at each candidate bit]}; resumable through a partial file when ``write``."""
+    """{layer: [metric at each candidate bit]}; resumable through a partial file when ``write``. A file already
+    made with the same settings (its signature beside it) is read back, not computed again, unless ``force``."""
     if kind not in KINDS or metric not in METRIC_TYPES:
         raise MpqError(f"sensitivity type must be {'|'.join(KINDS)} and metric {'|'.join(METRIC_TYPES)} (got {kind}, {metric})")
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe, dtype=torch_dtype(cfg.sensitivity.dtype))
     bits: list[int] = list(manifest["bits"])
     names = layer_names_for(qm, cfg, METRIC_TYPES[metric])
+    if not names and cfg.sensitivity.layers:  # a partial run without content layers: an empty SSIM file
+        if write:
+            write_yaml(result_path(run, kind, metric), {})
+        return {}
     if not names:
         raise MpqError(f"no layer is in the content group (patterns {list(cfg.groups.content)}); the SSIM file would be empty")
     fast = (method or cfg.sensitivity.method) == "fast"
     work = METRIC_TYPES[metric](pipe, qm, cfg, run, fast)
     share = fast and share_bits(cfg.sensitivity.share_bits, metric)
     sig = _signature(cfg, run, kind, metric, bits)
-    partial = _partial_path(run, kind, metric)
-    state: dict[str, Any] = {"signature": sig, "done": [], "sums": {}}
-    if write and partial.is_file():
+    d = distributed.current()
+    done_marker = run.root / "sensitivity" / f".{kind}_{metric}.done.json"
+    if write and not force and result_path(run, kind, metric).is_file() and done_marker.is_file():
         try:
-            loaded = read_json(partial)
-            if loaded.get("signature") == sig:
-                state = loaded
+            finished = read_json(done_marker).get("signature") == sig
         except MpqError:
-            pass  # a corrupt partial file: start over
-    done = {tuple(d) for d in state["done"]}
-    sums: dict[str, list[list[float]]] = state["sums"]
+            finished = False
+        if finished:
+            if d.is_main:
+                print(f"[sensitivity] {kind} {metric}: already made with these settings ({result_path(run, kind, metric)})", flush=True)
+            return {k: list(v) for k, v in read_yaml(result_path(run, kind, metric)).items()}
+    mine, est = names, {n: 1.0 for n in names}
+    if d.enabled:  # this rank's layers, by estimated cost (a layer's numbers do not depend on which rank runs it)
+        est = d.broadcast(layer_costs(qm, run, names, metric, fast, len(bits)) if d.is_main else None)
+        owner = distributed.assign(est, d.world)
+        mine = [n for n in names if owner[n] == d.rank]
+    partial = _partial_path(run, kind, metric, d.rank if d.enabled else None)
+    done, sums = load_partials(_partial_files(run, kind, metric), sig) if write else (set(), {})
+    if done and d.is_main:
+        print(f"[sensitivity] {kind} {metric}: resuming, {len(done)} of {len(work.batches) * len(names)} layer-batch items already done",
+              flush=True)
+    done = {(k, n) for k, n in done if n in mine}
+    sums = {n: v for n, v in sums.items() if n in mine}
     last_save = [time.monotonic()]
 
-    def save() -> None:
-        if write and time.monotonic() - last_save[0] >= cfg.sensitivity.save_every_s:
-            state["done"] = sorted(done)
-            write_json(partial, state)
+    def save(force: bool = False) -> None:
+        if write and (force or time.monotonic() - last_save[0] >= cfg.sensitivity.save_every_s):
+            write_json(partial, {"signature": sig, "done": sorted(done), "sums": sums})
             last_save[0] = time.monotonic()
 
-    bar = progress(total=len(work.batches) * len(names), initial=len(done), unit="layer", disable=not show,
-                   desc=f"sensitivity {kind} {metric} ({'fast' if fast else 'naive'})")
+    bar = progress(total=len(work.batches) * len(mine), initial=len(done), unit="layer", disable=not show or not d.is_main,
+                   desc=f"{d.tag()}sensitivity {kind} {metric} ({'fast' if fast else 'naive'})")
+    t0 = time.perf_counter()
     try:
-        result = score_layers(qm, work, names, bits, kind, fast, share, cfg.sensitivity.cache_budget_mb * 2**20, done, sums, save, bar)
+        result = score_layers(qm, work, mine, bits, kind, fast, share, cfg.sensitivity.cache_budget_mb * 2**20, done, sums, save, bar)
     finally:
         bar.close()
+    busy = time.perf_counter() - t0
+    if d.enabled:
+        save(force=True)  # this rank's share is complete on disk before rank 0 merges
+        merged: dict[str, list[float]] = {}
+        for part in d.gather(result):
+            merged.update(part)
+        result = {n: merged[n] for n in names if n in merged}
+        times = d.gather(busy)
+        if d.is_main:
+            counts = [sum(1 for n in names if owner[n] == r) for r in range(d.world)]
+            shares = [sum(est[n] for n in names if owner[n] == r) for r in range(d.world)]
+            report = distributed.idle_report(times, counts, shares)
+            _write_distributed(run, f"{kind}_{metric}", report)
+            print(f"[sensitivity] {kind} {metric} over {d.world} ranks: " + ", ".join(
+                f"rank {r['rank']} {r['items']} layers {r['busy_s']:.1f} s (idle {r['idle_fraction']:.0%})" for r in report), flush=True)
+        if not d.is_main:
+            d.barrier()  # rank 0 writes the merged file, then every rank goes on
+            return result
     if write:
         if isinstance(work, Sqnr):
             floor = float_floor(cfg, work)
@@ -313,8 +385,58 @@ def compute_sensitivity(
             if warning:
                 print(f"[sensitivity] warning: {kind} {metric}: {warning}", flush=True)
         write_yaml(result_path(run, kind, metric), {n: [round(v, 6) if math.isfinite(v) else v for v in vals] for n, vals in result.items()})
-        partial.unlink(missing_ok=True)
+        write_json(done_marker, {"signature": sig})
+        for f in _partial_files(run, kind, metric):
+            f.unlink(missing_ok=True)
+    d.barrier()
     return result
+
+
+def _write_distributed(run: RunDir, key: str, report: list[dict[str, float]]) -> None:
+    path = run.root / "sensitivity" / "distributed.json"
+    try:
+        data = read_json(path) if path.is_file() else {}
+    except MpqError:
+        data = {}
+    data[key] = report
+    write_json(path, data)
+
+
+def execution_macs(qm: QuantModel, kwargs: dict[str, Any]) -> dict[str, float]:
+    """Multiply-accumulates of each quantizable layer in one denoiser call on ``kwargs``, in the order the
+    layers first run."""
+    macs: dict[str, float] = {}
+
+    def count(name: str) -> Callable[..., None]:
+        def hook(module: Any, args: Any, out: torch.Tensor) -> None:
+            macs.setdefault(name, float(out.numel() * module.weight[0].numel()))
+        return hook
+
+    hooks = [layer.register_forward_hook(count(name)) for name, layer in qm.layers.items()]
+    try:
+        with torch.no_grad():
+            qm(**kwargs, return_dict=False)
+    finally:
+        for h in hooks:
+            h.remove()
+    return macs
+
+
+def layer_costs(qm: QuantModel, run: RunDir, names: list[str], metric: str, fast: bool, n_bits: int) -> dict[str, float]:
+    """Estimated cost of scoring each layer (relative): with the prefix cache, the network after the layer
+    (its multiply-accumulates, in execution order) runs for each bit; naive, all of it; SSIM adds the rest of
+    the pipeline (taken as one more denoiser's worth: VAE decode, SSIM)."""
+    device = next(qm.denoiser.parameters()).device
+    dtype = next(qm.denoiser.parameters()).dtype
+    kwargs = next(iter(CalibData.open(run).batches(1, device, dtype)))[0]
+    macs = execution_macs(qm, kwargs)
+    total = sum(macs.values())
+    suffix, left = {}, total
+    for name, m in macs.items():
+        suffix[name] = left
+        left -= m
+    extra = total if metric == "ssim" else 0.0
+    return {n: n_bits * ((suffix.get(n, total) if fast else total) + extra) for n in names}
 
 
 def float_floor(cfg: DictConfig, work: Sqnr) -> dict[str, Any]:
@@ -377,11 +499,12 @@ def _chunks(work: Metric, cache: PrefixCache | None, n: int, budget: float, done
 
 
 def run_sensitivity(cfg: DictConfig, run: RunDir, kinds: tuple[str, ...] = KINDS, metrics: tuple[str, ...] = METRICS,
-                    method: str | None = None, pipe: Any | None = None, show: bool = True) -> dict[str, dict[str, list[float]]]:
-    """The sensitivity stage: ``sensitivity/<kind>_<metric>.yaml`` for every kind and metric."""
+                    method: str | None = None, pipe: Any | None = None, show: bool = True, force: bool = False) -> dict[str, dict[str, list[float]]]:
+    """The sensitivity stage: ``sensitivity/<kind>_<metric>.yaml`` for every kind and metric (files finished with
+    these settings by an interrupted run are kept, unless ``force``)."""
     out = {}
     for kind in kinds:
         for metric in metrics:
-            out[f"{kind}_{metric}"] = values = compute_sensitivity(cfg, run, kind, metric, method, pipe, show)
+            out[f"{kind}_{metric}"] = values = compute_sensitivity(cfg, run, kind, metric, method, pipe, show, force=force)
             print(f"[sensitivity] {kind} {metric}: {len(values)} layers -> {result_path(run, kind, metric)}", flush=True)
     return out

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from mpq import distributed
 from mpq.rundir import RunDir, StageSpec
 
 
@@ -27,6 +28,7 @@ class Context:
 
     def __init__(self, cfg: DictConfig, run: RunDir, show: bool = True) -> None:
         self.cfg, self.run, self.show = cfg, run, show
+        self.force = False  # the stage being run was asked to re-make its outputs (--force)
         self._pipe: Any = None
         self._dtype: torch.dtype | None = None
 
@@ -67,7 +69,7 @@ def _ptq(ctx: Context) -> Any:
 def _sensitivity(ctx: Context) -> Any:
     from mpq.sensitivity import run_sensitivity
 
-    return run_sensitivity(ctx.cfg, ctx.run, pipe=ctx.stats_pipe(), show=ctx.show)
+    return run_sensitivity(ctx.cfg, ctx.run, pipe=ctx.stats_pipe(), show=ctx.show, force=ctx.force)
 
 
 def _search(ctx: Context) -> Any:
@@ -100,7 +102,7 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
           "run the FP pipeline; record denoiser I/O per step and FP reference images", _calib),
     Stage("ptq", MODEL + ("sensitivity.dtype", "quant", "calib.batch_size"), ("calib",), ("ckpt.safetensors",),
           "calibrate W and A quant params for every candidate bit in one pass", _ptq),
-    Stage("sensitivity", MODEL + ("sensitivity.dtype", "sensitivity.ssim", "sensitivity.num_images", "sensitivity.batch_size", "groups", "quant"),
+    Stage("sensitivity", MODEL + ("sensitivity.dtype", "sensitivity.ssim", "sensitivity.num_images", "sensitivity.batch_size", "sensitivity.layers", "groups", "quant"),
           ("ptq",), tuple(f"sensitivity/{k}_{m}.yaml" for k in ("weight", "act") for m in ("sqnr", "ssim")),
           "each layer quantized alone: SQNR (all layers) and SSIM (content group), W and A", _sensitivity),
     Stage("search", MODEL + ("search", "quant.bits", "quant.weight.granularity", "quant.split_shortcut", "quant.act.bos_aware", "groups",
@@ -116,17 +118,27 @@ STAGES: dict[str, Stage] = {s.name: s for s in (
 )}
 
 
+# stages whose work is sharded over the ranks of a torchrun job; the others run on rank 0 while the rest wait
+SHARDED = ("sensitivity", "select")
+
+
 def run_stage(stage: Stage, ctx: Context, force: bool = False, log: Callable[[str], None] = print) -> Any:
-    """Run ``stage`` unless it is up to date; stamp it when done."""
+    """Run ``stage`` unless it is up to date; stamp it when done. In a torchrun job rank 0 decides and stamps;
+    a sharded stage runs on every rank, any other on rank 0 alone."""
     cfg, run = ctx.cfg, ctx.run
-    if not force and run.is_fresh(stage, cfg):
+    d = distributed.current()
+    fresh = d.broadcast(not force and run.is_fresh(stage, cfg) if d.is_main else None)
+    if fresh:
         log(f"[{stage.name}] up to date, skipped ({run.root})")
         return None
-    log(f"[{stage.name}] running ...")
+    log(f"[{stage.name}] running ..." + (f" (sharded over {d.world} ranks)" if d.enabled and stage.name in SHARDED else ""))
     t0 = time.perf_counter()
-    result = stage.run(ctx)
+    ctx.force = force
+    result = stage.run(ctx) if d.is_main or stage.name in SHARDED else None
     seconds = time.perf_counter() - t0
-    run.mark_done(stage, cfg, seconds)
+    d.barrier()
+    if d.is_main:
+        run.mark_done(stage, cfg, seconds)
     log(f"[{stage.name}] done in {seconds:.1f} s")
     return result
 
@@ -138,18 +150,28 @@ def run_through(name: str, ctx: Context, force: bool = False, log: Callable[[str
     with a note when their stamp does not match the config."""
     needed = _closure(name)
     result = None
+    d = distributed.current()
+    if not d.is_main:
+        log = _silent
     with ctx.run.lock(f"mpq {name}"):
-        ctx.run.save_config(ctx.cfg)
+        if d.is_main:
+            ctx.run.save_config(ctx.cfg)
         for stage_name in STAGES:
             if stage_name not in needed:
                 continue
             stage = STAGES[stage_name]
-            if stage_name != name and not rebuild_stale and all((ctx.run.root / o).exists() for o in stage.outputs):
+            keep = d.broadcast(stage_name != name and not rebuild_stale and all((ctx.run.root / o).exists() for o in stage.outputs)
+                               if d.is_main else None)
+            if keep:
                 if not ctx.run.is_fresh(stage, ctx.cfg):
                     log(f"[{stage_name}] using the existing outputs, not made with this config (`mpq {stage_name} --force` re-makes them)")
                 continue
             result = run_stage(stage, ctx, force and stage_name == name, log)
     return result
+
+
+def _silent(_: str) -> None:
+    pass
 
 
 def _closure(name: str) -> set[str]:

@@ -40,6 +40,21 @@ from mpq.quant.quantizer import (
 BUFFERS = ("qbits", "w_scale", "a_scale", "a_zero", "a_range")
 
 
+def split_input(x: torch.Tensor, in_split: Sequence[int], dim: int) -> tuple[torch.Tensor, ...]:
+    """``x`` cut along ``dim`` into the parts of ``in_split`` (one part: ``x`` itself)."""
+    if len(in_split) == 2:
+        return (x,)
+    return x.split([hi - lo for lo, hi in zip(in_split, in_split[1:])], dim=dim)
+
+
+def fake_quant_input(x: torch.Tensor, in_split: Sequence[int], dim: int, scale: torch.Tensor, zero: torch.Tensor, bits: int,
+                     symmetric: bool) -> torch.Tensor:
+    """Each input part fake-quantized with its per-tensor ``scale[p]`` / ``zero[p]`` at ``bits``."""
+    qmin, qmax = qrange(bits, symmetric)
+    parts = [fake_quant(part, scale[p], zero[p], qmin, qmax) for p, part in enumerate(split_input(x, in_split, dim))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 class QuantLayer:
     """Mixin holding the quant params of one Linear/Conv2d and its active bits."""
 
@@ -146,18 +161,13 @@ class QuantLayer:
         self.multi = (kind, list(bits))
 
     def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        if self.n_parts == 1:
-            return (x,)
-        sizes = [hi - lo for lo, hi in zip(self.in_split, self.in_split[1:])]
-        return x.split(sizes, dim=self._input_dim())
+        return split_input(x, self.in_split, self._input_dim())
 
     def _fq_act(self, x: torch.Tensor, bits: int | None) -> torch.Tensor:
         if bits is None:
             return x
         k = self._index(bits, "activation")
-        qmin, qmax = qrange(bits, self.a_symmetric)
-        parts = [fake_quant(part, self.a_scale[k, p], self.a_zero[k, p], qmin, qmax) for p, part in enumerate(self._parts(x))]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=self._input_dim())
+        return fake_quant_input(x, self.in_split, self._input_dim(), self.a_scale[k], self.a_zero[k], bits, self.a_symmetric)
 
     def weight_at(self, bits: int | None) -> torch.Tensor:
         """The weight fake-quantized at ``bits`` (cached), or the float weight."""

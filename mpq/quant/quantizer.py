@@ -115,3 +115,10 @@ def running_minmax(
     if state is None:
         return lo, hi
     return momentum * state[0] + (1 - momentum) * lo, momentum * state[1] + (1 - momentum) * hi
+
+
+def weight_integers(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Tensor:
+    """The integers behind :func:`quantize_weight` (int8): ``quantize_weight(w, s, b)`` equals
+    ``(weight_integers(w, s, b).float() * s).to(w.dtype)`` exactly."""
+    qmin, qmax = qrange(bits, symmetric=True)
+    return torch.clamp(torch.round(w.float() / scale), qmin, qmax).to(torch.int8)

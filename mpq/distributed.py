@@ -1,0 +1,121 @@
+"""Scale-out with torch.distributed: one process per device, launched by ``torchrun`` (or ``mpq ... --nproc N``).
+
+Work items (a layer's sensitivity, a candidate plan's images) are independent; each is computed whole by one
+rank, with the batches it would use in a single process, so no number depends on the sharding. Items are
+assigned by estimated cost (longest first, to the least-loaded rank: deterministic); every rank keeps its own
+partial file; rank 0 merges and writes the same artifacts as one process. The engine is torch.distributed's:
+process groups (gloo on CPU, NCCL on GPUs), object collectives, barriers; ``torchrun``'s elastic agent
+stops every rank when one dies.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from collections.abc import Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+
+T = TypeVar("T", bound=Hashable)
+# waits on rank 0 (calibration, PTQ, search run there alone) can be long; a dead rank is the agent's to catch
+WAIT = datetime.timedelta(hours=24)
+
+
+@dataclass(frozen=True)
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.enabled:
+            dist.barrier()
+
+    def gather(self, obj: Any) -> list[Any]:
+        """Every rank's ``obj``, in rank order, on every rank."""
+        if not self.enabled:
+            return [obj]
+        out: list[Any] = [None] * self.world
+        dist.all_gather_object(out, obj)
+        return out
+
+    def broadcast(self, obj: Any) -> Any:
+        """Rank 0's ``obj`` on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def tag(self) -> str:
+        return f"[rank {self.rank}/{self.world}] " if self.enabled else ""
+
+
+def current() -> Dist:
+    if dist.is_available() and dist.is_initialized():
+        return Dist(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return Dist()
+
+
+def launched() -> bool:
+    """Whether this process is one of several started by torchrun (WORLD_SIZE > 1)."""
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+def init() -> Dist:
+    """Join the torchrun job (from its environment): NCCL and ``cuda:LOCAL_RANK`` when GPUs are visible, else gloo."""
+    if not launched():
+        return Dist()
+    if not dist.is_initialized():
+        local = int(os.environ.get("LOCAL_RANK", "0"))
+        if torch.cuda.is_available():
+            torch.cuda.set_device(local % torch.cuda.device_count())
+            dist.init_process_group("nccl", timeout=WAIT, device_id=torch.device("cuda", local % torch.cuda.device_count()))
+        else:
+            dist.init_process_group("gloo", timeout=WAIT)
+    return current()
+
+
+def device_override(d: Dist) -> list[str]:
+    """Config overrides that put this rank on its own GPU (none on CPU)."""
+    if d.enabled and torch.cuda.is_available():
+        return [f"model.device=cuda:{d.local_rank % torch.cuda.device_count()}"]
+    return []
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def assign(costs: Mapping[T, float], world: int) -> dict[T, int]:
+    """Longest-processing-time-first: items by cost (desc, then their order), each to the least-loaded rank
+    (ties: the lowest rank). Deterministic; within ~4/3 of the best makespan."""
+    order = sorted(range(len(costs)), key=lambda i: -list(costs.values())[i])
+    items = list(costs)
+    load = [0.0] * world
+    out: dict[T, int] = {}
+    for i in order:
+        r = min(range(world), key=lambda j: (load[j], j))
+        out[items[i]] = r
+        load[r] += float(costs[items[i]])
+    return out
+
+
+def idle_report(busy: Sequence[float], items: Sequence[int], est: Sequence[float]) -> list[dict[str, float]]:
+    """Per rank: busy seconds, idle fraction (waiting for the slowest rank), items, estimated cost share."""
+    longest = max(busy) if busy else 0.0
+    total_est = sum(est) or 1.0
+    return [{"rank": r, "busy_s": round(b, 3), "idle_fraction": round(1 - b / longest, 4) if longest > 0 else 0.0,
+             "items": int(items[r]), "estimated_share": round(est[r] / total_est, 4)} for r, b in enumerate(busy)]

@@ -1,0 +1,67 @@
+"""The ``encodings`` export: per-tensor / per-channel encodings JSON in the layout of AIMET's encodings files.
+
+::
+
+    {"version": "0.6.1",
+     "activation_encodings": {"<module>.input": [{"bitwidth", "dtype", "is_symmetric", "min", "max", "offset", "scale"}]},
+     "param_encodings":      {"<module>.weight": [one entry per output channel]},
+     "excluded_layers": [FP layers], "quantizer_args": {...}, "mpq": {...}}
+
+Conventions are AIMET's: ``real = (q + offset) * scale``, so ``offset = -zero_point``; ``is_symmetric`` is
+the string "True"/"False"; ``min = offset * scale``, ``max = (offset + 2^b - 1) * scale``. A split input
+(``in_split``) has one activation entry per part (``<module>.input`` holds the parts in order) and its
+weight one entry per (part, output channel), part-major; ``mpq.in_split`` gives the channel ranges.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from mpq.files import write_json
+from mpq.plan import BitPlan
+from mpq.quant.model import PREFIX, QuantModel
+from mpq.quant.quantizer import qrange
+
+VERSION = "0.6.1"
+
+
+def encoding(scale: float, zero_point: float, bits: int, symmetric: bool) -> dict[str, Any]:
+    """One AIMET encoding entry for a quantizer with ``scale`` and ``zero_point`` on the ``bits`` grid."""
+    qmin, qmax = qrange(bits, symmetric)
+    offset = int(qmin if symmetric else -round(zero_point))
+    return {"bitwidth": bits, "dtype": "int", "is_symmetric": str(symmetric), "min": (offset) * scale,
+            "max": (offset + (qmax - qmin)) * scale, "offset": offset, "scale": scale}
+
+
+def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
+    acts: dict[str, list[dict[str, Any]]] = {}
+    params: dict[str, list[dict[str, Any]]] = {}
+    splits: dict[str, list[int]] = {}
+    excluded = []
+    for name, layer in qm.layers.items():
+        path = name[len(PREFIX):]
+        w, a = plan.weight.get(name), plan.act.get(name)
+        if w is None and a is None:
+            excluded.append(path)
+        if layer.n_parts > 1:
+            splits[path] = list(layer.in_split)
+        if w is not None:
+            k = layer.bits.index(w)
+            params[f"{path}.weight"] = [encoding(float(s), 0.0, w, True) for part in layer.w_scale[k].tolist() for s in part]
+        if a is not None:
+            k = layer.bits.index(a)
+            acts[f"{path}.input"] = [encoding(float(layer.a_scale[k, p]), float(layer.a_zero[k, p]), a, layer.a_symmetric)
+                                     for p in range(layer.n_parts)]
+    return {"version": VERSION, "activation_encodings": acts, "param_encodings": params, "excluded_layers": excluded,
+            "quantizer_args": {"per_channel_quantization": True, "param_is_symmetric": True, "activation_is_symmetric": any(
+                layer.a_symmetric for layer in qm.layers.values()), "quant_scheme": "min_max", "dtype": "int"},
+            "mpq": {"in_split": splits, "bos_fp": sorted(n[len(PREFIX):] for n, layer in qm.layers.items() if layer.bos_aware),
+                    "act_protected": sorted(n[len(PREFIX):] for n in plan.protected)}}
+
+
+def export_encodings(qm: QuantModel, plan: BitPlan, out: str | Path) -> dict[str, Any]:
+    out = Path(out)
+    data = plan_encodings(qm, plan)
+    write_json(out / "unet.encodings", data)
+    return {"out": out, "activations": len(data["activation_encodings"]), "params": len(data["param_encodings"])}

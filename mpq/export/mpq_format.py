@@ -1,0 +1,301 @@
+"""The ``mpq`` export format: a diffusers pipeline folder whose denoiser holds packed low-bit weights.
+
+Layout (what ``DiffusionPipeline.save_pretrained`` writes, the denoiser replaced)::
+
+    OUT/model_index.json, scheduler/, tokenizer*/, text_encoder*/, vae/   (FP, ``fp_dtype``)
+    OUT/unet/config.json                      the denoiser config + "quantization_config"
+    OUT/unet/diffusion_pytorch_model.safetensors
+        <layer>.qweight  uint8, packed (2-bit: 4 a byte, 4-bit: 2 a byte, 8-bit: 1 a byte)
+        <layer>.w_scale  fp32 (n_parts, C_out)    <layer>.a_scale / a_zero  fp32 (n_parts,)
+        <layer>.bos_in / bos_out  fp32           cached FP BOS-token row of cross-attention k/v
+        everything else (FP layers, norms, biases) in ``fp_dtype``
+
+``quantization_config`` (``quant_method: mpq``) lists every quantized layer's
+spec (:class:`~mpq.export.packed.PackedSpec`) and the plan's act-protected
+layers. :func:`load_quantized` builds the denoiser on the meta device, swaps
+in :class:`~mpq.export.packed.PackedLayer` modules and assigns the stored
+tensors, so only packed bytes are ever resident.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save as safetensors_bytes
+from torch import nn
+
+from mpq.errors import MpqError
+from mpq.export.pack import pack
+from mpq.export.packed import PackedLayer, PackedSpec
+from mpq.files import load_tensors, save_tensors, write_json
+from mpq.plan import BitPlan
+from mpq.quant.layers import BUFFERS, QuantLayer
+from mpq.quant.model import PREFIX, QuantModel
+from mpq.quant.quantizer import weight_integers
+
+FORMAT = "mpq-packed/1"
+WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
+DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+# ----------------------------------------------------------------------------- denoiser tensors (pure)
+def layer_spec(layer: QuantLayer, w_bits: int | None, a_bits: int | None, bos_cached: bool) -> PackedSpec:
+    conv = {}
+    if isinstance(layer, nn.Conv2d):
+        if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
+            raise MpqError(f"conv layer with padding {layer.padding!r}/{layer.padding_mode} cannot be exported; only numeric zero padding")
+        conv = {"stride": list(layer.stride), "padding": list(layer.padding), "dilation": list(layer.dilation), "groups": layer.groups}
+    return PackedSpec("conv" if conv else "linear", tuple(layer.weight.shape), w_bits, a_bits, tuple(layer.in_split),
+                      layer.bos_aware, bos_cached and w_bits is not None and layer.bos_aware, layer.a_symmetric, layer.bias is not None, conv)
+
+
+def packed_tensors(layer: QuantLayer, spec: PackedSpec, fp_dtype: torch.dtype, bos: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """One layer's exported tensors (names relative to the layer)."""
+    out: dict[str, torch.Tensor] = {}
+    if spec.w_bits is None:
+        out["weight"] = layer.weight.detach().to(fp_dtype)
+    else:
+        k = layer.bits.index(spec.w_bits)
+        view = (layer.weight.shape[0],) + (1,) * (layer.weight.dim() - 1)
+        parts = [weight_integers(layer.weight[:, lo:hi].detach(), layer.w_scale[k, p].reshape(view), spec.w_bits)
+                 for p, (lo, hi) in enumerate(zip(layer.in_split, layer.in_split[1:]))]
+        out["qweight"] = pack(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], spec.w_bits)
+        out["w_scale"] = layer.w_scale[k].detach().float().clone()
+        if spec.bos_cached:
+            if bos is None:
+                raise ValueError("a BOS-cached layer needs its (bos_in, bos_out)")
+            out["bos_in"], out["bos_out"] = bos[0].float(), bos[1].float()
+    if layer.bias is not None:
+        out["bias"] = layer.bias.detach().to(fp_dtype)
+    if spec.a_bits is not None:
+        k = layer.bits.index(spec.a_bits)
+        out["a_scale"], out["a_zero"] = layer.a_scale[k].detach().float().clone(), layer.a_zero[k].detach().float().clone()
+    return out
+
+
+def denoiser_export(qm: QuantModel, plan: BitPlan, fp_dtype: torch.dtype = torch.float16,
+                    bos_rows: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """(tensors, quantization_config) of the denoiser under ``plan``: quantized layers packed, the rest in ``fp_dtype``.
+
+    ``bos_rows``: for BOS-aware layers, the (prompt-independent) BOS input row; its FP output is cached."""
+    bos_rows = bos_rows or {}
+    specs: dict[str, PackedSpec] = {}
+    tensors: dict[str, torch.Tensor] = {}
+    for name, layer in qm.layers.items():
+        w, a = plan.weight.get(name), plan.act.get(name)
+        if w is None and a is None:
+            continue
+        path = name[len(PREFIX):]
+        spec = specs[path] = layer_spec(layer, w, a, name in bos_rows)
+        bos = None
+        if spec.bos_cached:
+            row = bos_rows[name].float()
+            bos = (row, layer._op(row.reshape(1, 1, -1).to(layer.weight.dtype), layer.weight).reshape(-1).detach())
+        tensors.update({f"{path}.{k}": t.contiguous() for k, t in packed_tensors(layer, spec, fp_dtype, bos).items()})
+    layer_paths = {n[len(PREFIX):] for n in qm.layers}
+    for key, t in qm.denoiser.state_dict().items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in specs or (owner in layer_paths and leaf in BUFFERS):  # exported above / the PTQ checkpoint's buffers
+            continue
+        tensors[key] = (t.detach().to(fp_dtype) if t.is_floating_point() else t.detach()).contiguous()
+    config = {"quant_method": "mpq", "format": FORMAT, "fp_dtype": str(fp_dtype).removeprefix("torch."),
+              "layers": {p: s.as_dict() for p, s in specs.items()}, "act_protected": sorted(n[len(PREFIX):] for n in plan.protected)}
+    return tensors, config
+
+
+def serialized_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
+    """Bytes of ``tensors`` as one safetensors file: exactly the file :func:`export_mpq` writes (serialized in
+    memory) up to 256 MiB of tensors; above, their bytes plus the JSON header as safetensors lays it out
+    (offsets in name order: within a few bytes)."""
+    data = sum(t.numel() * t.element_size() for t in tensors.values())
+    if data <= 2**28:
+        return len(safetensors_bytes({k: v.cpu() for k, v in tensors.items()}, metadata={"format": "pt"}))
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for k in sorted(tensors):
+        t = tensors[k]
+        n = t.numel() * t.element_size()
+        header[k] = {"dtype": _ST_DTYPES.get(t.dtype, "F32"), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    text = json.dumps(header, separators=(",", ":"))
+    return 8 + len(text) + (-len(text)) % 8 + data
+
+
+_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8", torch.int64: "I64", torch.int8: "I8"}
+
+
+def weight_bytes_of(tensors: Mapping[str, torch.Tensor], layer_paths: list[str]) -> int:
+    """Bytes of the quantizable layers' weights in an export (packed ints + scales, or the FP weight): the
+    quantity the cost model prices."""
+    total = 0
+    for path in layer_paths:
+        for leaf in ("qweight", "w_scale", "weight"):
+            t = tensors.get(f"{path}.{leaf}")
+            if t is not None:
+                total += t.numel() * t.element_size()
+    return total
+
+
+# ----------------------------------------------------------------------------- BOS rows
+def capture_bos_rows(pipe: Any, qm: QuantModel, cfg: Any) -> dict[str, torch.Tensor]:
+    """The BOS input row of every BOS-aware layer, when it is the same for different prompts (causal text
+    encoders): run the FP pipeline on two prompts and compare. Layers where it differs get no cache."""
+    from mpq.generate import generate
+
+    names = [n for n, layer in qm.layers.items() if layer.bos_aware]
+    if not names:
+        return {}
+    rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = [qm.layers[n].register_forward_pre_hook(lambda m, args, n=n: rows[n].append(args[0][:, 0].detach().clone()) if args[0].dim() == 3 else None)
+             for n in names]
+    qm.set_fp()
+    try:
+        generate(pipe, ["a photo", "two red circles on a blue background, small"], [0, 1], cfg, batch_size=2, output_type="np")
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, seen in rows.items():
+        if not seen:
+            continue
+        stacked = torch.cat(seen)
+        if torch.equal(stacked, stacked[:1].expand_as(stacked)):
+            out[n] = stacked[0]
+    return out
+
+
+# ----------------------------------------------------------------------------- folder
+def _save_component(module: Any, folder: Path, fp_dtype: torch.dtype) -> None:
+    """``save_pretrained`` in ``fp_dtype`` (a cast copy: the caller's pipeline is left as it was)."""
+    if isinstance(module, nn.Module) and any(p.is_floating_point() and p.dtype != fp_dtype for p in module.parameters()):
+        module = copy.deepcopy(module).to(fp_dtype)
+    module.save_pretrained(folder)
+
+
+def export_mpq(pipe: Any, qm: QuantModel, plan: BitPlan, out: str | Path, cfg: Any, fp_dtype: torch.dtype = torch.float16,
+               denoiser_name: str = "unet") -> dict[str, Any]:
+    """Write the ``mpq`` format folder to ``out`` (atomically: a temp folder renamed into place)."""
+    out = Path(out)
+    bos_rows = capture_bos_rows(pipe, qm, cfg)
+    tensors, qconfig = denoiser_export(qm, plan, fp_dtype, bos_rows)
+    qconfig["source"] = {"model_id": str(cfg.model.id), "fingerprint": qm.fingerprint}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        pipe.save_config(tmp)
+        for name, module in pipe.components.items():
+            if name == denoiser_name or module is None or not hasattr(module, "save_pretrained"):
+                continue
+            _save_component(module, tmp / name, fp_dtype)
+        den = tmp / denoiser_name
+        den.mkdir()
+        config = json.loads(qm.denoiser.to_json_string())
+        config["quantization_config"] = qconfig
+        write_json(den / "config.json", config)
+        save_tensors(den / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, old / "x")
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return {"out": out, "denoiser_bytes": (out / denoiser_name / WEIGHTS_NAME).stat().st_size, "layers": len(qconfig["layers"]),
+            "bos_cached": len(bos_rows)}
+
+
+# ----------------------------------------------------------------------------- loading
+def _denoiser_name(folder: Path) -> str:
+    index = json.loads((folder / "model_index.json").read_text())
+    for name in ("unet", "transformer"):
+        if name in index:
+            return name
+    raise MpqError(f"{folder}/model_index.json names no unet or transformer")
+
+
+def load_denoiser(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+    """The exported denoiser (``folder`` is the denoiser folder): packed layers stay packed in memory."""
+    import diffusers
+
+    folder = Path(folder)
+    cfg_path, weights = folder / "config.json", folder / WEIGHTS_NAME
+    if not cfg_path.is_file() or not weights.is_file():
+        raise MpqError(f"{folder} is not an mpq export (needs config.json and {WEIGHTS_NAME}); write one with `mpq export`")
+    config = json.loads(cfg_path.read_text())
+    qconfig = config.pop("quantization_config", None)
+    if not qconfig or qconfig.get("quant_method") != "mpq":
+        raise MpqError(f"{cfg_path} has no mpq quantization_config; it is not an `mpq export --format mpq` folder")
+    if qconfig.get("format") != FORMAT:
+        raise MpqError(f"{cfg_path}: export format {qconfig.get('format')!r}, this mpq reads {FORMAT!r}; re-export with `mpq export`")
+    cls = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
+    with torch.device("meta"):
+        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    for path, spec_dict in qconfig["layers"].items():
+        parent, _, child = path.rpartition(".")
+        with torch.device("meta"):
+            layer = PackedLayer(PackedSpec.from_dict(spec_dict))
+        setattr(model.get_submodule(parent) if parent else model, child, layer)
+    tensors = load_tensors(weights)
+    try:
+        model.load_state_dict(tensors, strict=True, assign=True)
+    except RuntimeError as err:
+        first = str(err).strip().splitlines()[-1][:200]
+        raise MpqError(f"{weights} does not match its config ({first}); re-export with `mpq export`") from None
+    left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
+    if left:
+        raise MpqError(f"{weights} lacks tensor {left[0]}; re-export with `mpq export`")
+    _cast(model, dtype)
+    model.to(device)
+    model.eval().requires_grad_(False)
+    model.mpq_quantization_config = qconfig
+    return model
+
+
+KEEP_FP32 = ("w_scale", "a_scale", "a_zero", "bos_in", "bos_out")  # quant params: exact dequantization in any dtype
+
+
+def _cast(model: nn.Module, dtype: torch.dtype) -> None:
+    """Floating tensors to ``dtype``, except the packed layers' quant params."""
+    for module in model.modules():
+        keep = KEEP_FP32 if isinstance(module, PackedLayer) else ()
+        for store in (module._parameters, module._buffers):
+            for leaf, t in store.items():
+                if t is not None and t.is_floating_point() and t.dtype != dtype and leaf not in keep:
+                    store[leaf] = nn.Parameter(t.to(dtype), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(dtype)
+
+
+def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
+    """A diffusers pipeline from an ``mpq export`` folder; its denoiser's quantized layers keep packed weights
+    in memory and unpack on the fly. ``dtype``: the compute dtype of everything else."""
+    from diffusers import DiffusionPipeline
+
+    from mpq.models.loader import quiet_loading
+
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file():
+        raise MpqError(f"{folder} is not an exported pipeline folder (no model_index.json); write one with `mpq export --out {folder}`")
+    name = _denoiser_name(folder)
+    denoiser = load_denoiser(folder / name, dtype, device)
+    quiet_loading()
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **{name: denoiser})
+    pipe.to(device)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def tensor_bytes(module: nn.Module) -> int:
+    """Resident bytes of a module's parameters and buffers."""
+    return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
+
+
+__all__ = ["FORMAT", "capture_bos_rows", "denoiser_export", "export_mpq", "load_denoiser", "load_quantized", "serialized_bytes",
+           "tensor_bytes", "weight_bytes_of"]

@@ -1,0 +1,137 @@
+"""PackedLayer: a Linear/Conv2d of an exported model, its quantized weight kept packed in memory.
+
+The weight is a uint8 buffer (``qweight``: 2-bit four a byte, 4-bit two a
+byte, 8-bit one a byte, see :mod:`mpq.export.pack`) with fp32 scales per
+output channel and input part (``w_scale``, (n_parts, C_out)); each call
+unpacks and dequantizes it (exactly as the fake-quant layer computes it) and
+drops it again, so resident memory holds only the packed bytes. A layer
+whose weight stays FP keeps ``weight``. With activation bits, the input is
+fake-quantized per part with ``a_scale``/``a_zero`` (n_parts,).
+
+A BOS-aware layer (cross-attention ``to_k``/``to_v``) computes the BOS token
+with FP weights. The causal text encoders make that token's features the same
+for every prompt, so export stores its input (``bos_in``) and FP output
+(``bos_out``) instead of the FP weight; a row that differs from ``bos_in``
+(e.g. an all-zero negative prompt: output = bias, exact either way) is
+computed with the dequantized weight.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from mpq.export.pack import packed_numel, unpack
+from mpq.quant.layers import fake_quant_input
+
+
+@dataclass(frozen=True)
+class PackedSpec:
+    """What a :class:`PackedLayer` needs besides its tensors (stored in the denoiser's ``quantization_config``)."""
+
+    kind: str  # linear | conv
+    shape: tuple[int, ...]  # weight shape
+    w_bits: int | None
+    a_bits: int | None
+    in_split: tuple[int, ...]
+    bos_aware: bool = False
+    bos_cached: bool = False
+    a_symmetric: bool = False
+    bias: bool = True
+    conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, groups
+
+    def as_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["shape"], d["in_split"] = list(self.shape), list(self.in_split)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PackedSpec:
+        return cls(**{**d, "shape": tuple(d["shape"]), "in_split": tuple(d["in_split"])})
+
+
+class PackedLayer(nn.Module):
+    def __init__(self, spec: PackedSpec, device: torch.device | str | None = None) -> None:
+        super().__init__()
+        self.spec = spec
+        s, parts = spec.shape, len(spec.in_split) - 1
+        if spec.kind == "linear":  # the attributes pipelines read off Linear/Conv2d
+            self.in_features, self.out_features = s[1], s[0]
+        else:
+            self.in_channels, self.out_channels, self.kernel_size = s[1] * spec.conv["groups"], s[0], tuple(s[2:])
+            self.stride, self.padding = tuple(spec.conv["stride"]), tuple(spec.conv["padding"])
+            self.dilation, self.groups = tuple(spec.conv["dilation"]), spec.conv["groups"]
+        f32 = {"device": device, "dtype": torch.float32}
+        if spec.w_bits is None:
+            self.weight = nn.Parameter(torch.empty(s, **f32), requires_grad=False)
+        else:
+            numel = 1
+            for d in s:
+                numel *= d
+            self.register_buffer("qweight", torch.empty(packed_numel(numel, spec.w_bits), dtype=torch.uint8, device=device))
+            self.register_buffer("w_scale", torch.empty(parts, s[0], **f32))
+            if spec.bos_cached:
+                self.register_buffer("bos_in", torch.empty(s[1], **f32))
+                self.register_buffer("bos_out", torch.empty(s[0], **f32))
+        self.bias = nn.Parameter(torch.empty(s[0], **f32), requires_grad=False) if spec.bias else None
+        if spec.a_bits is not None:
+            self.register_buffer("a_scale", torch.empty(parts, **f32))
+            self.register_buffer("a_zero", torch.empty(parts, **f32))
+
+    # ------------------------------------------------------------------ compute
+    @property
+    def weight(self) -> torch.Tensor:  # type: ignore[override]
+        """The FP weight, or the dequantized one (made on each access, for code that reads ``.weight``)."""
+        if "weight" in self._parameters:
+            return self._parameters["weight"]  # type: ignore[return-value]
+        return self.dequantized_weight(self.bias.dtype if self.bias is not None else torch.float32)
+
+    def dequantized_weight(self, dtype: torch.dtype) -> torch.Tensor:
+        """The weight as the fake-quant layer computes it (unpacked now, not kept)."""
+        spec = self.spec
+        if spec.w_bits is None:
+            return self._parameters["weight"]  # type: ignore[return-value]
+        numel = math.prod(spec.shape)
+        q = unpack(self.qweight, spec.w_bits, numel).reshape(spec.shape)
+        view = (spec.shape[0],) + (1,) * (len(spec.shape) - 1)
+        parts = [(q[:, lo:hi].float() * self.w_scale[p].float().reshape(view)).to(dtype)
+                 for p, (lo, hi) in enumerate(zip(spec.in_split, spec.in_split[1:]))]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+    def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.spec.kind == "linear":
+            return F.linear(x, w, self.bias)
+        c = self.spec.conv
+        return F.conv2d(x, w, self.bias, c["stride"], c["padding"], c["dilation"], c["groups"])
+
+    def _act(self, x: torch.Tensor) -> torch.Tensor:
+        if self.spec.a_bits is None:
+            return x
+        dim = -1 if self.spec.kind == "linear" else 1
+        return fake_quant_input(x, self.spec.in_split, dim, self.a_scale, self.a_zero, self.spec.a_bits, self.spec.a_symmetric)
+
+    def _bos_head(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        if self.spec.w_bits is None:
+            return self._op(x, self.weight)
+        if not self.spec.bos_cached:
+            return self._op(x, w)
+        match = (x[:, 0] == self.bos_in.to(x.dtype)).all(dim=-1)
+        out = self.bos_out.to(x.dtype).expand(x.shape[0], 1, -1).clone()
+        if not bool(match.all()):
+            out[~match] = self._op(x[~match], w)
+        return out
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.dequantized_weight(x.dtype)
+        if self.spec.bos_aware and x.dim() == 3:
+            return torch.cat([self._bos_head(x[:, :1], w), self._op(self._act(x[:, 1:]), w)], dim=1)
+        return self._op(self._act(x), w)
+
+    def extra_repr(self) -> str:
+        s = self.spec
+        return f"{s.kind}, shape={list(s.shape)}, w_bits={s.w_bits}, a_bits={s.a_bits}" + (f", in_split={list(s.in_split)}" if len(s.in_split) > 2 else "")

@@ -1,0 +1,46 @@
+"""``mpq export``: a run's plan (the selected one by default) written in one of the export formats."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+
+from mpq.errors import MpqError
+from mpq.plan import BitPlan
+from mpq.rundir import RunDir
+
+FORMATS = ("mpq", "torchao", "encodings")
+
+
+def export_plan(cfg: DictConfig, run: RunDir, out: str | Path, fmt: str = "mpq", plan_args: dict[str, Any] | None = None,
+                fp_dtype: str = "fp16") -> dict[str, Any]:
+    """Export ``plan_args`` (:func:`mpq.infer.plan_from_args` arguments; none: the selected plan) in ``fmt``."""
+    from mpq.export.mpq_format import DTYPES, export_mpq
+    from mpq.infer import plan_from_args, quantized_pipeline
+    from mpq.selection import final_plan
+
+    if fmt not in FORMATS:
+        raise MpqError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
+    if fp_dtype not in DTYPES:
+        raise MpqError(f"unknown --fp-dtype {fp_dtype!r}; choose one of {', '.join(DTYPES)}")
+    if Path(out).resolve() == run.root.resolve():
+        raise MpqError("--out must be a new folder, not the run directory")
+    pipe, qm, manifest = quantized_pipeline(cfg, run, dtype=torch.float32)
+    plan: BitPlan
+    if plan_args and any(v is not None for v in plan_args.values()):
+        plan = plan_from_args(qm, manifest["bits"], **plan_args, protect_weights=cfg.search.protect_weights)
+    else:
+        plan = final_plan(run, cfg.search.protect_weights)
+    plan.validate(qm.names, manifest["bits"])
+    if fmt == "mpq":
+        return export_mpq(pipe, qm, plan, out, cfg, DTYPES[fp_dtype])
+    if fmt == "torchao":
+        from mpq.export.torchao_format import export_torchao
+
+        return export_torchao(qm, plan, out, str(cfg.model.id))
+    from mpq.export.encodings import export_encodings
+
+    return export_encodings(qm, plan, out)

@@ -1,0 +1,112 @@
+"""The ``torchao`` export path: a plan as a torchao ``FqnToConfig``, applied with ``torchao.quantize_``.
+
+Per layer (names are the denoiser's module paths):
+
+* W8A8 Linear -> ``Int8DynamicActivationInt8WeightConfig`` (int8 weights, int8 activations quantized
+  dynamically per token: torchao's scales, not mpq's static per-tensor ones);
+* any other quantized weight (Linear or Conv2d) -> ``IntxWeightOnlyConfig(int<b>, PerAxis(0))``:
+  per-output-channel symmetric weights, activations FP (torchao has no static activation quantizer);
+* FP weights -> no entry.
+
+What torchao could not take as planned is listed per layer and summed per layer kind: activation bits
+dropped, W8A8 convolutions run weight-only, split inputs (one scale per channel over the whole input,
+mpq has one per part). torchao is an optional dependency (``pip install mpq[torchao]``).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mpq.errors import MpqError
+from mpq.files import write_csv, write_json
+from mpq.plan import BitPlan
+from mpq.quant.model import PREFIX, QuantModel
+
+COLUMNS = ["layer", "kind", "w_bits", "a_bits", "torchao", "note"]
+
+
+def _torchao() -> Any:
+    try:
+        import torchao.quantization as tq
+    except ImportError:
+        raise MpqError("the torchao path needs torchao: `pip install torchao` (or `pip install -e '.[torchao]'`)") from None
+    return tq
+
+
+def torchao_plan(qm: QuantModel, plan: BitPlan) -> tuple[Any, list[dict[str, Any]]]:
+    """(``FqnToConfig``, one row per quantizable layer saying what torchao takes and what it drops)."""
+    tq = _torchao()
+    from torchao.quantization.granularity import PerAxis
+
+    configs: dict[str, Any] = {}
+    rows = []
+    for name, layer in qm.layers.items():
+        kind = "linear" if isinstance(layer, nn.Linear) else "conv"
+        w, a = plan.weight.get(name), plan.act.get(name)
+        notes = []
+        if w is None:
+            choice = "FP"
+            if a is not None:
+                notes.append(f"A{a} dropped: torchao has no activation-only config")
+        elif w == 8 and a == 8 and kind == "linear":
+            configs[name[len(PREFIX):]] = tq.Int8DynamicActivationInt8WeightConfig()
+            choice = "Int8DynamicActivationInt8WeightConfig"
+            notes.append("activations per token, dynamic (mpq: per tensor, static)")
+        else:
+            configs[name[len(PREFIX):]] = tq.IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{w}"), granularity=PerAxis(0))
+            choice = f"IntxWeightOnlyConfig(int{w})"
+            if a is not None:
+                notes.append(f"A{a} dropped" + (": int8 dynamic activation has no Conv2d handler" if a == 8 and w == 8 else ": weight-only"))
+        if w is not None and layer.n_parts > 1:
+            notes.append("split input: one scale per channel over both parts")
+        rows.append({"layer": name, "kind": kind, "w_bits": w or "", "a_bits": a or "", "torchao": choice, "note": "; ".join(notes)})
+    return tq.FqnToConfig(configs), rows
+
+
+def support_summary(rows: list[dict[str, Any]]) -> dict[str, dict[str, int]]:
+    """Per layer kind: layers taken as planned, taken with a change (activation dropped, ...), kept FP by the plan."""
+    out: dict[str, Counter[str]] = {}
+    for r in rows:
+        c = out.setdefault(r["kind"], Counter())
+        c["fp_in_plan"] += r["torchao"] == "FP" and not r["note"]
+        c["as_planned"] += r["torchao"] != "FP" and not r["note"]
+        c["changed"] += bool(r["note"])
+    return {k: dict(v) for k, v in out.items()}
+
+
+def apply_torchao(denoiser: nn.Module, fqn_config: Any) -> None:
+    """``torchao.quantize_`` with the plan's ``FqnToConfig`` (in place)."""
+    tq = _torchao()
+    tq.quantize_(denoiser, fqn_config, filter_fn=None)
+
+
+def export_torchao(qm: QuantModel, plan: BitPlan, out: str | Path, model_id: str) -> dict[str, Any]:
+    """Write ``torchao_config.json`` (the serialized ``FqnToConfig``), ``torchao_layers.csv`` and
+    ``torchao_summary.json`` into ``out``; :func:`load_torchao` applies them to the FP pipeline."""
+    from torchao.core.config import config_to_dict
+
+    fqn, rows = torchao_plan(qm, plan)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "torchao_config.json", {"model_id": model_id, "fqn_to_config": config_to_dict(fqn)})
+    write_csv(out / "torchao_layers.csv", rows, COLUMNS)
+    summary = support_summary(rows)
+    write_json(out / "torchao_summary.json", summary)
+    return {"out": out, "summary": summary, "layers": len(rows)}
+
+
+def load_torchao(out: str | Path, pipe: Any) -> Any:
+    """Apply an exported ``torchao_config.json`` to ``pipe``'s denoiser (``quantize_``, in place); returns ``pipe``."""
+    from torchao.core.config import config_from_dict
+
+    from mpq.files import read_json
+    from mpq.models import denoiser_of
+
+    data = read_json(Path(out) / "torchao_config.json")
+    apply_torchao(denoiser_of(pipe), config_from_dict(data["fqn_to_config"]))
+    return pipe
