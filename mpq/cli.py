@@ -231,7 +231,8 @@ def _stage_parser(sub: Any, name: str, help_text: str, fn: Handler = cmd_stage, 
     if name in ("sensitivity", "select", "run"):
         p.add_argument("--nproc", type=int, default=None, metavar="N",
                        help="shard the work over N local processes (one per GPU when GPUs are visible, else CPU with gloo): "
-                       "the same as `torchrun --nproc_per_node N -m mpq ...`; results are identical to one process")
+                       "the same as `torchrun --nproc_per_node N -m mpq ...`; the files are bit-identical to one process with as many "
+                       "threads as each rank")
     return p
 
 

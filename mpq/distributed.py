@@ -4,8 +4,8 @@ Work items (a layer's sensitivity, a candidate plan's images) are independent; e
 rank, with the batches it would use in a single process, so no number depends on the sharding. Items are
 assigned by estimated cost (longest first, to the least-loaded rank: deterministic); every rank keeps its own
 partial file; rank 0 merges and writes the same artifacts as one process. The engine is torch.distributed's:
-process groups (gloo on CPU, NCCL on GPUs), object collectives, barriers; ``torchrun``'s elastic agent
-stops every rank when one dies.
+a process group (gloo: the collectives carry small objects only), object collectives, barriers; ``torchrun``'s
+elastic agent stops every rank when one dies.
 """
 
 from __future__ import annotations
@@ -74,16 +74,16 @@ def launched() -> bool:
 
 
 def init() -> Dist:
-    """Join the torchrun job (from its environment): NCCL and ``cuda:LOCAL_RANK`` when GPUs are visible, else gloo."""
+    """Join the torchrun job (from its environment). Each rank computes on ``cuda:LOCAL_RANK`` when GPUs are
+    visible (several ranks may share one GPU), else on the CPU. The collectives carry only small Python objects
+    (assignments, finished scores), so the process group is gloo in both cases: NCCL would refuse two ranks on
+    one GPU and adds nothing here."""
     if not launched():
         return Dist()
     if not dist.is_initialized():
-        local = int(os.environ.get("LOCAL_RANK", "0"))
         if torch.cuda.is_available():
-            torch.cuda.set_device(local % torch.cuda.device_count())
-            dist.init_process_group("nccl", timeout=WAIT, device_id=torch.device("cuda", local % torch.cuda.device_count()))
-        else:
-            dist.init_process_group("gloo", timeout=WAIT)
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+        dist.init_process_group("gloo", timeout=WAIT)
     return current()
 
 

@@ -324,9 +324,10 @@ def compute_sensitivity(
     sig = _signature(cfg, run, kind, metric, bits)
     d = distributed.current()
     done_marker = run.root / "sensitivity" / f".{kind}_{metric}.done.json"
+    made_as = {"signature": sig, "layers": hashlib.sha256("|".join(names).encode()).hexdigest()[:16]}  # groups change the SSIM layers
     if write and not force and result_path(run, kind, metric).is_file() and done_marker.is_file():
         try:
-            finished = read_json(done_marker).get("signature") == sig
+            finished = read_json(done_marker) == made_as
         except MpqError:
             finished = False
         if finished:
@@ -385,7 +386,7 @@ def compute_sensitivity(
             if warning:
                 print(f"[sensitivity] warning: {kind} {metric}: {warning}", flush=True)
         write_yaml(result_path(run, kind, metric), {n: [round(v, 6) if math.isfinite(v) else v for v in vals] for n, vals in result.items()})
-        write_json(done_marker, {"signature": sig})
+        write_json(done_marker, made_as)
         for f in _partial_files(run, kind, metric):
             f.unlink(missing_ok=True)
     d.barrier()
