@@ -48,9 +48,12 @@ def test_files_have_right_layers_and_ordering(sens_run):
     assert out.returncode == 0 and "up to date, skipped" in out.stdout
 
 
-@pytest.mark.parametrize("kind,metric", [("weight", "sqnr"), ("act", "ssim")])
-def test_fast_equals_naive(sens_run, kind, metric):
-    cfg = sens_run.load_config(None, SMALL)
+@pytest.mark.parametrize("kind,metric,layers", [
+    ("weight", "sqnr", []),  # every layer: the prefix cache replays from every position
+    ("act", "ssim", ["*mid_block.*", "*up_blocks.0.attentions.1.*"]),  # SSIM: the content layers of two blocks
+])
+def test_fast_equals_naive(sens_run, kind, metric, layers):
+    cfg = sens_run.load_config(None, SMALL + [f"sensitivity.layers={layers}"])
     naive = compute_sensitivity(cfg, sens_run, kind, metric, "naive", show=False, write=False)
     fast = compute_sensitivity(cfg, sens_run, kind, metric, "fast", show=False, write=False)
     tol = 1e-3 if metric == "sqnr" else 1e-5
