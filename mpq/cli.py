@@ -360,6 +360,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("mpq: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)
         return 130
+    except RuntimeError as err:
+        if not distributed.current().enabled or "onnection" not in str(err):
+            raise
+        # a collective broke because another rank of the job died: that rank is the cause, not this one
+        print(f"mpq: {tag}stopped: another rank of the job died ({str(err).splitlines()[0][:120]})", file=sys.stderr)
+        return 1
     finally:
         distributed.shutdown()
     return 0
