@@ -65,6 +65,24 @@ def resolve_run(args: argparse.Namespace) -> tuple[Any, Any]:
     return cfg, RunDir(run_dir) if run_dir else RunDir(Path("outputs") / cfg.name)
 
 
+PLAN_ARGS = ("weight_bits", "act_bits", "weight_plan", "act_plan", "act_protect")
+
+
+def add_plan_args(p: argparse.ArgumentParser, uniform: str) -> None:
+    """A plan on the command line (``infer``, ``export``): uniform bits, or MixDQ's plan files (its option names or mpq's)."""
+    p.add_argument("--weight-bits", "--weight_bits", type=_bits_arg, default=None, help=f"uniform weight bits{uniform}")
+    p.add_argument("--act-bits", "--act_bits", type=_bits_arg, default=None, help=f"uniform activation bits{uniform}")
+    p.add_argument("--config_weight_mp", "--weight-plan", dest="weight_plan", default=None, metavar="YAML", help="MixDQ weight plan (layer: bits)")
+    p.add_argument("--config_act_mp", "--act-plan", dest="act_plan", default=None, metavar="YAML", help="MixDQ activation plan (layer: bits)")
+    p.add_argument("--act_protect", "--act-protect", dest="act_protect", default=None, metavar="FILE",
+                   help="layers whose activations stay FP (torch.save list, yaml or txt)")
+
+
+def plan_args(args: argparse.Namespace) -> dict[str, Any]:
+    """:func:`add_plan_args`' values, as :func:`mpq.infer.plan_from_args` takes them."""
+    return {k: getattr(args, k) for k in PLAN_ARGS}
+
+
 def _bits_arg(value: str) -> int | None:
     if value.lower() in ("fp", "none", "16", "32"):
         return None
@@ -180,9 +198,7 @@ def cmd_infer(args: argparse.Namespace) -> None:
 
     cfg, run = resolve_run(args)
     outdir = Path(args.image_dir) if args.image_dir else run.root / "generated_images"
-    plan_args = {"weight_bits": args.weight_bits, "act_bits": args.act_bits, "weight_plan": args.config_weight_mp,
-                 "act_plan": args.config_act_mp, "act_protect": args.act_protect}
-    result = run_infer(cfg, run, plan_args, outdir, args.num_imgs or cfg.infer.num_images, prompts=args.prompt)
+    result = run_infer(cfg, run, plan_args(args), outdir, args.num_imgs or cfg.infer.num_images, prompts=args.prompt)
     msg = f"{len(result['images'])} images in {outdir}"
     if result["mse"] is not None:
         msg += f" (MSE vs FP images: {result['mse']:.6f})"
@@ -193,10 +209,8 @@ def cmd_export(args: argparse.Namespace) -> None:
     from mpq.export.run import export_plan
 
     cfg, run = resolve_run(args)
-    plan_args = {"weight_bits": args.weight_bits, "act_bits": args.act_bits, "weight_plan": args.weight_plan,
-                 "act_plan": args.act_plan, "act_protect": args.act_protect}
     with run.lock("mpq export"):
-        info = export_plan(cfg, run, args.out, args.format, plan_args, args.fp_dtype)
+        info = export_plan(cfg, run, args.out, args.format, plan_args(args), args.fp_dtype)
     if args.format == "mpq":
         print(f"exported to {info['out']}: {info['layers']} quantized layers, denoiser weights {info['denoiser_bytes']:,} bytes on disk; "
               f"load it with `mpq.load_quantized('{info['out']}')`")
@@ -293,11 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("infer", help="generate images with uniform bits or MixDQ plan files (fake-quant)")
     add_config_args(p, required=False)
     p.add_argument("--base_path", "--base-path", "--outdir", dest="run_dir", required=True, metavar="RUN_DIR", help="run directory with ckpt.safetensors")
-    p.add_argument("--weight-bits", "--weight_bits", type=_bits_arg, default=None, help="uniform weight bits (or fp)")
-    p.add_argument("--act-bits", "--act_bits", type=_bits_arg, default=None, help="uniform activation bits (or fp)")
-    p.add_argument("--config_weight_mp", "--weight-plan", default=None, metavar="YAML", help="MixDQ weight plan (layer: bits)")
-    p.add_argument("--config_act_mp", "--act-plan", default=None, metavar="YAML", help="MixDQ activation plan (layer: bits)")
-    p.add_argument("--act_protect", "--act-protect", default=None, metavar="FILE", help="layers whose activations stay FP (torch.save list, yaml or txt)")
+    add_plan_args(p, " (or fp)")
     p.add_argument("--num_imgs", "--num-images", type=int, default=None, help="number of images (default: infer.num_images)")
     p.add_argument("--prompt", action="append", default=None, help="prompt (repeatable); default: the calibration prompts, so MSE vs FP is printed")
     p.add_argument("--image_folder", "--image-dir", dest="image_dir", default=None, metavar="DIR", help="image folder (default: RUN_DIR/generated_images)")
@@ -314,11 +324,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("mpq", "torchao", "encodings"), default="mpq", help="default: mpq")
     p.add_argument("--fp-dtype", "--fp_dtype", dest="fp_dtype", choices=("fp16", "bf16", "fp32"), default="fp16",
                    help="dtype of everything kept floating point (mpq format; fp32 makes images bit-identical to fake-quant)")
-    p.add_argument("--weight-bits", "--weight_bits", type=_bits_arg, default=None, help="uniform weight bits instead of the selected plan")
-    p.add_argument("--act-bits", "--act_bits", type=_bits_arg, default=None, help="uniform activation bits instead of the selected plan")
-    p.add_argument("--weight-plan", "--config_weight_mp", dest="weight_plan", default=None, metavar="YAML", help="a weight plan yaml")
-    p.add_argument("--act-plan", "--config_act_mp", dest="act_plan", default=None, metavar="YAML", help="an activation plan yaml")
-    p.add_argument("--act-protect", "--act_protect", dest="act_protect", default=None, metavar="FILE", help="act-protected layers")
+    add_plan_args(p, " (or fp) instead of the selected plan")
     p.set_defaults(fn=cmd_export, seed=None)
 
     p = sub.add_parser("train-tiny", help="train the embedded shapes model (VAE, both text encoders, UNet) and its judge from scratch",

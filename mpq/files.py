@@ -54,10 +54,15 @@ def write_json(path: str | os.PathLike[str], data: Any) -> None:
     write_text(path, json.dumps(data, indent=2, sort_keys=False) + "\n")
 
 
-def read_yaml(path: str | os.PathLike[str]) -> Any:
+def _existing(path: str | os.PathLike[str]) -> Path:
     p = Path(path)
     if not p.is_file():
         raise MpqError(f"{p}: file not found")
+    return p
+
+
+def read_yaml(path: str | os.PathLike[str]) -> Any:
+    p = _existing(path)
     try:
         return yaml.safe_load(p.read_text())
     except yaml.YAMLError as err:
@@ -67,9 +72,7 @@ def read_yaml(path: str | os.PathLike[str]) -> Any:
 
 
 def read_json(path: str | os.PathLike[str]) -> Any:
-    p = Path(path)
-    if not p.is_file():
-        raise MpqError(f"{p}: file not found")
+    p = _existing(path)
     try:
         return json.loads(p.read_text())
     except json.JSONDecodeError:
@@ -83,9 +86,7 @@ def save_tensors(path: str | os.PathLike[str], tensors: dict[str, torch.Tensor],
 
 
 def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    p = Path(path)
-    if not p.is_file():
-        raise MpqError(f"{p}: file not found")
+    p = _existing(path)
     try:
         return load_file(str(p))
     except (SafetensorError, OSError, ValueError) as err:
@@ -95,9 +96,7 @@ def load_tensors(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
 def read_tensor_metadata(path: str | os.PathLike[str]) -> dict[str, str]:
     from safetensors import safe_open
 
-    p = Path(path)
-    if not p.is_file():
-        raise MpqError(f"{p}: file not found")
+    p = _existing(path)
     try:
         with safe_open(str(p), framework="pt") as f:
             return dict(f.metadata() or {})
@@ -116,7 +115,5 @@ def write_csv(path: str | os.PathLike[str], rows: Iterable[Mapping[str, Any]], c
 
 
 def read_csv(path: str | os.PathLike[str]) -> list[dict[str, str]]:
-    p = Path(path)
-    if not p.is_file():
-        raise MpqError(f"{p}: file not found")
+    p = _existing(path)
     return list(csv.DictReader(io.StringIO(p.read_text())))

@@ -52,9 +52,10 @@ def run_infer(cfg: DictConfig, run: RunDir, plan: BitPlan | dict[str, Any], outd
     """Generate ``num_images`` with ``plan`` (a BitPlan, or :func:`plan_from_args` arguments) into ``outdir``;
     MSE vs FP when the prompts are the calibration ones."""
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
-    if not isinstance(plan, BitPlan):
-        plan = plan_from_args(qm, manifest["bits"], **plan, protect_weights=cfg.search.protect_weights)
-    plan.validate(qm.names, manifest["bits"])
+    if isinstance(plan, BitPlan):
+        plan.validate(qm.names, manifest["bits"])
+    else:
+        plan = plan_from_args(qm, manifest["bits"], **plan, protect_weights=cfg.search.protect_weights)  # validated there
     qm.apply(plan.weight, plan.act)
     if prompts:
         chosen = [prompts[i % len(prompts)] for i in range(num_images)]

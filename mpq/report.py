@@ -133,12 +133,11 @@ def exported_sizes(cfg: DictConfig, pipe: Any, qm: Any, plans: dict[str, BitPlan
 
     bos = capture_bos_rows(pipe, qm, cfg)
     paths = [n[len(PREFIX):] for n in qm.names]
-    fp16 = serialized_bytes(denoiser_export(qm, BitPlan(), torch.float16)[0])
-    for label, res in results.items():
+    for label, res in results.items():  # "FP" (no plan) is the FP16 denoiser
         tensors = denoiser_export(qm, plans.get(label, BitPlan()), torch.float16, bos)[0]
         res["export_file_bytes"] = serialized_bytes(tensors)
         res["export_weight_bytes"] = weight_bytes_of(tensors, paths)
-    return {"format": "mpq", "fp_dtype": "float16", "scale_dtype": "float32", "fp16_denoiser_bytes": fp16,
+    return {"format": "mpq", "fp_dtype": "float16", "scale_dtype": "float32", "fp16_denoiser_bytes": results["FP"]["export_file_bytes"],
             "scale_bytes_counted": cost.scale_bytes, "fp_bytes_counted": cost.fp_bytes}
 
 

@@ -118,31 +118,28 @@ def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, show: b
                 plan.validate(qm.names, manifest["bits"], f)
             keys = {f: f"{kind}/{f}" + (f"@{chosen['weight'].plan_file}" if kind == "act" else "") for f in plans[kind]}
             # every plan costs the same (the same images): sharded evenly, each plan scored whole by one rank
-            owner = distributed.assign({f: 1.0 for f in plans[kind]}, d.world)
+            owner = distributed.assign(dict.fromkeys(plans[kind], 1.0), d.world)
             mine = [f for f in plans[kind] if owner[f] == d.rank and keys[f] not in partial]
             t0 = time.perf_counter()
             for f in progress(mine, desc=f"select: {kind} candidates", unit="plan", disable=not show):
-                plan, key = plans[kind][f], keys[f]
-                if key not in partial:
-                    trial = plan if kind == "weight" else plans["weight"][chosen["weight"].plan_file].with_act(plan.act)
-                    trial = trial.protect(plan.protected, cfg.search.protect_weights)
-                    qm.apply(trial.weight, trial.act)
-                    images = generate(pipe, prompts[:n], seeds[:n], cfg)
-                    folder = out / "images" / kind / Path(f).stem
-                    shutil.rmtree(folder, ignore_errors=True)
-                    save_images(images, folder)
-                    scored = score_images(images, refs, prompts[:n])
-                    adh = scored.pop("adherence")
-                    partial[key] = dict(scored, adherence=adh["all"] if adh else math.nan)
-                    write_json(partial_path, partial)
+                plan = plans[kind][f]
+                trial = plan if kind == "weight" else plans["weight"][chosen["weight"].plan_file].with_act(plan.act)
+                trial = trial.protect(plan.protected, cfg.search.protect_weights)
+                qm.apply(trial.weight, trial.act)
+                images = generate(pipe, prompts[:n], seeds[:n], cfg)
+                folder = out / "images" / kind / Path(f).stem
+                shutil.rmtree(folder, ignore_errors=True)
+                save_images(images, folder)
+                scored = score_images(images, refs, prompts[:n])
+                adh = scored.pop("adherence")
+                partial[keys[f]] = dict(scored, adherence=adh["all"] if adh else math.nan)
+                write_json(partial_path, partial)
             if d.enabled:
-                for part in d.gather({k: partial[k] for k in (keys[f] for f in plans[kind] if owner[f] == d.rank)}):
-                    partial.update(part)
-                busy = d.gather(time.perf_counter() - t0)
-                if d.is_main:
-                    report = distributed.idle_report(busy, [sum(1 for f in owner if owner[f] == r) for r in range(d.world)], [1.0] * d.world)
-                    print(f"[select] {kind}: {len(plans[kind])} plans over {d.world} ranks: " + ", ".join(
-                        f"rank {r['rank']} {r['items']} plans {r['busy_s']:.1f} s (idle {r['idle_fraction']:.0%})" for r in report), flush=True)
+                merged, report = d.collect({keys[f]: partial[keys[f]] for f in plans[kind] if owner[f] == d.rank}, time.perf_counter() - t0,
+                                           owner, dict.fromkeys(owner, 1.0))
+                partial.update(merged)
+                if report is not None:
+                    print(f"[select] {kind}: {len(plans[kind])} plans over {d.world} ranks: {distributed.load_line(report, 'plans')}", flush=True)
             for f in plans[kind]:
                 key = keys[f]
                 row = by_file[f]

@@ -222,10 +222,6 @@ def share_bits(setting: str, metric: str) -> bool:
     return setting == "always"
 
 
-def _value(metric: str, a: float, b: float) -> float:
-    return sqnr_db(a, b) if metric == "sqnr" else a / b
-
-
 # ------------------------------------------------------------------------------ the stage
 def layer_names_for(qm: QuantModel, cfg: DictConfig, metric: type[Metric]) -> list[str]:
     """The layers ``metric`` scores (SQNR: all; SSIM: the content group), in module order."""
@@ -318,9 +314,6 @@ def compute_sensitivity(
         return {}
     if not names:
         raise MpqError(f"no layer is in the content group (patterns {list(cfg.groups.content)}); the SSIM file would be empty")
-    fast = (method or cfg.sensitivity.method) == "fast"
-    work = METRIC_TYPES[metric](pipe, qm, cfg, run, fast)
-    share = fast and share_bits(cfg.sensitivity.share_bits, metric)
     sig = _signature(cfg, run, kind, metric, bits)
     d = distributed.current()
     done_marker = run.root / "sensitivity" / f".{kind}_{metric}.done.json"
@@ -334,7 +327,10 @@ def compute_sensitivity(
             if d.is_main:
                 print(f"[sensitivity] {kind} {metric}: already made with these settings ({result_path(run, kind, metric)})", flush=True)
             return {k: list(v) for k, v in read_yaml(result_path(run, kind, metric)).items()}
-    mine, est = names, {n: 1.0 for n in names}
+    fast = (method or cfg.sensitivity.method) == "fast"
+    work = METRIC_TYPES[metric](pipe, qm, cfg, run, fast)
+    share = fast and share_bits(cfg.sensitivity.share_bits, metric)
+    mine = names
     if d.enabled:  # this rank's layers, by estimated cost (a layer's numbers do not depend on which rank runs it)
         est = d.broadcast(layer_costs(qm, run, names, metric, fast, len(bits)) if d.is_main else None)
         owner = distributed.assign(est, d.world)
@@ -363,21 +359,13 @@ def compute_sensitivity(
     busy = time.perf_counter() - t0
     if d.enabled:
         save(force=True)  # this rank's share is complete on disk before rank 0 merges
-        merged: dict[str, list[float]] = {}
-        for part in d.gather(result):
-            merged.update(part)
+        merged, report = d.collect(result, busy, owner, est)
         result = {n: merged[n] for n in names if n in merged}
-        times = d.gather(busy)
-        if d.is_main:
-            counts = [sum(1 for n in names if owner[n] == r) for r in range(d.world)]
-            shares = [sum(est[n] for n in names if owner[n] == r) for r in range(d.world)]
-            report = distributed.idle_report(times, counts, shares)
-            _write_distributed(run, f"{kind}_{metric}", report)
-            print(f"[sensitivity] {kind} {metric} over {d.world} ranks: " + ", ".join(
-                f"rank {r['rank']} {r['items']} layers {r['busy_s']:.1f} s (idle {r['idle_fraction']:.0%})" for r in report), flush=True)
-        if not d.is_main:
-            d.barrier()  # rank 0 writes the merged file, then every rank goes on
+        if report is None:  # not rank 0: rank 0 writes the merged file, then every rank goes on
+            d.barrier()
             return result
+        _write_distributed(run, f"{kind}_{metric}", report)
+        print(f"[sensitivity] {kind} {metric} over {d.world} ranks: {distributed.load_line(report, 'layers')}", flush=True)
     if write:
         if isinstance(work, Sqnr):
             floor = float_floor(cfg, work)

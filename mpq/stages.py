@@ -150,9 +150,7 @@ def run_through(name: str, ctx: Context, force: bool = False, log: Callable[[str
     with a note when their stamp does not match the config."""
     needed = _closure(name)
     result = None
-    d = distributed.current()
-    if not d.is_main:
-        log = _silent
+    d = distributed.current()  # ranks other than 0 print to /dev/null (the CLI sets that up)
     with ctx.run.lock(f"mpq {name}"):
         if d.is_main:
             ctx.run.save_config(ctx.cfg)
@@ -168,10 +166,6 @@ def run_through(name: str, ctx: Context, force: bool = False, log: Callable[[str
                 continue
             result = run_stage(stage, ctx, force and stage_name == name, log)
     return result
-
-
-def _silent(_: str) -> None:
-    pass
 
 
 def _closure(name: str) -> set[str]:

@@ -37,7 +37,7 @@ from mpq.export.pack import pack
 from mpq.export.packed import PackedLayer, PackedSpec
 from mpq.files import load_tensors, save_tensors, write_json
 from mpq.plan import BitPlan
-from mpq.quant.layers import BUFFERS, QuantLayer
+from mpq.quant.layers import BUFFERS, QuantLayer, by_part
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.quant.quantizer import weight_integers
 
@@ -64,10 +64,8 @@ def packed_tensors(layer: QuantLayer, spec: PackedSpec, fp_dtype: torch.dtype, b
         out["weight"] = layer.weight.detach().to(fp_dtype)
     else:
         k = layer.bits.index(spec.w_bits)
-        view = (layer.weight.shape[0],) + (1,) * (layer.weight.dim() - 1)
-        parts = [weight_integers(layer.weight[:, lo:hi].detach(), layer.w_scale[k, p].reshape(view), spec.w_bits)
-                 for p, (lo, hi) in enumerate(zip(layer.in_split, layer.in_split[1:]))]
-        out["qweight"] = pack(torch.cat(parts, dim=1) if len(parts) > 1 else parts[0], spec.w_bits)
+        q = by_part(layer.weight.detach(), layer.in_split, layer.w_scale[k], lambda w, s: weight_integers(w, s, spec.w_bits))
+        out["qweight"] = pack(q, spec.w_bits)
         out["w_scale"] = layer.w_scale[k].detach().float().clone()
         if spec.bos_cached:
             if bos is None:

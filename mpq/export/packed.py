@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.export.pack import packed_numel, unpack
-from mpq.quant.layers import fake_quant_input
+from mpq.quant.layers import by_part, fake_quant_input
 
 
 @dataclass(frozen=True)
@@ -98,10 +98,7 @@ class PackedLayer(nn.Module):
             return self._parameters["weight"]  # type: ignore[return-value]
         numel = math.prod(spec.shape)
         q = unpack(self.qweight, spec.w_bits, numel).reshape(spec.shape)
-        view = (spec.shape[0],) + (1,) * (len(spec.shape) - 1)
-        parts = [(q[:, lo:hi].float() * self.w_scale[p].float().reshape(view)).to(dtype)
-                 for p, (lo, hi) in enumerate(zip(spec.in_split, spec.in_split[1:]))]
-        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+        return by_part(q, spec.in_split, self.w_scale, lambda part, s: (part.float() * s.float()).to(dtype))
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.spec.kind == "linear":

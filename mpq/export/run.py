@@ -31,10 +31,9 @@ def export_plan(cfg: DictConfig, run: RunDir, out: str | Path, fmt: str = "mpq",
     pipe, qm, manifest = quantized_pipeline(cfg, run, dtype=torch.float32)
     plan: BitPlan
     if plan_args and any(v is not None for v in plan_args.values()):
-        plan = plan_from_args(qm, manifest["bits"], **plan_args, protect_weights=cfg.search.protect_weights)
+        plan = plan_from_args(qm, manifest["bits"], **plan_args, protect_weights=cfg.search.protect_weights)  # validated there
     else:
-        plan = final_plan(run, cfg.search.protect_weights)
-    plan.validate(qm.names, manifest["bits"])
+        plan = final_plan(run, cfg.search.protect_weights).validate(qm.names, manifest["bits"])
     if fmt == "mpq":
         return export_mpq(pipe, qm, plan, out, cfg, DTYPES[fp_dtype])
     if fmt == "torchao":

@@ -55,6 +55,15 @@ def fake_quant_input(x: torch.Tensor, in_split: Sequence[int], dim: int, scale: 
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
+def by_part(w: torch.Tensor, in_split: Sequence[int], scales: torch.Tensor,
+            fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+    """``fn(part, scale)`` for each input part of a weight (columns ``in_split``; ``scales[p]``, one per output
+    channel, shaped to broadcast over the part), the results concatenated along the input dimension."""
+    view = (w.shape[0],) + (1,) * (w.dim() - 1)
+    parts = [fn(w[:, lo:hi], scales[p].reshape(view)) for p, (lo, hi) in enumerate(zip(in_split, in_split[1:]))]
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+
+
 class QuantLayer:
     """Mixin holding the quant params of one Linear/Conv2d and its active bits."""
 
@@ -175,10 +184,7 @@ class QuantLayer:
             return self.weight
         if bits not in self._wcache:
             k = self._index(bits, "weight")
-            view = (self.weight.shape[0],) + (1,) * (self.weight.dim() - 1)
-            parts = [quantize_weight(self.weight[:, lo:hi], self.w_scale[k, p].reshape(view), bits)
-                     for p, (lo, hi) in enumerate(zip(self.in_split, self.in_split[1:]))]
-            self._wcache[bits] = parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
+            self._wcache[bits] = by_part(self.weight, self.in_split, self.w_scale[k], lambda w, s: quantize_weight(w, s, bits))
         return self._wcache[bits]
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
