@@ -8,8 +8,15 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.11",
     packages=find_packages(include=["mpq", "mpq.*"]),
-    package_data={"mpq": ["data/*.txt", "models/arch/*.json", "models/weights/*.safetensors", "models/weights/tiny-sdxl/*.json",
-                          "models/weights/tiny-sdxl/*/*"]},
+    package_data={
+        "mpq": [
+            "data/*.txt",
+            "models/arch/*.json",
+            "models/weights/*.safetensors",
+            "models/weights/tiny-sdxl/*.json",
+            "models/weights/tiny-sdxl/*/*",
+        ]
+    },
     install_requires=[
         "torch>=2.1,<2.14",
         "diffusers>=0.30",
@@ -27,6 +34,6 @@ setup(
         "pillow>=10",
         "numpy>=1.26",
     ],
-    extras_require={"torchao": ["torchao>=0.14,<0.19"], "test": ["pytest>=7", "torchao>=0.14,<0.19"]},
-    entry_points={"console_scripts": ["mpq=mpq.cli:main_entry"]},
+    extras_require={"torchao": ["torchao>=0.14,<0.19"], "test": ["pytest>=7", "torchao>=0.14,<0.19", "ruff>=0.6"]},
+    entry_points={"console_scripts": ["mpq=mpq.runner.cli:main_entry"]},
 )

@@ -37,4 +37,6 @@ def measure(device: torch.device, fn: Callable[[], Any]) -> tuple[Any, float, fl
 def max_diff(a: dict[str, list[float]], b: dict[str, list[float]]) -> str:
     """Largest |a - b| over layers, per candidate-bit column (equal values, infinities included, count as 0)."""
     cols = len(next(iter(a.values())))
-    return " / ".join(f"{max((abs(a[n][j] - b[n][j]) for n in a if a[n][j] != b[n][j]), default=0.0):.1e}" for j in range(cols))
+    return " / ".join(
+        f"{max((abs(a[n][j] - b[n][j]) for n in a if a[n][j] != b[n][j]), default=0.0):.1e}" for j in range(cols)
+    )

@@ -16,14 +16,15 @@ import time
 import numpy as np
 import torch
 
-from mpq.calib import CalibData
-from mpq.generate import generate, to_array
+from mpq.calibration.ptq import calibrate
+from mpq.calibration.record import CalibData
+from mpq.images import generate, to_array
 from mpq.metrics import SqnrAccumulator, image_mse
 from mpq.models import denoiser_of, load_pipeline
+from mpq.plan import BitPlan
 from mpq.prompts import cycle, read_prompts
-from mpq.ptq import calibrate
 from mpq.quant.model import QuantModel
-from mpq.rundir import RunDir
+from mpq.runner.rundir import RunDir
 
 PLANS = ((8, 8), (4, 8), (None, 8), (None, 4), (8, 4))
 
@@ -40,7 +41,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--run", required=True, help="a run directory with calibration data (mpq calib)")
     ap.add_argument("--images", type=int, default=16)
-    ap.add_argument("overrides", nargs="*", help="config overrides, e.g. calib.batch_size=4 (MixDQ: several shuffled batches)")
+    ap.add_argument(
+        "overrides", nargs="*", help="config overrides, e.g. calib.batch_size=4 (MixDQ: several shuffled batches)"
+    )
     args = ap.parse_args()
     run = RunDir(args.run)
     cfg = run.load_config(None, ["model.device=cpu", *args.overrides])
@@ -60,10 +63,10 @@ def main() -> None:
         seconds = time.perf_counter() - t0
         cells = []
         for w, a in PLANS:
-            qm.set_uniform(w, a)
+            qm.apply(BitPlan.uniform(qm.names, w, a))
             cells.append(f"{sqnr_of(qm, calib, refs, bs):.2f}")
         for w, a in ((8, 8), (4, 8)):
-            qm.set_uniform(w, a)
+            qm.apply(BitPlan.uniform(qm.names, w, a))
             cells.append(f"{float(np.mean(image_mse(to_array(generate(pipe, prompts, seeds, cfg)), fp_images))):.3g}")
         qm.set_fp()
         rows.append(f"| {style} | {seconds:.1f} | " + " | ".join(cells) + " |")

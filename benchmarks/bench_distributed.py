@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mpq.distributed import assign
+from mpq.runner.distributed import assign
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -55,10 +55,16 @@ def tiny(base: Path, nproc: int) -> None:
     if not (prepared / "ckpt.safetensors").is_file():
         mpq(["ptq", "--config", "tiny-sdxl", "--base_path", str(prepared)], None)
     sens_files = [f"sensitivity/{k}_{m}.yaml" for k in ("weight", "act") for m in ("sqnr", "ssim")]
-    sel_files = [f"selection/{k}_scores.csv" for k in ("weight", "act")] + ["selection/final_weight.yaml", "selection/final_act.yaml"]
+    sel_files = [f"selection/{k}_scores.csv" for k in ("weight", "act")] + [
+        "selection/final_weight.yaml",
+        "selection/final_act.yaml",
+    ]
     runs = {}
-    for label, threads, n in (("1 process x 1 thread", 1, None), (f"{nproc} processes x 1 thread", 1, nproc),
-                              (f"1 process x {cores} threads", cores, None)):
+    for label, threads, n in (
+        ("1 process x 1 thread", 1, None),
+        (f"{nproc} processes x 1 thread", 1, nproc),
+        (f"1 process x {cores} threads", cores, None),
+    ):
         d = base / label.replace(" ", "_")
         shutil.rmtree(d, ignore_errors=True)
         shutil.copytree(prepared, d)
@@ -67,8 +73,13 @@ def tiny(base: Path, nproc: int) -> None:
         t_sel = mpq(["select", "--base_path", str(d)], threads, n)
         runs[label] = (d, t_sens, t_sel)
     ref, t1, s1 = runs["1 process x 1 thread"]
-    print(f"\n### Embedded model (tiny-sdxl, default config), CPU with {cores} cores: wall seconds incl. process start\n")
-    print("| setting | sensitivity | speed-up | select | speed-up | files vs 1 process x 1 thread | idle per rank (sensitivity) |")
+    print(
+        f"\n### Embedded model (tiny-sdxl, default config), CPU with {cores} cores: wall seconds incl. process start\n"
+    )
+    print(
+        "| setting | sensitivity | speed-up | select | speed-up | files vs 1 process x 1 thread | idle per rank "
+        "(sensitivity) |"
+    )
     print("|---|---|---|---|---|---|---|")
     for label, (d, ts, tl) in runs.items():
         same = same_files(ref, d, sens_files + sel_files)
@@ -77,15 +88,20 @@ def tiny(base: Path, nproc: int) -> None:
         if dj.is_file() and label.startswith(f"{nproc} processes"):
             data = json.loads(dj.read_text())
             idle = "; ".join(f"{k}: " + "/".join(f"{r['idle_fraction']:.0%}" for r in v) for k, v in data.items())
-        print(f"| {label} | {ts:.1f} | {t1 / ts:.2f}x | {tl:.1f} | {s1 / tl:.2f}x | {'identical' if same else 'differ'} | {idle} |", flush=True)
+        print(
+            f"| {label} | {ts:.1f} | {t1 / ts:.2f}x | {tl:.1f} | {s1 / tl:.2f}x | {'identical' if same else 'differ'} "
+            f"| {idle} |",
+            flush=True,
+        )
 
 
 def sdxl(forward_s: float | None) -> None:
-    from mpq.config import load_config
-    from mpq.groups import CONTENT, assign_groups
+    from mpq.layers import CONTENT, assign_groups
     from mpq.models import load_arch
     from mpq.quant.model import QuantModel
-    from mpq.synthetic import random_denoiser, synthetic_calib
+    from mpq.runner.config import load_config
+
+    from _synthetic import random_denoiser, synthetic_calib
 
     cfg = load_config("sdxl-turbo", ["model.device=cpu"])
     arch = load_arch(cfg)
@@ -93,8 +109,10 @@ def sdxl(forward_s: float | None) -> None:
     qm = QuantModel(den)
     kwargs = next(iter(synthetic_calib(den, arch, cfg.sampling.resolution, 1).batches(1, torch.device("cpu"))))[0]
     starts: dict[str, float] = {}
-    hooks = [layer.register_forward_pre_hook(lambda m, a, n=name: starts.setdefault(n, time.perf_counter()) and None)
-             for name, layer in qm.layers.items()]
+    hooks = [
+        layer.register_forward_pre_hook(lambda m, a, n=name: starts.setdefault(n, time.perf_counter()) and None)
+        for name, layer in qm.layers.items()
+    ]
     with torch.no_grad():
         t0 = time.perf_counter()
         qm(**kwargs, return_dict=False)
@@ -107,12 +125,18 @@ def sdxl(forward_s: float | None) -> None:
     groups = assign_groups(qm.names, list(cfg.groups.content), warn=False)
     content = [n for n in qm.names if groups[n] == CONTENT]
     bits, samples, images = 3, 32, cfg.sensitivity.num_images
-    phases = {"weight sqnr": {n: bits * samples * rest[n] for n in qm.names}, "act sqnr": {n: bits * samples * rest[n] for n in qm.names},
-              "weight ssim": {n: bits * images * rest[n] for n in content}, "act ssim": {n: bits * images * rest[n] for n in content}}
+    phases = {
+        "weight sqnr": {n: bits * samples * rest[n] for n in qm.names},
+        "act sqnr": {n: bits * samples * rest[n] for n in qm.names},
+        "weight ssim": {n: bits * images * rest[n] for n in content},
+        "act ssim": {n: bits * images * rest[n] for n in content},
+    }
     naive = sum(len(c) * bits * (samples if "sqnr" in k else images) * full for k, c in phases.items())
     src = f"GPU forward {forward_s:.2f} s (given)" if forward_s else f"this CPU, fp32, measured {total:.1f} s a forward"
-    print(f"\n### SDXL-Turbo sensitivity, projected ({len(qm.names)} layers, {len(content)} content; {bits} bits x W/A; "
-          f"{samples} samples / {images} images; per-item costs from {src}; SSIM items count the denoiser only)\n")
+    print(
+        f"\n### SDXL-Turbo sensitivity, projected ({len(qm.names)} layers, {len(content)} content; {bits} bits x W/A; "
+        f"{samples} samples / {images} images; per-item costs from {src}; SSIM items count the denoiser only)\n"
+    )
     print("| workers | prefix-cache sensitivity (h) | speed-up | idle fraction per worker, max | naive, 1 worker (h) |")
     print("|---|---|---|---|---|")
     one = sum(sum(c.values()) for c in phases.values())
@@ -137,7 +161,9 @@ def main() -> None:
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--skip-sdxl", action="store_true")
-    ap.add_argument("--forward-s", type=float, default=None, help="SDXL: seconds of one denoiser forward on the target GPU")
+    ap.add_argument(
+        "--forward-s", type=float, default=None, help="SDXL: seconds of one denoiser forward on the target GPU"
+    )
     args = ap.parse_args()
     if not args.skip_tiny:
         tiny(Path(args.base_path or tempfile.mkdtemp(prefix="mpq-bench-dist-")), args.nproc)

@@ -22,21 +22,23 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from _measure import measure
 from torch import nn
 
-from mpq.config import load_config
 from mpq.export.mpq_format import (
     denoiser_export,
     export_mpq,
     load_quantized,
     tensor_bytes,
 )
-from mpq.files import save_tensors
 from mpq.models import load_arch
 from mpq.plan import BitPlan, read_layer_list, read_plan
 from mpq.quant.model import PREFIX, QuantModel
-from mpq.synthetic import random_denoiser, synthetic_calib
+from mpq.quant.structure import Structure
+from mpq.runner.config import load_config
+from mpq.runner.files import save_tensors
+
+from _measure import measure
+from _synthetic import random_denoiser, synthetic_calib
 
 
 def best_of(fn: Any, repeats: int) -> float:
@@ -54,11 +56,11 @@ def file_bytes(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> int
 
 # ----------------------------------------------------------------------------- embedded model
 def tiny_tables(base_path: str | None, repeats: int) -> None:
+    from mpq.calibration.checkpoint import quantized_pipeline
     from mpq.export.torchao_format import apply_torchao, torchao_plan
-    from mpq.infer import quantized_pipeline
-    from mpq.rundir import RunDir
-    from mpq.selection import final_plan
-    from mpq.stages import Context, run_through
+    from mpq.plan import final_plan
+    from mpq.runner.rundir import RunDir
+    from mpq.runner.stages import Context, run_through
 
     cfg = load_config("tiny-sdxl", ["model.device=cpu"])
     run = RunDir(base_path or Path("outputs") / cfg.name)
@@ -66,17 +68,26 @@ def tiny_tables(base_path: str | None, repeats: int) -> None:
         run_through("select", Context(cfg, run), rebuild_stale=False)
     cfg = run.load_config(None, ["model.device=cpu"])
     pipe, qm, _ = quantized_pipeline(cfg, run, dtype=torch.float32)
-    plans = {"uniform W8 (A16)": BitPlan.uniform(qm.names, 8, None), "uniform W4 (A16)": BitPlan.uniform(qm.names, 4, None),
-             "chosen plan": final_plan(run, cfg.search.protect_weights), "uniform W8A8": BitPlan.uniform(qm.names, 8, 8)}
+    plans = {
+        "uniform W8 (A16)": BitPlan.uniform(qm.names, 8, None),
+        "uniform W4 (A16)": BitPlan.uniform(qm.names, 4, None),
+        "chosen plan": final_plan(run),
+        "uniform W8A8": BitPlan.uniform(qm.names, 8, 8),
+    }
     arch = load_arch(cfg)
-    kwargs = next(iter(synthetic_calib(qm.denoiser, arch, cfg.sampling.resolution, 1).batches(1, torch.device("cpu"))))[0]
+    kwargs = next(iter(synthetic_calib(qm.denoiser, arch, cfg.sampling.resolution, 1).batches(1, torch.device("cpu"))))[
+        0
+    ]
     tmp = Path(tempfile.mkdtemp(prefix="mpq-bench-export-"))
     fp16_tensors = denoiser_export(qm, BitPlan(), torch.float16)[0]
     fp16_file = file_bytes(fp16_tensors, tmp, "fp16")
     fp16_resident = sum(t.numel() * t.element_size() for t in fp16_tensors.values())
     fp32_resident = 2 * fp16_resident  # the same tensors in fp32 (every FP16 tensor is floating point)
     print("\n### Embedded model (tiny-sdxl): exported denoiser, `mpq export` (FP parts FP16)\n")
-    print("| plan | denoiser file bytes | vs FP16 file | resident tensors (loaded fp16) | resident tensors (loaded fp32) |")
+    print(
+        "| plan | denoiser file bytes | vs FP16 file | resident tensors (loaded fp16) | resident tensors (loaded fp32) "
+        "|"
+    )
     print("|---|---|---|---|---|")
     print(f"| FP16 | {fp16_file:,} | 1.00x | {fp16_resident:,} | {fp32_resident:,} (FP32) |")
     loaded: dict[str, Any] = {}
@@ -86,17 +97,23 @@ def tiny_tables(base_path: str | None, repeats: int) -> None:
         info = export_mpq(pipe, qm, plan, out, cfg, torch.float16)
         den16 = load_quantized(out, torch.float16).unet
         loaded[label] = load_quantized(out, torch.float32).unet
-        print(f"| {label} | {info['denoiser_bytes']:,} | {fp16_file / info['denoiser_bytes']:.2f}x smaller | {tensor_bytes(den16):,} | "
-              f"{tensor_bytes(loaded[label]):,} |")
+        print(
+            f"| {label} | {info['denoiser_bytes']:,} | {fp16_file / info['denoiser_bytes']:.2f}x smaller | "
+            f"{tensor_bytes(den16):,} | "
+            f"{tensor_bytes(loaded[label]):,} |"
+        )
 
-    print(f"\n### Embedded model: one denoiser call, batch 1, CPU ({torch.get_num_threads()} threads), best of {repeats}\n")
+    print(
+        f"\n### Embedded model: one denoiser call, batch 1, CPU ({torch.get_num_threads()} threads), best of "
+        f"{repeats}\n"
+    )
     print("| path | plan | ms | vs FP32 |\n|---|---|---|---|")
     with torch.no_grad():
         qm.set_fp()
         t_fp = best_of(lambda: qm(**kwargs, return_dict=False), repeats)
         print(f"| FP32 | - | {t_fp * 1e3:.1f} | 1.00x |")
         for label in ("chosen plan", "uniform W8A8"):
-            qm.apply(plans[label].weight, plans[label].act)
+            qm.apply(plans[label])
             t = best_of(lambda: qm(**kwargs, return_dict=False), repeats)
             print(f"| fake-quant | {label} | {t * 1e3:.1f} | {t / t_fp:.2f}x |")
             den = loaded[label]
@@ -109,7 +126,9 @@ def tiny_tables(base_path: str | None, repeats: int) -> None:
         den = pipe2.unet
         apply_torchao(den, fqn)
         t = best_of(lambda: den(**kwargs, return_dict=False), repeats)
-        print(f"| torchao (int8 dynamic linear, int8 weight-only conv) | uniform W8A8 | {t * 1e3:.1f} | {t / t_fp:.2f}x |")
+        print(
+            f"| torchao (int8 dynamic linear, int8 weight-only conv) | uniform W8A8 | {t * 1e3:.1f} | {t / t_fp:.2f}x |"
+        )
 
 
 # ----------------------------------------------------------------------------- SDXL size
@@ -132,7 +151,7 @@ def sdxl_tables(weight_plan: str | None, act_protect: str | None, repeats: int, 
     den = random_denoiser(arch, torch.float16, "cpu")
     qm = QuantModel(den)
     bos = [n for n in qm.names if n.endswith(("attn2.to_k", "attn2.to_v"))]
-    qm.prepare([2, 4, 8], False, bos=bos)
+    qm.prepare([2, 4, 8], False, Structure(bos=bos))
     for layer in qm.layers.values():
         layer.calibrate_weight(True, "minmax", 50, 0.3)
     build = time.perf_counter() - t0
@@ -140,7 +159,9 @@ def sdxl_tables(weight_plan: str | None, act_protect: str | None, repeats: int, 
     if weight_plan:
         plans[f"MixDQ {Path(weight_plan).name}"] = BitPlan(read_plan(weight_plan))
         if act_protect:
-            plans[f"MixDQ {Path(weight_plan).name}, act-protected weights FP16"] = BitPlan(read_plan(weight_plan)).protect(read_layer_list(act_protect), True)
+            plans[f"MixDQ {Path(weight_plan).name}, act-protected weights FP16"] = BitPlan(
+                read_plan(weight_plan)
+            ).protect(read_layer_list(act_protect), True)
     bos_rows = {n: torch.randn(qm.layers[n].weight.shape[1]) for n in bos}
     tmp = Path(tempfile.mkdtemp(prefix="mpq-bench-export-sdxl-"))
     if not sizes:
@@ -148,9 +169,15 @@ def sdxl_tables(weight_plan: str | None, act_protect: str | None, repeats: int, 
     fp16 = 0 if not sizes else file_bytes(denoiser_export(qm, BitPlan(), torch.float16)[0], tmp, "fp16")
     n_params = sum(q.weight.numel() for q in qm.layers.values())
     if sizes:
-        print(f"\n### Full-size SDXL UNet architecture (random weights; {len(qm.names)} layers, {n_params / 1e9:.3f} B quantizable "
-              f"weights; built + weight scales in {build:.0f} s)\n")
-        print("| plan | avg W bits | denoiser file on disk | FP16 / exported | resident when loaded (fp16) |\n|---|---|---|---|---|")
+        print(
+            f"\n### Full-size SDXL UNet architecture (random weights; {len(qm.names)} layers, {n_params / 1e9:.3f} B "
+            "quantizable "
+            f"weights; built + weight scales in {build:.0f} s)\n"
+        )
+        print(
+            "| plan | avg W bits | denoiser file on disk | FP16 / exported | resident when loaded (fp16) "
+            "|\n|---|---|---|---|---|"
+        )
         print(f"| FP16 | 16 | {fp16:,} | 1.00x | {fp16:,} |")
     for label, plan in plans.items():
         tensors, _ = denoiser_export(qm, plan, torch.float16, bos_rows)
@@ -161,8 +188,13 @@ def sdxl_tables(weight_plan: str | None, act_protect: str | None, repeats: int, 
         del tensors
         gc.collect()
 
-    print(f"\n### SDXL-size layers: one call, batch 1, CPU ({torch.get_num_threads()} threads), best of {repeats}; ms\n")
-    print("| layer | input | FP32 | fake-quant W4A8 | packed W4A8 | packed W8A8 | torchao int8 dyn W8A8 | torchao int4 weight-only |")
+    print(
+        f"\n### SDXL-size layers: one call, batch 1, CPU ({torch.get_num_threads()} threads), best of {repeats}; ms\n"
+    )
+    print(
+        "| layer | input | FP32 | fake-quant W4A8 | packed W4A8 | packed W8A8 | torchao int8 dyn W8A8 | torchao int4 "
+        "weight-only |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     from torchao.quantization import (
         FqnToConfig,
@@ -194,28 +226,50 @@ def sdxl_tables(weight_plan: str | None, act_protect: str | None, repeats: int, 
                 packed.load_state_dict(packed_tensors(layer, spec, torch.float32), strict=True)
                 times.append(best_of(lambda: packed(x), repeats))
             tao = []
-            for config in (Int8DynamicActivationInt8WeightConfig(), IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerAxis(0))):
+            for config in (
+                Int8DynamicActivationInt8WeightConfig(),
+                IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerAxis(0)),
+            ):
                 plain = nn.Sequential(nn.Linear(1, 1) if isinstance(layer, nn.Linear) else nn.Conv2d(1, 1, 1))
-                plain[0] = (nn.Linear(layer.in_features, layer.out_features) if isinstance(layer, nn.Linear) else
-                            nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding))
+                plain[0] = (
+                    nn.Linear(layer.in_features, layer.out_features)
+                    if isinstance(layer, nn.Linear)
+                    else nn.Conv2d(
+                        layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding
+                    )
+                )
                 plain[0].weight.data.copy_(layer.weight.data)
                 try:
                     quantize_(plain, FqnToConfig({"0": config}), filter_fn=None)  # by name: Conv2d too, not only Linear
                     tao.append(f"{best_of(lambda: plain(x), repeats) * 1e3:.1f}")
                 except (NotImplementedError, RuntimeError) as err:  # report what torchao cannot run
                     tao.append(f"n/a ({type(err).__name__}: no {type(layer).__name__.removeprefix('Quant')} kernel)")
-        print(f"| {path} | {list(shape)} | {t_fp * 1e3:.1f} | {t_fq * 1e3:.1f} | {times[0] * 1e3:.1f} | {times[1] * 1e3:.1f} | {tao[0]} | {tao[1]} |",
-              flush=True)
+        print(
+            f"| {path} | {list(shape)} | {t_fp * 1e3:.1f} | {t_fq * 1e3:.1f} | {times[0] * 1e3:.1f} | "
+            f"{times[1] * 1e3:.1f} | {tao[0]} | {tao[1]} |",
+            flush=True,
+        )
         layer.half()
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--base_path", default=None, help="tiny-sdxl run directory (default outputs/tiny-sdxl; missing stages run first)")
+    ap.add_argument(
+        "--base_path",
+        default=None,
+        help="tiny-sdxl run directory (default outputs/tiny-sdxl; missing stages run first)",
+    )
     ap.add_argument("--skip-tiny", action="store_true")
     ap.add_argument("--skip-sdxl", action="store_true")
-    ap.add_argument("--sdxl-weight-plan", default=None, metavar="YAML", help="a MixDQ SDXL weight plan (e.g. weight_4.00.yaml)")
-    ap.add_argument("--sdxl-act-protect", default=None, metavar="FILE", help="its act-protect list (adds a row with those weights FP16)")
+    ap.add_argument(
+        "--sdxl-weight-plan", default=None, metavar="YAML", help="a MixDQ SDXL weight plan (e.g. weight_4.00.yaml)"
+    )
+    ap.add_argument(
+        "--sdxl-act-protect",
+        default=None,
+        metavar="FILE",
+        help="its act-protect list (adds a row with those weights FP16)",
+    )
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--sdxl-latency-only", action="store_true", help="SDXL: only the layer latency table")
     args = ap.parse_args()

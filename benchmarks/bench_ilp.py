@@ -19,13 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from mpq.config import load_config
-from mpq.groups import CONTENT, QUALITY
-from mpq.layer_table import layer_table
-from mpq.mixdq_files import read_sensitivity
-from mpq.plan import CostModel
-from mpq.problem import build_problem
-from mpq.sweep import run_sweep, sweep_grid
+from mpq.cost import CostModel
+from mpq.layers import CONTENT, QUALITY, meta_layers
+from mpq.runner.config import load_config
+from mpq.search.build import build_problem, run_entries
+from mpq.search.mixdq_files import read_sensitivity
+from mpq.search.sweep import run_sweep, sweep_grid
 
 
 def synthetic_sensitivity(layers, bits, seed=0):
@@ -47,22 +46,34 @@ def main() -> None:
     args = ap.parse_args()
     cfg = load_config("sdxl-turbo")
     bits = list(cfg.quant.bits)
-    print("| solver | mode | kind | points | distinct plans | optimal | max gap | mean solve (s) | max solve (s) | total (s) |")
+    print(
+        "| solver | mode | kind | points | distinct plans | optimal | max gap | mean solve (s) | max solve (s) | total "
+        "(s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     grand: dict[str, float] = {}
     for solver in args.solvers:
         for mode in ("mpq", "reference"):
             for kind in ("weight", "act"):
-                layers = layer_table(cfg)
+                layers = meta_layers(cfg)
                 if args.sensitivity_dir:
                     d = Path(args.sensitivity_dir)
-                    ssim, sqnr = read_sensitivity(d / f"{kind}_ssim.yaml", 3), read_sensitivity(d / f"{kind}_sqnr.yaml", 3)
+                    ssim, sqnr = (
+                        read_sensitivity(d / f"{kind}_ssim.yaml", 3),
+                        read_sensitivity(d / f"{kind}_sqnr.yaml", 3),
+                    )
                 else:
                     ssim, sqnr = synthetic_sensitivity(layers, bits, seed=1 if kind == "act" else 0)
                 kc = cfg.search[kind]
                 allowed = {CONTENT: list(kc.bits_content), QUALITY: list(kc.bits_quality)}
-                problem = build_problem(kind, layers, {n: v for n, v in ssim.items() if any(l.name == n and l.group == CONTENT for l in layers)},
-                                        sqnr, bits, allowed, cost=CostModel.from_config(cfg))
+                problem = build_problem(
+                    kind,
+                    run_entries(kind, layers, CostModel.from_config(cfg)),
+                    {n: v for n, v in ssim.items() if any(l.name == n and l.group == CONTENT for l in layers)},
+                    sqnr,
+                    bits,
+                    allowed,
+                )
                 s = cfg.search.copy()
                 s.solver, s.time_limit_s = solver, args.time_limit
                 s[kind].k_num = 10  # the family: 10 targets x 10 K = 100 points for weights and for acts
@@ -77,9 +88,13 @@ def main() -> None:
                 solved = [r for r in rows if r.feasible]
                 gaps = [r.gap for r in solved if not math.isnan(r.gap)]
                 per = total / len(rows)
-                print(f"| {solver} | {mode} | {kind} | {len(rows)} | {len({r.plan_file for r in solved})} | "
-                      f"{sum(r.status == 'OPTIMAL' for r in rows)}/{len(rows)} | {max(gaps, default=0):.1e} | {per:.3f} | "
-                      f"{max(r.seconds for r in rows):.3f} | {total:.1f} |", flush=True)
+                print(
+                    f"| {solver} | {mode} | {kind} | {len(rows)} | {len({r.plan_file for r in solved})} | "
+                    f"{sum(r.status == 'OPTIMAL' for r in rows)}/{len(rows)} | {max(gaps, default=0):.1e} | {per:.3f} "
+                    "| "
+                    f"{max(r.seconds for r in rows):.3f} | {total:.1f} |",
+                    flush=True,
+                )
     for solver, t in grand.items():
         print(f"{solver}: whole family (2 modes x weights+acts x 100 points) {t:.1f} s")
 

@@ -15,13 +15,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from mpq.config import load_config
-from mpq.layer_table import layer_table
-from mpq.mixdq_files import read_sensitivity
-from mpq.plan import CostModel
-from mpq.problem import act_protect_list, allowed_bits, build_problem, run_problem
-from mpq.rundir import RunDir
-from mpq.sweep import solve_point, sweep_values
+from mpq.cost import CostModel
+from mpq.layers import meta_layers
+from mpq.runner.config import load_config
+from mpq.runner.rundir import RunDir
+from mpq.search.build import act_protect_list, allowed_bits, build_problem, run_entries, run_problem
+from mpq.search.mixdq_files import read_sensitivity
+from mpq.search.sweep import solve_point, sweep_values
 
 
 def mixdq_problem(folder: Path, kind: str, protect: bool):
@@ -29,9 +29,9 @@ def mixdq_problem(folder: Path, kind: str, protect: bool):
     log = folder / "sensitivity_log" / "sdxl_turbo" / kind
     ssim = read_sensitivity(next((log / "ssim").glob("*/sensitivity.yaml")), 3)
     sqnr = read_sensitivity(next((log / "sqnr").glob("*/sensitivity.yaml")), 3)
-    layers = layer_table(cfg)
-    prot = act_protect_list(layers, ssim, sqnr, [2, 4, 8], 1.0, 8) if protect and kind == "act" else []
-    return cfg, build_problem(kind, layers, ssim, sqnr, [2, 4, 8], allowed_bits(cfg.search[kind]), prot, CostModel.from_config(cfg))
+    entries = run_entries(kind, meta_layers(cfg), CostModel.from_config(cfg))
+    prot = act_protect_list(entries, ssim, sqnr, [2, 4, 8], 1.0, 8) if protect and kind == "act" else []
+    return cfg, build_problem(kind, entries, ssim, sqnr, [2, 4, 8], allowed_bits(cfg.search[kind]), prot)
 
 
 def main() -> None:
@@ -41,7 +41,9 @@ def main() -> None:
     src.add_argument("--run", type=Path, help="an mpq run directory with sensitivity files")
     ap.add_argument("--kind", default="weight", choices=("weight", "act"))
     ap.add_argument("--target", type=float, default=None, help="average bits (default: search.<kind>.target_bitwidth)")
-    ap.add_argument("--k", nargs=3, type=float, default=None, metavar=("MIN", "MAX", "NUM"), help="K sweep (default: the config's)")
+    ap.add_argument(
+        "--k", nargs=3, type=float, default=None, metavar=("MIN", "MAX", "NUM"), help="K sweep (default: the config's)"
+    )
     args = ap.parse_args()
     if args.mixdq:
         cfg, problem = mixdq_problem(args.mixdq, args.kind, protect=True)
@@ -55,7 +57,9 @@ def main() -> None:
     target = args.target if args.target is not None else kc.target_bitwidth
     ks = sweep_values(args.k[0], args.k[1], int(args.k[2])) if args.k else sweep_values(kc.k_min, kc.k_max, kc.k_num)
     print(f"{source}: target {target} average bits, K over {ks[0]}..{ks[-1]} ({len(ks)} values)\n")
-    print("| K | mpq: content / quality avg bits | mpq bytes | reference: content / quality avg bits | reference bytes |")
+    print(
+        "| K | mpq: content / quality avg bits | mpq bytes | reference: content / quality avg bits | reference bytes |"
+    )
     print("|---|---|---|---|---|")
     spans: dict[str, list[tuple[float, float]]] = {"mpq": [], "reference": []}
     for k in ks:
@@ -73,7 +77,10 @@ def main() -> None:
     for mode, pts in spans.items():
         if pts:
             cs, qs = [p[0] for p in pts], [p[1] for p in pts]
-            print(f"{mode}: content {min(cs):.2f}..{max(cs):.2f}, quality {min(qs):.2f}..{max(qs):.2f} ({len(pts)}/{len(ks)} feasible)")
+            print(
+                f"{mode}: content {min(cs):.2f}..{max(cs):.2f}, quality {min(qs):.2f}..{max(qs):.2f} "
+                f"({len(pts)}/{len(ks)} feasible)"
+            )
 
 
 if __name__ == "__main__":

@@ -16,13 +16,14 @@ import gc
 import time
 
 import torch
-from _measure import peak_mb
 
-from mpq.config import load_config
+from mpq.calibration.ptq import calibrate
 from mpq.models import load_arch
-from mpq.ptq import calibrate
 from mpq.quant.model import QuantModel
-from mpq.synthetic import random_denoiser, synthetic_calib
+from mpq.runner.config import load_config
+
+from _measure import peak_mb
+from _synthetic import random_denoiser, synthetic_calib
 
 
 def bench(label: str, cfg_name: str, overrides: list[str], n: int, device: torch.device, repeats: int) -> list[str]:
@@ -46,7 +47,8 @@ def bench(label: str, cfg_name: str, overrides: list[str], n: int, device: torch
         times[str(bits)] = best
     one, all_ = times["[8]"], times[str(list(cfg.quant.bits))]
     rows.append(
-        f"| {label} | {device.type} | {cfg.model.dtype} | {len(qm.layers)} | {n} | {one:.3f} | {all_:.3f} | {all_ / one:.2f}x | {peak_mb(device):,.0f} | {build_s:.1f} |"
+        f"| {label} | {device.type} | {cfg.model.dtype} | {len(qm.layers)} | {n} | {one:.3f} | {all_:.3f} | "
+        f"{all_ / one:.2f}x | {peak_mb(device):,.0f} | {build_s:.1f} |"
     )
     del qm, den, calib
     gc.collect()
@@ -61,12 +63,22 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     args = ap.parse_args()
     device = torch.device(args.device)
-    print("| model | device | dtype | layers | calib samples | 1 bit [8] (s) | all bits [2,4,8] (s) | ratio | peak mem (MB) | build (s) |")
+    print(
+        "| model | device | dtype | layers | calib samples | 1 bit [8] (s) | all bits [2,4,8] (s) | ratio | peak mem "
+        "(MB) | build (s) |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for row in bench("tiny-sdxl", "tiny-sdxl", [], 32, device, args.repeats):
         print(row, flush=True)
     if not args.skip_sdxl:
-        for row in bench("SDXL UNet (random weights, 64x64 latents)", "sdxl-turbo", ["model.dtype=bf16"], args.sdxl_samples, device, args.repeats):
+        for row in bench(
+            "SDXL UNet (random weights, 64x64 latents)",
+            "sdxl-turbo",
+            ["model.dtype=bf16"],
+            args.sdxl_samples,
+            device,
+            args.repeats,
+        ):
             print(row, flush=True)
 
 

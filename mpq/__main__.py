@@ -1,5 +1,5 @@
 """``python -m mpq`` (and ``torchrun -m mpq``) is the ``mpq`` command."""
 
-from mpq.cli import main_entry
+from mpq.runner.cli import main_entry
 
 main_entry()

@@ -21,36 +21,19 @@ from typing import Any
 
 from torch import nn
 
-from mpq.ckpt import load_checkpoint
-from mpq.errors import MpqError
+from mpq.calibration.checkpoint import load_checkpoint
+from mpq.models import denoiser_of
 from mpq.plan import BitPlan
 from mpq.quant.model import QuantModel
 
-
-def _denoiser(model: Any) -> nn.Module:
-    if isinstance(model, nn.Module):
-        return model
-    for name in ("unet", "transformer"):
-        module = getattr(model, name, None)
-        if isinstance(module, nn.Module):
-            return module
-    raise MpqError(f"{type(model).__name__} is neither a torch module nor a pipeline with a unet or transformer")
+# the handle ``quantize_`` returns: ``.apply(plan)``, ``.set_fp()``, ``.names``, ``.bits``, ``.layers``
+QuantizedModel = QuantModel
 
 
-class QuantizedModel(QuantModel):
-    """A :class:`~mpq.quant.model.QuantModel` whose ``apply`` takes a :class:`~mpq.plan.BitPlan`."""
-
-    def apply(self, plan: BitPlan | None = None, act: Any = None) -> None:  # type: ignore[override]
-        if isinstance(plan, BitPlan):
-            plan.validate(self.names, self.bits)
-            return super().apply(plan.weight, plan.act)
-        return super().apply(plan, act)
-
-
-def quantize_(model: Any, plan: BitPlan, ckpt: str | Path) -> QuantizedModel:
+def quantize_(model: Any, plan: BitPlan, ckpt: str | Path) -> QuantModel:
     """Quantize ``model`` (a diffusers pipeline, or its denoiser) in place with ``plan``, using the quant params of
     an mpq PTQ checkpoint; returns the handle that switches plans (``.apply(plan)``, ``.set_fp()``)."""
-    qm = QuantizedModel(_denoiser(model))
+    qm = QuantModel(model if isinstance(model, nn.Module) else denoiser_of(model))
     load_checkpoint(ckpt, qm)
     qm.apply(plan)
     return qm

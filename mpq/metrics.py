@@ -61,14 +61,25 @@ def image_ssim(images: np.ndarray, refs: np.ndarray, kind: str = "gaussian") -> 
     if kind == "mixdq":
         win = mixdq_window(min(images.shape[1], images.shape[2]))
         as8 = [np.round(np.asarray(x, dtype=np.float64) * 255).astype(np.uint8) for x in (images, refs)]
-        return np.array([structural_similarity(a, b, channel_axis=2, win_size=win, data_range=255) for a, b in zip(*as8)])
+        return np.array(
+            [structural_similarity(a, b, channel_axis=2, win_size=win, data_range=255) for a, b in zip(*as8)]
+        )
     if kind != "gaussian":
         raise ValueError(f"unknown SSIM kind {kind!r} (gaussian or mixdq)")
-    return np.array([
-        structural_similarity(np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64), channel_axis=2, data_range=1.0,
-                              gaussian_weights=True, sigma=1.5, use_sample_covariance=False)
-        for a, b in zip(images, refs)
-    ])
+    return np.array(
+        [
+            structural_similarity(
+                np.asarray(a, dtype=np.float64),
+                np.asarray(b, dtype=np.float64),
+                channel_axis=2,
+                data_range=1.0,
+                gaussian_weights=True,
+                sigma=1.5,
+                use_sample_covariance=False,
+            )
+            for a, b in zip(images, refs)
+        ]
+    )
 
 
 def image_psnr(images: np.ndarray, refs: np.ndarray) -> np.ndarray:

@@ -1,19 +1,14 @@
-"""BitPlan, the MixDQ plan files, and the one cost model (bits and bytes).
+"""BitPlan and MixDQ's plan files.
 
-A :class:`BitPlan` is the one thing that flows from the search to selection,
-inference, the report and export: weight bits and activation bits per layer
-(an absent layer is floating point there) and the act-protected layers.
+A :class:`BitPlan` is the one plan type: it flows from the search to
+selection, inference, the report and export: weight bits and activation bits
+per layer (an absent layer is floating point there) and the act-protected
+layers. What a plan costs is :mod:`mpq.cost`'s.
 
 MixDQ's files: a plan maps layer name -> bits (``weight_<avg>_<K>.yaml``,
 ``act_<avg>_<K>.yaml``; an activation plan omits layers whose inputs stay
 FP); an act-protect list names layers whose activations stay FP (MixDQ
 stores it with ``torch.save``; mpq also reads YAML/JSON/text lists).
-
-:class:`CostModel` prices a layer at a bit-width in bytes: packed integers
-plus the quantizers' scales (and zero points), FP layers at the model
-dtype's element size. Average bits are size-weighted over all layers, FP
-layers counting ``8 * fp_bytes`` bits: the one convention everywhere a
-number is reported.
 """
 
 from __future__ import annotations
@@ -22,15 +17,15 @@ import json
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import yaml
 
 from mpq.errors import MpqError
-from mpq.files import read_yaml, write_yaml
+from mpq.runner.files import read_yaml, write_layer_list, write_yaml
 
 if TYPE_CHECKING:
-    from mpq.quant.model import LayerInfo
+    from mpq.runner.rundir import RunDir
 
 
 # ----------------------------------------------------------------------------- the plan
@@ -65,13 +60,20 @@ class BitPlan:
 
     # ------------------------------------------------------------------ MixDQ files
     @classmethod
-    def load(cls, weight: str | Path | None = None, act: str | Path | None = None, protect: str | Path | None = None,
-             protect_weights: bool = False) -> BitPlan:
+    def load(
+        cls,
+        weight: str | Path | None = None,
+        act: str | Path | None = None,
+        protect: str | Path | None = None,
+        protect_weights: bool = False,
+    ) -> BitPlan:
         """A plan from MixDQ files (any may be omitted: that side stays FP)."""
         plan = cls(read_plan(weight) if weight else {}, read_plan(act) if act else {})
         return plan.protect(read_layer_list(protect), protect_weights) if protect else plan
 
-    def save(self, folder: str | Path, weight: str = "weight.yaml", act: str = "act.yaml", protect: str = "act_protect.pt") -> None:
+    def save(
+        self, folder: str | Path, weight: str = "weight.yaml", act: str = "act.yaml", protect: str = "act_protect.pt"
+    ) -> None:
         """MixDQ's files: the weight plan, the activation plan (protected layers omitted), the act-protect list."""
         folder = Path(folder)
         write_plan(folder / weight, self.weight)
@@ -85,89 +87,42 @@ class BitPlan:
         validate_plan(self.act, names, bits, f"{source} (activations)")
         unknown = sorted(self.protected - set(names))
         if unknown:
-            raise MpqError(f"{source}: act-protected layer '{unknown[0]}' is not a quantizable layer of this model; "
-                           "see `mpq layers --config ...` for the names")
+            raise MpqError(
+                f"{source}: act-protected layer '{unknown[0]}' is not a quantizable layer of this model; "
+                "see `mpq layers --config ...` for the names"
+            )
         return self
 
-    def cost(self, infos: Sequence[LayerInfo], model: CostModel) -> PlanCost:
-        return model.plan_cost(self, infos)
+
+def final_plan(run: RunDir) -> BitPlan:
+    """The selected plan of a run (MixDQ's files ``selection/final_{weight,act}.yaml``, ``final_act_protect.pt``),
+    exactly as selection ran it."""
+    hint = f"run `mpq select --base_path {run.root}` first"
+    plan = BitPlan(read_plan(run.require(run.final_weight, hint)), read_plan(run.require(run.final_act, hint)))
+    return plan.protect(read_layer_list(run.final_protect)) if run.final_protect.is_file() else plan
 
 
-# ----------------------------------------------------------------------------- cost
-@dataclass(frozen=True)
-class PlanCost:
-    weight_bytes: float
-    act_bytes: float  # one sample's summed input activations
-    fp_weight_bytes: float  # every weight FP (model dtype)
-    weight_avg_bits: float
-    act_avg_bits: float
-    group_weight_avg_bits: dict[str, float]
-    group_act_avg_bits: dict[str, float]
-
-    def as_dict(self) -> dict[str, Any]:
-        out: dict[str, Any] = {k: getattr(self, k) for k in ("weight_bytes", "act_bytes", "fp_weight_bytes", "weight_avg_bits", "act_avg_bits")}
-        for g, v in self.group_weight_avg_bits.items():
-            out[f"{g}_weight_avg_bits"] = v
-        for g, v in self.group_act_avg_bits.items():
-            out[f"{g}_act_avg_bits"] = v
-        return out
-
-
-@dataclass(frozen=True)
-class CostModel:
-    scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
-    fp_bytes: int = 2  # bytes per element of a tensor kept in floating point (the model dtype)
-    per_channel: bool = True  # weight scales per output channel (else one per input part)
-
-    @classmethod
-    def from_config(cls, cfg: Any) -> CostModel:
-        fp = cfg.search.fp_bytes or {"fp32": 4, "fp16": 2, "bf16": 2}[cfg.model.dtype]
-        return cls(int(cfg.search.scale_bytes), int(fp), cfg.quant.weight.granularity == "channel")
-
-    @property
-    def fp_bits(self) -> int:
-        return 8 * self.fp_bytes
-
-    def weight_bytes(self, info: LayerInfo, bits: int | None) -> float:
-        scales = (info.out_channels if self.per_channel else 1) * info.n_parts
-        return weight_bytes(info.weight_numel, scales, bits, self.scale_bytes, self.fp_bytes)
-
-    def act_bytes(self, info: LayerInfo, bits: int | None) -> float:
-        return act_bytes(info.act_numel, bits, self.scale_bytes, self.fp_bytes, info.n_parts, info.bos_numel)
-
-    def plan_cost(self, plan: BitPlan, infos: Sequence[LayerInfo]) -> PlanCost:
-        def avg(bits: Mapping[str, int], attr: str, group: str | None = None) -> float:
-            chosen = [i for i in infos if group is None or i.group == group]
-            total = sum(getattr(i, attr) for i in chosen)
-            return sum(float(bits.get(i.name, self.fp_bits)) * getattr(i, attr) for i in chosen) / total if total else float("nan")
-
-        groups = sorted({i.group for i in infos})
-        return PlanCost(
-            weight_bytes=sum(self.weight_bytes(i, plan.weight.get(i.name)) for i in infos),
-            act_bytes=sum(self.act_bytes(i, plan.act.get(i.name)) for i in infos),
-            fp_weight_bytes=sum(self.weight_bytes(i, None) for i in infos),
-            weight_avg_bits=avg(plan.weight, "weight_numel"),
-            act_avg_bits=avg(plan.act, "act_numel"),
-            group_weight_avg_bits={g: avg(plan.weight, "weight_numel", g) for g in groups},
-            group_act_avg_bits={g: avg(plan.act, "act_numel", g) for g in groups},
-        )
-
-
-def weight_bytes(numel: float, n_scales: int, bits: int | None, scale_bytes: int = 2, fp_bytes: int = 2) -> float:
-    """Bytes of one layer's weight: packed ``bits``-bit integers plus ``n_scales`` scales (symmetric: no
-    zero point); ``bits=None`` is the FP weight (``fp_bytes`` an element)."""
-    if bits is None:
-        return float(numel * fp_bytes)
-    return float(-(-numel * bits // 8) + n_scales * scale_bytes)
-
-
-def act_bytes(numel: float, bits: int | None, scale_bytes: int = 2, fp_bytes: int = 2, n_parts: int = 1, fp_numel: int = 0) -> float:
-    """Bytes of one layer's input activation for one sample: packed integers plus a per-tensor scale
-    and zero point for each of its ``n_parts`` quantizers, ``fp_numel`` elements (a BOS token) kept FP;
-    ``bits=None`` keeps it all FP."""
-    if bits is None:
-        return float(numel * fp_bytes)
-    return float(-(-(numel - fp_numel) * bits // 8) + 2 * scale_bytes * n_parts + fp_numel * fp_bytes)
+def plan_from_args(
+    names: Sequence[str],
+    bits: Sequence[int],
+    weight_bits: int | None = None,
+    act_bits: int | None = None,
+    weight_plan: str | Path | None = None,
+    act_plan: str | Path | None = None,
+    act_protect: str | Path | None = None,
+    protect_weights: bool = False,
+) -> BitPlan:
+    """A plan from command-line options: plan files win over uniform bits; ``protect_weights`` keeps the act-protected
+    layers' weights FP too. Validated against the layer ``names`` and calibrated ``bits``."""
+    for kind, b in (("weight", weight_bits), ("activation", act_bits)):
+        if b is not None and b not in bits:
+            raise MpqError(f"uniform {kind} bits {b} were not calibrated (checkpoint has {list(bits)})")
+    uniform = BitPlan.uniform(names, weight_bits, act_bits)
+    files = BitPlan.load(weight_plan, act_plan)
+    plan = BitPlan(files.weight if weight_plan else uniform.weight, files.act if act_plan else uniform.act)
+    if act_protect:
+        plan = plan.protect(read_layer_list(act_protect), protect_weights)
+    return plan.validate(names, bits, str(weight_plan or act_plan or act_protect or "plan"))
 
 
 # ----------------------------------------------------------------------------- MixDQ plan files
@@ -175,10 +130,15 @@ def read_plan(path: str | Path) -> dict[str, int]:
     """Read a MixDQ plan yaml: {layer: int bits}."""
     data = read_yaml(path)
     if not isinstance(data, dict) or not data:
-        raise MpqError(f"{path}: a plan is a YAML mapping 'layer name: bits'; this file is {type(data).__name__}: fix or delete it")
+        raise MpqError(
+            f"{path}: a plan is a YAML mapping 'layer name: bits'; this file is {type(data).__name__}: fix or delete it"
+        )
     bad = [k for k, v in data.items() if not isinstance(v, int) or isinstance(v, bool)]
     if bad:
-        raise MpqError(f"{path}: layer '{bad[0]}' has bits {data[bad[0]]!r}; bits must be integers: fix the file, or delete it and re-run the stage that wrote it")
+        raise MpqError(
+            f"{path}: layer '{bad[0]}' has bits {data[bad[0]]!r}; bits must be integers: fix the file, or delete it "
+            "and re-run the stage that wrote it"
+        )
     return {str(k): int(v) for k, v in data.items()}
 
 
@@ -192,9 +152,15 @@ def validate_plan(plan: Mapping[str, int], layer_names: Iterable[str], bits: Ite
     allowed = sorted(set(bits))
     for name, b in plan.items():
         if name not in known:
-            raise MpqError(f"{source}: layer '{name}' is not a quantizable layer of this model; see `mpq layers --config ...` for the names")
+            raise MpqError(
+                f"{source}: layer '{name}' is not a quantizable layer of this model; see `mpq layers --config ...` for "
+                "the names"
+            )
         if b not in allowed:
-            raise MpqError(f"{source}: layer '{name}' asks for {b} bits, but the checkpoint calibrated only {allowed}; re-run ptq with quant.bits including {b}")
+            raise MpqError(
+                f"{source}: layer '{name}' asks for {b} bits, but the checkpoint calibrated only {allowed}; re-run ptq "
+                f"with quant.bits including {b}"
+            )
 
 
 def read_layer_list(path: str | Path) -> list[str]:
@@ -210,7 +176,10 @@ def read_layer_list(path: str | Path) -> list[str]:
         try:
             items = torch.load(p, map_location="cpu", weights_only=True)
         except Exception as err:  # noqa: BLE001 - any unpickling failure is a bad file
-            raise MpqError(f"{p}: not a torch.save'd list of layer names ({type(err).__name__}); delete it and re-run the stage that wrote it") from None
+            raise MpqError(
+                f"{p}: not a torch.save'd list of layer names ({type(err).__name__}); delete it and re-run the stage "
+                "that wrote it"
+            ) from None
     else:
         text = raw.decode(errors="replace")
         try:
@@ -222,13 +191,3 @@ def read_layer_list(path: str | Path) -> list[str]:
     if not isinstance(items, (list, tuple)) or not all(isinstance(x, str) for x in items):
         raise MpqError(f"{p}: an act-protect file is a list of layer names")
     return list(items)
-
-
-def write_layer_list(path: str | Path, names: Iterable[str]) -> None:
-    """Write an act-protect list as MixDQ does (torch.save of a list of str)."""
-    import torch
-
-    from mpq.files import write_with
-
-    names = list(names)
-    write_with(path, lambda tmp: torch.save(names, tmp))

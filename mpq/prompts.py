@@ -38,9 +38,12 @@ def read_prompts(spec: str | None, key: str = "calib.prompts_file") -> list[str]
     spec = spec or BUILTIN_PREFIX + "captions"
     if spec.startswith(BUILTIN_PREFIX):
         lists = builtin_lists()
-        name = spec[len(BUILTIN_PREFIX):]
+        name = spec[len(BUILTIN_PREFIX) :]
         if name not in lists:
-            raise MpqError(f"{key}={spec}: no such shipped prompt list; use one of {', '.join(BUILTIN_PREFIX + n for n in lists)} or a file path")
+            raise MpqError(
+                f"{key}={spec}: no such shipped prompt list; use one of {', '.join(BUILTIN_PREFIX + n for n in lists)} "
+                "or a file path"
+            )
         return lists[name]
     path = Path(spec).expanduser()
     if not path.is_file():

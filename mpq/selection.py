@@ -7,35 +7,37 @@ would choose differently. Ties (equal MSE) go to the higher adherence, then to
 the smaller plan, then to the file name: deterministic.
 
 Writes ``selection/{weight,act}_scores.csv``, ``selection/final_{weight,act}.yaml``
-(+ ``final_act_protect.pt``) and each candidate's images under
-``selection/images/<kind>/<plan>/``.
+(+ ``final_act_protect.pt``: the plan exactly as it ran) and each candidate's
+images under ``selection/images/<kind>/<plan>/``. Resumable and sharded over
+torchrun ranks (items: plans, :class:`~mpq.runner.sharded.ShardedWork`).
 """
 
 from __future__ import annotations
 
-import hashlib
 import math
 import shutil
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
+import numpy as np
+from omegaconf import DictConfig, OmegaConf
 
-from mpq import distributed
-from mpq.calib import calib_prompts, fp_image_paths
-from mpq.candidates import candidate_plans, read_candidates
+from mpq.calibration.checkpoint import quantized_pipeline
+from mpq.calibration.record import calib_prompts, fp_image_paths
 from mpq.errors import MpqError
-from mpq.evaluate import score_images
-from mpq.files import read_csv, read_json, write_csv, write_json
-from mpq.generate import generate, load_images, save_images, to_array
-from mpq.infer import quantized_pipeline
-from mpq.plan import BitPlan, read_layer_list, read_plan, write_layer_list, write_plan
-from mpq.progress import progress
-from mpq.rundir import RunDir
-
-KINDS = ("weight", "act")
+from mpq.images import generate, load_images, save_images, to_array
+from mpq.layers import KINDS
+from mpq.plan import BitPlan, write_plan
+from mpq.quant.model import QuantModel
+from mpq.report.evaluate import score_images
+from mpq.runner import distributed
+from mpq.runner.files import read_records, write_layer_list, write_records
+from mpq.runner.progress import progress
+from mpq.runner.rundir import RunDir
+from mpq.runner.sharded import ShardedWork, file_digest, signature
+from mpq.search.candidates import Candidate, candidate_plans, read_candidates
 
 
 @dataclass
@@ -53,112 +55,142 @@ class Score:
     chosen: bool = False
 
 
-SCORE_COLUMNS = tuple(f.name for f in fields(Score))
-
-
 def write_scores(path: Path, rows: list[Score]) -> None:
-    write_csv(path, [{c: (f"{getattr(r, c):.8g}" if isinstance(getattr(r, c), float) else getattr(r, c)) for c in SCORE_COLUMNS} for r in rows],
-              SCORE_COLUMNS)
+    write_records(path, rows, Score, digits=8)
 
 
 def read_scores(path: str | Path) -> list[Score]:
-    rows = read_csv(path)
-    if not rows or any(c not in rows[0] for c in SCORE_COLUMNS):
-        raise MpqError(f"{path}: not a selection score table; delete it and re-run `mpq select`")
-    try:
-        return [Score(r["plan_file"], r["kind"], *(float(r[c] or "nan") for c in SCORE_COLUMNS[2:-1]), chosen=r["chosen"] == "True") for r in rows]
-    except ValueError:
-        raise MpqError(f"{path}: a score is not a number; delete it and re-run `mpq select`") from None
+    return read_records(path, Score, "delete it and re-run `mpq select`")
 
 
 def rank(scores: list[Score]) -> list[Score]:
     """Best first: lowest MSE; ties to higher adherence (when measured), fewer bytes, then the file name."""
-    return sorted(scores, key=lambda r: (round(r.mse, 12), -(0.0 if math.isnan(r.adherence) else r.adherence), r.bytes, r.plan_file))
+    return sorted(
+        scores,
+        key=lambda r: (round(r.mse, 12), -(0.0 if math.isnan(r.adherence) else r.adherence), r.bytes, r.plan_file),
+    )
 
 
-def final_plan(run: RunDir, protect_weights: bool = False) -> BitPlan:
-    """The selected plan: ``selection/final_{weight,act}.yaml`` and ``final_act_protect.pt`` (MixDQ's files)."""
-    sel = run.root / "selection"
-    hint = f"run `mpq select --base_path {run.root}` first"
-    plan = BitPlan(read_plan(run.require("selection/final_weight.yaml", hint)), read_plan(run.require("selection/final_act.yaml", hint)))
-    protect = sel / "final_act_protect.pt"
-    return plan.protect(read_layer_list(protect), protect_weights) if protect.is_file() else plan
+@dataclass
+class _Session:
+    """What scoring a candidate needs: the run, its quantized pipeline, the selection prompts, seeds and FP
+    references."""
+
+    cfg: DictConfig
+    run: RunDir
+    pipe: Any
+    qm: QuantModel
+    prompts: list[str]
+    seeds: list[int]
+    refs: np.ndarray
 
 
-def run_selection(cfg: DictConfig, run: RunDir, pipe: Any | None = None, show: bool = True) -> dict[str, Score]:
-    """Score every weight candidate (activations FP), then every act candidate on top of the chosen weight plan."""
-    pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
+def _trial(kind: str, plan: BitPlan, weight: BitPlan | None, protect_weights: bool) -> BitPlan:
+    """The plan that runs for a candidate: a weight candidate alone (activations FP), or an act candidate on top of
+    the chosen ``weight`` plan; with ``protect_weights`` the act-protected layers' weights stay FP too (made here,
+    once)."""
+    if weight is None:
+        return plan
+    return BitPlan(weight.weight, plan.act).protect(plan.protected, protect_weights)
+
+
+def _score_one(s: _Session, kind: str, name: str, plan: BitPlan) -> dict[str, float]:
+    s.qm.apply(plan)
+    generated = generate(s.pipe, s.prompts, s.seeds, s.cfg)
+    folder = s.run.selection / "images" / kind / Path(name).stem
+    shutil.rmtree(folder, ignore_errors=True)
+    save_images(generated, folder)
+    scored = score_images(generated, s.refs, s.prompts)
+    adh = scored.pop("adherence")
+    return dict(scored, adherence=adh["all"] if adh else math.nan)
+
+
+def _score_kind(
+    s: _Session,
+    kind: str,
+    plans: dict[str, BitPlan],
+    rows: dict[str, Candidate],
+    weight: BitPlan | None,
+    sig: str,
+    show: bool,
+    force: bool,
+) -> list[Score]:
+    """Every ``kind`` candidate scored (this rank's share, resumed from partial files), merged, ranked best first; a
+    score
+    table finished with the same signature is read back unless ``force``."""
+    work = ShardedWork(
+        s.run.selection, f"{kind}_scores", sig, list(plans)
+    )  # every plan costs the same (the same images)
+    if not force and work.finished(s.run.scores(kind)):
+        return read_scores(s.run.scores(kind))
+    saved = work.resume()
+    if saved and work.d.is_main:
+        print(f"[select] {kind}: resuming, {len(saved)} of {len(plans)} plans already scored", flush=True)
+    todo = [f for f in work.mine if f not in work.state]
+    t0 = time.perf_counter()
+    for f in progress(todo, desc=f"select: {kind} candidates", unit="plan", disable=not show):
+        work.state[f] = _score_one(s, kind, f, _trial(kind, plans[f], weight, s.cfg.search.protect_weights))
+        work.save()
+    merged = work.collect(work.state, time.perf_counter() - t0, "plans", f"[select] {kind}")
+    ranked = rank(
+        [
+            Score(
+                f,
+                kind,
+                merged[f]["mse"],
+                merged[f]["ssim"],
+                merged[f]["psnr"],
+                merged[f]["adherence"],
+                rows[f].avg_bits,
+                rows[f].bytes,
+            )
+            for f in plans
+        ]
+    )
+    ranked[0].chosen = True
+    if work.d.is_main:
+        write_scores(s.run.scores(kind), ranked)
+    work.finish()
+    return ranked
+
+
+def run_selection(
+    cfg: DictConfig, run: RunDir, pipe: Any | None = None, show: bool = True, force: bool = False
+) -> dict[str, Score]:
+    """Score every weight candidate (activations FP), then every act candidate on top of the chosen weight plan;
+    write the final plan exactly as it ran."""
+    pipe, qm, _ = quantized_pipeline(cfg, run, pipe)
     prompts, seeds = calib_prompts(run)
     n = min(cfg.select.num_images, len(prompts))
     refs = to_array(load_images(fp_image_paths(run, n), f"re-run `mpq calib --force --base_path {run.root}`"))
-    out = run.root / "selection"
-    table_path = run.require("candidates/pareto.csv", f"run `mpq search --base_path {run.root}` first")
-    rows = read_candidates(table_path)
-    d = distributed.current()
-    partial_path = out / (f".scores.partial.rank{d.rank}.json" if d.enabled else ".scores.partial.json")
-    sig = hashlib.sha256(f"{n}|{seeds[:n]}|{run.ckpt.stat().st_mtime_ns}|{table_path.read_text()}|{cfg.search.protect_weights}".encode()).hexdigest()
-    partial: dict[str, Any] = {"_signature": sig}
-    for f in sorted(out.glob(".scores.partial*.json")):  # this process's, or every rank's of a distributed job
-        try:
-            loaded = read_json(f)
-        except MpqError:  # a damaged partial file (its writes are atomic, so only by hand): score again
-            continue
-        if isinstance(loaded, dict) and loaded.get("_signature") == sig:
-            partial.update(loaded)
+    table = run.require(run.candidate_table, f"run `mpq search --base_path {run.root}` first")
+    rows = read_candidates(table)
     by_file = {r.plan_file: r for r in rows if r.feasible}
+    session = _Session(cfg, run, pipe, qm, prompts[:n], seeds[:n], refs)
+    base = {
+        "n": n,
+        "seeds": seeds[:n],
+        "ckpt": file_digest(run.ckpt),
+        "candidates": file_digest(table),
+        "protect_weights": cfg.search.protect_weights,
+        "sampling": OmegaConf.to_container(cfg.sampling),
+    }
     chosen: dict[str, Score] = {}
-    plans: dict[str, dict[str, BitPlan]] = {}
+    final: BitPlan | None = None
     try:
         for kind in KINDS:
-            plans[kind] = candidate_plans(run.root / "candidates", rows, kind, cfg.select.pareto_only)
-            if not plans[kind]:
-                raise MpqError(f"{table_path} lists no {kind} plans; re-run the search with a feasible budget")
-            scores = []
-            for f, plan in plans[kind].items():
-                plan.validate(qm.names, manifest["bits"], f)
-            keys = {f: f"{kind}/{f}" + (f"@{chosen['weight'].plan_file}" if kind == "act" else "") for f in plans[kind]}
-            # every plan costs the same (the same images): sharded evenly, each plan scored whole by one rank
-            owner = distributed.assign(dict.fromkeys(plans[kind], 1.0), d.world)
-            mine = [f for f in plans[kind] if owner[f] == d.rank and keys[f] not in partial]
-            t0 = time.perf_counter()
-            for f in progress(mine, desc=f"select: {kind} candidates", unit="plan", disable=not show):
-                plan = plans[kind][f]
-                trial = plan if kind == "weight" else plans["weight"][chosen["weight"].plan_file].with_act(plan.act)
-                trial = trial.protect(plan.protected, cfg.search.protect_weights)
-                qm.apply(trial.weight, trial.act)
-                images = generate(pipe, prompts[:n], seeds[:n], cfg)
-                folder = out / "images" / kind / Path(f).stem
-                shutil.rmtree(folder, ignore_errors=True)
-                save_images(images, folder)
-                scored = score_images(images, refs, prompts[:n])
-                adh = scored.pop("adherence")
-                partial[keys[f]] = dict(scored, adherence=adh["all"] if adh else math.nan)
-                write_json(partial_path, partial)
-            if d.enabled:
-                merged, report = d.collect({keys[f]: partial[keys[f]] for f in plans[kind] if owner[f] == d.rank}, time.perf_counter() - t0,
-                                           owner, dict.fromkeys(owner, 1.0))
-                partial.update(merged)
-                if report is not None:
-                    print(f"[select] {kind}: {len(plans[kind])} plans over {d.world} ranks: {distributed.load_line(report, 'plans')}", flush=True)
-            for f in plans[kind]:
-                key = keys[f]
-                row = by_file[f]
-                scores.append(Score(f, kind, partial[key]["mse"], partial[key]["ssim"], partial[key]["psnr"], partial[key]["adherence"],
-                                    row.avg_bits, row.bytes))
-            ranked = rank(scores)
-            ranked[0].chosen = True
-            chosen[kind] = ranked[0]
-            if d.is_main:
-                write_scores(out / f"{kind}_scores.csv", ranked)
-        weight, act = plans["weight"][chosen["weight"].plan_file], plans["act"][chosen["act"].plan_file]
-        if d.is_main:
-            write_plan(out / "final_weight.yaml", weight.weight)
-            write_plan(out / "final_act.yaml", act.act)
-            write_layer_list(out / "final_act_protect.pt", sorted(act.protected))
+            plans = candidate_plans(run, rows, kind, cfg.select.pareto_only)
+            if not plans:
+                raise MpqError(f"{table} lists no {kind} plans; re-run the search with a feasible budget")
+            for f, plan in plans.items():
+                plan.validate(qm.names, qm.bits, f)
+            sig = signature(**base, kind=kind, weight=chosen["weight"].plan_file if final is not None else None)
+            chosen[kind] = _score_kind(session, kind, plans, by_file, final, sig, show, force)[0]
+            final = _trial(kind, plans[chosen[kind].plan_file], final, cfg.search.protect_weights)
     finally:
         qm.set_fp()
-    d.barrier()
-    if d.is_main:
-        for f in out.glob(".scores.partial*.json"):
-            f.unlink(missing_ok=True)
+    if final is not None and distributed.current().is_main:
+        write_plan(run.final_weight, final.weight)
+        write_plan(run.final_act, final.act)
+        write_layer_list(run.final_protect, sorted(final.protected))
     return chosen

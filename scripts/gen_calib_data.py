@@ -1,8 +1,9 @@
 """Record the FP denoiser's inputs/outputs per step and the FP reference images.
 
-    python scripts/gen_calib_data.py --config tiny-sdxl --outdir outputs/tiny-sdxl
+python scripts/gen_calib_data.py --config tiny-sdxl --outdir outputs/tiny-sdxl
 """
-from mpq.cli import script_main
+
+from mpq.runner.cli import script_main
 
 if __name__ == "__main__":
     script_main("calib")

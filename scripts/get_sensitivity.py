@@ -1,8 +1,10 @@
 """Layer sensitivity, MixDQ flags: each layer quantized alone at each candidate bit.
 
-    python scripts/get_sensitivity.py --config tiny-sdxl --base_path outputs/tiny-sdxl --sensitivity_type weight --metric sqnr
+python scripts/get_sensitivity.py --config tiny-sdxl --base_path outputs/tiny-sdxl --sensitivity_type weight --metric
+sqnr
 """
-from mpq.cli import script_main
+
+from mpq.runner.cli import script_main
 
 if __name__ == "__main__":
     script_main("sensitivity")

@@ -1,8 +1,9 @@
 """Train the embedded tiny SDXL-Turbo-architecture model (and its adherence judge) from scratch.
 
-    python scripts/train_tiny.py --outdir DIR [--device cuda] [--seed 0] [--unet-steps N ...]
+python scripts/train_tiny.py --outdir DIR [--device cuda] [--seed 0] [--unet-steps N ...]
 """
-from mpq.cli import script_main
+
+from mpq.runner.cli import script_main
 
 if __name__ == "__main__":
     script_main("train-tiny")

@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from mpq.calib import CalibData, run_calibration
-from mpq.config import load_config
+from mpq.calibration.ptq import run_ptq
+from mpq.calibration.record import CalibData, run_calibration
 from mpq.metrics import SqnrAccumulator
 from mpq.models import denoiser_of, load_pipeline
-from mpq.ptq import run_ptq
 from mpq.quant.model import QuantModel
-from mpq.rundir import RunDir
+from mpq.runner.config import load_config
+from mpq.runner.rundir import RunDir
 
 SMALL = ["sampling.steps=1", "calib.num_samples=8", "sampling.batch_size=4", "calib.batch_size=8", "model.device=cpu"]
 
@@ -58,9 +58,21 @@ def repo_root() -> Path:
 
 
 # the whole flow once per session, with small sizes: shared by the end-to-end and artifact tests
-FULL_SMALL = ["sampling.steps=1", "calib.num_samples=8", "sampling.batch_size=4", "calib.batch_size=8", "model.device=cpu", "sensitivity.num_images=4",
-              "sensitivity.batch_size=8", "select.num_images=4", "infer.num_images=4", "search.sweep_steps=2", "search.weight.k_num=2",
-              "search.act.k_num=2", "eval.num_images=8"]
+FULL_SMALL = [
+    "sampling.steps=1",
+    "calib.num_samples=8",
+    "sampling.batch_size=4",
+    "calib.batch_size=8",
+    "model.device=cpu",
+    "sensitivity.num_images=4",
+    "sensitivity.batch_size=8",
+    "select.num_images=4",
+    "infer.num_images=4",
+    "search.sweep_steps=2",
+    "search.weight.k_num=2",
+    "search.act.k_num=2",
+    "eval.num_images=8",
+]
 
 
 @pytest.fixture(scope="session")
@@ -69,7 +81,7 @@ def full_run(tmp_path_factory) -> tuple[RunDir, str]:
     import contextlib
     import io
 
-    from mpq.cli import main
+    from mpq.runner.cli import main
 
     run = RunDir(tmp_path_factory.mktemp("full") / "run")
     out = io.StringIO()

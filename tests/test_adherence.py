@@ -5,11 +5,11 @@ import pytest
 import torch
 from PIL import Image
 
-from mpq.cli import main
-from mpq.config import load_config
-from mpq.generate import generate
+from mpq.images import generate
 from mpq.models import load_pipeline
 from mpq.models.loader import WEIGHTS_DIR
+from mpq.runner.cli import main
+from mpq.runner.config import load_config
 from mpq.shapes.data import (
     ATTRIBUTES,
     HELDOUT_CAPTIONS,
@@ -35,7 +35,11 @@ def test_shipped_weights_are_small_and_load_offline(monkeypatch, shapes_pipe):
     total = sum(p.stat().st_size for p in WEIGHTS_DIR.rglob("*.safetensors"))
     assert total <= 25 * 10**6, f"{total / 1e6:.1f} MB of shipped weights"
     cfg, pipe = shapes_pipe
-    assert pipe.scheduler.config.prediction_type == "v_prediction" and cfg.sampling.steps <= 4 and cfg.sampling.guidance_scale == 0
+    assert (
+        pipe.scheduler.config.prediction_type == "v_prediction"
+        and cfg.sampling.steps <= 4
+        and cfg.sampling.guidance_scale == 0
+    )
     tok = pipe.tokenizer
     longest = max(HELDOUT_CAPTIONS, key=len)
     assert len(tok(longest).input_ids) == len(longest.split()) + 2  # every word one token, nothing truncated
@@ -73,10 +77,30 @@ def test_fp_images_of_heldout_prompts_reach_the_adherence_goal(shapes_pipe):
 
 def test_mpq_generate_writes_one_image_per_prompt_in_order(tmp_path, capsys, shapes_pipe):
     cfg, pipe = shapes_pipe
-    prompts = ["a large red circle at the top left on a white background", "a small blue square in the center on a black background"]
+    prompts = [
+        "a large red circle at the top left on a white background",
+        "a small blue square in the center on a black background",
+    ]
     out = tmp_path / "gen"
-    assert main(["generate", "--config", "tiny-sdxl", "--prompt", prompts[0], "--prompt", prompts[1], "--seed", "7", "--outdir", str(out),
-                 "model.device=cpu"]) == 0
+    assert (
+        main(
+            [
+                "generate",
+                "--config",
+                "tiny-sdxl",
+                "--prompt",
+                prompts[0],
+                "--prompt",
+                prompts[1],
+                "--seed",
+                "7",
+                "--outdir",
+                str(out),
+                "model.device=cpu",
+            ]
+        )
+        == 0
+    )
     printed = capsys.readouterr().out
     assert sorted(p.name for p in out.iterdir()) == ["0000.png", "0001.png"] and "adherence" in printed
     ref = generate(pipe, prompts, [7, 8], cfg)  # image i uses seed + i, as everywhere in mpq

@@ -5,12 +5,13 @@ import torch
 from torch import nn
 
 import mpq
-from mpq.calib import CalibData
+from mpq.calibration.record import CalibData
 from mpq.metrics import sqnr
 from mpq.models import denoiser_of, load_pipeline
 from mpq.plan import BitPlan, read_layer_list
 from mpq.quant.layers import QuantLinear
 from mpq.quant.model import quantizable_modules
+from mpq.quant.structure import Structure
 
 
 def _inputs(run, n=2):
@@ -34,7 +35,9 @@ def test_quantize_applies_a_plan_from_mixdq_files_in_place(tiny_run, tiny_cfg, t
     assert read_layer_list(tmp_path / "p.pt") == ["model.conv_in"]
     loaded = BitPlan.load(tmp_path / "w.yaml", tmp_path / "a.yaml", tmp_path / "p.pt")
     assert loaded == plan and "model.conv_in" not in loaded.act and loaded.weight["model.conv_in"] == 2
-    assert "model.conv_in" not in BitPlan.load(tmp_path / "w.yaml", protect=tmp_path / "p.pt", protect_weights=True).weight
+    assert (
+        "model.conv_in" not in BitPlan.load(tmp_path / "w.yaml", protect=tmp_path / "p.pt", protect_weights=True).weight
+    )
     qm = mpq.quantize_(pipe, loaded, tiny_run.ckpt)
     assert isinstance(unet.conv_in, nn.Conv2d) and unet.conv_in.w_bits == 2 and unet.conv_in.a_bits is None
     with torch.no_grad():
@@ -54,11 +57,19 @@ def test_quantized_model_moves_casts_and_saves_like_any_module(tiny_run, tiny_cf
     with torch.no_grad():
         ref = unet(**kwargs).sample
     state = unet.state_dict()
-    assert sum(k.endswith(".w_scale") for k in state) == 123 and all(f"conv_in.{b}" in state for b in ("a_scale", "a_zero", "a_range", "qbits"))
+    assert sum(k.endswith(".w_scale") for k in state) == 123 and all(
+        f"conv_in.{b}" in state for b in ("a_scale", "a_zero", "a_range", "qbits")
+    )
     # a fresh model, wrapped and loaded through the ordinary state_dict: the same outputs
     other = denoiser_of(load_pipeline(tiny_cfg))
     oqm = mpq.QuantizedModel(other)
-    oqm.prepare([2, 4, 8], False, {n: l.in_split for n, l in qm.layers.items()}, [n for n, l in qm.layers.items() if l.bos_aware])
+    oqm.prepare(
+        [2, 4, 8],
+        False,
+        Structure(
+            in_split={n: l.in_split for n, l in qm.layers.items()}, bos={n for n, l in qm.layers.items() if l.bos_aware}
+        ),
+    )
     other.load_state_dict(state)
     oqm.apply(_mixed(oqm.names))
     with torch.no_grad():
@@ -69,11 +80,15 @@ def test_quantized_model_moves_casts_and_saves_like_any_module(tiny_run, tiny_cf
     unet.to(torch.float64)  # .to() / .double() / .half() go through nn.Module._apply
     assert unet.conv_in.w_scale.dtype == torch.float64 and unet.conv_in.weight.dtype == torch.float64
     with torch.no_grad():
-        out64 = unet(**{k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}).sample
+        out64 = unet(
+            **{k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()}
+        ).sample
     # the same W8A8 model in float64: equal up to the few values that round to the other side of a quantization step
     assert out64.dtype == torch.float64 and sqnr(out64.float(), ref8) > 30.0
     unet.half()
-    assert unet.conv_in.weight.dtype == torch.float16 and unet.conv_in.weight_at(4).dtype == torch.float16  # no stale cached weight
+    assert (
+        unet.conv_in.weight.dtype == torch.float16 and unet.conv_in.weight_at(4).dtype == torch.float16
+    )  # no stale cached weight
     unet.to("meta")  # a device move: the same path as .cuda()
     assert unet.conv_in.w_scale.device.type == "meta" and unet.conv_in.weight_at(8).device.type == "meta"
 
@@ -96,14 +111,16 @@ def test_quantized_model_works_under_accelerate_cpu_offload(tiny_run, tiny_cfg):
     kwargs = _inputs(tiny_run)
     with torch.no_grad():
         ref = unet(**kwargs).sample
-    cpu_offload(unet, execution_device=torch.device("cpu"))  # weights (and quant buffers) live off-model, loaded per call
+    cpu_offload(
+        unet, execution_device=torch.device("cpu")
+    )  # weights (and quant buffers) live off-model, loaded per call
     assert unet.conv_in.weight.device.type == "meta"
     with torch.no_grad():
         assert torch.equal(unet(**kwargs).sample, ref)
 
 
 def test_forward_hooks_and_the_prefix_cache(tiny_run, tiny_cfg):
-    from mpq.prefix_cache import PrefixCache
+    from mpq.sensitivity.prefix_cache import PrefixCache
 
     unet = denoiser_of(load_pipeline(tiny_cfg))
     mpq.quantize_(unet, BitPlan(), tiny_run.ckpt)

@@ -4,7 +4,7 @@ import shutil
 
 import pytest
 
-from mpq.cli import main
+from mpq.runner.cli import main
 
 # (artifact, how it is damaged, the command that reads it)
 CASES = [
@@ -19,7 +19,7 @@ CASES = [
     ("selection/weight_scores.csv", "plan_file,kind\nx,weight\n", ["report", "--force"]),
     ("selection/final_weight.yaml", "model.conv_in: four\n", ["final", "--force"]),
     ("selection/final_act_protect.pt", "\x80garbage", ["final", "--force"]),
-    ("report/summary.json", "{\"weight_bytes\": 1}", ["run"]),
+    ("report/summary.json", '{"weight_bytes": 1}', ["run"]),
     ("config.yaml", "model: [unclosed", ["report"]),
 ]
 

@@ -12,14 +12,18 @@ import time
 from pathlib import Path
 
 import pytest
+
+from mpq.plan import read_layer_list
+from mpq.runner.distributed import assign
+from mpq.runner.rundir import RunDir
+
 from conftest import repo_root
 
-from mpq.distributed import assign
-from mpq.plan import read_layer_list
-from mpq.rundir import RunDir
-
 # a few layers across the network (2 content layers for SSIM): the same code paths as the whole model
-LAYERS = 'sensitivity.layers=["*conv_out","*mid_block.resnets.1.*","*down_blocks.1.attentions.0.*.attn2.to_*","*up_blocks.0.resnets.0.conv1"]'
+LAYERS = (
+    'sensitivity.layers=["*conv_out","*mid_block.resnets.1.*","*down_blocks.1.attentions.0.*.attn2.to_*",'
+    '"*up_blocks.0.resnets.0.conv1"]'
+)
 SENS = ["sensitivity.num_images=4", "sensitivity.batch_size=4", LAYERS]
 FILES = [f"{k}_{m}.yaml" for k in ("weight", "act") for m in ("sqnr", "ssim")]
 
@@ -30,7 +34,15 @@ def mpq(*args: str, nproc: int | None = None, background: bool = False, **kw):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "mpq", *args] + (["--nproc", str(nproc)] if nproc else [])
     if background:
-        return subprocess.Popen(cmd, cwd=repo_root(), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+        return subprocess.Popen(
+            cmd,
+            cwd=repo_root(),
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
     return subprocess.run(cmd, cwd=repo_root(), env=env, capture_output=True, text=True, timeout=300, **kw)
 
 
@@ -69,14 +81,14 @@ def test_two_ranks_write_the_files_of_one_process(reference, tiny_run, tmp_path)
 # each rank stops itself (SIGSTOP) once it has saved part of its act SQNR share: the job is then killed mid-stage,
 # with no race against a poll; launched with torchrun itself, as users do
 STOPPING_RANK = """import os, signal, sys
-import mpq.sensitivity as s
+import mpq.runner.sharded as s
 save = s.write_json
 def stop_after(path, data):
     save(path, data)
     if ".act_sqnr.partial.rank" in str(path):
         os.kill(os.getpid(), signal.SIGSTOP)
 s.write_json = stop_after
-from mpq.cli import main
+from mpq.runner.cli import main
 sys.exit(main(sys.argv[1:]))
 """
 
@@ -87,9 +99,27 @@ def test_killed_job_resumes_from_every_rank(reference, tiny_run, tmp_path):
     child = tmp_path / "stopping_rank.py"
     child.write_text(STOPPING_RANK)
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(child), "sensitivity",
-                             "--base_path", str(run.root), *SENS, "sensitivity.save_every_s=0"], cwd=repo_root(), env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            str(child),
+            "sensitivity",
+            "--base_path",
+            str(run.root),
+            *SENS,
+            "sensitivity.save_every_s=0",
+        ],
+        cwd=repo_root(),
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     deadline = time.monotonic() + 240
     while time.monotonic() < deadline and proc.poll() is None and sum(_stopped(p) for p in _descendants(proc.pid)) < 2:
         time.sleep(0.05)
@@ -103,7 +133,9 @@ def test_killed_job_resumes_from_every_rank(reference, tiny_run, tmp_path):
     res = mpq("sensitivity", "--base_path", str(run.root), *SENS, nproc=2)
     assert res.returncode == 0, res.stderr[-2000:]
     assert "act sqnr: resuming" in res.stdout  # what the ranks had finished is not computed again:
-    assert "weight sqnr: already made" in res.stdout and "weight ssim: already made" in res.stdout  # whole files, and items
+    assert (
+        "weight sqnr: already made" in res.stdout and "weight ssim: already made" in res.stdout
+    )  # whole files, and items
     for f in FILES:
         assert (sens / f).read_bytes() == (reference.root / "sensitivity" / f).read_bytes(), f
 
@@ -165,6 +197,8 @@ def test_run_with_two_ranks_shards_selection(full_run, tmp_path):
     assert "[select] weight:" in res.stdout and "over 2 ranks" in res.stdout and "[report] done" in res.stdout
     for f in ("weight_scores.csv", "act_scores.csv", "final_weight.yaml", "final_act.yaml"):
         assert (one.root / "selection" / f).read_bytes() == (two.root / "selection" / f).read_bytes(), f
-    protect = [read_layer_list(r.root / "selection" / "final_act_protect.pt") for r in (one, two)]  # a zip: its member names vary
+    protect = [
+        read_layer_list(r.root / "selection" / "final_act_protect.pt") for r in (one, two)
+    ]  # a zip: its member names vary
     assert protect[0] == protect[1]
     assert (two.root / "report" / "summary.json").is_file()

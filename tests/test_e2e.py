@@ -5,15 +5,16 @@ import re
 import shutil
 
 import numpy as np
+import torch
 import yaml
-from conftest import FULL_SMALL
 from PIL import Image
 
-from mpq.candidates import read_candidates
-from mpq.cli import main
-from mpq.plan import BitPlan, read_layer_list, read_plan
-from mpq.rundir import RunDir
-from mpq.selection import final_plan, read_scores
+from mpq.plan import read_layer_list, read_plan
+from mpq.runner.cli import main
+from mpq.search.candidates import read_candidates
+from mpq.selection import read_scores
+
+from conftest import FULL_SMALL
 
 STAGES = ("calib", "ptq", "sensitivity", "search", "select", "final", "report")
 
@@ -24,7 +25,10 @@ def run(capsys, run_dir):
 
 
 def stage_states(out):
-    return {s: ("skipped" if f"[{s}] up to date, skipped" in out else "ran" if f"[{s}] running" in out else "?") for s in STAGES}
+    return {
+        s: ("skipped" if f"[{s}] up to date, skipped" in out else "ran" if f"[{s}] running" in out else "?")
+        for s in STAGES
+    }
 
 
 def test_whole_search_one_command(full_run, tmp_path, capsys):
@@ -45,12 +49,16 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
         plans = {p.name for p in (d / "candidates" / kind).glob("*.yaml")}
         assert plans == {r.plan_file for r in rows if r.kind == kind and r.feasible}
         scores = read_scores(d / "selection" / f"{kind}_scores.csv")
-        assert {s.plan_file for s in scores} == plans and sum(s.chosen for s in scores) == 1
+        assert {s.plan_file for s in scores} == plans and [s.chosen for s in scores][0]  # ranked best first
         chosen = next(s for s in scores if s.chosen)
         assert chosen.mse == min(s.mse for s in scores) and 0.0 < chosen.mse < 0.05 and 0.0 <= chosen.adherence <= 1.0
-        assert read_plan(d / "selection" / f"final_{kind}.yaml") == read_plan(d / "candidates" / kind / chosen.plan_file)
+        assert read_plan(d / "selection" / f"final_{kind}.yaml") == read_plan(
+            d / "candidates" / kind / chosen.plan_file
+        )
     protect = read_layer_list(d / "selection" / "final_act_protect.pt")
-    assert sorted(protect) == sorted(read_layer_list(d / "candidates" / "act_protect.pt")) and len(protect) == 2  # ceil(1% of 36) + ceil(1% of 87)
+    assert (
+        sorted(protect) == sorted(read_layer_list(d / "candidates" / "act_protect.pt")) and len(protect) == 2
+    )  # ceil(1% of 36) + ceil(1% of 87)
     assert not set(protect) & set(read_plan(d / "selection" / "final_act.yaml"))
     assert len(list((d / "generated_images").glob("*.png"))) == 4
     html = (d / "report" / "index.html").read_text()
@@ -61,31 +69,184 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
     assert ev["FP"]["mse"] == 0.0 and ev["FP"]["adherence"]["all"] >= 0.75
     assert ev["W8A8"]["mse"] < ev["W4A8"]["mse"] and ev["W4A16"]["mse"] < ev["W2A16"]["mse"]  # fewer bits, more damage
     assert ev["W4A16"]["weight_bytes"] < ev["W8A8"]["weight_bytes"] < summary["fp_weight_bytes"]
-    assert summary["weight_bytes"] == ev["chosen"]["weight_bytes"] <= ev["W4A16"]["weight_bytes"] * 1.0001  # the sweep tops out at W4
+    # the chosen plan's weight bytes, counted here from the checkpoint's layer shapes: packed codes + one fp16 scale
+    # per output channel and input part; layers kept FP at 4 bytes (fp32 model)
+    manifest = json.loads((d / "ckpt.json").read_text())
+    wplan = read_plan(d / "selection" / "final_weight.yaml")
+    counted = sum(
+        -(-int(np.prod(e["shape"])) * wplan[e["name"]] // 8) + 2 * e["shape"][0] * (len(e["in_split"]) - 1)
+        if e["name"] in wplan
+        else 4 * int(np.prod(e["shape"]))
+        for e in manifest["layers"]
+    )
+    assert summary["weight_bytes"] == counted <= ev["W4A16"]["weight_bytes"] * 1.0001  # the sweep tops out at W4
 
     # the act candidates were scored on top of the chosen weight plan: the chosen act plan's selection image
     # is the image of the final plan
     act_choice = next(s for s in read_scores(d / "selection" / "act_scores.csv") if s.chosen).plan_file
-    assert main(["infer", "--base_path", str(d), "--config_weight_mp", str(d / "selection" / "final_weight.yaml"),
-                 "--config_act_mp", str(d / "selection" / "final_act.yaml"), "--act_protect", str(d / "selection" / "final_act_protect.pt"),
-                 "--num_imgs", "4", "--image-dir", str(tmp_path / "check")]) == 0
+    assert (
+        main(
+            [
+                "infer",
+                "--base_path",
+                str(d),
+                "--config_weight_mp",
+                str(d / "selection" / "final_weight.yaml"),
+                "--config_act_mp",
+                str(d / "selection" / "final_act.yaml"),
+                "--act_protect",
+                str(d / "selection" / "final_act_protect.pt"),
+                "--num_imgs",
+                "4",
+                "--image-dir",
+                str(tmp_path / "check"),
+            ]
+        )
+        == 0
+    )
     for i in range(4):
         a = np.asarray(Image.open(tmp_path / "check" / f"{i:04d}.png"))
-        assert np.array_equal(a, np.asarray(Image.open(d / "selection" / "images" / "act" / act_choice.replace(".yaml", "") / f"{i:04d}.png")))
-    assert final_plan(RunDir(d)) == BitPlan.load(
-        d / "selection" / "final_weight.yaml", d / "selection" / "final_act.yaml", d / "selection" / "final_act_protect.pt")
-
+        assert np.array_equal(
+            a,
+            np.asarray(
+                Image.open(d / "selection" / "images" / "act" / act_choice.replace(".yaml", "") / f"{i:04d}.png")
+            ),
+        )
     # re-running skips every stage
     assert set(stage_states(run(capsys, d)).values()) == {"skipped"}
 
     # deleting one artifact re-runs only what depends on it
     (d / "selection" / "final_act.yaml").unlink()
     states = stage_states(run(capsys, d))
-    assert states == {"calib": "skipped", "ptq": "skipped", "sensitivity": "skipped", "search": "skipped",
-                      "select": "ran", "final": "ran", "report": "ran"}
+    assert states == {
+        "calib": "skipped",
+        "ptq": "skipped",
+        "sensitivity": "skipped",
+        "search": "skipped",
+        "select": "ran",
+        "final": "ran",
+        "report": "ran",
+    }
 
     # same seed, same machine: identical final plans
     d2 = tmp_path / "again"
     run(capsys, d2)
     for kind in ("weight", "act"):
-        assert (d / "selection" / f"final_{kind}.yaml").read_text() == (d2 / "selection" / f"final_{kind}.yaml").read_text()
+        assert (d / "selection" / f"final_{kind}.yaml").read_text() == (
+            d2 / "selection" / f"final_{kind}.yaml"
+        ).read_text()
+
+    # changing one of a stage's config keys re-runs that stage and what depends on it, nothing upstream
+    assert main(["run", "--config", "tiny-sdxl", "--outdir", str(d), *FULL_SMALL, "search.act.k_num=3"]) == 0
+    upstream, downstream = ("calib", "ptq", "sensitivity"), ("search", "select", "final", "report")
+    assert stage_states(capsys.readouterr().out) == dict.fromkeys(upstream, "skipped") | dict.fromkeys(
+        downstream, "ran"
+    )
+    assert len([r for r in read_candidates(d / "candidates" / "pareto.csv") if r.kind == "act"]) == 2 * 3
+
+
+def test_selection_resumes_after_a_kill(full_run, tmp_path):
+    """A select killed after scoring part of the weight candidates resumes from its partial file: the score tables
+    and final plans equal the uninterrupted run's byte for byte."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from conftest import repo_root
+
+    ref, d = full_run[0].root, tmp_path / "run"
+    shutil.copytree(ref, d)
+    shutil.rmtree(d / "selection")
+    child = (
+        "import os, signal, sys\nimport mpq.runner.sharded as s\nsave = s.write_json\n"
+        "def stop_after(path, data):\n    save(path, data)\n"
+        "    if '.weight_scores.partial' in str(path) and len(data['items']) >= 2:\n"
+        "        os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "s.write_json = stop_after\nfrom mpq.runner.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, "select", "--base_path", str(d)],
+        cwd=repo_root(),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    _, status = os.waitpid(proc.pid, os.WUNTRACED)
+    assert os.WIFSTOPPED(status), "select ended before saving two scored plans"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    sel = d / "selection"
+    assert (sel / ".weight_scores.partial.json").is_file() and not (sel / "weight_scores.csv").exists()
+    out = subprocess.run(
+        [sys.executable, "-m", "mpq", "select", "--base_path", str(d)], cwd=repo_root(), capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "[select] weight: resuming, 2 of" in out.stdout
+    for f in ("weight_scores.csv", "act_scores.csv", "final_weight.yaml", "final_act.yaml", "final_act_protect.pt"):
+        assert (d / "selection" / f).read_bytes() == (ref / "selection" / f).read_bytes(), f
+    assert not list((d / "selection").glob(".*partial*"))
+
+
+def test_every_quantizer_and_search_option_end_to_end(full_run, tmp_path, capsys):
+    """One run with MixDQ's activation calibration, MSE weight scales, per-tensor weight scales, MixDQ's reference
+    search, Pareto-only selection and act-protected layers' weights kept FP: each setting reaches the files."""
+    from safetensors.torch import load_file
+
+    d = tmp_path / "run"
+    shutil.copytree(full_run[0].root, d)
+    opts = [
+        "quant.act.calibration=mixdq",
+        "quant.weight.scale_method=mse",
+        "quant.weight.granularity=tensor",
+        "search.mode=reference",
+        "select.pareto_only=true",
+        "search.protect_weights=true",
+    ]
+    assert main(["run", "--config", "tiny-sdxl", "--outdir", str(d), *FULL_SMALL, *opts]) == 0
+    out = capsys.readouterr().out
+    assert stage_states(out) == dict.fromkeys(("calib",), "skipped") | dict.fromkeys(STAGES[1:], "ran")
+    manifest = json.loads((d / "ckpt.json").read_text())
+    assert manifest["weight_quant"]["scale_method"] == "mse" and manifest["weight_quant"]["granularity"] == "tensor"
+    assert manifest["act_quant"]["calibration"] == "mixdq"
+    ckpt, ref_ckpt = load_file(str(d / "ckpt.safetensors")), load_file(str(full_run[0].root / "ckpt.safetensors"))
+    for key, t in ckpt.items():
+        if key.endswith("::w_scale"):  # one scale per input part (broadcast over the output channels)
+            assert torch.all(t == t[..., :1]), key
+    # MixDQ's loop observes with W8A8 on: the first layer sees the same input, the layers after it do not
+    ranges = [k for k in ckpt if k.endswith("::a_range")]
+    assert torch.equal(ckpt["model.conv_in::a_range"], ref_ckpt["model.conv_in::a_range"])
+    assert sum(not torch.equal(ckpt[k], ref_ckpt[k]) for k in ranges) > len(ranges) // 2
+    rows = read_candidates(d / "candidates" / "pareto.csv")
+    assert {r.mode for r in rows} == {"reference"}
+    for kind in ("weight", "act"):
+        scored = {s.plan_file for s in read_scores(d / "selection" / f"{kind}_scores.csv")}
+        assert scored == {r.plan_file for r in rows if r.kind == kind and r.feasible and r.pareto}
+    protect = read_layer_list(d / "selection" / "final_act_protect.pt")
+    wplan = read_plan(d / "selection" / "final_weight.yaml")
+    assert protect and not set(protect) & set(wplan)  # the saved weight plan is the one that ran: protected weights FP
+    summary = json.loads((d / "report" / "summary.json").read_text())
+    counted = sum(
+        -(-int(np.prod(e["shape"])) * wplan[e["name"]] // 8) + 2 * (len(e["in_split"]) - 1)
+        if e["name"] in wplan
+        else 4 * int(np.prod(e["shape"]))
+        for e in manifest["layers"]
+    )
+    assert summary["weight_bytes"] == counted and summary["weight_fp_layers"] == len(protect)
+
+
+def test_report_picks_the_best_mixed_weight_plan_within_uniform_w4_bytes():
+    from mpq.report.report import mixed_weight_pick
+    from mpq.selection import Score
+
+    def row(name: str, mse: float, nbytes: float) -> Score:
+        return Score(name, "weight", mse, 0.9, 30.0, float("nan"), 4.0, nbytes)
+
+    w4 = 1000.0
+    rows = [
+        row("over.yaml", 1e-6, 1001.0),
+        row("fit_a.yaml", 3e-5, 999.0),
+        row("fit_b.yaml", 2e-5, 990.0),
+        row("tie.yaml", 2e-5, 980.0),
+    ]
+    assert mixed_weight_pick(rows, w4) == "tie.yaml"  # lowest MSE within the bytes; ties to fewer bytes; never over W4
+    assert mixed_weight_pick([row("over.yaml", 1e-6, 1001.0)], w4) is None and mixed_weight_pick(rows, None) is None

@@ -2,9 +2,9 @@
 
 import pytest
 
-from mpq.cli import main
-from mpq.config import load_config
 from mpq.errors import MpqError
+from mpq.runner.cli import main
+from mpq.runner.config import load_config
 
 
 def run_cli(capsys, *argv):
@@ -38,7 +38,9 @@ def test_bad_value_is_named():
 
 
 def test_missing_local_model_folder(capsys, tmp_path):
-    code, err = run_cli(capsys, "ptq", "--config", "tiny-sdxl", "--outdir", str(tmp_path / "r"), f"model.id={tmp_path}/nope/sdxl")
+    code, err = run_cli(
+        capsys, "ptq", "--config", "tiny-sdxl", "--outdir", str(tmp_path / "r"), f"model.id={tmp_path}/nope/sdxl"
+    )
     assert code == 2 and len(err.splitlines()) == 1 and "no such folder" in err
 
 
@@ -52,10 +54,14 @@ def test_unreachable_hub_id_says_how_to_use_a_local_folder(capsys, tmp_path, mon
 def test_plan_with_unknown_layer_or_uncalibrated_bits(capsys, tiny_run, tmp_path):
     plan = tmp_path / "w.yaml"
     plan.write_text("model.conv_in: 8\nmodel.not_a_layer: 4\n")
-    code, err = run_cli(capsys, "infer", "--base_path", str(tiny_run.root), "--config_weight_mp", str(plan), "--num_imgs", "1")
+    code, err = run_cli(
+        capsys, "infer", "--base_path", str(tiny_run.root), "--config_weight_mp", str(plan), "--num_imgs", "1"
+    )
     assert code == 2 and len(err.splitlines()) == 1 and "model.not_a_layer" in err
     plan.write_text("model.conv_in: 3\n")
-    code, err = run_cli(capsys, "infer", "--base_path", str(tiny_run.root), "--config_weight_mp", str(plan), "--num_imgs", "1")
+    code, err = run_cli(
+        capsys, "infer", "--base_path", str(tiny_run.root), "--config_weight_mp", str(plan), "--num_imgs", "1"
+    )
     assert code == 2 and len(err.splitlines()) == 1 and "3 bits" in err and "[2, 4, 8]" in err
 
 
@@ -77,16 +83,47 @@ def test_a_run_directory_is_used_by_one_job_at_a_time(tiny_run, tmp_path, capsys
 
     run = tmp_path / "run"
     shutil.copytree(tiny_run.root, run)
-    holder = subprocess.Popen([sys.executable, "-c", "import sys, time\nfrom mpq.rundir import RunDir\n"
-                               f"with RunDir({str(run)!r}).lock('mpq sensitivity'):\n    print('held', flush=True)\n    time.sleep(600)\n"],
-                              cwd=repo_root(), stdout=subprocess.PIPE, text=True)
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom mpq.runner.rundir import RunDir\n"
+            f"with RunDir({str(run)!r}).lock('mpq sensitivity'):\n    print('held', flush=True)\n    time.sleep(600)\n",
+        ],
+        cwd=repo_root(),
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     assert holder.stdout.readline().strip() == "held"
     code, err = run_cli(capsys, "sensitivity", "--base_path", str(run), "--kind", "weight", "--metric", "sqnr")
     assert code == 2 and len(err.splitlines()) == 1 and f"pid {holder.pid}" in err and "mpq sensitivity" in err
     os.kill(holder.pid, signal.SIGKILL)
     holder.wait()
-    from mpq.rundir import RunDir
+    from mpq.runner.rundir import RunDir
 
     with RunDir(run).lock("mpq report"):  # the stale lock file is still there, but nobody holds it
         pass
     assert (run / ".lock").is_file()
+
+
+def test_a_layer_subset_is_skipped_with_a_note_and_the_search_names_the_key(tiny_run, tmp_path, capsys):
+    """sensitivity.layers selecting no content layer: the SSIM metric is skipped with a note; the search then names
+    sensitivity.layers as the cause (not 'delete the file and re-run', which cannot help)."""
+    import shutil
+
+    from mpq.runner.rundir import RunDir
+
+    run = RunDir(tmp_path / "run")
+    shutil.copytree(tiny_run.root, run.root)
+    code = main(["search", "--base_path", str(run.root), 'sensitivity.layers=["conv_in"]', "sensitivity.num_images=4"])
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert "weight ssim: skipped, sensitivity.layers=['conv_in'] selects no content layer" in captured.out
+    last = err.splitlines()[-1]  # (progress bars of the stage it ran first come before)
+    assert code == 2 and "Traceback" not in err and last.startswith("mpq: error:")
+    assert "sensitivity.layers=['conv_in']" in last and "every layer" in last
+
+
+def test_retired_config_key_is_named_with_its_reason(capsys):
+    code, err = run_cli(capsys, "layers", "--config", "tiny-sdxl", "--meta", "quant.weight.symmetric=true")
+    assert code == 2 and len(err.splitlines()) == 1 and "quant.weight.symmetric" in err

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 import torch
 
-from mpq.cli import main
+from mpq.calibration.checkpoint import quantized_pipeline
+from mpq.cost import CostModel
 from mpq.errors import MpqError
 from mpq.export.mpq_format import (
     denoiser_export,
@@ -20,13 +21,16 @@ from mpq.export.mpq_format import (
 )
 from mpq.export.pack import pack, packed_numel, unpack
 from mpq.export.packed import PackedLayer
-from mpq.generate import generate
-from mpq.infer import quantized_pipeline
-from mpq.plan import BitPlan, CostModel
-from mpq.quant.model import PREFIX, layer_infos
-from mpq.quant.structure import Structure
+from mpq.images import generate
+from mpq.layers import describe
+from mpq.plan import BitPlan
+from mpq.quant.model import PREFIX
+from mpq.runner.cli import main
 
-PROMPTS = ["a small red circle at the top left on a white background", "a large blue triangle in the center on a black background"]
+PROMPTS = [
+    "a small red circle at the top left on a white background",
+    "a large blue triangle in the center on a black background",
+]
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
@@ -55,7 +59,7 @@ def exported(tiny_run, tiny_cfg, tmp_path_factory):
     """(fake-quant images, plan, export info, qm) for the mixed plan, exported in fp32."""
     pipe, qm, _ = quantized_pipeline(tiny_cfg, tiny_run)
     plan = mixed_plan(qm)
-    qm.apply(plan.weight, plan.act)
+    qm.apply(plan)
     ref = generate(pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np")
     out = tmp_path_factory.mktemp("export") / "w-mixed"
     info = export_mpq(pipe, qm, plan, out, tiny_cfg, torch.float32)
@@ -74,7 +78,9 @@ def test_export_loads_packed_and_draws_the_fake_quant_images(exported, tiny_cfg)
         assert ("qweight" in dict(m.named_buffers())) == (w is not None)
         assert "weight" not in m._parameters or w is None  # no FP copy of a quantized weight is resident
         if w is not None:
-            assert m.qweight.dtype == torch.uint8 and m.qweight.numel() == packed_numel(m.spec.shape[0] * int(np.prod(m.spec.shape[1:])), w)
+            assert m.qweight.dtype == torch.uint8 and m.qweight.numel() == packed_numel(
+                m.spec.shape[0] * int(np.prod(m.spec.shape[1:])), w
+            )
     out = generate(pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np")
     for a, b in zip(ref, out):
         np.testing.assert_array_equal(a, b)  # bit-identical in fp32
@@ -86,11 +92,11 @@ def test_exported_weight_bytes_are_the_cost_model_bytes(tiny_run, tiny_cfg):
     """The packed file's quantizable-layer weights equal the cost model's bytes, priced with the export's widths
     (fp32 scales, FP weights at the export dtype): packing is as dense as the arithmetic claims."""
     _, qm, manifest = quantized_pipeline(tiny_cfg, tiny_run)
-    infos = layer_infos(qm.denoiser, Structure(in_split={n: q.in_split for n, q in qm.layers.items() if q.n_parts > 1}), [])
+    infos = describe(qm, [])
     plan = mixed_plan(qm)
     for fp_dtype, fp_bytes in ((torch.float16, 2), (torch.float32, 4)):
         tensors = denoiser_export(qm, plan, fp_dtype)[0]
-        paths = [n[len(PREFIX):] for n in qm.names]
+        paths = [n[len(PREFIX) :] for n in qm.names]
         expected = CostModel(scale_bytes=4, fp_bytes=fp_bytes).plan_cost(plan, infos).weight_bytes
         assert weight_bytes_of(tensors, paths) == expected
     w4 = denoiser_export(qm, BitPlan.uniform(qm.names, 4, None), torch.float16)[0]
@@ -101,31 +107,83 @@ def test_exported_weight_bytes_are_the_cost_model_bytes(tiny_run, tiny_cfg):
 
 
 def test_fp16_export_and_cli_formats(tiny_run, tiny_cfg, tmp_path, capsys):
-    assert main(["export", "--base_path", str(tiny_run.root), "--out", str(tmp_path / "w4a8"), "--weight-bits", "4", "--act-bits", "8"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--base_path",
+                str(tiny_run.root),
+                "--out",
+                str(tmp_path / "w4a8"),
+                "--weight-bits",
+                "4",
+                "--act-bits",
+                "8",
+            ]
+        )
+        == 0
+    )
     assert "denoiser weights" in capsys.readouterr().out
     config = json.loads((tmp_path / "w4a8" / "unet" / "config.json").read_text())
-    assert config["quantization_config"]["quant_method"] == "mpq" and config["quantization_config"]["fp_dtype"] == "float16"
+    assert (
+        config["quantization_config"]["quant_method"] == "mpq"
+        and config["quantization_config"]["fp_dtype"] == "float16"
+    )
     pipe = load_quantized(tmp_path / "w4a8")
     fq_pipe, qm, _ = quantized_pipeline(tiny_cfg, tiny_run)
-    qm.apply(*(lambda p: (p.weight, p.act))(BitPlan.uniform(qm.names, 4, 8)))
+    qm.apply(BitPlan.uniform(qm.names, 4, 8))
     a = np.stack(generate(pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np"))
     b = np.stack(generate(fq_pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np"))
     assert 0 < float(((a - b) ** 2).mean()) < 1e-4  # FP16 storage of the FP parts: close, not identical
 
-    assert main(["export", "--base_path", str(tiny_run.root), "--out", str(tmp_path / "enc"), "--format", "encodings",
-                 "--weight-bits", "4", "--act-bits", "8"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--base_path",
+                str(tiny_run.root),
+                "--out",
+                str(tmp_path / "enc"),
+                "--format",
+                "encodings",
+                "--weight-bits",
+                "4",
+                "--act-bits",
+                "8",
+            ]
+        )
+        == 0
+    )
     enc = json.loads((tmp_path / "enc" / "unet.encodings").read_text())
     name, layer = next(iter(qm.layers.items()))
-    weights = enc["param_encodings"][f"{name[len(PREFIX):]}.weight"]
+    weights = enc["param_encodings"][f"{name[len(PREFIX) :]}.weight"]
     assert len(weights) == layer.weight.shape[0] * layer.n_parts
     e = weights[0]
     assert e["bitwidth"] == 4 and e["offset"] == -8 and e["is_symmetric"] == "True"
     assert e["min"] == pytest.approx(-8 * e["scale"]) and e["max"] == pytest.approx(7 * e["scale"])
-    act = enc["activation_encodings"][f"{name[len(PREFIX):]}.input"][0]
-    assert act["bitwidth"] == 8 and act["min"] <= 0 <= act["max"] and act["max"] - act["min"] == pytest.approx(255 * act["scale"])
+    act = enc["activation_encodings"][f"{name[len(PREFIX) :]}.input"][0]
+    assert (
+        act["bitwidth"] == 8
+        and act["min"] <= 0 <= act["max"]
+        and act["max"] - act["min"] == pytest.approx(255 * act["scale"])
+    )
 
-    assert main(["export", "--base_path", str(tiny_run.root), "--out", str(tmp_path / "nope"), "--format", "mpq", "--weight-plan",
-                 str(tmp_path / "missing.yaml")]) == 2
+    assert (
+        main(
+            [
+                "export",
+                "--base_path",
+                str(tiny_run.root),
+                "--out",
+                str(tmp_path / "nope"),
+                "--format",
+                "mpq",
+                "--weight-plan",
+                str(tmp_path / "missing.yaml"),
+            ]
+        )
+        == 2
+    )
     assert "missing.yaml" in capsys.readouterr().err
     with pytest.raises(MpqError, match="not an exported pipeline folder"):
         load_quantized(tmp_path / "enc")
@@ -135,14 +193,32 @@ def test_torchao_path(tiny_run, tiny_cfg, tmp_path):
     pytest.importorskip("torchao")
     from mpq.export.torchao_format import load_torchao
 
-    assert main(["export", "--base_path", str(tiny_run.root), "--out", str(tmp_path / "tao"), "--format", "torchao",
-                 "--weight-bits", "8", "--act-bits", "8"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "--base_path",
+                str(tiny_run.root),
+                "--out",
+                str(tmp_path / "tao"),
+                "--format",
+                "torchao",
+                "--weight-bits",
+                "8",
+                "--act-bits",
+                "8",
+            ]
+        )
+        == 0
+    )
     summary = json.loads((tmp_path / "tao" / "torchao_summary.json").read_text())
     assert summary["linear"]["changed"] > 0 and summary["conv"]["changed"] > 0  # conv W8A8 -> weight-only: listed
     pipe, qm, _ = quantized_pipeline(tiny_cfg, tiny_run)
     fp = np.stack(generate(pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np"))
     load_torchao(tmp_path / "tao", pipe)
     kinds = {type(m.weight).__name__ for m in pipe.unet.modules() if isinstance(m, (torch.nn.Linear, torch.nn.Conv2d))}
-    assert "Parameter" not in kinds and len(kinds) >= 2  # every layer taken: int8 dynamic (linear) and int8 weight-only (conv)
+    assert (
+        "Parameter" not in kinds and len(kinds) >= 2
+    )  # every layer taken: int8 dynamic (linear) and int8 weight-only (conv)
     q = np.stack(generate(pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np"))
     assert 0 < float(((q - fp) ** 2).mean()) < 1e-3

@@ -1,7 +1,6 @@
 """MixDQ fidelity: BOS-aware k/v, split concatenated inputs, MixDQ's SSIM, the act-protect rule, fp32 sensitivity."""
 
 import json
-import math
 import shutil
 
 import numpy as np
@@ -10,13 +9,13 @@ import torch
 import yaml
 from torch import nn
 
-from mpq.cli import main
+from mpq.calibration.record import CalibData
 from mpq.errors import MpqError
 from mpq.metrics import image_ssim, mixdq_window, sqnr
-from mpq.problem import act_protect_list
 from mpq.quant.layers import QuantConv2d, QuantLinear
-from mpq.quant.model import LayerInfo
-from mpq.rundir import RunDir
+from mpq.runner.cli import main
+from mpq.runner.rundir import RunDir
+from mpq.search.build import Entry, act_protect_list
 
 
 def _calibrated(layer: nn.Module, xs: list[torch.Tensor], bits=(2, 4, 8), **kw):
@@ -81,13 +80,17 @@ def test_mixdq_ssim_equals_scikit_image_with_mixdq_settings():
     b = np.clip(a + rng.normal(0, 0.05, a.shape), 0, 1)
     b = np.round(b * 255) / 255
     mine = image_ssim(a, b, "mixdq")[0]
-    ref = structural_similarity(np.round(a[0] * 255).astype(np.uint8), np.round(b[0] * 255).astype(np.uint8), channel_axis=2, win_size=127)
+    ref = structural_similarity(
+        np.round(a[0] * 255).astype(np.uint8), np.round(b[0] * 255).astype(np.uint8), channel_axis=2, win_size=127
+    )
     assert mine == ref and mixdq_window(512) == 511 and mixdq_window(128) == 127
     assert image_ssim(a, b, "gaussian")[0] < mine  # the local Gaussian SSIM weighs noise much more
 
 
 def test_act_protect_rule_ranks_each_group_at_the_given_bit():
-    layers = [LayerInfo(f"c{i}", "linear", "content", 10, 10, 1) for i in range(150)] + [LayerInfo(f"q{i}", "conv", "quality", 10, 10, 1) for i in range(120)]
+    layers = [Entry(f"c{i}", "content", 10, float) for i in range(150)] + [
+        Entry(f"q{i}", "quality", 10, float) for i in range(120)
+    ]
     ssim = {f"c{i}": [0.5, 0.9, 0.999 - i * 1e-4] for i in range(150)}
     ssim["c7"] = [0.99, 0.995, 0.90]  # worst at 8 bit, best at 2 bit
     sqnr_t = {f"q{i}": [5.0, 20.0, 60.0 - i * 0.01] for i in range(120)}
@@ -105,11 +108,34 @@ def test_mixdq_flag_search_writes_the_derived_act_protect_list(tmp_path):
     for f, d in (("ssim.yaml", ssim), ("sqnr.yaml", sq), ("ratio.yaml", {n: 1.0 + i for i, n in enumerate(names)})):
         (tmp_path / f).write_text(yaml.safe_dump(d))
     out = tmp_path / "plans"
-    assert main(["search", "--sensitivity_ssim", str(tmp_path / "ssim.yaml"), "--sensitivity_sqnr", str(tmp_path / "sqnr.yaml"),
-                 "--para_size_config", str(tmp_path / "ratio.yaml"), "--mixed_precision_config", str(out), "--mixed_precision_type", "act",
-                 "--target_bitwidth", "7.0", "search.sweep_steps=1", "search.act.k_num=1", "search.band=0.5"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--sensitivity_ssim",
+                str(tmp_path / "ssim.yaml"),
+                "--sensitivity_sqnr",
+                str(tmp_path / "sqnr.yaml"),
+                "--para_size_config",
+                str(tmp_path / "ratio.yaml"),
+                "--mixed_precision_config",
+                str(out),
+                "--mixed_precision_type",
+                "act",
+                "--target_bitwidth",
+                "7.0",
+                "search.sweep_steps=1",
+                "search.act.k_num=1",
+                "search.band=0.5",
+            ]
+        )
+        == 0
+    )
     protected = torch.load(out / "act_protect.pt")
-    assert protected == ["model.l3.attn2.to_k", "model.l3.conv"] and (out / "act_protect.txt").read_text().split() == protected
+    assert (
+        protected == ["model.l3.attn2.to_k", "model.l3.conv"]
+        and (out / "act_protect.txt").read_text().split() == protected
+    )
     plans = [yaml.safe_load(p.read_text()) for p in out.glob("act_*.yaml")]
     assert plans and all(not set(protected) & set(plan) and len(plan) == 6 for plan in plans)
 
@@ -128,8 +154,8 @@ def test_checkpoint_of_an_older_format_is_a_one_line_error(tiny_run, tmp_path, c
 
 
 def _ptq_and_sqnr(run: RunDir, overrides: list[str]) -> dict:
-    from mpq.ptq import run_ptq
-    from mpq.sensitivity import compute_sensitivity
+    from mpq.calibration.ptq import run_ptq
+    from mpq.sensitivity.stage import compute_sensitivity
 
     cfg = run.load_config(None, ["sensitivity.num_images=4", "sensitivity.batch_size=8", *overrides])
     run_ptq(cfg, run)
@@ -137,15 +163,19 @@ def _ptq_and_sqnr(run: RunDir, overrides: list[str]) -> dict:
     return json.loads((run.root / "sensitivity" / "float_floor.json").read_text())
 
 
-def test_fp32_sensitivity_does_not_depend_on_the_generation_dtype(tiny_run, tmp_path):
-    """The same calibration data; PTQ + sensitivity with model.dtype fp32 vs bf16 give the same files (sensitivity.dtype=fp32)."""
+def test_fp32_sensitivity_of_the_same_calibration_data_does_not_depend_on_model_dtype(tiny_run, tmp_path):
+    """The same calibration data (recorded in fp32); PTQ + sensitivity with model.dtype fp32 vs bf16 give the same
+    checkpoint and files (sensitivity.dtype=fp32: statistics and scores run on an fp32 copy, against its own FP
+    pass)."""
     files = {}
     for dtype in ("fp32", "bf16"):
         run = RunDir(tmp_path / dtype)
         shutil.copytree(tiny_run.root, run.root)
         floor = _ptq_and_sqnr(run, [f"model.dtype={dtype}"])
         files[dtype] = (run.root / "sensitivity" / "weight_sqnr.yaml").read_text()
-        assert math.isinf(floor["sensitivity_floor_db"]) and math.isinf(floor["run_floor_db"])  # recorded in fp32 here
+        # the fp32 replay of an fp32 recording agrees to fp32 rounding: bit for bit on an idle machine, but the pipeline
+        # recorded it at another batch size, and CPU kernels may round differently then (seen at 134.7 dB under load)
+        assert floor["run_floor_db"] > 100 and floor["model_dtype"] == dtype
     assert files["fp32"] == files["bf16"]
     ckpts = [(tmp_path / d / "ckpt.safetensors").read_bytes() for d in ("fp32", "bf16")]
     assert ckpts[0] == ckpts[1]
@@ -153,21 +183,24 @@ def test_fp32_sensitivity_does_not_depend_on_the_generation_dtype(tiny_run, tmp_
 
 def test_low_precision_sensitivity_measures_its_floor_and_warns(tiny_run):
     """In bf16 the float floor is finite and measured; scores within it are flagged as inseparable."""
-    from mpq.infer import quantized_pipeline
-    from mpq.sensitivity import Sqnr, float_floor, inseparable
+    from mpq.calibration.checkpoint import quantized_pipeline
+    from mpq.sensitivity.stage import Sqnr, float_floor, inseparable
 
     cfg = tiny_run.load_config(None, ["sensitivity.dtype=bf16"])
     pipe, qm, _ = quantized_pipeline(cfg, tiny_run, dtype=torch.bfloat16)
-    floor = float_floor(cfg, Sqnr(pipe, qm, cfg, tiny_run, True))
+    floor = float_floor(cfg, Sqnr(pipe, qm, cfg, CalibData.open(tiny_run)))
     assert 10 < floor["sensitivity_floor_db"] < 80 and 10 < floor["run_floor_db"] < 80  # bf16 keeps ~8 bits of mantissa
     fl = floor["sensitivity_floor_db"]
     warning = inseparable({"a": [fl - 20, fl - 1, fl - 0.5], "b": [fl - 30, fl - 20, fl - 10]}, fl)
     assert warning and warning.startswith("1 layers (first: a)") and "float floor" in warning
-    assert inseparable({"b": [fl - 30, fl - 20, fl - 10]}, fl) is None and inseparable({"a": [1.0, 1.0, 1.0]}, float("inf")) is None
+    assert (
+        inseparable({"b": [fl - 30, fl - 20, fl - 10]}, fl) is None
+        and inseparable({"a": [1.0, 1.0, 1.0]}, float("inf")) is None
+    )
 
 
 def test_unknown_ssim_kind_is_a_config_error():
-    from mpq.config import load_config
+    from mpq.runner.config import load_config
 
     with pytest.raises(MpqError, match="sensitivity.ssim"):
         load_config("tiny-sdxl", ["sensitivity.ssim=ms-ssim"])

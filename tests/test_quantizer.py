@@ -63,12 +63,22 @@ def test_mse_scale_search_picks_each_channels_best_clipping_and_beats_minmax_on_
     for bits in (2, 4):
         qmax = qrange(bits, symmetric=True)[1]
         amax = w.abs().amax(dim=1, keepdim=True)
-        per_ratio = torch.stack([(quantize_weight(w, amax * r / qmax, bits) - w).pow(2).sum(dim=1)
-                                 for r in torch.linspace(1.0, 0.3, 50).tolist()])  # brute force over the same grid
-        chosen = (quantize_weight(w, weight_scale(w, bits, method="mse", grid=50, min_ratio=0.3), bits) - w).pow(2).sum(dim=1)
+        per_ratio = torch.stack(
+            [
+                (quantize_weight(w, amax * r / qmax, bits) - w).pow(2).sum(dim=1)
+                for r in torch.linspace(1.0, 0.3, 50).tolist()
+            ]
+        )  # brute force over the same grid
+        chosen = (
+            (quantize_weight(w, weight_scale(w, bits, method="mse", grid=50, min_ratio=0.3), bits) - w)
+            .pow(2)
+            .sum(dim=1)
+        )
         assert torch.allclose(chosen, per_ratio.min(dim=0).values, rtol=1e-6)
         minmax = per_ratio[0].sum()
-        assert chosen.sum() < 0.9 * minmax  # with outliers, clipping removes ~20% of the error (measured 0.80x at 2 and 4 bits)
+        assert (
+            chosen.sum() < 0.9 * minmax
+        )  # with outliers, clipping removes ~20% of the error (measured 0.80x at 2 and 4 bits)
 
 
 def test_running_minmax_momentum():
@@ -108,4 +118,6 @@ def test_image_metrics_match_torchmetrics_definitions():
     psnr = peak_signal_noise_ratio(ta, tb, data_range=1.0, reduction="none", dim=(1, 2, 3)).numpy()
     assert np.allclose(image_psnr(a, b), psnr, rtol=1e-6)  # torchmetrics sums in float32
     ssim = structural_similarity_index_measure(ta, tb, data_range=1.0, reduction="none").numpy()
-    assert np.allclose(image_ssim(a, b, "gaussian"), ssim, atol=1e-3)  # same definition; border handling differs slightly
+    assert np.allclose(
+        image_ssim(a, b, "gaussian"), ssim, atol=1e-3
+    )  # same definition; border handling differs slightly

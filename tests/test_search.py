@@ -5,27 +5,36 @@ import math
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
-from mpq.cli import main
-from mpq.config import load_config
+from mpq.cost import CostModel, act_bytes, weight_bytes
 from mpq.errors import MpqError
-from mpq.groups import CONTENT, QUALITY
-from mpq.layer_table import layer_table
-from mpq.plan import CostModel, act_bytes, read_plan, weight_bytes
-from mpq.problem import budget_for_avg, build_problem
-from mpq.quant.model import LayerInfo
-from mpq.search import solve_compare, solve_mpq, solve_reference, split_target
+from mpq.layers import CONTENT, QUALITY, meta_layers
+from mpq.plan import read_plan
+from mpq.runner.cli import main
+from mpq.runner.config import load_config
+from mpq.search.build import Entry, budget_for_avg, build_problem, run_entries
+from mpq.search.program import solve_compare, solve_mpq, solve_reference, split_target
 
 BITS = [2, 4, 8]
 
 
-def random_problem(rng, n, kind="weight"):
+def random_problem(rng, n, kind="weight", protect=()):
+    """``n`` layers of random sizes and scores, priced as packed weights + one fp16 scale per output channel;
+    ``protect``: indices of layers kept FP (fixed bytes, out of the program)."""
     numel = [int(rng.integers(50, 5000)) for _ in range(n)]
-    layers = [LayerInfo(f"model.l{i}", "linear", CONTENT if i % 2 else QUALITY, numel[i], numel[i], int(rng.integers(1, 16))) for i in range(n)]
-    ssim = {l.name: sorted(rng.uniform(0.3, 1.0, 3).tolist()) for l in layers if l.group == CONTENT}
-    sqnr = {l.name: sorted(rng.uniform(0.0, 60.0, 3).tolist()) for l in layers}
-    return build_problem(kind, layers, ssim, sqnr, BITS, {CONTENT: BITS, QUALITY: BITS}), layers
+    scales = [int(rng.integers(1, 16)) for _ in range(n)]
+    entries = [
+        Entry(
+            f"model.l{i}", CONTENT if i % 2 else QUALITY, numel[i], lambda b, i=i: weight_bytes(numel[i], scales[i], b)
+        )
+        for i in range(n)
+    ]
+    ssim = {e.name: sorted(rng.uniform(0.3, 1.0, 3).tolist()) for e in entries if e.group == CONTENT}
+    sqnr = {e.name: sorted(rng.uniform(0.0, 60.0, 3).tolist()) for e in entries}
+    prot = [entries[i].name for i in protect]
+    return build_problem(kind, entries, ssim, sqnr, BITS, {CONTENT: BITS, QUALITY: BITS}, prot), entries
 
 
 def all_plans(problem, idx):
@@ -61,8 +70,11 @@ def brute_mpq(problem, budget, k, band):
 
 @pytest.mark.parametrize("seed", range(6))
 def test_mpq_mode_equals_brute_force(seed):
+    """Odd seeds keep two layers FP (act-protected): their bytes are fixed, and the K constraint and every reported
+    average use the one definition (over the layers the plan quantizes), so the solution satisfies the K it was
+    solved for."""
     rng = np.random.default_rng(seed)
-    problem, _ = random_problem(rng, int(rng.integers(4, 11)))
+    problem, _ = random_problem(rng, int(rng.integers(5, 11)), protect=(0, 3) if seed % 2 else ())
     lo, hi = problem.bytes_range()
     solved = 0
     for frac in (0.15, 0.5, 0.85):
@@ -76,9 +88,13 @@ def test_mpq_mode_equals_brute_force(seed):
                 continue
             solved += 1
             assert sol.optimal and sol.gap <= 1e-9
-            assert sol.details["content_norm_objective"] + sol.details["quality_norm_objective"] == pytest.approx(expected, abs=1e-7)
+            assert sol.details["content_norm_objective"] + sol.details["quality_norm_objective"] == pytest.approx(
+                expected, abs=1e-7
+            )
             assert problem.plan_bytes(sol.plan) <= budget + 1e-6
             assert abs(sol.details["content_avg_bits"] - k * sol.details["quality_avg_bits"]) <= band + 1e-9
+            if seed % 2:
+                assert problem.fixed_bytes > 0 and problem.names[0] not in sol.plan and problem.names[3] not in sol.plan
     assert solved >= 2
 
 
@@ -99,34 +115,69 @@ def test_reference_mode_equals_brute_force(seed):
     assert solved >= 2
 
 
-def test_plan_bytes_equal_sum_of_packed_layer_sizes():
+def test_plan_bytes_equal_what_is_stored(tiny_run):
+    """The program's weight bytes, counted from what is really stored: each layer's codes packed by the export's
+    packer, plus the scales the checkpoint holds for it (2 bytes each), for a random 2/4/8-bit plan."""
+    from mpq.calibration.checkpoint import quantized_pipeline, run_layers
+    from mpq.export.pack import pack
+
     cfg = load_config("tiny-sdxl")
-    infos = layer_table(cfg)
+    infos = run_layers(cfg, tiny_run)
+    _, qm, _ = quantized_pipeline(cfg, tiny_run)
     rng = np.random.default_rng(0)
     plan = {i.name: int(rng.choice(BITS)) for i in infos}
     flat = {i.name: [0.5, 0.7, 0.9] for i in infos}
-    problem = build_problem("weight", infos, flat, flat, BITS, {CONTENT: BITS, QUALITY: BITS})
-    # packed weights + one fp16 scale per output channel and input part (split skip inputs have two parts)
-    expected = sum(math.ceil(i.weight_numel * plan[i.name] / 8) + 2 * i.out_channels * i.n_parts for i in infos)
-    assert sum(i.n_parts == 2 for i in infos) == 6
-    assert problem.plan_bytes(plan) == expected
+    problem = build_problem(
+        "weight", run_entries("weight", infos, CostModel()), flat, flat, BITS, {CONTENT: BITS, QUALITY: BITS}
+    )
+    stored = 0
+    for name, b in plan.items():
+        layer = qm.layers[name]
+        codes = torch.zeros(layer.weight.numel(), dtype=torch.int8)
+        stored += pack(codes, b).numel() + 2 * layer.w_scale[0].numel()  # one scale per output channel and input part
+    assert sum(len(layer.in_split) == 3 for layer in qm.layers.values()) == 6
+    assert problem.plan_bytes(plan) == stored
     # activations: packed input + per-tensor scale and zero point per part; a BOS token and protected layers stay FP
     protect = [infos[0].name]
-    aproblem = build_problem("act", infos, flat, flat, BITS, {CONTENT: [4, 8], QUALITY: [4, 8]}, protect=protect, cost=CostModel(2, 4))
+    aproblem = build_problem(
+        "act",
+        run_entries("act", infos, CostModel(2, 4)),
+        flat,
+        flat,
+        BITS,
+        {CONTENT: [4, 8], QUALITY: [4, 8]},
+        protect=protect,
+    )
     aplan = {i.name: 8 for i in infos[1:]}
     assert aproblem.plan_bytes(aplan) == infos[0].act_numel * 4 + sum(
-        (i.act_numel - i.bos_numel) + 4 * i.n_parts + 4 * i.bos_numel for i in infos[1:])
+        (i.act_numel - i.bos_numel) + 4 * i.n_parts + 4 * i.bos_numel for i in infos[1:]
+    )
     assert sum(i.bos_numel > 0 for i in infos) == 12
     assert weight_bytes(100, 3, 4) == 50 + 6 and act_bytes(10, 2) == 3 + 4 and weight_bytes(100, 3, None) == 200
 
 
 def test_reference_mode_keeps_band_and_sweeps(tmp_path):
     cfg = load_config("tiny-sdxl")
-    infos = layer_table(cfg)
+    infos = meta_layers(cfg)
     files = write_mixdq_files(tmp_path, infos)
     out = tmp_path / "plans"
-    code = main(["search", "--mixed_precision_type", "weight", "--sensitivity_ssim", str(files["ssim"]), "--sensitivity_sqnr", str(files["sqnr"]),
-                 "--para_size_config", str(files["size"]), "--mixed_precision_config", str(out), "--target_bitwidth", "4"])
+    code = main(
+        [
+            "search",
+            "--mixed_precision_type",
+            "weight",
+            "--sensitivity_ssim",
+            str(files["ssim"]),
+            "--sensitivity_sqnr",
+            str(files["sqnr"]),
+            "--para_size_config",
+            str(files["size"]),
+            "--mixed_precision_config",
+            str(out),
+            "--target_bitwidth",
+            "4",
+        ]
+    )
     assert code == 0
     plans = sorted(out.glob("weight_*_*.yaml"))
     assert len(plans) >= 5
@@ -167,14 +218,27 @@ def write_mixdq_files(tmp_path, infos):
 
 
 def test_compare_finds_a_plan_at_least_as_good_within_the_same_bits(tmp_path, capsys):
-    infos = layer_table(load_config("tiny-sdxl"))
+    infos = meta_layers(load_config("tiny-sdxl"))
     files = write_mixdq_files(tmp_path, infos)
     ssim = yaml.safe_load(files["ssim"].read_text())
     given = {i.name: (8 if n % 3 == 0 else 4) if i.name not in ssim else (2, 4, 8)[n % 3] for n, i in enumerate(infos)}
     plan_path, best_path = tmp_path / "given.yaml", tmp_path / "best.yaml"
     plan_path.write_text(yaml.safe_dump(given))
-    code = main(["search", "--compare", str(plan_path), "--out", str(best_path), "--sensitivity_ssim", str(files["ssim"]),
-                 "--sensitivity_sqnr", str(files["sqnr"]), "--para_size_config", str(files["size"])])
+    code = main(
+        [
+            "search",
+            "--compare",
+            str(plan_path),
+            "--out",
+            str(best_path),
+            "--sensitivity_ssim",
+            str(files["ssim"]),
+            "--sensitivity_sqnr",
+            str(files["sqnr"]),
+            "--para_size_config",
+            str(files["size"]),
+        ]
+    )
     out = capsys.readouterr().out
     assert code == 0 and "given plan" in out and "optimal plan" in out and "OPTIMAL" in out
     best = read_plan(best_path)
@@ -188,10 +252,21 @@ def test_compare_finds_a_plan_at_least_as_good_within_the_same_bits(tmp_path, ca
 
 
 def test_impossible_budget_is_one_line_error_with_range(tmp_path, capsys):
-    infos = layer_table(load_config("tiny-sdxl"))
+    infos = meta_layers(load_config("tiny-sdxl"))
     files = write_mixdq_files(tmp_path, infos)
-    base = ["search", "--mixed_precision_type", "weight", "--sensitivity_ssim", str(files["ssim"]), "--sensitivity_sqnr", str(files["sqnr"]),
-            "--para_size_config", str(files["size"]), "--mixed_precision_config", str(tmp_path / "o")]
+    base = [
+        "search",
+        "--mixed_precision_type",
+        "weight",
+        "--sensitivity_ssim",
+        str(files["ssim"]),
+        "--sensitivity_sqnr",
+        str(files["sqnr"]),
+        "--para_size_config",
+        str(files["size"]),
+        "--mixed_precision_config",
+        str(tmp_path / "o"),
+    ]
     code = main(base + ["--target_bitwidth", "1.0", "--K", "1.0"])
     err = capsys.readouterr().err.strip()
     assert code == 2 and len(err.splitlines()) == 1 and "infeasible" in err and ".." in err
@@ -221,12 +296,17 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
     import shutil
     import subprocess
 
-    from mpq.candidates import read_candidates
-    from mpq.rundir import RunDir
+    from mpq.runner.rundir import RunDir
+    from mpq.search.candidates import read_candidates
 
     run = RunDir(tmp_path / "run")
     shutil.copytree(tiny_run.root, run.root)
-    infos = layer_table(run.load_config())
+    from mpq.calibration.checkpoint import run_layers
+
+    infos = run_layers(run.load_config(), run)
+    assert [(i.name, i.act_numel, i.in_split, i.bos_aware) for i in infos] == [
+        (i.name, i.act_numel, i.in_split, i.bos_aware) for i in meta_layers(run.load_config())
+    ]  # the checkpoint's description
     rng = np.random.default_rng(11)
     for kind in ("weight", "act"):
         sqnr = {i.name: [float(v) for v in np.sort(rng.uniform(5, 60, 3))] for i in infos}
@@ -234,11 +314,19 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
         (run.root / "sensitivity").mkdir(exist_ok=True)
         (run.root / "sensitivity" / f"{kind}_sqnr.yaml").write_text(yaml.safe_dump(sqnr))
         (run.root / "sensitivity" / f"{kind}_ssim.yaml").write_text(yaml.safe_dump(ssim))
-    out = subprocess.run(["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
-                         capture_output=True, text=True, cwd=str(__import__("conftest").repo_root()))
+    out = subprocess.run(
+        ["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
+        capture_output=True,
+        text=True,
+        cwd=str(__import__("conftest").repo_root()),
+    )
     assert out.returncode == 0, out.stderr
     rows = read_candidates(run.root / "candidates" / "pareto.csv")
     assert {r.kind for r in rows} == {"weight", "act"}
+    band = run.load_config().search.band
+    for r in rows:  # every row, act rows with their FP (act-protected) layers too, satisfies the K it was solved for
+        if r.feasible:
+            assert abs(r.content_avg_bits - r.K * r.quality_avg_bits) <= band + 1e-4, r
     assert len([r for r in rows if r.kind == "weight"]) == 3 * run.load_config().search.weight.k_num
     assert len([r for r in rows if r.kind == "act"]) == 3 * 4
     for kind in ("weight", "act"):
@@ -257,10 +345,30 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
     assert not set(protect) & set(act_plan)
     # a single solve in the run lands beside the sweep folders, never over a sweep plan
     before = {p.name: p.read_text() for p in (run.root / "candidates" / "weight").glob("*.yaml")}
-    assert main(["search", "--base_path", str(run.root), "--kind", "weight", "--K", "0.8", "--target_bitwidth", "3.9",
-                 "search.sweep_steps=3", "search.act.k_num=4"]) == 0
+    assert (
+        main(
+            [
+                "search",
+                "--base_path",
+                str(run.root),
+                "--kind",
+                "weight",
+                "--K",
+                "0.8",
+                "--target_bitwidth",
+                "3.9",
+                "search.sweep_steps=3",
+                "search.act.k_num=4",
+            ]
+        )
+        == 0
+    )
     assert {p.name: p.read_text() for p in (run.root / "candidates" / "weight").glob("*.yaml")} == before
     assert len(list((run.root / "candidates" / "manual").glob("weight_*_0.80.yaml"))) == 1
-    again = subprocess.run(["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
-                           capture_output=True, text=True, cwd=str(__import__("conftest").repo_root()))
+    again = subprocess.run(
+        ["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
+        capture_output=True,
+        text=True,
+        cwd=str(__import__("conftest").repo_root()),
+    )
     assert "up to date, skipped" in again.stdout

@@ -9,12 +9,13 @@ import sys
 
 import pytest
 import yaml
-from conftest import repo_root
 
-from mpq.cli import main
-from mpq.layer_table import layer_table
-from mpq.rundir import RunDir
-from mpq.sensitivity import compute_sensitivity
+from mpq.layers import meta_layers
+from mpq.runner.cli import main
+from mpq.runner.rundir import RunDir
+from mpq.sensitivity.stage import compute_sensitivity
+
+from conftest import repo_root
 
 SMALL = ["sensitivity.num_images=4", "sensitivity.batch_size=8"]
 
@@ -28,7 +29,7 @@ def sens_run(tiny_run, tmp_path_factory):
 
 
 def test_files_have_right_layers_and_ordering(sens_run):
-    infos = layer_table(sens_run.load_config())
+    infos = meta_layers(sens_run.load_config())
     all_names = [i.name for i in infos]
     content = [i.name for i in infos if i.group == "content"]
     for kind in ("weight", "act"):
@@ -43,15 +44,22 @@ def test_files_have_right_layers_and_ordering(sens_run):
         assert all(0.0 <= x <= 1.0 for v in ssim.values() for x in v)
         assert sum(v[2] >= v[1] >= v[0] for v in ssim.values()) >= 0.8 * len(ssim)
     # re-running the stage skips it
-    out = subprocess.run([sys.executable, "-m", "mpq.cli", "sensitivity", "--base_path", str(sens_run.root), *SMALL],
-                         capture_output=True, text=True, cwd=repo_root())
+    out = subprocess.run(
+        [sys.executable, "-m", "mpq", "sensitivity", "--base_path", str(sens_run.root), *SMALL],
+        capture_output=True,
+        text=True,
+        cwd=repo_root(),
+    )
     assert out.returncode == 0 and "up to date, skipped" in out.stdout
 
 
-@pytest.mark.parametrize("kind,metric,layers", [
-    ("weight", "sqnr", []),  # every layer: the prefix cache replays from every position
-    ("act", "ssim", ["*mid_block.*", "*up_blocks.0.attentions.1.*"]),  # SSIM: the content layers of two blocks
-])
+@pytest.mark.parametrize(
+    "kind,metric,layers",
+    [
+        ("weight", "sqnr", []),  # every layer: the prefix cache replays from every position
+        ("act", "ssim", ["*mid_block.*", "*up_blocks.0.attentions.1.*"]),  # SSIM: the content layers of two blocks
+    ],
+)
 def test_fast_equals_naive(sens_run, kind, metric, layers):
     cfg = sens_run.load_config(None, SMALL + [f"sensitivity.layers={layers}"])
     naive = compute_sensitivity(cfg, sens_run, kind, metric, "naive", show=False, write=False)
@@ -66,24 +74,57 @@ def test_fast_equals_naive(sens_run, kind, metric, layers):
 def test_cache_budget_chunking_changes_nothing_and_unshared_fast_is_bit_identical(sens_run):
     """Chunking the calibration set for the memory budget changes no digit; with one pass per bit
     (share_bits=never) the fast path is bit-identical to naive."""
-    # 30 layers from the first block to the last (sensitivity.layers): the same code paths as all 123, a quarter of the time
-    layers = 'sensitivity.layers=["*down_blocks.0.resnets.0.*","*mid_block.*","*up_blocks.1.resnets.2.*","*conv_out","*up_blocks.0.attentions.0.*.attn1.*"]'
+    # 30 layers from the first block to the last (sensitivity.layers): the same code paths as all 123, a quarter of
+    # the time
+    layers = (
+        'sensitivity.layers=["*down_blocks.0.resnets.0.*","*mid_block.*",'
+        '"*up_blocks.1.resnets.2.*","*conv_out","*up_blocks.0.attentions.0.*.attn1.*"]'
+    )
     small = ["sensitivity.num_images=4", "sensitivity.batch_size=4", layers]
-    chunked = compute_sensitivity(sens_run.load_config(None, small + ["sensitivity.cache_budget_mb=0.001"]), sens_run, "act", "sqnr",
-                                  "fast", show=False, write=False)
-    whole = compute_sensitivity(sens_run.load_config(None, small), sens_run, "act", "sqnr", "fast", show=False, write=False)
+    chunked = compute_sensitivity(
+        sens_run.load_config(None, small + ["sensitivity.cache_budget_mb=0.001"]),
+        sens_run,
+        "act",
+        "sqnr",
+        "fast",
+        show=False,
+        write=False,
+    )
+    whole = compute_sensitivity(
+        sens_run.load_config(None, small), sens_run, "act", "sqnr", "fast", show=False, write=False
+    )
     assert chunked == whole
-    unshared = compute_sensitivity(sens_run.load_config(None, small + ["sensitivity.share_bits=never"]), sens_run, "act", "sqnr",
-                                   "fast", show=False, write=False)
-    naive = compute_sensitivity(sens_run.load_config(None, small), sens_run, "act", "sqnr", "naive", show=False, write=False)
+    unshared = compute_sensitivity(
+        sens_run.load_config(None, small + ["sensitivity.share_bits=never"]),
+        sens_run,
+        "act",
+        "sqnr",
+        "fast",
+        show=False,
+        write=False,
+    )
+    naive = compute_sensitivity(
+        sens_run.load_config(None, small), sens_run, "act", "sqnr", "naive", show=False, write=False
+    )
     assert unshared == naive
     assert whole == naive  # auto: SQNR runs one pass per bit, so the default fast path is bit-identical
-    shared = compute_sensitivity(sens_run.load_config(None, small + ["sensitivity.share_bits=always"]), sens_run, "act", "sqnr",
-                                 "fast", show=False, write=False)
+    shared = compute_sensitivity(
+        sens_run.load_config(None, small + ["sensitivity.share_bits=always"]),
+        sens_run,
+        "act",
+        "sqnr",
+        "fast",
+        show=False,
+        write=False,
+    )
     # sharing a pass across bits moves a score within the 1e-3 dB tolerance, or (near the float floor) moves
     # the error energy by less than fp32 rounding: < 1e-11 of the signal energy
-    assert all(abs(a - b) <= 1e-3 or abs(10 ** (-a / 10) - 10 ** (-b / 10)) < 1e-11
-               for n in naive for a, b in zip(naive[n], shared[n]) if a != b)
+    assert all(
+        abs(a - b) <= 1e-3 or abs(10 ** (-a / 10) - 10 ** (-b / 10)) < 1e-11
+        for n in naive
+        for a, b in zip(naive[n], shared[n])
+        if a != b
+    )
 
 
 def test_kill_and_resume_gives_identical_file(sens_run, tmp_path):
@@ -93,21 +134,56 @@ def test_kill_and_resume_gives_identical_file(sens_run, tmp_path):
     reference = target.read_text()
     target.unlink()
     partial = run.root / "sensitivity" / ".weight_sqnr.partial.json"
-    cmd = [sys.executable, "-m", "mpq.cli", "sensitivity", "--base_path", str(run.root), "--sensitivity_type", "weight",
-           "--metric", "sqnr", *SMALL, "sensitivity.batch_size=4", "sensitivity.save_every_s=0"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "mpq",
+        "sensitivity",
+        "--base_path",
+        str(run.root),
+        "--sensitivity_type",
+        "weight",
+        "--metric",
+        "sqnr",
+        *SMALL,
+        "sensitivity.batch_size=4",
+        "sensitivity.save_every_s=0",
+    ]
     # the child stops itself (SIGSTOP) right after it has saved >= 40 items; then it is killed: no race with a poll
-    child = ("import os, signal, sys\nimport mpq.sensitivity as s\nsave = s.write_json\n"
-             "def stop_after(path, data):\n    save(path, data)\n"
-             "    if len(data.get('done', [])) >= 40: os.kill(os.getpid(), signal.SIGSTOP)\n"
-             "s.write_json = stop_after\nfrom mpq.cli import main\nsys.exit(main(sys.argv[1:]))\n")
-    proc = subprocess.Popen([sys.executable, "-c", child, *cmd[3:]], cwd=repo_root(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = (
+        "import os, signal, sys\nimport mpq.runner.sharded as s\nsave = s.write_json\n"
+        "def stop_after(path, data):\n    save(path, data)\n"
+        "    if sum(len(v['batches']) for v in data.get('items', {}).values()) >= 40: os.kill(os.getpid(), "
+        "signal.SIGSTOP)\n"
+        "s.write_json = stop_after\nfrom mpq.runner.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", child, *cmd[3:]], cwd=repo_root(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     _, status = os.waitpid(proc.pid, os.WUNTRACED)
     assert os.WIFSTOPPED(status), "the run ended before saving 40 items"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert len(yaml.safe_load(partial.read_text())["done"]) >= 40 and not target.exists()
-    assert main(["sensitivity", "--base_path", str(run.root), "--sensitivity_type", "weight", "--metric", "sqnr", *SMALL,
-                 "sensitivity.batch_size=4"]) == 0
+    assert (
+        sum(len(v["batches"]) for v in yaml.safe_load(partial.read_text())["items"].values()) >= 40
+        and not target.exists()
+    )
+    assert (
+        main(
+            [
+                "sensitivity",
+                "--base_path",
+                str(run.root),
+                "--sensitivity_type",
+                "weight",
+                "--metric",
+                "sqnr",
+                *SMALL,
+                "sensitivity.batch_size=4",
+            ]
+        )
+        == 0
+    )
     assert not partial.exists()
     resumed = yaml.safe_load(target.read_text())
     expected = yaml.safe_load(reference)
@@ -115,8 +191,22 @@ def test_kill_and_resume_gives_identical_file(sens_run, tmp_path):
     # and the resumed file is byte-identical to an uninterrupted run with the same settings
     again = RunDir(tmp_path / "again")
     shutil.copytree(sens_run.root, again.root)
-    assert main(["sensitivity", "--base_path", str(again.root), "--sensitivity_type", "weight", "--metric", "sqnr", *SMALL,
-                 "sensitivity.batch_size=4"]) == 0
+    assert (
+        main(
+            [
+                "sensitivity",
+                "--base_path",
+                str(again.root),
+                "--sensitivity_type",
+                "weight",
+                "--metric",
+                "sqnr",
+                *SMALL,
+                "sensitivity.batch_size=4",
+            ]
+        )
+        == 0
+    )
     assert (again.root / "sensitivity" / "weight_sqnr.yaml").read_text() == target.read_text()
 
 
@@ -134,7 +224,7 @@ def test_bad_run_directories_are_one_line_errors(tiny_run, tmp_path, capsys):
 
     from safetensors.torch import load_file, save_file
 
-    from mpq.files import read_tensor_metadata
+    from mpq.runner.files import read_tensor_metadata
 
     meta = read_tensor_metadata(other.ckpt)
     manifest = json.loads(meta["mpq_manifest"])

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import torch
-from conftest import repo_root
 
 from mpq.models.tiny import build_tokenizer, shapes_words
 from mpq.shapes.data import (
@@ -25,6 +24,8 @@ from mpq.shapes.data import (
     train_scenes,
 )
 
+from conftest import repo_root
+
 
 def test_every_vocabulary_word_is_in_the_captions_and_captions_parse_back():
     scenes = all_scenes()
@@ -36,9 +37,17 @@ def test_every_vocabulary_word_is_in_the_captions_and_captions_parse_back():
             assert set(v.split()) <= words, (attr, v)
             assert any(getattr(s, attr) == v and v in s.caption for s in scenes)
     assert all(parse_caption(c) == s for c, s in zip(captions, scenes))
-    assert Scene("triangle", "blue", "small", "center", "black").caption == "a small blue triangle in the center on a black background"
-    assert parse_caption("A Large RED circle at the top right on a gray background.") == Scene("circle", "red", "large", "top right", "gray")
-    assert parse_caption("a photo of a cat") is None and parse_caption("a huge red circle at the top left on a white background") is None
+    assert (
+        Scene("triangle", "blue", "small", "center", "black").caption
+        == "a small blue triangle in the center on a black background"
+    )
+    assert parse_caption("A Large RED circle at the top right on a gray background.") == Scene(
+        "circle", "red", "large", "top right", "gray"
+    )
+    assert (
+        parse_caption("a photo of a cat") is None
+        and parse_caption("a huge red circle at the top left on a white background") is None
+    )
 
 
 def test_heldout_scenes_are_balanced_and_never_in_training():
@@ -55,10 +64,13 @@ def test_heldout_scenes_are_balanced_and_never_in_training():
 
 
 def test_rendering_is_deterministic_and_puts_the_shape_where_the_caption_says():
-    scenes = [Scene(VOCAB["shape"][i % 3], VOCAB["color"][i], VOCAB["size"][i % 2], p, VOCAB["background"][i % 3]) for i, p in enumerate(POSITIONS)]
+    scenes = [
+        Scene(VOCAB["shape"][i % 3], VOCAB["color"][i], VOCAB["size"][i % 2], p, VOCAB["background"][i % 3])
+        for i, p in enumerate(POSITIONS)
+    ]
     a = render(scenes, 128, torch.Generator().manual_seed(1))
     b = render(scenes, 128, torch.Generator().manual_seed(1))
-    assert torch.equal(a, b) and a.shape == (5, 3, 128, 128) and 0 <= a.min() and a.max() <= 1
+    assert torch.equal(a, b) and a.shape == (5, 3, 128, 128) and a.min() >= 0 and a.max() <= 1
     for img, s in zip(a, scenes):
         bg = torch.tensor(BACKGROUNDS[s.background]) / 255
         fg = torch.tensor(COLORS[s.color]) / 255
@@ -67,7 +79,10 @@ def test_rendering_is_deterministic_and_puts_the_shape_where_the_caption_says():
         assert torch.allclose(img[:, cy, cx], fg, atol=1e-6)  # the position's center is the object
         partial = ((img - bg[:, None, None]).abs().sum(0) > 1e-3) & ((img - fg[:, None, None]).abs().sum(0) > 1e-3)
         assert partial.any()  # anti-aliased edge pixels
-    areas = {sh: (render([Scene(sh, "red", "large", "center", "black")], 128, jitter=False)[0, 0] > 0.5).sum().item() for sh in VOCAB["shape"]}
+    areas = {
+        sh: (render([Scene(sh, "red", "large", "center", "black")], 128, jitter=False)[0, 0] > 0.5).sum().item()
+        for sh in VOCAB["shape"]
+    }
     small = (render([Scene("circle", "red", "small", "center", "black")], 128, jitter=False)[0, 0] > 0.5).sum().item()
     assert 3.5 < areas["circle"] / small < 4.5  # large is twice the diameter
     assert areas["triangle"] < areas["circle"] < areas["square"]
@@ -85,8 +100,30 @@ def test_tokenizer_sees_whole_words_and_never_truncates_a_caption():
 
 def test_train_tiny_runs_two_steps_of_every_component(tmp_path):
     out = tmp_path / "tiny"
-    cmd = [sys.executable, "scripts/train_tiny.py", "--outdir", str(out), "--vae-steps", "2", "--unet-steps", "2", "--judge-steps", "2",
-           "--pool-size", "32", "--unet-batch", "4", "--vae-batch", "2", "--judge-batch", "4", "--judge-eval", "60", "--threads", "2"]
+    cmd = [
+        sys.executable,
+        "scripts/train_tiny.py",
+        "--outdir",
+        str(out),
+        "--vae-steps",
+        "2",
+        "--unet-steps",
+        "2",
+        "--judge-steps",
+        "2",
+        "--pool-size",
+        "32",
+        "--unet-batch",
+        "4",
+        "--vae-batch",
+        "2",
+        "--judge-batch",
+        "4",
+        "--judge-eval",
+        "60",
+        "--threads",
+        "2",
+    ]
     res = subprocess.run(cmd, capture_output=True, text=True, cwd=repo_root())
     assert res.returncode == 0, res.stderr[-2000:]
     for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "scheduler"):
@@ -99,9 +136,9 @@ def test_train_tiny_runs_two_steps_of_every_component(tmp_path):
     info = json.loads((out / "training.json").read_text())
     assert set(info["judge"]["fresh_renders"]) == set(ATTRIBUTES)
     # the folder loads as a pipeline and draws
-    from mpq.config import load_config
-    from mpq.generate import generate
+    from mpq.images import generate
     from mpq.models import load_pipeline
+    from mpq.runner.config import load_config
 
     cfg = load_config("tiny-sdxl", [f"model.id={out}", "model.device=cpu"])
     images = generate(load_pipeline(cfg), ["a small red circle in the center on a white background"], [0], cfg)

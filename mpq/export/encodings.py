@@ -3,7 +3,8 @@
 ::
 
     {"version": "0.6.1",
-     "activation_encodings": {"<module>.input": [{"bitwidth", "dtype", "is_symmetric", "min", "max", "offset", "scale"}]},
+     "activation_encodings":
+     {"<module>.input": [{"bitwidth", "dtype", "is_symmetric", "min", "max", "offset", "scale"}]},
      "param_encodings":      {"<module>.weight": [one entry per output channel]},
      "excluded_layers": [FP layers], "quantizer_args": {...}, "mpq": {...}}
 
@@ -18,10 +19,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mpq.files import write_json
 from mpq.plan import BitPlan
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.quant.quantizer import qrange
+from mpq.runner.files import write_json
 
 VERSION = "0.6.1"
 
@@ -30,8 +31,15 @@ def encoding(scale: float, zero_point: float, bits: int, symmetric: bool) -> dic
     """One AIMET encoding entry for a quantizer with ``scale`` and ``zero_point`` on the ``bits`` grid."""
     qmin, qmax = qrange(bits, symmetric)
     offset = int(qmin if symmetric else -round(zero_point))
-    return {"bitwidth": bits, "dtype": "int", "is_symmetric": str(symmetric), "min": (offset) * scale,
-            "max": (offset + (qmax - qmin)) * scale, "offset": offset, "scale": scale}
+    return {
+        "bitwidth": bits,
+        "dtype": "int",
+        "is_symmetric": str(symmetric),
+        "min": (offset) * scale,
+        "max": (offset + (qmax - qmin)) * scale,
+        "offset": offset,
+        "scale": scale,
+    }
 
 
 def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
@@ -40,7 +48,7 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
     splits: dict[str, list[int]] = {}
     excluded = []
     for name, layer in qm.layers.items():
-        path = name[len(PREFIX):]
+        path = name[len(PREFIX) :]
         w, a = plan.weight.get(name), plan.act.get(name)
         if w is None and a is None:
             excluded.append(path)
@@ -48,16 +56,33 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
             splits[path] = list(layer.in_split)
         if w is not None:
             k = layer.bits.index(w)
-            params[f"{path}.weight"] = [encoding(float(s), 0.0, w, True) for part in layer.w_scale[k].tolist() for s in part]
+            params[f"{path}.weight"] = [
+                encoding(float(s), 0.0, w, True) for part in layer.w_scale[k].tolist() for s in part
+            ]
         if a is not None:
             k = layer.bits.index(a)
-            acts[f"{path}.input"] = [encoding(float(layer.a_scale[k, p]), float(layer.a_zero[k, p]), a, layer.a_symmetric)
-                                     for p in range(layer.n_parts)]
-    return {"version": VERSION, "activation_encodings": acts, "param_encodings": params, "excluded_layers": excluded,
-            "quantizer_args": {"per_channel_quantization": True, "param_is_symmetric": True, "activation_is_symmetric": any(
-                layer.a_symmetric for layer in qm.layers.values()), "quant_scheme": "min_max", "dtype": "int"},
-            "mpq": {"in_split": splits, "bos_fp": sorted(n[len(PREFIX):] for n, layer in qm.layers.items() if layer.bos_aware),
-                    "act_protected": sorted(n[len(PREFIX):] for n in plan.protected)}}
+            acts[f"{path}.input"] = [
+                encoding(float(layer.a_scale[k, p]), float(layer.a_zero[k, p]), a, layer.a_symmetric)
+                for p in range(layer.n_parts)
+            ]
+    return {
+        "version": VERSION,
+        "activation_encodings": acts,
+        "param_encodings": params,
+        "excluded_layers": excluded,
+        "quantizer_args": {
+            "per_channel_quantization": True,
+            "param_is_symmetric": True,
+            "activation_is_symmetric": any(layer.a_symmetric for layer in qm.layers.values()),
+            "quant_scheme": "min_max",
+            "dtype": "int",
+        },
+        "mpq": {
+            "in_split": splits,
+            "bos_fp": sorted(n[len(PREFIX) :] for n, layer in qm.layers.items() if layer.bos_aware),
+            "act_protected": sorted(n[len(PREFIX) :] for n in plan.protected),
+        },
+    }
 
 
 def export_encodings(qm: QuantModel, plan: BitPlan, out: str | Path) -> dict[str, Any]:

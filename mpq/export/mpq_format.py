@@ -35,15 +35,15 @@ from torch import nn
 from mpq.errors import MpqError
 from mpq.export.pack import pack
 from mpq.export.packed import PackedLayer, PackedSpec
-from mpq.files import load_tensors, save_tensors, write_json
+from mpq.models import denoiser_name
 from mpq.plan import BitPlan
 from mpq.quant.layers import BUFFERS, QuantLayer, by_part
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.quant.quantizer import weight_integers
+from mpq.runner.files import load_tensors, save_tensors, write_json
 
 FORMAT = "mpq-packed/1"
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
-DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
 
 
 # ----------------------------------------------------------------------------- denoiser tensors (pure)
@@ -51,20 +51,42 @@ def layer_spec(layer: QuantLayer, w_bits: int | None, a_bits: int | None, bos_ca
     conv = {}
     if isinstance(layer, nn.Conv2d):
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
-            raise MpqError(f"conv layer with padding {layer.padding!r}/{layer.padding_mode} cannot be exported; only numeric zero padding")
-        conv = {"stride": list(layer.stride), "padding": list(layer.padding), "dilation": list(layer.dilation), "groups": layer.groups}
-    return PackedSpec("conv" if conv else "linear", tuple(layer.weight.shape), w_bits, a_bits, tuple(layer.in_split),
-                      layer.bos_aware, bos_cached and w_bits is not None and layer.bos_aware, layer.a_symmetric, layer.bias is not None, conv)
+            raise MpqError(
+                f"conv layer with padding {layer.padding!r}/{layer.padding_mode} cannot be exported; only numeric zero "
+                "padding"
+            )
+        conv = {
+            "stride": list(layer.stride),
+            "padding": list(layer.padding),
+            "dilation": list(layer.dilation),
+            "groups": layer.groups,
+        }
+    return PackedSpec(
+        "conv" if conv else "linear",
+        tuple(layer.weight.shape),
+        w_bits,
+        a_bits,
+        tuple(layer.in_split),
+        layer.bos_aware,
+        bos_cached and w_bits is not None and layer.bos_aware,
+        layer.a_symmetric,
+        layer.bias is not None,
+        conv,
+    )
 
 
-def packed_tensors(layer: QuantLayer, spec: PackedSpec, fp_dtype: torch.dtype, bos: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+def packed_tensors(
+    layer: QuantLayer, spec: PackedSpec, fp_dtype: torch.dtype, bos: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """One layer's exported tensors (names relative to the layer)."""
     out: dict[str, torch.Tensor] = {}
     if spec.w_bits is None:
         out["weight"] = layer.weight.detach().to(fp_dtype)
     else:
         k = layer.bits.index(spec.w_bits)
-        q = by_part(layer.weight.detach(), layer.in_split, layer.w_scale[k], lambda w, s: weight_integers(w, s, spec.w_bits))
+        q = by_part(
+            layer.weight.detach(), layer.in_split, layer.w_scale[k], lambda w, s: weight_integers(w, s, spec.w_bits)
+        )
         out["qweight"] = pack(q, spec.w_bits)
         out["w_scale"] = layer.w_scale[k].detach().float().clone()
         if spec.bos_cached:
@@ -75,12 +97,19 @@ def packed_tensors(layer: QuantLayer, spec: PackedSpec, fp_dtype: torch.dtype, b
         out["bias"] = layer.bias.detach().to(fp_dtype)
     if spec.a_bits is not None:
         k = layer.bits.index(spec.a_bits)
-        out["a_scale"], out["a_zero"] = layer.a_scale[k].detach().float().clone(), layer.a_zero[k].detach().float().clone()
+        out["a_scale"], out["a_zero"] = (
+            layer.a_scale[k].detach().float().clone(),
+            layer.a_zero[k].detach().float().clone(),
+        )
     return out
 
 
-def denoiser_export(qm: QuantModel, plan: BitPlan, fp_dtype: torch.dtype = torch.float16,
-                    bos_rows: Mapping[str, torch.Tensor] | None = None) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def denoiser_export(
+    qm: QuantModel,
+    plan: BitPlan,
+    fp_dtype: torch.dtype = torch.float16,
+    bos_rows: Mapping[str, torch.Tensor] | None = None,
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """(tensors, quantization_config) of the denoiser under ``plan``: quantized layers packed, the rest in ``fp_dtype``.
 
     ``bos_rows``: for BOS-aware layers, the (prompt-independent) BOS input row; its FP output is cached."""
@@ -91,21 +120,28 @@ def denoiser_export(qm: QuantModel, plan: BitPlan, fp_dtype: torch.dtype = torch
         w, a = plan.weight.get(name), plan.act.get(name)
         if w is None and a is None:
             continue
-        path = name[len(PREFIX):]
+        path = name[len(PREFIX) :]
         spec = specs[path] = layer_spec(layer, w, a, name in bos_rows)
         bos = None
         if spec.bos_cached:
             row = bos_rows[name].float()
             bos = (row, layer._op(row.reshape(1, 1, -1).to(layer.weight.dtype), layer.weight).reshape(-1).detach())
         tensors.update({f"{path}.{k}": t.contiguous() for k, t in packed_tensors(layer, spec, fp_dtype, bos).items()})
-    layer_paths = {n[len(PREFIX):] for n in qm.layers}
+    layer_paths = {n[len(PREFIX) :] for n in qm.layers}
     for key, t in qm.denoiser.state_dict().items():
         owner, _, leaf = key.rpartition(".")
-        if owner in specs or (owner in layer_paths and leaf in BUFFERS):  # exported above / the PTQ checkpoint's buffers
+        if owner in specs or (
+            owner in layer_paths and leaf in BUFFERS
+        ):  # exported above / the PTQ checkpoint's buffers
             continue
         tensors[key] = (t.detach().to(fp_dtype) if t.is_floating_point() else t.detach()).contiguous()
-    config = {"quant_method": "mpq", "format": FORMAT, "fp_dtype": str(fp_dtype).removeprefix("torch."),
-              "layers": {p: s.as_dict() for p, s in specs.items()}, "act_protected": sorted(n[len(PREFIX):] for n in plan.protected)}
+    config = {
+        "quant_method": "mpq",
+        "format": FORMAT,
+        "fp_dtype": str(fp_dtype).removeprefix("torch."),
+        "layers": {p: s.as_dict() for p, s in specs.items()},
+        "act_protected": sorted(n[len(PREFIX) :] for n in plan.protected),
+    }
     return tensors, config
 
 
@@ -120,13 +156,24 @@ def serialized_bytes(tensors: Mapping[str, torch.Tensor]) -> int:
     for k in sorted(tensors):
         t = tensors[k]
         n = t.numel() * t.element_size()
-        header[k] = {"dtype": _ST_DTYPES.get(t.dtype, "F32"), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        header[k] = {
+            "dtype": _ST_DTYPES.get(t.dtype, "F32"),
+            "shape": list(t.shape),
+            "data_offsets": [offset, offset + n],
+        }
         offset += n
     text = json.dumps(header, separators=(",", ":"))
     return 8 + len(text) + (-len(text)) % 8 + data
 
 
-_ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8", torch.int64: "I64", torch.int8: "I8"}
+_ST_DTYPES = {
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.uint8: "U8",
+    torch.int64: "I64",
+    torch.int8: "I8",
+}
 
 
 def weight_bytes_of(tensors: Mapping[str, torch.Tensor], layer_paths: list[str]) -> int:
@@ -145,17 +192,28 @@ def weight_bytes_of(tensors: Mapping[str, torch.Tensor], layer_paths: list[str])
 def capture_bos_rows(pipe: Any, qm: QuantModel, cfg: Any) -> dict[str, torch.Tensor]:
     """The BOS input row of every BOS-aware layer, when it is the same for different prompts (causal text
     encoders): run the FP pipeline on two prompts and compare. Layers where it differs get no cache."""
-    from mpq.generate import generate
+    from mpq.images import generate
 
     names = [n for n, layer in qm.layers.items() if layer.bos_aware]
     if not names:
         return {}
     rows: dict[str, list[torch.Tensor]] = {n: [] for n in names}
-    hooks = [qm.layers[n].register_forward_pre_hook(lambda m, args, n=n: rows[n].append(args[0][:, 0].detach().clone()) if args[0].dim() == 3 else None)
-             for n in names]
+    hooks = [
+        qm.layers[n].register_forward_pre_hook(
+            lambda m, args, n=n: rows[n].append(args[0][:, 0].detach().clone()) if args[0].dim() == 3 else None
+        )
+        for n in names
+    ]
     qm.set_fp()
     try:
-        generate(pipe, ["a photo", "two red circles on a blue background, small"], [0, 1], cfg, batch_size=2, output_type="np")
+        generate(
+            pipe,
+            ["a photo", "two red circles on a blue background, small"],
+            [0, 1],
+            cfg,
+            batch_size=2,
+            output_type="np",
+        )
     finally:
         for h in hooks:
             h.remove()
@@ -172,13 +230,22 @@ def capture_bos_rows(pipe: Any, qm: QuantModel, cfg: Any) -> dict[str, torch.Ten
 # ----------------------------------------------------------------------------- folder
 def _save_component(module: Any, folder: Path, fp_dtype: torch.dtype) -> None:
     """``save_pretrained`` in ``fp_dtype`` (a cast copy: the caller's pipeline is left as it was)."""
-    if isinstance(module, nn.Module) and any(p.is_floating_point() and p.dtype != fp_dtype for p in module.parameters()):
+    if isinstance(module, nn.Module) and any(
+        p.is_floating_point() and p.dtype != fp_dtype for p in module.parameters()
+    ):
         module = copy.deepcopy(module).to(fp_dtype)
     module.save_pretrained(folder)
 
 
-def export_mpq(pipe: Any, qm: QuantModel, plan: BitPlan, out: str | Path, cfg: Any, fp_dtype: torch.dtype = torch.float16,
-               denoiser_name: str = "unet") -> dict[str, Any]:
+def export_mpq(
+    pipe: Any,
+    qm: QuantModel,
+    plan: BitPlan,
+    out: str | Path,
+    cfg: Any,
+    fp_dtype: torch.dtype = torch.float16,
+    denoiser_name: str = "unet",
+) -> dict[str, Any]:
     """Write the ``mpq`` format folder to ``out`` (atomically: a temp folder renamed into place)."""
     out = Path(out)
     bos_rows = capture_bos_rows(pipe, qm, cfg)
@@ -207,33 +274,36 @@ def export_mpq(pipe: Any, qm: QuantModel, plan: BitPlan, out: str | Path, cfg: A
             os.replace(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {"out": out, "denoiser_bytes": (out / denoiser_name / WEIGHTS_NAME).stat().st_size, "layers": len(qconfig["layers"]),
-            "bos_cached": len(bos_rows)}
+    return {
+        "out": out,
+        "denoiser_bytes": (out / denoiser_name / WEIGHTS_NAME).stat().st_size,
+        "layers": len(qconfig["layers"]),
+        "bos_cached": len(bos_rows),
+    }
 
 
 # ----------------------------------------------------------------------------- loading
-def _denoiser_name(folder: Path) -> str:
-    index = json.loads((folder / "model_index.json").read_text())
-    for name in ("unet", "transformer"):
-        if name in index:
-            return name
-    raise MpqError(f"{folder}/model_index.json names no unet or transformer")
-
-
-def load_denoiser(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> nn.Module:
+def load_denoiser(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
     """The exported denoiser (``folder`` is the denoiser folder): packed layers stay packed in memory."""
     import diffusers
 
     folder = Path(folder)
     cfg_path, weights = folder / "config.json", folder / WEIGHTS_NAME
     if not cfg_path.is_file() or not weights.is_file():
-        raise MpqError(f"{folder} is not an mpq export (needs config.json and {WEIGHTS_NAME}); write one with `mpq export`")
+        raise MpqError(
+            f"{folder} is not an mpq export (needs config.json and {WEIGHTS_NAME}); write one with `mpq export`"
+        )
     config = json.loads(cfg_path.read_text())
     qconfig = config.pop("quantization_config", None)
     if not qconfig or qconfig.get("quant_method") != "mpq":
         raise MpqError(f"{cfg_path} has no mpq quantization_config; it is not an `mpq export --format mpq` folder")
     if qconfig.get("format") != FORMAT:
-        raise MpqError(f"{cfg_path}: export format {qconfig.get('format')!r}, this mpq reads {FORMAT!r}; re-export with `mpq export`")
+        raise MpqError(
+            f"{cfg_path}: export format {qconfig.get('format')!r}, this mpq reads {FORMAT!r}; re-export with `mpq "
+            "export`"
+        )
     cls = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
     with torch.device("meta"):
         model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
@@ -268,7 +338,9 @@ def _cast(model: nn.Module, dtype: torch.dtype) -> None:
         for store in (module._parameters, module._buffers):
             for leaf, t in store.items():
                 if t is not None and t.is_floating_point() and t.dtype != dtype and leaf not in keep:
-                    store[leaf] = nn.Parameter(t.to(dtype), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(dtype)
+                    store[leaf] = (
+                        nn.Parameter(t.to(dtype), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(dtype)
+                    )
 
 
 def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> Any:
@@ -280,8 +352,11 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, devic
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
-        raise MpqError(f"{folder} is not an exported pipeline folder (no model_index.json); write one with `mpq export --out {folder}`")
-    name = _denoiser_name(folder)
+        raise MpqError(
+            f"{folder} is not an exported pipeline folder (no model_index.json); write one with `mpq export --out "
+            f"{folder}`"
+        )
+    name = denoiser_name(json.loads((folder / "model_index.json").read_text()))
     denoiser = load_denoiser(folder / name, dtype, device)
     quiet_loading()
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **{name: denoiser})
@@ -295,5 +370,14 @@ def tensor_bytes(module: nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in [*module.parameters(), *module.buffers()])
 
 
-__all__ = ["FORMAT", "capture_bos_rows", "denoiser_export", "export_mpq", "load_denoiser", "load_quantized", "serialized_bytes",
-           "tensor_bytes", "weight_bytes_of"]
+__all__ = [
+    "FORMAT",
+    "capture_bos_rows",
+    "denoiser_export",
+    "export_mpq",
+    "load_denoiser",
+    "load_quantized",
+    "serialized_bytes",
+    "tensor_bytes",
+    "weight_bytes_of",
+]

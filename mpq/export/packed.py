@@ -73,7 +73,9 @@ class PackedLayer(nn.Module):
             numel = 1
             for d in s:
                 numel *= d
-            self.register_buffer("qweight", torch.empty(packed_numel(numel, spec.w_bits), dtype=torch.uint8, device=device))
+            self.register_buffer(
+                "qweight", torch.empty(packed_numel(numel, spec.w_bits), dtype=torch.uint8, device=device)
+            )
             self.register_buffer("w_scale", torch.empty(parts, s[0], **f32))
             if spec.bos_cached:
                 self.register_buffer("bos_in", torch.empty(s[1], **f32))
@@ -110,7 +112,9 @@ class PackedLayer(nn.Module):
         if self.spec.a_bits is None:
             return x
         dim = -1 if self.spec.kind == "linear" else 1
-        return fake_quant_input(x, self.spec.in_split, dim, self.a_scale, self.a_zero, self.spec.a_bits, self.spec.a_symmetric)
+        return fake_quant_input(
+            x, self.spec.in_split, dim, self.a_scale, self.a_zero, self.spec.a_bits, self.spec.a_symmetric
+        )
 
     def _bos_head(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.spec.w_bits is None:
@@ -131,4 +135,6 @@ class PackedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"{s.kind}, shape={list(s.shape)}, w_bits={s.w_bits}, a_bits={s.a_bits}" + (f", in_split={list(s.in_split)}" if len(s.in_split) > 2 else "")
+        return f"{s.kind}, shape={list(s.shape)}, w_bits={s.w_bits}, a_bits={s.a_bits}" + (
+            f", in_split={list(s.in_split)}" if len(s.in_split) > 2 else ""
+        )

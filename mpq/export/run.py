@@ -8,19 +8,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.errors import MpqError
-from mpq.plan import BitPlan
-from mpq.rundir import RunDir
+from mpq.models import DTYPES
+from mpq.plan import BitPlan, final_plan
+from mpq.runner.rundir import RunDir
 
 FORMATS = ("mpq", "torchao", "encodings")
 
 
-def export_plan(cfg: DictConfig, run: RunDir, out: str | Path, fmt: str = "mpq", plan_args: dict[str, Any] | None = None,
-                fp_dtype: str = "fp16") -> dict[str, Any]:
-    """Export ``plan_args`` (:func:`mpq.infer.plan_from_args` arguments; none: the selected plan) in ``fmt``."""
-    from mpq.export.mpq_format import DTYPES, export_mpq
-    from mpq.infer import plan_from_args, quantized_pipeline
-    from mpq.selection import final_plan
+def export_plan(
+    cfg: DictConfig, run: RunDir, out: str | Path, fmt: str = "mpq", plan: BitPlan | None = None, fp_dtype: str = "fp16"
+) -> dict[str, Any]:
+    """Export ``plan`` (default: the selected plan) in ``fmt``."""
+    from mpq.export.mpq_format import export_mpq
 
     if fmt not in FORMATS:
         raise MpqError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
@@ -28,12 +29,9 @@ def export_plan(cfg: DictConfig, run: RunDir, out: str | Path, fmt: str = "mpq",
         raise MpqError(f"unknown --fp-dtype {fp_dtype!r}; choose one of {', '.join(DTYPES)}")
     if Path(out).resolve() == run.root.resolve():
         raise MpqError("--out must be a new folder, not the run directory")
-    pipe, qm, manifest = quantized_pipeline(cfg, run, dtype=torch.float32)
-    plan: BitPlan
-    if plan_args and any(v is not None for v in plan_args.values()):
-        plan = plan_from_args(qm, manifest["bits"], **plan_args, protect_weights=cfg.search.protect_weights)  # validated there
-    else:
-        plan = final_plan(run, cfg.search.protect_weights).validate(qm.names, manifest["bits"])
+    pipe, qm, _ = quantized_pipeline(cfg, run, dtype=torch.float32)
+    plan = plan if plan is not None else final_plan(run)
+    plan.validate(qm.names, qm.bits)
     if fmt == "mpq":
         return export_mpq(pipe, qm, plan, out, cfg, DTYPES[fp_dtype])
     if fmt == "torchao":

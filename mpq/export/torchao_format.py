@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from mpq.errors import MpqError
-from mpq.files import write_csv, write_json
 from mpq.plan import BitPlan
 from mpq.quant.model import PREFIX, QuantModel
+from mpq.runner.files import write_csv, write_json
 
 COLUMNS = ["layer", "kind", "w_bits", "a_bits", "torchao", "note"]
 
@@ -34,7 +34,9 @@ def _torchao() -> Any:
     try:
         import torchao.quantization as tq
     except ImportError:
-        raise MpqError("the torchao path needs torchao: `pip install torchao` (or `pip install -e '.[torchao]'`)") from None
+        raise MpqError(
+            "the torchao path needs torchao: `pip install torchao` (or `pip install -e '.[torchao]'`)"
+        ) from None
     return tq
 
 
@@ -54,17 +56,31 @@ def torchao_plan(qm: QuantModel, plan: BitPlan) -> tuple[Any, list[dict[str, Any
             if a is not None:
                 notes.append(f"A{a} dropped: torchao has no activation-only config")
         elif w == 8 and a == 8 and kind == "linear":
-            configs[name[len(PREFIX):]] = tq.Int8DynamicActivationInt8WeightConfig()
+            configs[name[len(PREFIX) :]] = tq.Int8DynamicActivationInt8WeightConfig()
             choice = "Int8DynamicActivationInt8WeightConfig"
             notes.append("activations per token, dynamic (mpq: per tensor, static)")
         else:
-            configs[name[len(PREFIX):]] = tq.IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{w}"), granularity=PerAxis(0))
+            configs[name[len(PREFIX) :]] = tq.IntxWeightOnlyConfig(
+                weight_dtype=getattr(torch, f"int{w}"), granularity=PerAxis(0)
+            )
             choice = f"IntxWeightOnlyConfig(int{w})"
             if a is not None:
-                notes.append(f"A{a} dropped" + (": int8 dynamic activation has no Conv2d handler" if a == 8 and w == 8 else ": weight-only"))
+                notes.append(
+                    f"A{a} dropped"
+                    + (": int8 dynamic activation has no Conv2d handler" if a == 8 and w == 8 else ": weight-only")
+                )
         if w is not None and layer.n_parts > 1:
             notes.append("split input: one scale per channel over both parts")
-        rows.append({"layer": name, "kind": kind, "w_bits": w or "", "a_bits": a or "", "torchao": choice, "note": "; ".join(notes)})
+        rows.append(
+            {
+                "layer": name,
+                "kind": kind,
+                "w_bits": w or "",
+                "a_bits": a or "",
+                "torchao": choice,
+                "note": "; ".join(notes),
+            }
+        )
     return tq.FqnToConfig(configs), rows
 
 
@@ -104,8 +120,8 @@ def load_torchao(out: str | Path, pipe: Any) -> Any:
     """Apply an exported ``torchao_config.json`` to ``pipe``'s denoiser (``quantize_``, in place); returns ``pipe``."""
     from torchao.core.config import config_from_dict
 
-    from mpq.files import read_json
     from mpq.models import denoiser_of
+    from mpq.runner.files import read_json
 
     data = read_json(Path(out) / "torchao_config.json")
     apply_torchao(denoiser_of(pipe), config_from_dict(data["fqn_to_config"]))

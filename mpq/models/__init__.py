@@ -6,7 +6,9 @@ cache (``$MPQ_CACHE``, default ``~/.cache/mpq``), then loaded like any other.
 """
 
 from mpq.models.loader import (
+    DTYPES,
     EMBEDDED_PREFIX,
+    denoiser_name,
     denoiser_of,
     load_arch,
     load_pipeline,
@@ -16,4 +18,15 @@ from mpq.models.loader import (
     torch_dtype,
 )
 
-__all__ = ["EMBEDDED_PREFIX", "denoiser_of", "load_arch", "load_pipeline", "meta_denoiser", "pipeline_in", "resolve_device", "torch_dtype"]
+__all__ = [
+    "DTYPES",
+    "EMBEDDED_PREFIX",
+    "denoiser_name",
+    "denoiser_of",
+    "load_arch",
+    "load_pipeline",
+    "meta_denoiser",
+    "pipeline_in",
+    "resolve_device",
+    "torch_dtype",
+]

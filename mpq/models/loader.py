@@ -17,13 +17,25 @@ from mpq.errors import MpqError
 EMBEDDED_PREFIX = "embedded:"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 # the trained shapes model ships with the package; the untrained one is built from a seed on first use
-EMBEDDED = {"tiny-sdxl": "trained on procedural shapes, shipped", "tiny-sdxl-random": "same architecture, random weights"}
+EMBEDDED = {
+    "tiny-sdxl": "trained on procedural shapes, shipped",
+    "tiny-sdxl-random": "same architecture, random weights",
+}
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
-_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the config's dtype names
+DENOISERS = ("unet", "transformer")  # a pipeline's denoiser component, by name
 
 
 def torch_dtype(name: str) -> torch.dtype:
-    return _DTYPES[name]
+    return DTYPES[name]
+
+
+def denoiser_name(components: Any) -> str:
+    """The denoiser's component name among ``components`` (names, or a mapping of them)."""
+    for name in DENOISERS:
+        if name in components:
+            return name
+    raise MpqError(f"no {' or '.join(DENOISERS)} among the pipeline's components ({', '.join(sorted(components))})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -59,8 +71,10 @@ def _embedded_folder(name: str) -> Path:
     if name == "tiny-sdxl":
         folder = WEIGHTS_DIR / name
         if not (folder / "model_index.json").is_file():
-            raise MpqError(f"the embedded model's weights are missing from the package ({folder}); reinstall mpq, "
-                           "or train them with `python scripts/train_tiny.py --outdir DIR` and set model.id=DIR")
+            raise MpqError(
+                f"the embedded model's weights are missing from the package ({folder}); reinstall mpq, "
+                "or train them with `python scripts/train_tiny.py --outdir DIR` and set model.id=DIR"
+            )
         return folder
     folder = cache_dir() / f"{name}-seed{tiny.TINY_SEED}-v2"
     if (folder / "model_index.json").is_file():
@@ -82,11 +96,13 @@ def _embedded_folder(name: str) -> Path:
 
 def _source(model_id: str) -> str:
     if model_id.startswith(EMBEDDED_PREFIX):
-        return str(_embedded_folder(model_id[len(EMBEDDED_PREFIX):]))
+        return str(_embedded_folder(model_id[len(EMBEDDED_PREFIX) :]))
     p = Path(model_id).expanduser()
     if p.exists():
         if not (p / "model_index.json").is_file():
-            raise MpqError(f"model.id={model_id} is a folder without model_index.json; point it at a diffusers pipeline folder")
+            raise MpqError(
+                f"model.id={model_id} is a folder without model_index.json; point it at a diffusers pipeline folder"
+            )
         return str(p)
     if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
         raise MpqError(f"model.id={model_id}: no such folder, and not a hub id of the form owner/name")
@@ -108,7 +124,8 @@ def _set_scheduler(pipe: Any, cfg: DictConfig) -> None:
 
 
 def load_pipeline(cfg: DictConfig, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
-    """Load the configured pipeline on its device and dtype (``model.dtype`` unless ``dtype``), eval mode, no progress bar."""
+    """Load the configured pipeline on its device and dtype (``model.dtype`` unless ``dtype``), eval mode, no
+    progress bar."""
     from diffusers import DiffusionPipeline
 
     quiet_loading()
@@ -146,11 +163,14 @@ def pipeline_in(cfg: DictConfig, dtype: torch.dtype, pipe: Any | None = None) ->
 
 
 def denoiser_of(pipe: Any) -> torch.nn.Module:
-    for name in ("unet", "transformer"):
+    """The pipeline's denoiser (its UNet or transformer)."""
+    for name in DENOISERS:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             return module
-    raise MpqError(f"{type(pipe).__name__} has no unet or transformer to quantize")
+    raise MpqError(
+        f"{type(pipe).__name__} is neither a torch module nor a pipeline with a {' or '.join(DENOISERS)} to quantize"
+    )
 
 
 def load_arch(cfg: DictConfig) -> dict[str, Any]:
@@ -169,12 +189,18 @@ def load_arch(cfg: DictConfig) -> dict[str, Any]:
         vae_scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1) if vae_cfg.is_file() else 8
         tok_cfg = p / "tokenizer" / "tokenizer_config.json"
         max_len = json.loads(tok_cfg.read_text()).get("model_max_length", 77) if tok_cfg.is_file() else 77
-        return {"unet": json.loads(unet_cfg.read_text()), "vae_scale_factor": vae_scale, "text_max_length": min(int(max_len), 77)}
+        return {
+            "unet": json.loads(unet_cfg.read_text()),
+            "vae_scale_factor": vae_scale,
+            "text_max_length": min(int(max_len), 77),
+        }
     known = ARCH_DIR / (model_id.replace("/", "--") + ".json")
     if known.is_file():
         return json.loads(known.read_text())
     shipped = ", ".join(sorted(f.stem.replace("--", "/") for f in ARCH_DIR.glob("*.json")))
-    raise MpqError(f"no offline architecture for '{model_id}' (shipped: {shipped}); point model.id at a local diffusers folder")
+    raise MpqError(
+        f"no offline architecture for '{model_id}' (shipped: {shipped}); point model.id at a local diffusers folder"
+    )
 
 
 def meta_denoiser(arch: dict[str, Any]) -> torch.nn.Module:

@@ -84,7 +84,11 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 def arch() -> dict[str, Any]:
     """Architecture facts for building the denoiser on the meta device."""
-    return {"unet": dict(UNET_CONFIG), "vae_scale_factor": 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1), "text_max_length": TEXT_MAX_LENGTH}
+    return {
+        "unet": dict(UNET_CONFIG),
+        "vae_scale_factor": 2 ** (len(VAE_CONFIG["block_out_channels"]) - 1),
+        "text_max_length": TEXT_MAX_LENGTH,
+    }
 
 
 def shapes_words() -> list[str]:
@@ -106,7 +110,9 @@ def build_tokenizer() -> Any:
     words = shapes_words()
     bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
     bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.train_from_iterator([" ".join(words)], trainers.BpeTrainer(vocab_size=10_000, show_progress=False, end_of_word_suffix="</w>"))
+    bpe.train_from_iterator(
+        [" ".join(words)], trainers.BpeTrainer(vocab_size=10_000, show_progress=False, end_of_word_suffix="</w>")
+    )
     merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
     chars = sorted(pre_tokenizers.ByteLevel.alphabet())
     vocab = {c: i for i, c in enumerate(chars)}

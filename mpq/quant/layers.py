@@ -47,16 +47,27 @@ def split_input(x: torch.Tensor, in_split: Sequence[int], dim: int) -> tuple[tor
     return x.split([hi - lo for lo, hi in zip(in_split, in_split[1:])], dim=dim)
 
 
-def fake_quant_input(x: torch.Tensor, in_split: Sequence[int], dim: int, scale: torch.Tensor, zero: torch.Tensor, bits: int,
-                     symmetric: bool) -> torch.Tensor:
+def fake_quant_input(
+    x: torch.Tensor,
+    in_split: Sequence[int],
+    dim: int,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    symmetric: bool,
+) -> torch.Tensor:
     """Each input part fake-quantized with its per-tensor ``scale[p]`` / ``zero[p]`` at ``bits``."""
     qmin, qmax = qrange(bits, symmetric)
     parts = [fake_quant(part, scale[p], zero[p], qmin, qmax) for p, part in enumerate(split_input(x, in_split, dim))]
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def by_part(w: torch.Tensor, in_split: Sequence[int], scales: torch.Tensor,
-            fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]) -> torch.Tensor:
+def by_part(
+    w: torch.Tensor,
+    in_split: Sequence[int],
+    scales: torch.Tensor,
+    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
     """``fn(part, scale)`` for each input part of a weight (columns ``in_split``; ``scales[p]``, one per output
     channel, shaped to broadcast over the part), the results concatenated along the input dimension."""
     view = (w.shape[0],) + (1,) * (w.dim() - 1)
@@ -78,6 +89,7 @@ class QuantLayer:
     def _init_quant(self) -> None:
         self.in_split: tuple[int, ...] = (0, self.weight.shape[1])
         self.bos_aware = False
+        self.act_numel = 0  # input elements per sample, as traced at PTQ (the layer description's, for the cost model)
         self.a_symmetric = False
         self.w_bits: int | None = None
         self.a_bits: int | None = None
@@ -89,10 +101,22 @@ class QuantLayer:
         self._wcache: dict[int, torch.Tensor] = {}
         self.multi: tuple[str, list[int]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
 
-    def init_quant(self, bits: Sequence[int], in_split: Sequence[int] | None = None, bos_aware: bool = False, a_symmetric: bool = False) -> None:
+    def init_quant(
+        self,
+        bits: Sequence[int],
+        in_split: Sequence[int] | None = None,
+        bos_aware: bool = False,
+        a_symmetric: bool = False,
+        act_numel: int = 0,
+    ) -> None:
         """(Re)allocate the buffers for ``bits`` (zeros until calibrated or loaded)."""
+        self.act_numel = int(act_numel)
         self.in_split = tuple(in_split) if in_split else (0, self.weight.shape[1])
-        if self.in_split[0] != 0 or self.in_split[-1] != self.weight.shape[1] or list(self.in_split) != sorted(set(self.in_split)):
+        if (
+            self.in_split[0] != 0
+            or self.in_split[-1] != self.weight.shape[1]
+            or list(self.in_split) != sorted(set(self.in_split))
+        ):
             raise ValueError(f"in_split {self.in_split} does not partition the {self.weight.shape[1]} input channels")
         self.bos_aware, self.a_symmetric = bos_aware, a_symmetric
         n, parts, dev = len(bits), len(self.in_split) - 1, self.weight.device
@@ -150,7 +174,9 @@ class QuantLayer:
             raise RuntimeError("activation range not observed: the layer never ran during calibration")
         for k, b in enumerate(self.bits):
             for p in range(self.n_parts):
-                self.a_scale[k, p], self.a_zero[k, p] = act_qparams(self.a_range[p, 0], self.a_range[p, 1], b, self.a_symmetric)
+                self.a_scale[k, p], self.a_zero[k, p] = act_qparams(
+                    self.a_range[p, 0], self.a_range[p, 1], b, self.a_symmetric
+                )
 
     # ------------------------------------------------------------------ activation of bits
     def set_bits(self, w_bits: int | None, a_bits: int | None) -> None:
@@ -176,7 +202,9 @@ class QuantLayer:
         if bits is None:
             return x
         k = self._index(bits, "activation")
-        return fake_quant_input(x, self.in_split, self._input_dim(), self.a_scale[k], self.a_zero[k], bits, self.a_symmetric)
+        return fake_quant_input(
+            x, self.in_split, self._input_dim(), self.a_scale[k], self.a_zero[k], bits, self.a_symmetric
+        )
 
     def weight_at(self, bits: int | None) -> torch.Tensor:
         """The weight fake-quantized at ``bits`` (cached), or the float weight."""
@@ -184,7 +212,9 @@ class QuantLayer:
             return self.weight
         if bits not in self._wcache:
             k = self._index(bits, "weight")
-            self._wcache[bits] = by_part(self.weight, self.in_split, self.w_scale[k], lambda w, s: quantize_weight(w, s, bits))
+            self._wcache[bits] = by_part(
+                self.weight, self.in_split, self.w_scale[k], lambda w, s: quantize_weight(w, s, bits)
+            )
         return self._wcache[bits]
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -207,7 +237,12 @@ class QuantLayer:
             return self._quant_forward(x, self.w_bits, self.a_bits)
         kind, bits = self.multi
         chunks = x.chunk(len(bits), dim=0)
-        return torch.cat([self._quant_forward(c, b, None) if kind == "weight" else self._quant_forward(c, None, b) for b, c in zip(bits, chunks)])
+        return torch.cat(
+            [
+                self._quant_forward(c, b, None) if kind == "weight" else self._quant_forward(c, None, b)
+                for b, c in zip(bits, chunks)
+            ]
+        )
 
     # ------------------------------------------------------------------ torch plumbing
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:

@@ -7,49 +7,18 @@ is ``model.`` + its module path, as in the MixDQ files.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from mpq.groups import assign_groups
+from mpq.plan import BitPlan
 from mpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
-from mpq.quant.structure import PREFIX, Structure, example_inputs, quantizable_modules
+from mpq.quant.structure import PREFIX, Structure, quantizable_modules
 
-__all__ = ["PREFIX", "LayerInfo", "QuantModel", "example_inputs", "fingerprint", "layer_infos", "quantizable_modules"]
-
-
-@dataclass(frozen=True)
-class LayerInfo:
-    """What the search needs to know about one quantizable layer."""
-
-    name: str
-    kind: str  # linear | conv
-    group: str  # content | quality
-    weight_numel: int  # bias excluded
-    act_numel: int  # input activation elements for one sample at the config's resolution
-    out_channels: int
-    n_parts: int = 1  # input parts with their own quantizers (a split concatenated input: 2)
-    bos_numel: int = 0  # input elements per sample kept FP (the BOS token of a BOS-aware layer)
-
-    def as_row(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def layer_infos(denoiser: nn.Module, structure: Structure, content_patterns: list[str]) -> list[LayerInfo]:
-    """One :class:`LayerInfo` per quantizable layer; ``structure`` as the quantizer will use it
-    (splits and BOS layers present only where enabled)."""
-    modules = quantizable_modules(denoiser)
-    groups = assign_groups(modules, content_patterns)
-    return [
-        LayerInfo(name=name, kind="linear" if isinstance(m, nn.Linear) else "conv", group=groups[name], weight_numel=m.weight.numel(),
-                  act_numel=int(structure.act_numel.get(name, 0)), out_channels=m.weight.shape[0],
-                  n_parts=len(structure.in_split.get(name, (0, 0))) - 1, bos_numel=m.weight.shape[1] if name in structure.bos else 0)
-        for name, m in modules.items()
-    ]
+__all__ = ["PREFIX", "QuantModel", "fingerprint", "quantizable_modules"]
 
 
 def fingerprint(denoiser: nn.Module) -> str:
@@ -65,7 +34,7 @@ class QuantModel:
 
     The quant params live in each layer's buffers, so the denoiser itself is the
     quantized model (``.to()``, ``state_dict()`` and hooks see them); this class
-    lists the layers and switches their bits.
+    lists the layers and switches their bits with :meth:`apply` (a :class:`~mpq.plan.BitPlan`).
     """
 
     def __init__(self, denoiser: nn.Module) -> None:
@@ -76,7 +45,7 @@ class QuantModel:
             q = module if isinstance(module, QuantLayer) else self._wrap(module)
             self.layers[name] = q
             if q is not module:
-                parent_path, _, child = name[len(PREFIX):].rpartition(".")
+                parent_path, _, child = name[len(PREFIX) :].rpartition(".")
                 parent = denoiser.get_submodule(parent_path) if parent_path else denoiser
                 setattr(parent, child, q)
 
@@ -92,37 +61,38 @@ class QuantModel:
     def bits(self) -> list[int]:
         return next(iter(self.layers.values())).bits if self.layers else []
 
-    def prepare(self, bits: Sequence[int], a_symmetric: bool, in_split: Mapping[str, Sequence[int]] | None = None,
-                bos: Iterable[str] = ()) -> None:
-        """Allocate every layer's quant buffers for ``bits`` (``in_split``: split inputs; ``bos``: BOS-aware layers)."""
-        in_split, bos = in_split or {}, set(bos)
+    def prepare(self, bits: Sequence[int], a_symmetric: bool, structure: Structure | None = None) -> None:
+        """Allocate every layer's quant buffers for ``bits``, with the input splits, BOS-aware layers and input
+        sizes of ``structure`` (:func:`mpq.quant.structure.trace`)."""
+        st = structure or Structure()
         for name, layer in self.layers.items():
-            layer.init_quant(bits, in_split.get(name), name in bos, a_symmetric)
+            layer.init_quant(bits, st.in_split.get(name), name in st.bos, a_symmetric, st.act_numel.get(name, 0))
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.denoiser(*args, **kwargs)
 
     # ------------------------------------------------------------------ bits
-    def set_uniform(self, w_bits: int | None, a_bits: int | None) -> None:
-        for layer in self.layers.values():
-            layer.set_bits(w_bits, a_bits)
-
     def set_fp(self) -> None:
-        self.set_uniform(None, None)
+        for layer in self.layers.values():
+            layer.set_bits(None, None)
 
-    def apply(self, weight_bits: Mapping[str, int] | None, act_bits: Mapping[str, int] | None) -> None:
-        """Apply per-layer bits; a layer absent from a mapping stays floating point there."""
-        weight_bits = weight_bits or {}
-        act_bits = act_bits or {}
+    def apply(self, plan: BitPlan) -> None:
+        """Apply ``plan`` (validated against the layers and calibrated bits); a layer it does not quantize stays FP."""
+        plan.validate(self.names, self.bits)
         for name, layer in self.layers.items():
-            layer.set_bits(weight_bits.get(name), act_bits.get(name))
+            layer.set_bits(plan.weight.get(name), plan.act.get(name))
 
     @contextmanager
     def observing(self, momentum: float, repeats: int = 1, quant_bits: int | None = None) -> Iterator[None]:
         """Record input ranges while in the block (``repeats`` updates a call; with ``quant_bits``, W and A are
         quantized at those bits with the ranges so far, as MixDQ's calibration does)."""
         for layer in self.layers.values():
-            layer.observing, layer.momentum, layer.observe_repeats, layer.observe_bits = True, momentum, repeats, quant_bits
+            layer.observing, layer.momentum, layer.observe_repeats, layer.observe_bits = (
+                True,
+                momentum,
+                repeats,
+                quant_bits,
+            )
         try:
             yield
         finally:

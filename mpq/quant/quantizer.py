@@ -19,7 +19,9 @@ def qrange(bits: int, symmetric: bool) -> tuple[int, int]:
     return 0, 2**bits - 1
 
 
-def fake_quant(x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int) -> torch.Tensor:
+def fake_quant(
+    x: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | float, qmin: int, qmax: int
+) -> torch.Tensor:
     """Quantize then dequantize ``x`` (computed in float32, returned in ``x.dtype``)."""
     xf = x.float()
     q = torch.clamp(torch.round(xf / scale) + zero_point, qmin, qmax)
@@ -85,7 +87,9 @@ def quantize_weight(w: torch.Tensor, scale: torch.Tensor, bits: int) -> torch.Te
     return fake_quant(w, scale, 0.0, qmin, qmax)
 
 
-def act_qparams(lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+def act_qparams(
+    lo: torch.Tensor, hi: torch.Tensor, bits: int, symmetric: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero_point) of a per-tensor activation quantizer from a [lo, hi] range.
 
     The range is widened to contain 0 so that zero is exactly representable.

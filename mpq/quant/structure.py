@@ -11,7 +11,8 @@
   (diffusers ``Attention`` with ``is_cross_attention``) read the text
   encoder's tokens, whose first (BOS) token is an outlier in CLIP models.
 
-Both come from one forward on the ``meta`` device (no weights, no memory).
+Both, and each layer's input size, come from one forward (:func:`trace`): on the first
+calibration sample at PTQ, or on the ``meta`` device for ``mpq layers --meta``.
 """
 
 from __future__ import annotations
@@ -38,10 +39,9 @@ class Structure:
     in_split: dict[str, tuple[int, ...]] = field(default_factory=dict)  # channel boundaries of a concatenated input
     bos: set[str] = field(default_factory=set)  # layers reading text tokens (first token BOS)
 
-
-def enabled(st: Structure, split: bool, bos: bool) -> Structure:
-    """``st`` with the input splits and BOS layers kept only where the config turns them on."""
-    return Structure(dict(st.act_numel), dict(st.in_split) if split else {}, set(st.bos) if bos else set())
+    def enabled(self, split: bool, bos: bool) -> Structure:
+        """This structure with the input splits and BOS layers kept only where the config turns them on."""
+        return Structure(dict(self.act_numel), dict(self.in_split) if split else {}, set(self.bos) if bos else set())
 
 
 def bos_layers(denoiser: nn.Module) -> set[str]:
@@ -94,7 +94,9 @@ def trace(denoiser: nn.Module, inputs: Mapping[str, Any]) -> Structure:
     return st
 
 
-def example_inputs(arch: Mapping[str, Any], resolution: int, batch: int = 1, device: str | torch.device = "meta") -> dict[str, Any]:
+def example_inputs(
+    arch: Mapping[str, Any], resolution: int, batch: int = 1, device: str | torch.device = "meta"
+) -> dict[str, Any]:
     """Denoiser kwargs of the right shapes for one call at ``resolution`` px."""
     cfg = arch["unet"]
     side = resolution // arch["vae_scale_factor"]
@@ -112,18 +114,3 @@ def example_inputs(arch: Mapping[str, Any], resolution: int, batch: int = 1, dev
             "time_ids": torch.zeros(batch, 6, device=device),
         }
     return kwargs
-
-
-def meta_structure(denoiser: nn.Module) -> Structure:
-    """The structure of a diffusers denoiser, traced on a meta-device twin built from its config
-    (the real model is not run); a model without a diffusers config gets BOS layers only."""
-    config = getattr(denoiser, "config", None)
-    if config is None or not hasattr(type(denoiser), "from_config") or "up_block_types" not in config:
-        return Structure(bos=bos_layers(denoiser))  # not a UNet: no skip concatenations to find
-    cfg = {k: v for k, v in dict(config).items() if not k.startswith("_")}
-    with torch.device("meta"):
-        twin = type(denoiser).from_config(cfg).eval()
-    side = int(cfg.get("sample_size") or 16)
-    side = side if isinstance(side, int) else side[0]
-    arch = {"unet": cfg, "vae_scale_factor": 8, "text_max_length": 77}
-    return trace(twin, example_inputs(arch, side * 8))

@@ -1,0 +1,1 @@
+"""The embedded model's world: captioned shapes (``data``), the adherence judge (``judge``), training (``train``)."""

@@ -34,7 +34,11 @@ COLORS: dict[str, tuple[int, int, int]] = {
     "purple": (140, 60, 180),
     "orange": (240, 140, 30),
 }
-BACKGROUNDS: dict[str, tuple[int, int, int]] = {"white": (245, 245, 245), "black": (15, 15, 15), "gray": (128, 128, 128)}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "white": (245, 245, 245),
+    "black": (15, 15, 15),
+    "gray": (128, 128, 128),
+}
 SIZES: dict[str, float] = {"small": 0.2, "large": 0.4}  # diameter / image side
 POSITIONS: dict[str, tuple[float, float]] = {  # object center (x, y) / image side; y grows downwards
     "top left": (0.25, 0.25),
@@ -214,10 +218,14 @@ def _sdf(shape_id: torch.Tensor, px: torch.Tensor, py: torch.Tensor, d: torch.Te
     x, y = torch.where(fold, (x - k * y) / 2, x), torch.where(fold, (-k * x - y) / 2, y)
     x = x - torch.minimum(torch.maximum(x, -2 * h), torch.zeros_like(x))
     triangle = -torch.sqrt(x**2 + y**2) * torch.sign(y)
-    return torch.where(shape_id[:, None, None] == 0, circle, torch.where(shape_id[:, None, None] == 1, square, triangle))
+    return torch.where(
+        shape_id[:, None, None] == 0, circle, torch.where(shape_id[:, None, None] == 1, square, triangle)
+    )
 
 
-def render(scenes: Sequence[Scene], resolution: int, generator: torch.Generator | None = None, jitter: bool = True) -> torch.Tensor:
+def render(
+    scenes: Sequence[Scene], resolution: int, generator: torch.Generator | None = None, jitter: bool = True
+) -> torch.Tensor:
     """Images (N, 3, H, W), float32 in [0, 1]; position and size jitter drawn from ``generator``."""
     n = len(scenes)
     if jitter:

@@ -48,7 +48,9 @@ class ShapeJudge(nn.Module):
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Logits per attribute for (N, 3, H, W) images in [0, 1] (resized to 128 px if needed)."""
         if images.shape[-1] != JUDGE_RESOLUTION or images.shape[-2] != JUDGE_RESOLUTION:
-            images = F.interpolate(images, size=(JUDGE_RESOLUTION, JUDGE_RESOLUTION), mode="bilinear", antialias=True, align_corners=False)
+            images = F.interpolate(
+                images, size=(JUDGE_RESOLUTION, JUDGE_RESOLUTION), mode="bilinear", antialias=True, align_corners=False
+            )
         h = self.fc(self.features(images * 2 - 1))
         return {a: head(h) for a, head in self.heads.items()}
 
@@ -63,18 +65,24 @@ class ShapeJudge(nn.Module):
 
 
 def save_judge(judge: ShapeJudge, path: str | Path, metrics: dict[str, Any] | None = None) -> None:
-    from mpq.files import save_tensors
+    from mpq.runner.files import save_tensors
 
-    meta = {"mpq_judge": json.dumps({"config": judge.config, "attributes": {a: list(VOCAB[a]) for a in ATTRIBUTES}, "metrics": metrics or {}})}
+    meta = {
+        "mpq_judge": json.dumps(
+            {"config": judge.config, "attributes": {a: list(VOCAB[a]) for a in ATTRIBUTES}, "metrics": metrics or {}}
+        )
+    }
     save_tensors(path, judge.state_dict(), metadata=meta)
 
 
 def load_judge(path: str | Path = JUDGE_FILE) -> ShapeJudge:
-    from mpq.files import load_tensors, read_tensor_metadata
+    from mpq.runner.files import load_tensors, read_tensor_metadata
 
     meta = read_tensor_metadata(path)
     if "mpq_judge" not in meta:
-        raise MpqError(f"{path} is not an mpq shapes judge (no mpq_judge metadata); re-run `python scripts/train_tiny.py`")
+        raise MpqError(
+            f"{path} is not an mpq shapes judge (no mpq_judge metadata); re-run `python scripts/train_tiny.py`"
+        )
     info = json.loads(meta["mpq_judge"])
     if info["attributes"] != {a: list(VOCAB[a]) for a in ATTRIBUTES}:
         raise MpqError(f"{path} was trained for another shapes vocabulary; re-run `python scripts/train_tiny.py`")
@@ -86,7 +94,10 @@ def load_judge(path: str | Path = JUDGE_FILE) -> ShapeJudge:
 @lru_cache(maxsize=1)
 def shipped_judge() -> ShapeJudge:
     if not JUDGE_FILE.is_file():
-        raise MpqError(f"the shapes judge {JUDGE_FILE} is missing from the package; reinstall mpq or run `python scripts/train_tiny.py`")
+        raise MpqError(
+            f"the shapes judge {JUDGE_FILE} is missing from the package; reinstall mpq or run `python "
+            "scripts/train_tiny.py`"
+        )
     return load_judge(JUDGE_FILE)
 
 
@@ -100,7 +111,9 @@ def _as_tensor(images: Sequence[Any] | np.ndarray | torch.Tensor) -> torch.Tenso
     return torch.from_numpy(arr).permute(0, 3, 1, 2)
 
 
-def adherence(images: Sequence[Any] | np.ndarray | torch.Tensor, prompts: Sequence[str], judge: ShapeJudge | None = None) -> dict[str, Any] | None:
+def adherence(
+    images: Sequence[Any] | np.ndarray | torch.Tensor, prompts: Sequence[str], judge: ShapeJudge | None = None
+) -> dict[str, Any] | None:
     """{"all": fraction with every attribute right, <attribute>: fraction right, "n": images, "per_image": [bool]};
     ``None`` when a prompt is not of the shapes grammar."""
     scenes = [parse_caption(p) for p in prompts]

@@ -37,8 +37,8 @@ import torch
 import torch.nn.functional as F
 
 from mpq.errors import MpqError
-from mpq.files import write_with
-from mpq.progress import progress
+from mpq.runner.files import write_with
+from mpq.runner.progress import progress
 from mpq.shapes.data import (
     ATTRIBUTES,
     all_scenes,
@@ -91,8 +91,18 @@ def _lr_lambda(steps: int, warmup: int, cosine: bool = True) -> Callable[[int], 
 class _Phase:
     """Model(s), optimizer, scheduler, data generator and step of one phase, saved and restored as one."""
 
-    def __init__(self, name: str, root: Path, modules: dict[str, torch.nn.Module], lr: float, steps: int, seed: int,
-                 extra: dict[str, Any] | None = None, cosine: bool = True, warmup: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        root: Path,
+        modules: dict[str, torch.nn.Module],
+        lr: float,
+        steps: int,
+        seed: int,
+        extra: dict[str, Any] | None = None,
+        cosine: bool = True,
+        warmup: int | None = None,
+    ) -> None:
         self.name, self.path, self.modules, self.steps = name, root / f"{name}.pt", modules, steps
         params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.99), weight_decay=0.01)
@@ -108,7 +118,10 @@ class _Phase:
             # a cosine schedule depends on the total; a constant one does not, so such a phase may be extended
             # (or finished early at a saved step): its first N steps are the same whatever the total
             if (cosine and state.get("steps") != steps) or state["step"] > steps:
-                raise MpqError(f"{self.path} is from a run with {state.get('steps')} {name} steps, not {steps}; delete it or give the same steps")
+                raise MpqError(
+                    f"{self.path} is from a run with {state.get('steps')} {name} steps, not {steps}; delete it or give "
+                    "the same steps"
+                )
             for k, m in modules.items():
                 m.load_state_dict(state["modules"][k])
             self.opt.load_state_dict(state["opt"])
@@ -122,8 +135,16 @@ class _Phase:
         now = time.perf_counter()
         self.elapsed_s += now - self._t0
         self._t0 = now
-        state = {"modules": {k: m.state_dict() for k, m in self.modules.items()}, "opt": self.opt.state_dict(), "sched": self.sched.state_dict(),
-                 "gen": self.gen.get_state(), "step": self.step, "steps": self.steps, "extra": self.extra, "elapsed_s": self.elapsed_s}
+        state = {
+            "modules": {k: m.state_dict() for k, m in self.modules.items()},
+            "opt": self.opt.state_dict(),
+            "sched": self.sched.state_dict(),
+            "gen": self.gen.get_state(),
+            "step": self.step,
+            "steps": self.steps,
+            "extra": self.extra,
+            "elapsed_s": self.elapsed_s,
+        }
         write_with(self.path, lambda tmp: torch.save(state, tmp))
 
     def loop(self, every: int, desc: str) -> Iterator[int]:
@@ -164,8 +185,10 @@ def _vae_batch(cfg: TrainConfig, gen: torch.Generator) -> tuple[torch.Tensor, to
 def train_vae(pipe: Any, cfg: TrainConfig, root: Path, log: Callable[[str], None]) -> float:
     """Train the VAE in place; returns the phase's wall seconds (summed over resumed runs)."""
     vae = pipe.vae.train().requires_grad_(True)
-    with torch.no_grad():  # start near-deterministic (posterior std ~0.02): with std ~1 the decoder first sees mostly noise
-        vae.quant_conv.bias[vae.config.latent_channels:] = -8.0
+    with (
+        torch.no_grad()
+    ):  # start near-deterministic (posterior std ~0.02): with std ~1 the decoder first sees mostly noise
+        vae.quant_conv.bias[vae.config.latent_channels :] = -8.0
     phase = _Phase("vae", root, {"vae": vae}, cfg.vae_lr, cfg.vae_steps, cfg.seed + 1)
     params = list(vae.parameters())
     dev = torch.device(cfg.device)
@@ -214,7 +237,9 @@ def _time_ids(resolution: int, n: int) -> torch.Tensor:
     return torch.tensor([[resolution, resolution, 0, 0, resolution, resolution]], dtype=torch.float32).repeat(n, 1)
 
 
-def train_unet(pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root: Path, log: Callable[[str], None]) -> float:
+def train_unet(
+    pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root: Path, log: Callable[[str], None]
+) -> float:
     """Train the UNet and both text encoders in place (EMA weights kept); returns the phase's wall seconds."""
     from diffusers import DDPMScheduler
 
@@ -226,7 +251,9 @@ def train_unet(pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root:
     ema = {k: [p.detach().clone() for p in m.parameters()] for k, m in trained.items()}
     # constant LR after a fixed warmup, EMA weights as the model: the run with N steps is the first N steps of
     # any longer run, so a long run can be stopped at any saved step and reproduced with --unet-steps N
-    phase = _Phase("unet", root, trained, cfg.unet_lr, cfg.unet_steps, cfg.seed + 3, extra={"ema": ema}, cosine=False, warmup=300)
+    phase = _Phase(
+        "unet", root, trained, cfg.unet_lr, cfg.unet_steps, cfg.seed + 3, extra={"ema": ema}, cosine=False, warmup=300
+    )
     ema = phase.extra["ema"]
     params = [p for m in trained.values() for p in m.parameters()]
     captions = [s.caption for s in train_scenes()]
@@ -239,12 +266,20 @@ def train_unet(pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root:
         z0 = (pool["mean"][k] + pool["std"][k] * torch.randn(pool["mean"][k].shape, generator=g)) * sf
         noise = torch.randn(z0.shape, generator=g)
         uniform = torch.randint(0, noise_sched.config.num_train_timesteps, (cfg.unet_batch,), generator=g)
-        t = torch.where(torch.rand(cfg.unet_batch, generator=g) < 0.5, uniform, special[torch.randint(len(special), (cfg.unet_batch,), generator=g)])
+        t = torch.where(
+            torch.rand(cfg.unet_batch, generator=g) < 0.5,
+            uniform,
+            special[torch.randint(len(special), (cfg.unet_batch,), generator=g)],
+        )
         xt = noise_sched.add_noise(z0, noise, t)
         target = noise_sched.get_velocity(z0, noise, t)
         prompts = [captions[i] for i in pool["scene"][k].tolist()]
-        emb, _, pooled, _ = pipe.encode_prompt(prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False)
-        pred = pipe.unet(xt.to(dev), t.to(dev), emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}).sample
+        emb, _, pooled, _ = pipe.encode_prompt(
+            prompts, device=dev, num_images_per_prompt=1, do_classifier_free_guidance=False
+        )
+        pred = pipe.unet(
+            xt.to(dev), t.to(dev), emb, added_cond_kwargs={"text_embeds": pooled, "time_ids": time_ids}
+        ).sample
         loss = F.mse_loss(pred, target.to(dev))
         _step(phase.opt, loss, params)
         decay = min(cfg.ema_decay, (1 + phase.step) / (10 + phase.step))
@@ -270,8 +305,12 @@ def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
         r = torch.arange(-3, 4, dtype=torch.float32)
         k = torch.exp(-(r**2) / (2 * sigma**2))
         k = (k / k.sum()).to(images)
-        images = F.conv2d(F.pad(images, (3, 3, 0, 0), mode="replicate"), k.view(1, 1, 1, 7).repeat(3, 1, 1, 1), groups=3)
-        images = F.conv2d(F.pad(images, (0, 0, 3, 3), mode="replicate"), k.view(1, 1, 7, 1).repeat(3, 1, 1, 1), groups=3)
+        images = F.conv2d(
+            F.pad(images, (3, 3, 0, 0), mode="replicate"), k.view(1, 1, 1, 7).repeat(3, 1, 1, 1), groups=3
+        )
+        images = F.conv2d(
+            F.pad(images, (0, 0, 3, 3), mode="replicate"), k.view(1, 1, 7, 1).repeat(3, 1, 1, 1), groups=3
+        )
     gain = 1 + (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * 0.04
     offset = (torch.rand(n, 3, 1, 1, generator=gen) * 2 - 1) * 0.04
     noise = torch.randn(images.shape, generator=gen) * torch.rand(n, 1, 1, 1, generator=gen) * 0.05
@@ -301,8 +340,12 @@ def train_judge(cfg: TrainConfig, root: Path, log: Callable[[str], None]) -> tup
     judge.eval().requires_grad_(False)
     eval_gen = torch.Generator().manual_seed(cfg.seed + 5)
     metrics = {
-        "fresh_renders": judge_accuracy(judge, sample_scenes(cfg.judge_eval, eval_gen, scenes), cfg.resolution, cfg.seed + 6),
-        "heldout_scenes": judge_accuracy(judge, list(heldout_scenes()) * max(1, cfg.judge_eval // 60 // 4), cfg.resolution, cfg.seed + 7),
+        "fresh_renders": judge_accuracy(
+            judge, sample_scenes(cfg.judge_eval, eval_gen, scenes), cfg.resolution, cfg.seed + 6
+        ),
+        "heldout_scenes": judge_accuracy(
+            judge, list(heldout_scenes()) * max(1, cfg.judge_eval // 60 // 4), cfg.resolution, cfg.seed + 7
+        ),
     }
     log(f"  judge accuracy on fresh renders: {json.dumps(metrics['fresh_renders'])}")
     return judge, metrics, phase.elapsed_s

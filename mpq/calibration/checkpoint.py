@@ -1,0 +1,118 @@
+"""The PTQ checkpoint: quant params for every candidate bit, in one safetensors file, and the run's layer description.
+
+Tensors are each layer's quant buffers (:mod:`mpq.quant.layers`), named
+``<layer>::<buffer>``: ``qbits``, ``w_scale`` (bits, parts, C_out), ``a_scale`` /
+``a_zero`` (bits, parts), ``a_range`` (parts, 2). The manifest (every layer's
+:class:`~mpq.layers.LayerInfo`: kind, shape, input split, BOS-awareness, input
+size; candidate bits; quantizer settings; model id and fingerprint) is stored
+in the file's metadata under ``mpq_manifest`` and copied beside it as
+``ckpt.json`` for people to read. Every stage after PTQ learns the layers from
+it (:func:`run_layers`) and loads the quantized model with
+:func:`quantized_pipeline`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mpq.errors import MpqError
+from mpq.layers import LayerInfo, assign_groups, describe
+from mpq.models import denoiser_of, pipeline_in, torch_dtype
+from mpq.quant.model import QuantModel
+from mpq.quant.structure import Structure
+from mpq.runner.files import load_tensors, read_tensor_metadata, save_tensors, write_json
+from mpq.runner.rundir import RunDir
+
+FORMAT = "mpq-ckpt/3"  # 2: quant buffers per layer, input splits, BOS-aware layers; 3: each layer's input size
+
+
+def manifest_for(qm: QuantModel, cfg: DictConfig) -> dict[str, Any]:
+    return {
+        "format": FORMAT,
+        "model_id": cfg.model.id,
+        "fingerprint": qm.fingerprint,
+        "bits": qm.bits,
+        "weight_quant": OmegaConf.to_container(cfg.quant.weight),
+        "act_quant": OmegaConf.to_container(cfg.quant.act),
+        "split_shortcut": bool(cfg.quant.split_shortcut),
+        "layers": [info.manifest_entry() for info in describe(qm, [], warn=False)],
+    }
+
+
+def save_checkpoint(path: str | Path, qm: QuantModel, cfg: DictConfig) -> dict[str, Any]:
+    manifest = manifest_for(qm, cfg)
+    save_tensors(path, qm.quant_state(), metadata={"mpq_manifest": json.dumps(manifest)})
+    write_json(Path(path).with_suffix(".json"), manifest)
+    return manifest
+
+
+def read_manifest(path: str | Path) -> dict[str, Any]:
+    meta = read_tensor_metadata(path)
+    if "mpq_manifest" not in meta:
+        raise MpqError(f"{path} is not an mpq checkpoint (no manifest); re-run `mpq ptq`")
+    try:
+        manifest = json.loads(meta["mpq_manifest"])
+    except json.JSONDecodeError:
+        raise MpqError(f"{path} has a corrupt manifest; delete it and re-run `mpq ptq`") from None
+    if manifest.get("format") != FORMAT:
+        raise MpqError(
+            f"{path} has format {manifest.get('format')!r} (written by an older mpq), this mpq reads {FORMAT!r}; "
+            "re-run `mpq ptq --force`"
+        )
+    return manifest
+
+
+def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
+    """Load quant params into ``qm``; a checkpoint of another model is a one-line error."""
+    manifest = read_manifest(path)
+    if manifest["fingerprint"] != qm.fingerprint:
+        raise MpqError(
+            f"{path} was calibrated for another model ({manifest['model_id']}, {len(manifest['layers'])} layers, "
+            f"fingerprint {manifest['fingerprint']}) than the one loaded ({len(qm.layers)} layers, fingerprint "
+            f"{qm.fingerprint}); "
+            "use the matching config or re-run `mpq ptq`"
+        )
+    layers = [LayerInfo.from_manifest(entry, "") for entry in manifest["layers"]]
+    qm.prepare(
+        manifest["bits"],
+        bool(manifest["act_quant"]["symmetric"]),
+        Structure(
+            {i.name: i.act_numel for i in layers},
+            {i.name: i.in_split for i in layers},
+            {i.name for i in layers if i.bos_aware},
+        ),
+    )
+    tensors = load_tensors(path)
+    expected = set(qm.quant_state())
+    if set(tensors) != expected:
+        missing = sorted(expected - set(tensors)) or sorted(set(tensors) - expected)
+        raise MpqError(
+            f"{path} does not hold the quant params this manifest describes (first mismatch: {missing[0]}); re-run "
+            "`mpq ptq --force`"
+        )
+    qm.load_quant_state(tensors)
+    return manifest
+
+
+def run_layers(cfg: DictConfig, run: RunDir) -> list[LayerInfo]:
+    """The run's layer description (from its checkpoint's manifest), grouped by ``groups.content``."""
+    manifest = read_manifest(run.require(run.ckpt, f"run `mpq ptq --base_path {run.root}` first"))
+    groups = assign_groups([e["name"] for e in manifest["layers"]], list(cfg.groups.content))
+    return [LayerInfo.from_manifest(e, groups[e["name"]]) for e in manifest["layers"]]
+
+
+def quantized_pipeline(
+    cfg: DictConfig, run: RunDir, pipe: Any | None = None, dtype: torch.dtype | None = None
+) -> tuple[Any, QuantModel, dict[str, Any]]:
+    """The run's pipeline (in ``dtype``, default ``model.dtype``) with its denoiser wrapped and the checkpoint
+    loaded (FP until a plan is applied); ``pipe`` is reused when it computes in that dtype."""
+    run.require(run.ckpt, f"run `mpq ptq --base_path {run.root}` first")
+    pipe = pipeline_in(cfg, dtype or torch_dtype(cfg.model.dtype), pipe)
+    qm = QuantModel(denoiser_of(pipe))
+    manifest = load_checkpoint(run.ckpt, qm)
+    return pipe, qm, manifest

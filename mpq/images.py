@@ -1,0 +1,81 @@
+"""Image generation with a pipeline: fixed per-image seeds, whatever the batching."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from PIL import Image
+
+from mpq.errors import MpqError
+from mpq.runner.files import write_with
+from mpq.runner.progress import progress
+
+
+def generators(seeds: Sequence[int]) -> list[torch.Generator]:
+    """CPU generators: the same noise on every device."""
+    return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+
+
+def generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    cfg: DictConfig,
+    batch_size: int | None = None,
+    desc: str | None = None,
+    output_type: str = "pil",
+) -> list[Any]:
+    """Generate one image per (prompt, seed). ``output_type='np'`` gives float arrays in [0, 1]."""
+    batch_size = batch_size or cfg.sampling.batch_size
+    out: list[Any] = []
+    starts = range(0, len(prompts), batch_size)
+    bar = progress(starts, desc=desc, unit="batch", leave=False, disable=desc is None)
+    for i in bar:
+        p, s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
+        with torch.no_grad():
+            result = pipe(
+                prompt=p,
+                num_inference_steps=cfg.sampling.steps,
+                guidance_scale=cfg.sampling.guidance_scale,
+                height=cfg.sampling.resolution,
+                width=cfg.sampling.resolution,
+                generator=generators(s),
+                output_type=output_type,
+            )
+        out.extend(list(result.images))
+    return out
+
+
+def to_array(images: Sequence[Any]) -> np.ndarray:
+    """(N, H, W, 3) float32 in [0, 1] from PIL images or float arrays."""
+    arrs = [
+        np.asarray(im, dtype=np.float32) / 255.0 if isinstance(im, Image.Image) else np.asarray(im, dtype=np.float32)
+        for im in images
+    ]
+    return np.stack(arrs)
+
+
+def load_images(paths: Sequence[Path], fix: str = "delete it and re-run the stage that wrote it") -> list[Image.Image]:
+    """RGB images from PNG files; an unreadable file is a one-line error naming it."""
+    out = []
+    for p in paths:
+        try:
+            with Image.open(p) as im:
+                out.append(im.convert("RGB"))
+        except (OSError, SyntaxError, ValueError) as err:
+            raise MpqError(f"{p}: not a readable image ({type(err).__name__}); {fix}") from None
+    return out
+
+
+def save_images(images: Sequence[Image.Image], folder: Path, start: int = 0) -> list[Path]:
+    paths = []
+    for k, im in enumerate(images):
+        path = folder / f"{start + k:04d}.png"
+        write_with(path, lambda tmp, im=im: im.save(tmp, format="PNG"))
+        paths.append(path)
+    return paths

@@ -1,0 +1,2 @@
+"""The report: evaluation on held-out prompts (``evaluate``), figures (``plots``), ``index.html`` and
+``summary.json`` (``report``)."""

@@ -1,0 +1,638 @@
+"""The ``mpq`` command: one sub-command per stage, ``run`` for all of them, and tools."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch.distributed
+
+from mpq.errors import MpqError
+from mpq.layers import KINDS
+from mpq.sensitivity import METRICS
+
+DESCRIPTION = """Mixed-precision quantization search for diffusion models (MixDQ-compatible).
+
+One sub-command per stage (calib, ptq, sensitivity, search, select, final,
+report), `run` for all of them, and tools (layers, generate, infer, export,
+train-tiny). Every command takes --config NAME_OR_PATH (a name under configs/,
+e.g. tiny-sdxl or sdxl-turbo.yaml, or a path) and key=value overrides (e.g.
+quant.bits=[4,8] model.device=cpu). --outdir (alias --base_path) is always the
+run directory (default outputs/<config name>); a stage command first runs the
+stages it needs whose outputs are missing (`run` also re-makes stale ones).
+`mpq COMMAND --help` explains each command."""
+
+Handler = Callable[[argparse.Namespace], None]
+
+
+def _quiet_libraries() -> None:
+    """The command's own output only: libraries' info logs and import-time noise (torchao, when installed, logs its
+    unsupported CUDA extensions and pytree deprecations on import) are silenced here, in the application, never on
+    ``import mpq``."""
+    import logging
+
+    for name in ("torchao", "torch.utils._pytree", "diffusers.quantizers.torchao.torchao_quantizer"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    warnings.filterwarnings("ignore", message=".*torchvision.*")
+    warnings.filterwarnings("ignore", category=FutureWarning)
+
+
+# --------------------------------------------------------------------------- shared options
+def add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument(
+        "--config",
+        required=required,
+        metavar="NAME_OR_PATH",
+        help="config name under configs/ (e.g. tiny-sdxl, sdxl-turbo.yaml) or a path to a .yaml file"
+        + ("" if required else "; default: the run directory's config.yaml"),
+    )
+    p.add_argument(
+        "overrides", nargs="*", metavar="key=value", help="config overrides, e.g. quant.bits=[4,8] model.device=cpu"
+    )
+
+
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--outdir",
+        "--base_path",
+        "--base-path",
+        dest="run_dir",
+        metavar="RUN_DIR",
+        default=None,
+        help="the run directory (default: outputs/<config name>)",
+    )
+    p.add_argument("--force", action="store_true", help="re-run this stage even if its outputs are up to date")
+    p.add_argument("--seed", type=int, default=None, help="base seed, i.e. sampling.seed (image i uses seed + i)")
+
+
+def resolve_run(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(config, RunDir) from --config / --outdir / --seed / overrides."""
+    from mpq.runner import distributed
+    from mpq.runner.config import load_config
+    from mpq.runner.rundir import RunDir
+
+    run_dir = getattr(args, "run_dir", None)
+    overrides = list(args.overrides) + (
+        [f"sampling.seed={args.seed}"] if getattr(args, "seed", None) is not None else []
+    )
+    overrides += distributed.device_override(distributed.current())
+    if args.config is None:
+        if run_dir is None:
+            raise MpqError("give --config NAME_OR_PATH, or --base_path RUN_DIR of an existing run")
+        run = RunDir(run_dir)
+        return run.load_config(None, overrides), run
+    cfg = load_config(args.config, overrides)
+    return cfg, RunDir(run_dir) if run_dir else RunDir(Path("outputs") / cfg.name)
+
+
+PLAN_ARGS = ("weight_bits", "act_bits", "weight_plan", "act_plan", "act_protect")
+
+
+def add_plan_args(p: argparse.ArgumentParser, uniform: str) -> None:
+    """A plan on the command line (``infer``, ``export``): uniform bits, or MixDQ's plan files (its option names or
+    mpq's)."""
+    unset = argparse.SUPPRESS  # an option not given is absent: "--weight-bits fp" and no option at all differ
+    p.add_argument(
+        "--weight-bits", "--weight_bits", type=_bits_arg, default=unset, help=f"uniform weight bits{uniform}"
+    )
+    p.add_argument("--act-bits", "--act_bits", type=_bits_arg, default=unset, help=f"uniform activation bits{uniform}")
+    p.add_argument(
+        "--config_weight_mp",
+        "--weight-plan",
+        dest="weight_plan",
+        default=unset,
+        metavar="YAML",
+        help="MixDQ weight plan (layer: bits)",
+    )
+    p.add_argument(
+        "--config_act_mp",
+        "--act-plan",
+        dest="act_plan",
+        default=unset,
+        metavar="YAML",
+        help="MixDQ activation plan (layer: bits)",
+    )
+    p.add_argument(
+        "--act_protect",
+        "--act-protect",
+        dest="act_protect",
+        default=unset,
+        metavar="FILE",
+        help="layers whose activations stay FP (torch.save list, yaml or txt)",
+    )
+
+
+def plan_args(args: argparse.Namespace) -> dict[str, Any] | None:
+    """:func:`add_plan_args`' values, as :func:`mpq.plan.plan_from_args` takes them; None when no plan option was
+    given."""
+    if not any(hasattr(args, k) for k in PLAN_ARGS):
+        return None
+    return {k: getattr(args, k, None) for k in PLAN_ARGS}
+
+
+def _bits_arg(value: str) -> int | None:
+    if value.lower() in ("fp", "none", "16", "32"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{value}' is not a bit-width (an integer, or fp)") from None
+
+
+# --------------------------------------------------------------------------- stage commands
+def _select_summary(run: Any, result: Any) -> str:
+    return "\n".join(
+        f"{kind}: chose {r.plan_file} (MSE {r.mse:.6g}, SSIM {r.ssim:.6f}, PSNR {r.psnr:.2f} dB)"
+        for kind, r in result.items()
+    )
+
+
+def _search_summary(run: Any, result: Any) -> str:
+    from mpq.search.oneoff import sweep_summary
+
+    return sweep_summary(result, run.candidates)
+
+
+SUMMARIES: dict[str, Callable[[Any, Any], str]] = {"select": _select_summary, "search": _search_summary}
+
+
+def _describe(name: str, run: Any, result: Any) -> None:
+    from mpq.runner.stages import STAGES
+
+    if result and name in SUMMARIES:
+        print(SUMMARIES[name](run, result))
+    print(f"{name}: " + ", ".join(str(run / o) for o in STAGES[name].outputs))
+
+
+def cmd_stage(args: argparse.Namespace) -> None:
+    from mpq.runner.stages import Context, run_through
+
+    cfg, run = resolve_run(args)
+    _describe(args.stage, run, run_through(args.stage, Context(cfg, run), force=args.force, rebuild_stale=False))
+
+
+def cmd_run(args: argparse.Namespace) -> None:
+    """Every stage, skipping what is up to date; then the headline numbers."""
+    from mpq.report.report import read_summary, summary_lines
+    from mpq.runner.stages import Context, run_through
+
+    cfg, run = resolve_run(args)
+    run_through("report", Context(cfg, run), force=args.force)
+    print("\n".join(summary_lines(run, read_summary(run))))
+
+
+def cmd_sensitivity(args: argparse.Namespace) -> None:
+    """The stage, or (with --sensitivity_type/--metric/--method) the named files only, outside the stamps."""
+    if not (args.sensitivity_type or args.metric or args.method):
+        return cmd_stage(args)
+    from mpq.sensitivity.stage import run_sensitivity
+
+    cfg, run = resolve_run(args)
+    kinds = (args.sensitivity_type,) if args.sensitivity_type else KINDS
+    metrics = (args.metric,) if args.metric else METRICS
+    with run.lock("mpq sensitivity"):
+        run_sensitivity(cfg, run, kinds, metrics, args.method, force=args.force)
+
+
+def cmd_search(args: argparse.Namespace) -> None:
+    from mpq.runner.config import build_config
+    from mpq.search.oneoff import MixdqFiles, SolveRequest, solve
+
+    ref_files = [args.sensitivity_ssim, args.sensitivity_sqnr, args.para_size_config]
+    if any(ref_files) and not all(ref_files):
+        raise MpqError("MixDQ-file mode needs all of --sensitivity_ssim, --sensitivity_sqnr and --para_size_config")
+    mixdq = (
+        MixdqFiles(args.sensitivity_ssim, args.sensitivity_sqnr, args.para_size_config, args.act_protect)
+        if all(ref_files)
+        else None
+    )
+    req = SolveRequest(
+        args.kind,
+        mixdq,
+        args.target_bitwidth,
+        args.K,
+        args.budget_mb,
+        args.compare,
+        args.out,
+        Path(args.mixed_precision_config) if args.mixed_precision_config else None,
+    )
+    if not (mixdq or req.single or req.compare):  # the run's sweep: the search stage
+        if args.mode:
+            args.overrides = [*args.overrides, f"search.mode={args.mode}"]
+        return cmd_stage(args)
+    if mixdq:
+        cfg = resolve_run(args)[0] if (args.config or args.run_dir) else build_config({}, list(args.overrides))
+        run = None
+    else:
+        cfg, run = resolve_run(args)
+    cfg.search.mode = args.mode or ("reference" if mixdq else cfg.search.mode)
+    solve(cfg, run, req)
+
+
+# --------------------------------------------------------------------------- tools
+def cmd_layers(args: argparse.Namespace) -> None:
+    from mpq.layers import format_table, meta_layers
+    from mpq.runner.config import load_config
+
+    cfg = load_config(args.config, args.overrides)
+    if not args.meta:
+        from mpq.models import load_pipeline
+
+        load_pipeline(cfg)  # proves the weights are there; the table itself needs none
+    sys.stdout.write(format_table(meta_layers(cfg), args.csv))
+
+
+def cmd_generate(args: argparse.Namespace) -> None:
+    from mpq.images import generate, save_images
+    from mpq.models import load_pipeline
+    from mpq.runner.config import load_config
+    from mpq.shapes.judge import adherence
+
+    overrides = list(args.overrides) + ([f"sampling.seed={args.seed}"] if args.seed is not None else [])
+    cfg = load_config(args.config, overrides)
+    outdir = Path(args.outdir)
+    seeds = [cfg.sampling.seed + i for i in range(len(args.prompt))]
+    images = generate(load_pipeline(cfg), args.prompt, seeds, cfg, desc="generating")
+    paths = save_images(images, outdir)
+    print(
+        f"{len(paths)} FP images in {outdir} ({paths[0].name} .. {paths[-1].name}; image i uses seed "
+        f"{cfg.sampling.seed} + i, "
+        f"{cfg.sampling.steps} steps, {cfg.sampling.resolution} px)"
+    )
+    if cfg.model.id.startswith("embedded:tiny-sdxl"):
+        score = adherence(images, args.prompt)
+        if score is not None:
+            print(
+                f"prompt adherence (shapes judge): {score['all']:.0%} of images right in every attribute; "
+                + ", ".join(f"{a} {score[a]:.0%}" for a in ("shape", "color", "size", "position", "background"))
+            )
+
+
+def cmd_infer(args: argparse.Namespace) -> None:
+    from mpq.final import plan_from_options, run_infer
+
+    cfg, run = resolve_run(args)
+    outdir = Path(args.image_dir) if args.image_dir else run.generated_images
+    plan = plan_from_options(cfg, run, plan_args(args))
+    result = run_infer(cfg, run, plan, outdir, args.num_imgs or cfg.infer.num_images, prompts=args.prompt)
+    msg = f"{len(result['images'])} images in {outdir}"
+    if result["mse"] is not None:
+        msg += f" (MSE vs FP images: {result['mse']:.6f})"
+    print(msg)
+
+
+def cmd_export(args: argparse.Namespace) -> None:
+    from mpq.export.run import export_plan
+    from mpq.final import plan_from_options
+
+    cfg, run = resolve_run(args)
+    with run.lock("mpq export"):
+        info = export_plan(cfg, run, args.out, args.format, plan_from_options(cfg, run, plan_args(args)), args.fp_dtype)
+    if args.format == "mpq":
+        print(
+            f"exported to {info['out']}: {info['layers']} quantized layers, denoiser weights "
+            f"{info['denoiser_bytes']:,} bytes on disk; "
+            f"load it with `mpq.load_quantized('{info['out']}')`"
+        )
+    elif args.format == "torchao":
+        print(
+            f"torchao plan in {info['out']}/torchao_config.json ({info['layers']} layers; per layer kind: "
+            f"{info['summary']}; "
+            "details in torchao_layers.csv)"
+        )
+    else:
+        print(
+            f"encodings in {info['out']}/unet.encodings ({info['params']} weight and {info['activations']} activation "
+            "encodings)"
+        )
+
+
+def cmd_train_tiny(args: argparse.Namespace) -> None:
+    import torch
+
+    from mpq.shapes.train import TrainConfig, train_tiny
+
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        raise MpqError(f"--device {args.device} but no CUDA GPU is visible; use --device cpu")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
+    info = train_tiny(args.outdir, TrainConfig(**fields))
+    print(
+        f"trained pipeline: {args.outdir} (load it with model.id={args.outdir})\n"
+        f"  judge: {Path(args.outdir) / 'shapes-judge.safetensors'}\n  seconds per phase: {info['timings_s']}"
+    )
+
+
+# --------------------------------------------------------------------------- parser
+def _stage_parser(
+    sub: Any, name: str, help_text: str, fn: Handler = cmd_stage, description: str | None = None
+) -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        name,
+        help=help_text,
+        description=description or help_text + ". Stages it needs that are not up to date run first.",
+    )
+    add_config_args(p, required=False)
+    add_run_args(p)
+    p.set_defaults(fn=fn, stage=name)
+    if name in ("sensitivity", "select", "run"):
+        p.add_argument(
+            "--nproc",
+            type=int,
+            default=None,
+            metavar="N",
+            help="shard the work over N local processes (one per GPU when GPUs are visible, else CPU with gloo): "
+            "the same as `torchrun --nproc_per_node N -m mpq ...`; the files are bit-identical to one process with as "
+            "many "
+            "threads as each rank",
+        )
+    return p
+
+
+def _sensitivity_options(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Without --sensitivity_type/--metric/--method: the stage, all four files (skipped when up to date). "
+        "With them: those files only. Partial results are saved as it goes; re-running resumes where a killed run "
+        "stopped."
+    )
+    p.add_argument("--sensitivity_type", "--kind", dest="sensitivity_type", choices=KINDS, default=None)
+    p.add_argument("--metric", choices=METRICS, default=None)
+    p.add_argument(
+        "--method", choices=("fast", "naive"), default=None, help="fast (FP prefix cache, same numbers) or naive"
+    )
+
+
+def _search_options(p: argparse.ArgumentParser) -> None:
+    p.description = (
+        "Modes: (1) --base_path RUN: the search stage, all plans into RUN/candidates; "
+        "(2) MixDQ flags (--sensitivity_ssim/--sensitivity_sqnr/--para_size_config/--mixed_precision_config): "
+        "programs on MixDQ files; (3) --K/--budget_mb: one plan; (4) --compare PLAN --out BEST: the optimal plan "
+        "within PLAN's per-group average bits."
+    )
+    p.add_argument(
+        "--mixed_precision_type",
+        "--kind",
+        dest="kind",
+        choices=KINDS,
+        default=None,
+        help="weight or act (default: both in a run)",
+    )
+    p.add_argument(
+        "--sensitivity_ssim", default=None, metavar="YAML", help="MixDQ SSIM sensitivity file (content layers)"
+    )
+    p.add_argument("--sensitivity_sqnr", default=None, metavar="YAML", help="MixDQ SQNR sensitivity file (all layers)")
+    p.add_argument("--para_size_config", default=None, metavar="YAML", help="MixDQ tensor-size ratio file")
+    p.add_argument("--mixed_precision_config", default=None, metavar="DIR", help="folder for the plan files")
+    p.add_argument(
+        "--target_bitwidth",
+        type=float,
+        default=None,
+        help="average bits; the sweep goes from target - search.sweep_span to target",
+    )
+    p.add_argument(
+        "--act_protect",
+        default=None,
+        metavar="FILE",
+        help="layers whose activations stay FP (MixDQ files mode); without it, an act search derives the list by "
+        "MixDQ's rule "
+        "(search.act_protect_percent per group at search.act_protect_bit) and writes act_protect.pt/.txt into "
+        "--mixed_precision_config",
+    )
+    p.add_argument(
+        "--mode",
+        choices=("mpq", "reference"),
+        default=None,
+        help="mpq: one program, byte budget; reference: MixDQ's two programs",
+    )
+    p.add_argument("--K", type=float, default=None, help="solve one K (and one budget) instead of the sweep")
+    p.add_argument(
+        "--budget_mb", type=float, default=None, help="mpq mode: one budget in MiB (2^20 bytes) instead of the sweep"
+    )
+    p.add_argument("--compare", default=None, metavar="PLAN", help="a plan yaml to check against the optimum")
+    p.add_argument("--out", default=None, metavar="YAML", help="with --compare: where to write the optimal plan")
+
+
+STAGE_OPTIONS: dict[str, tuple[Handler, Callable[[argparse.ArgumentParser], None]]] = {
+    "sensitivity": (cmd_sensitivity, _sensitivity_options),
+    "search": (cmd_search, _search_options),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from mpq.runner.stages import STAGES
+
+    parser = argparse.ArgumentParser(
+        prog="mpq", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    for name, stage in STAGES.items():
+        fn, add_options = STAGE_OPTIONS.get(name, (cmd_stage, None))
+        p = _stage_parser(sub, name, stage.help, fn)
+        if add_options is not None:
+            add_options(p)
+
+    _stage_parser(
+        sub,
+        "run",
+        "the whole flow: every stage (up-to-date ones skipped), then the headline numbers",
+        cmd_run,
+        description="calib, ptq, sensitivity, search, select, final, report; stages whose outputs are up to date are "
+        "skipped "
+        "and an interrupted stage resumes. --force re-runs the report.",
+    ).set_defaults(stage="report")
+
+    p = sub.add_parser(
+        "layers",
+        help="print every quantizable layer: name, kind, group, weight_numel, act_numel",
+        description="Every Linear/Conv2d layer of the configured denoiser, in module order, with its group (content: "
+        "matched by groups.content, scored by SSIM; quality: the rest, SQNR), its weight size and its input activation "
+        "size for one sample at sampling.resolution. The names are the ones plan and sensitivity files use. --meta "
+        "builds the architecture without weights (offline); without it the pipeline is loaded first.",
+    )
+    add_config_args(p)
+    p.add_argument(
+        "--meta",
+        action="store_true",
+        help="build the architecture on the meta device: no weights needed, works offline",
+    )
+    p.add_argument("--csv", action="store_true", help="CSV output")
+    p.set_defaults(fn=cmd_layers)
+
+    p = sub.add_parser(
+        "generate",
+        help="FP images for prompts with the config's default sampling: DIR/0000.png, DIR/0001.png, ...",
+        description="One full-precision image per --prompt, in prompt order; image i uses seed S + i. "
+        "For the embedded shapes model, the prompt adherence of the images is printed too.",
+    )
+    add_config_args(p)
+    p.add_argument("--prompt", action="append", required=True, help="a prompt (repeatable)")
+    p.add_argument("--seed", type=int, default=None, help="base seed (default: sampling.seed)")
+    p.add_argument("--outdir", required=True, metavar="DIR", help="image folder")
+    p.set_defaults(fn=cmd_generate)
+
+    p = sub.add_parser(
+        "infer",
+        help="generate images with uniform bits or MixDQ plan files (fake-quant)",
+        description="Images from a run's pipeline with a plan applied (fake-quant): uniform --weight-bits/--act-bits, "
+        "or MixDQ's plan files; with no plan option, infer.weight_bits / infer.act_bits of the config. Without "
+        "--prompt the calibration prompts and seeds are used and the MSE against the FP images is printed.",
+    )
+    add_config_args(p, required=False)
+    p.add_argument(
+        "--base_path",
+        "--base-path",
+        "--outdir",
+        dest="run_dir",
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory with ckpt.safetensors",
+    )
+    add_plan_args(p, " (or fp)")
+    p.add_argument(
+        "--num_imgs", "--num-images", type=int, default=None, help="number of images (default: infer.num_images)"
+    )
+    p.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="prompt (repeatable); default: the calibration prompts, so MSE vs FP is printed",
+    )
+    p.add_argument(
+        "--image_folder",
+        "--image-dir",
+        dest="image_dir",
+        default=None,
+        metavar="DIR",
+        help="image folder (default: RUN_DIR/generated_images)",
+    )
+    p.set_defaults(fn=cmd_infer, force=False)
+
+    p = sub.add_parser(
+        "export",
+        help="write a plan (the selected one by default) as a smaller model: packed mpq folder, torchao config, or "
+        "encodings",
+        description="--format mpq: a diffusers pipeline folder whose denoiser stores 2/4/8-bit weights packed (four, "
+        "two, one a "
+        "byte) with fp32 scales, FP layers in --fp-dtype; load it with mpq.load_quantized(DIR). --format torchao: the "
+        "plan as "
+        "a torchao FqnToConfig (torchao_config.json) with what torchao could and could not take (torchao_layers.csv). "
+        "--format encodings: AIMET-style encodings JSON for every quantized weight and activation.",
+    )
+    add_config_args(p, required=False)
+    p.add_argument(
+        "--base_path",
+        "--base-path",
+        dest="run_dir",
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory with ckpt.safetensors",
+    )
+    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically if it exists)")
+    p.add_argument("--format", choices=("mpq", "torchao", "encodings"), default="mpq", help="default: mpq")
+    p.add_argument(
+        "--fp-dtype",
+        "--fp_dtype",
+        dest="fp_dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default="fp16",
+        help="dtype of everything kept floating point (mpq format; fp32 makes images bit-identical to fake-quant)",
+    )
+    add_plan_args(p, " (or fp) instead of the selected plan")
+    p.set_defaults(fn=cmd_export, seed=None)
+
+    p = sub.add_parser(
+        "train-tiny",
+        help="train the embedded shapes model (VAE, both text encoders, UNet) and its judge from scratch",
+        description="Seeded and resumable (state in OUTDIR/.train). Writes a diffusers folder (save_pretrained layout) "
+        "plus shapes-judge.safetensors and training.json. Defaults are the shipped model's settings.",
+    )
+    p.add_argument(
+        "--outdir", required=True, metavar="DIR", help="output folder (a diffusers pipeline folder when done)"
+    )
+    p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    from mpq.shapes.train import TrainConfig
+
+    for name, f in TrainConfig.__dataclass_fields__.items():
+        if name != "device":
+            p.add_argument(
+                f"--{name.replace('_', '-')}",
+                dest=name,
+                type=type(f.default),
+                default=None,
+                metavar="N",
+                help=f"default {f.default}",
+            )
+    p.set_defaults(fn=cmd_train_tiny)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    from mpq.runner import distributed
+
+    _quiet_libraries()
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser.parse_args(argv)
+    tag = ""
+    try:
+        if getattr(args, "nproc", None) and args.nproc > 1 and not distributed.launched():
+            from mpq.runner.launch import launch_local
+
+            return launch_local(args.nproc, _without_nproc(argv))
+        d = distributed.init()
+        tag = d.tag()
+        if not d.is_main:  # rank 0 reports; the other ranks speak only to fail
+            sys.stdout = open(os.devnull, "w")  # noqa: SIM115 - for the life of the process
+        args.fn(args)
+    except MpqError as err:
+        print(f"mpq: {tag}error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("mpq: interrupted; finished artifacts are kept, re-run to resume", file=sys.stderr)
+        return 130
+    except torch.distributed.DistError as err:  # a collective broke, a store or backend connection was lost
+        if not distributed.current().enabled:
+            raise
+        # a collective broke because another rank of the job died: that rank is the cause, not this one
+        print(f"mpq: {tag}stopped: another rank of the job died ({str(err).splitlines()[0][:120]})", file=sys.stderr)
+        return 1
+    finally:
+        distributed.shutdown()
+    return 0
+
+
+def _without_nproc(argv: list[str]) -> list[str]:
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == "--nproc":
+            skip = True
+        elif not a.startswith("--nproc="):
+            out.append(a)
+    return out
+
+
+def script_main(command: str, argv: Sequence[str] | None = None) -> None:
+    """Entry for scripts/*.py: ``mpq <command>`` with the script's arguments."""
+    sys.exit(main([command, *(sys.argv[1:] if argv is None else argv)]))
+
+
+def main_entry() -> None:
+    """Console-script entry point."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

@@ -1,0 +1,388 @@
+"""Configs: find one by name or path, compose it with Hydra, validate it.
+
+A config is a YAML file under ``configs/`` (a Hydra tree: a file may start
+with ``defaults: [other-config, _self_]`` to inherit). It is merged onto the
+typed schema below, so an unknown key or a wrongly typed value is an error
+that names the key, and then ``key=value`` overrides are applied.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
+
+from mpq.errors import MpqError
+
+
+# --------------------------------------------------------------------------- schema
+@dataclass
+class ModelConfig:
+    # "embedded:tiny-sdxl", a hub id ("stabilityai/sdxl-turbo") or a local diffusers folder
+    id: str = "embedded:tiny-sdxl"
+    dtype: str = "fp32"  # fp32 | fp16 | bf16 (quantizer statistics are always fp32)
+    device: str = "auto"  # auto -> cuda if available, else cpu
+    variant: str | None = None  # e.g. "fp16" weights variant on the hub
+
+
+@dataclass
+class SamplingConfig:
+    steps: int = 1
+    resolution: int = 512
+    guidance_scale: float = 0.0
+    scheduler: str = "euler_ancestral"  # euler_ancestral | euler | ddim | keep
+    timestep_spacing: str = "trailing"
+    seed: int = 42  # image i uses seed + i, whatever the batching
+    batch_size: int = 4
+
+
+@dataclass
+class CalibConfig:
+    num_samples: int = 32
+    prompts_file: str | None = (
+        None  # a file (one prompt a line) or builtin:captions|shapes|shapes-heldout; null: builtin:captions
+    )
+    batch_size: int = 8  # denoiser batch for the PTQ observation pass
+
+
+@dataclass
+class WeightQuantConfig:
+    # symmetric, 2^b - 1 levels (MixDQ's convention)
+    granularity: str = "channel"  # channel | tensor
+    scale_method: str = "minmax"  # minmax | mse
+    mse_grid: int = 50  # clipping ratios tried by the MSE search
+    mse_min_ratio: float = 0.3  # smallest clipping ratio tried
+
+
+@dataclass
+class ActQuantConfig:
+    symmetric: bool = False  # per tensor (per input part), running min-max
+    momentum: float = 0.95  # running statistics: r = m * r + (1 - m) * batch
+    # cross-attention to_k/to_v: the text's first (BOS) token stays FP and out of the range (MixDQ)
+    bos_aware: bool = True
+    # mpq: the FP model, calibration batches in order, one range update per batch | mixdq: MixDQ's loop --
+    # shuffled batches, W8A8 on while observing (ranges so far), the range updated once per candidate bit
+    calibration: str = "mpq"
+
+
+@dataclass
+class QuantConfig:
+    bits: list[int] = field(default_factory=lambda: [2, 4, 8])
+    # a layer whose input concatenates two tensors (UNet up blocks: upsampled features + skip) quantizes
+    # each part with its own weight and activation quantizer (MixDQ's conv_shortcut split)
+    split_shortcut: bool = True
+    weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
+    act: ActQuantConfig = field(default_factory=ActQuantConfig)
+
+
+@dataclass
+class GroupsConfig:
+    # a layer is "content" if a pattern equals one of its dotted name parts
+    # (or, for "re:<regex>", the regex matches the name); all others are "quality"
+    content: list[str] = field(default_factory=lambda: ["attn2", "ff"])
+
+
+@dataclass
+class InferConfig:
+    num_images: int = 8
+    weight_bits: int | None = 8  # uniform bits when no plan file is given (None: FP)
+    act_bits: int | None = 8
+
+
+@dataclass
+class SensitivityConfig:
+    method: str = "fast"  # fast: FP prefix cache (exact) | naive: one full forward per (layer, bit)
+    # dtype of the denoiser for PTQ statistics and sensitivity, whatever model.dtype generates in: in fp16/bf16,
+    # quantized-vs-FP levels off at the dtype's own noise and 4-vs-8-bit scores become rounding noise (MixDQ: fp32)
+    dtype: str = "fp32"  # fp32 | fp16 | bf16
+    ssim: str = "mixdq"  # content metric: mixdq (uniform window of the side - 1, uint8) | gaussian (local, sigma 1.5)
+    num_images: int = 8  # SSIM: the first N calibration prompts/seeds, against FP images of the same pass
+    batch_size: int = 8  # SQNR: denoiser batch over the calibration data
+    # fast: run all candidate bits of a layer in one batched pass? always | never (one pass per bit:
+    # bit-identical to naive) | auto: for SSIM (moves it by ~3e-8) but not for SQNR, where batch-size-
+    # dependent rounding moves values near the float noise floor (> 70 dB) by up to ~0.1 dB
+    share_bits: str = "auto"
+    cache_budget_mb: float = 4096.0  # fast: FP activations cached at once; more batches -> more chunks, same numbers
+    save_every_s: float = 30.0  # partial results are written this often (0: after every layer)
+    # only these layers (names or fnmatch patterns, with or without "model."): a partial run for a look or a
+    # test; the search needs every layer, so leave it empty for a real run
+    layers: list[str] = field(default_factory=list)
+
+
+@dataclass
+class SearchKindConfig:
+    target_bitwidth: float = 4.0  # the sweep's top average bits; it goes down by sweep_span
+    bits_content: list[int] = field(default_factory=lambda: [2, 4, 8])
+    bits_quality: list[int] = field(default_factory=lambda: [4, 8])
+    k_min: float = 0.46  # K = avg bits content / avg bits quality, swept over linspace(k_min, k_max, k_num)
+    k_max: float = 1.36
+    k_num: int = 10
+
+
+def _act_search() -> SearchKindConfig:
+    return SearchKindConfig(
+        target_bitwidth=7.5, bits_content=[4, 8], bits_quality=[4, 8], k_min=0.94, k_max=1.09, k_num=20
+    )
+
+
+@dataclass
+class SearchConfig:
+    mode: str = "mpq"  # mpq: one program, budget in bytes | reference: MixDQ's two programs, avg-bit bands
+    solver: str = "CBC"  # OR-Tools MIP backend (CBC or SCIP); solved to a relative MIP gap of 1e-6
+    time_limit_s: float = 60.0  # per solve; a solve stopped by it is reported with its gap
+    band: float = 0.02  # reference mode: +- around each group's average-bit share
+    sweep_steps: int = 10  # targets: linspace(target - sweep_span, target, sweep_steps)
+    sweep_span: float = 0.3
+    scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
+    fp_bytes: int | None = (
+        None  # bytes per element of a layer kept in floating point; null: the model dtype's (fp32 4, fp16/bf16 2)
+    )
+    # MixDQ's act-protect rule: per group, the ceil(percent %) activation layers most damaged at act_protect_bit stay FP
+    act_protect_percent: float = 1.0
+    act_protect_bit: int = 8
+    protect_weights: bool = False  # act-protected layers keep FP weights too (MixDQ's final inference does)
+    weight: SearchKindConfig = field(default_factory=SearchKindConfig)
+    act: SearchKindConfig = field(default_factory=_act_search)
+
+
+@dataclass
+class SelectConfig:
+    num_images: int = 8  # selection images: the first N calibration prompts/seeds, scored against their FP images
+    pareto_only: bool = False  # score only Pareto-optimal candidates (fewer generations on big sweeps)
+
+
+@dataclass
+class EvalConfig:
+    # the report's evaluation prompts (MSE vs FP, adherence, images): a file or builtin: list; null: the calibration
+    # prompts
+    prompts_file: str | None = None
+    num_images: int = 8  # the first N of them (image i uses seed sampling.seed + i)
+
+
+@dataclass
+class MpqConfig:
+    name: str = ""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    calib: CalibConfig = field(default_factory=CalibConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    groups: GroupsConfig = field(default_factory=GroupsConfig)
+    infer: InferConfig = field(default_factory=InferConfig)
+    sensitivity: SensitivityConfig = field(default_factory=SensitivityConfig)
+    search: SearchConfig = field(default_factory=SearchConfig)
+    select: SelectConfig = field(default_factory=SelectConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+
+# --------------------------------------------------------------------------- lookup
+def config_root() -> Path:
+    """The ``configs/`` tree: $MPQ_CONFIG_DIR, else the one beside the package."""
+    env = os.environ.get("MPQ_CONFIG_DIR")
+    if env:
+        return Path(env)
+    return Path(__file__).resolve().parents[2] / "configs"
+
+
+def available_configs() -> list[str]:
+    root = config_root()
+    return sorted(str(p.relative_to(root)) for p in root.rglob("*.yaml")) if root.is_dir() else []
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    """A path that exists, else a name (with or without ``.yaml``, with or without folder) under configs/."""
+    p = Path(name_or_path).expanduser()
+    if p.is_file():
+        return p.resolve()
+    root = config_root()
+    name = name_or_path if name_or_path.endswith((".yaml", ".yml")) else f"{name_or_path}.yaml"
+    direct = root / name
+    if direct.is_file():
+        return direct.resolve()
+    hits = sorted(root.rglob(Path(name).name)) if root.is_dir() else []
+    hits = [h for h in hits if str(h.relative_to(root)).endswith(name)]
+    if len(hits) == 1:
+        return hits[0].resolve()
+    if len(hits) > 1:
+        names = ", ".join(str(h.relative_to(root)) for h in hits)
+        raise MpqError(f"config '{name_or_path}' is ambiguous: {names}; give the folder too")
+    avail = ", ".join(available_configs()) or f"none (no configs under {root})"
+    raise MpqError(f"unknown config '{name_or_path}'; available: {avail}; or give a path to a .yaml file")
+
+
+# --------------------------------------------------------------------------- loading
+def _compose(path: Path) -> DictConfig:
+    from hydra import compose, initialize_config_dir
+    from hydra.errors import HydraException
+
+    try:
+        with initialize_config_dir(config_dir=str(path.parent), version_base=None):
+            return compose(config_name=path.stem)
+    except HydraException as err:
+        first = str(err).strip().splitlines()[0]
+        raise MpqError(f"config {path}: {first}") from None
+
+
+def _key_error(err: OmegaConfBaseException, source: str) -> MpqError:
+    key = getattr(err, "full_key", None) or ""
+    msg = str(err).strip().splitlines()[0]
+    if "not in" in msg or "Key '" in msg and "not" in msg:
+        parent_key = key.rsplit(".", 1)[0] if "." in key else ""
+        node: Any = OmegaConf.structured(MpqConfig)
+        for part in parent_key.split(".") if parent_key else []:
+            node = node.get(part) if isinstance(node, DictConfig) else None
+        valid = ", ".join(node.keys()) if isinstance(node, DictConfig) else ""
+        hint = f"; valid keys{' under ' + parent_key if parent_key else ''}: {valid}" if valid else ""
+        return MpqError(f"unknown config key '{key}' in {source}{hint}")
+    return MpqError(f"bad value for config key '{key}' in {source}: {msg}")
+
+
+def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) -> DictConfig:
+    """Load a config by name or path, apply ``key=value`` overrides, validate."""
+    path = resolve_config_path(name_or_path)
+    raw = _compose(path)
+    return build_config(raw, overrides, source=str(path), default_name=path.stem)
+
+
+# keys that configs once had and that did nothing: a user's config naming one gets a one-line error saying so;
+# a run directory's saved config.yaml (written by an older mpq) has them dropped
+RETIRED = {
+    "quant.weight.symmetric": "weights are always quantized symmetrically",
+    "quant.act.granularity": "activations are always quantized per tensor (per input part)",
+    "quant.act.scale_method": "activation ranges are always running min-max",
+}
+
+
+def _retire(raw: Any, source: str, drop: bool) -> Any:
+    for key, why in RETIRED.items():
+        parent, _, leaf = key.rpartition(".")
+        node = OmegaConf.select(raw, parent) if isinstance(raw, DictConfig) else None
+        if isinstance(node, DictConfig) and leaf in node:
+            if not drop:
+                raise MpqError(f"config key '{key}' in {source} no longer exists ({why}); delete it")
+            with open_dict(node):
+                del node[leaf]
+    return raw
+
+
+def build_config(
+    raw: Any,
+    overrides: list[str] | tuple[str, ...] = (),
+    source: str = "config",
+    default_name: str = "",
+    saved: bool = False,
+) -> DictConfig:
+    """Merge a raw mapping onto the schema, then apply overrides and validate (``saved``: a run's own config.yaml)."""
+    raw = _retire(raw, source, drop=saved)
+    schema = OmegaConf.structured(MpqConfig)
+    try:
+        cfg = OmegaConf.merge(schema, raw)
+    except OmegaConfBaseException as err:
+        raise _key_error(err, source) from None
+    for item in overrides:
+        if "=" not in item:
+            raise MpqError(f"override '{item}' is not of the form key=value (e.g. quant.bits=[4,8])")
+        try:
+            cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
+        except OmegaConfBaseException as err:
+            raise _key_error(err, f"override '{item}'") from None
+    if not cfg.name:
+        cfg.name = default_name or "run"
+    validate(cfg)
+    OmegaConf.set_readonly(cfg, False)
+    return cfg
+
+
+def config_from_yaml_text(
+    text: str, source: str, overrides: list[str] | tuple[str, ...] | Sequence[str] = ()
+) -> DictConfig:
+    """Rebuild a config saved in a run directory (already resolved), with ``key=value`` overrides."""
+    import yaml
+
+    try:
+        raw = OmegaConf.create(text)
+    except (OmegaConfBaseException, yaml.YAMLError) as err:
+        raise MpqError(
+            f"{source}: not a valid config ({str(err).splitlines()[0]}); fix it, or delete it and give --config"
+        ) from None
+    return build_config(raw, list(overrides), source=source, saved=True)
+
+
+def _one_of(value: Any, allowed: tuple[Any, ...], key: str) -> None:
+    if value not in allowed:
+        raise MpqError(f"config key '{key}' is '{value}'; use one of: {', '.join(map(str, allowed))}")
+
+
+def validate(cfg: DictConfig) -> None:
+    _one_of(cfg.model.dtype, ("fp32", "fp16", "bf16"), "model.dtype")
+    if not (cfg.model.device in ("auto", "cpu", "cuda", "mps") or str(cfg.model.device).startswith("cuda:")):
+        raise MpqError(f"config key 'model.device' is '{cfg.model.device}'; use auto, cpu, cuda, cuda:N or mps")
+    _one_of(cfg.sampling.scheduler, ("euler_ancestral", "euler", "ddim", "keep"), "sampling.scheduler")
+    _one_of(cfg.sampling.timestep_spacing, ("trailing", "leading", "linspace"), "sampling.timestep_spacing")
+    if cfg.sampling.steps < 1:
+        raise MpqError("config key 'sampling.steps' must be >= 1")
+    if cfg.sampling.resolution % 8 or cfg.sampling.resolution < 32:
+        raise MpqError(f"config key 'sampling.resolution' is {cfg.sampling.resolution}; use a multiple of 8, >= 32")
+    bits = list(cfg.quant.bits)
+    if not bits or any(b < 2 or b > 16 for b in bits) or bits != sorted(set(bits)):
+        raise MpqError(f"config key 'quant.bits' is {bits}; give distinct increasing bit-widths in 2..16, e.g. [2,4,8]")
+    _one_of(cfg.quant.weight.granularity, ("channel", "tensor"), "quant.weight.granularity")
+    _one_of(cfg.quant.weight.scale_method, ("minmax", "mse"), "quant.weight.scale_method")
+    _one_of(cfg.quant.act.calibration, ("mpq", "mixdq"), "quant.act.calibration")
+    if not 0.0 <= cfg.quant.act.momentum < 1.0:
+        raise MpqError("config key 'quant.act.momentum' must be in [0, 1)")
+    if not 0.0 < cfg.quant.weight.mse_min_ratio <= 1.0:
+        raise MpqError("config key 'quant.weight.mse_min_ratio' must be in (0, 1]")
+    for key in ("sampling.batch_size", "calib.batch_size", "calib.num_samples", "infer.num_images", "eval.num_images"):
+        if OmegaConf.select(cfg, key) < 1:
+            raise MpqError(f"config key '{key}' must be >= 1")
+    for key in ("infer.weight_bits", "infer.act_bits"):
+        b = OmegaConf.select(cfg, key)
+        if b is not None and b not in bits:
+            raise MpqError(f"config key '{key}' is {b}; use one of the candidate bits {bits} or null (FP)")
+    _validate_search(cfg)
+    _one_of(cfg.sensitivity.method, ("fast", "naive"), "sensitivity.method")
+    _one_of(cfg.sensitivity.dtype, ("fp32", "fp16", "bf16"), "sensitivity.dtype")
+    _one_of(cfg.sensitivity.ssim, ("mixdq", "gaussian"), "sensitivity.ssim")
+    if cfg.select.num_images < 1:
+        raise MpqError("config key 'select.num_images' must be >= 1")
+    _one_of(cfg.sensitivity.share_bits, ("auto", "always", "never"), "sensitivity.share_bits")
+    if cfg.sensitivity.num_images < 1 or cfg.sensitivity.batch_size < 1 or cfg.sensitivity.cache_budget_mb <= 0:
+        raise MpqError(
+            "config keys sensitivity.num_images, sensitivity.batch_size must be >= 1 and sensitivity.cache_budget_mb > "
+            "0"
+        )
+
+
+def _validate_search(cfg: DictConfig) -> None:
+    s = cfg.search
+    _one_of(s.mode, ("mpq", "reference"), "search.mode")
+    _one_of(s.solver, ("CBC", "SCIP"), "search.solver")
+    if s.sweep_steps < 1 or s.sweep_span < 0 or s.band <= 0:
+        raise MpqError("config keys search.sweep_steps >= 1, search.sweep_span >= 0 and search.band > 0 are required")
+    if not 0.0 <= s.act_protect_percent < 100.0:
+        raise MpqError("config key 'search.act_protect_percent' must be in [0, 100)")
+    if s.act_protect_bit not in cfg.quant.bits:
+        raise MpqError(
+            f"config key 'search.act_protect_bit' is {s.act_protect_bit}; use one of the candidate bits "
+            f"{list(cfg.quant.bits)}"
+        )
+    for kind in ("weight", "act"):
+        k = s[kind]
+        for key in ("bits_content", "bits_quality"):
+            bad = [b for b in k[key] if b not in cfg.quant.bits]
+            if bad or not k[key]:
+                raise MpqError(
+                    f"config key 'search.{kind}.{key}' is {list(k[key])}; use a non-empty subset of quant.bits "
+                    f"{list(cfg.quant.bits)}"
+                )
+        if k.k_num < 1 or k.k_min <= 0 or k.k_max < k.k_min:
+            raise MpqError(f"config keys search.{kind}.k_min/k_max/k_num must give 0 < k_min <= k_max and k_num >= 1")
+
+
+def to_yaml(cfg: DictConfig) -> str:
+    return OmegaConf.to_yaml(cfg, resolve=True)

@@ -1,0 +1,222 @@
+"""The run directory: every stage reads and writes files here.
+
+A stage leaves a stamp (``.stamps/<stage>.json``) holding a hash of the
+config keys it depends on and of its upstream stamps. It is up to date when
+its stamp matches and all its outputs exist; then it is skipped. Deleting an
+artifact, or changing a config key it reads, re-runs that stage and, through
+the stamp chain, everything downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig, OmegaConf
+
+from mpq.errors import MpqError
+from mpq.runner.config import config_from_yaml_text, load_config, to_yaml
+from mpq.runner.files import write_json, write_text
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    name: str
+    config_keys: tuple[str, ...]  # dotted config keys whose values the stage's outputs depend on
+    upstream: tuple[str, ...]  # stages whose outputs it reads
+    outputs: tuple[str, ...]  # paths relative to the run directory
+
+
+class RunDir:
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ paths (the only place that spells them)
+    def __truediv__(self, rel: str) -> Path:
+        return self.root / rel
+
+    @property
+    def config_path(self) -> Path:
+        return self.root / "config.yaml"
+
+    @property
+    def calib(self) -> Path:
+        return self.root / "calib"
+
+    @property
+    def fp_images(self) -> Path:
+        return self.root / "fp_images"
+
+    @property
+    def ckpt(self) -> Path:
+        return self.root / "ckpt.safetensors"
+
+    @property
+    def sensitivity(self) -> Path:
+        return self.root / "sensitivity"
+
+    def sensitivity_file(self, kind: str, metric: str) -> Path:
+        return self.sensitivity / f"{kind}_{metric}.yaml"
+
+    @property
+    def float_floor(self) -> Path:
+        return self.sensitivity / "float_floor.json"
+
+    @property
+    def candidates(self) -> Path:
+        return self.root / "candidates"
+
+    @property
+    def candidate_table(self) -> Path:
+        return self.candidates / "pareto.csv"
+
+    @property
+    def act_protect(self) -> Path:
+        """The search's act-protect list (MixDQ: ``act_protect.pt``; a ``.txt`` copy beside it)."""
+        return self.candidates / "act_protect.pt"
+
+    @property
+    def selection(self) -> Path:
+        return self.root / "selection"
+
+    def scores(self, kind: str) -> Path:
+        return self.selection / f"{kind}_scores.csv"
+
+    @property
+    def final_weight(self) -> Path:
+        return self.selection / "final_weight.yaml"
+
+    @property
+    def final_act(self) -> Path:
+        return self.selection / "final_act.yaml"
+
+    @property
+    def final_protect(self) -> Path:
+        return self.selection / "final_act_protect.pt"
+
+    @property
+    def generated_images(self) -> Path:
+        return self.root / "generated_images"
+
+    @property
+    def report(self) -> Path:
+        return self.root / "report"
+
+    @property
+    def summary(self) -> Path:
+        return self.report / "summary.json"
+
+    @property
+    def stamps(self) -> Path:
+        return self.root / ".stamps"
+
+    def require(self, path: str | Path, how: str) -> Path:
+        """``path`` (absolute, or relative to the run directory) if it exists, else a one-line error saying ``how``
+        to make it."""
+        path = self.root / path
+        if not path.exists():
+            raise MpqError(f"{path} is missing; {how}")
+        return path
+
+    # ------------------------------------------------------------------ config
+    def save_config(self, cfg: DictConfig) -> None:
+        write_text(self.config_path, to_yaml(cfg))
+
+    def load_config(self, config: str | None = None, overrides: Sequence[str] = ()) -> DictConfig:
+        """``config`` (name or path) if given, else the run's own ``config.yaml``."""
+        if config:
+            return load_config(config, list(overrides))
+        if not self.config_path.is_file():
+            raise MpqError(
+                f"{self.root} is not an mpq run directory (no config.yaml); give --config, or run `mpq calib` first"
+            )
+        return config_from_yaml_text(self.config_path.read_text(), str(self.config_path), overrides)
+
+    # ------------------------------------------------------------------ stamps
+    def _stamp_path(self, stage: str) -> Path:
+        return self.stamps / f"{stage}.json"
+
+    def _expected(self, stage: StageSpec, cfg: DictConfig) -> dict[str, object]:
+        values = {
+            k: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, k)}), resolve=True)["v"]
+            for k in stage.config_keys
+        }
+        upstream = {}
+        for up in stage.upstream:
+            p = self._stamp_path(up)
+            upstream[up] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
+        return {"config": values, "upstream": upstream}
+
+    def is_fresh(self, stage: StageSpec, cfg: DictConfig) -> bool:
+        p = self._stamp_path(stage.name)
+        if not p.is_file() or not all((self.root / o).exists() for o in stage.outputs):
+            return False
+        try:
+            stamp = json.loads(p.read_text())
+        except json.JSONDecodeError:
+            return False
+        expected = self._expected(stage, cfg)
+        return stamp.get("config") == expected["config"] and stamp.get("upstream") == expected["upstream"]
+
+    def mark_done(self, stage: StageSpec, cfg: DictConfig, seconds: float) -> None:
+        stamp = self._expected(stage, cfg)
+        stamp.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3)})
+        write_json(self._stamp_path(stage.name), stamp)
+
+    # ------------------------------------------------------------------ one job at a time
+    @contextmanager
+    def lock(self, what: str) -> Iterator[None]:
+        """Hold the run directory for this job. The lock is an OS file lock (``flock``), so a killed job's lock
+        is gone with its process and never blocks a resume; a second job gets a one-line error naming the holder.
+        The ranks of one torchrun job are one holder: rank 0 takes the lock for all of them."""
+        import fcntl
+        import os
+        import socket
+
+        from mpq.runner import distributed
+
+        d = distributed.current()
+        if not d.is_main:
+            yield
+            return
+        if d.enabled:
+            what = f"{what} ({d.world} ranks)"
+
+        self.root.mkdir(parents=True, exist_ok=True)
+        path = self.root / ".lock"
+        f = open(path, "a+")  # noqa: SIM115 - held for the duration of the job
+        try:
+            try:
+                fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                f.seek(0)
+                try:
+                    holder = json.loads(f.read() or "{}")
+                except json.JSONDecodeError:
+                    holder = {}
+                raise MpqError(
+                    f"{self.root} is in use by another mpq job (pid {holder.get('pid', '?')} on "
+                    f"{holder.get('host', '?')}, "
+                    f"{holder.get('what', '?')}, since {holder.get('since', '?')}); wait for it to finish or stop it"
+                ) from None
+            f.seek(0)
+            f.truncate()
+            f.write(
+                json.dumps(
+                    {
+                        "pid": os.getpid(),
+                        "host": socket.gethostname(),
+                        "what": what,
+                        "since": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                    }
+                )
+            )
+            f.flush()
+            yield
+        finally:
+            f.close()  # closing releases the lock

@@ -1,0 +1,143 @@
+"""Resumable work over named items, sharded over the ranks of a torchrun job: sensitivity (items: layers) and
+selection (items: candidate plans) both run through :class:`ShardedWork`.
+
+* **Signature**: a hash of everything the numbers depend on; saved state with another signature is ignored.
+* **Assignment**: items by estimated cost, longest first, to the least-loaded rank (:func:`distributed.assign`);
+  an item is computed whole by one rank, with the batches one process would use, so no number depends on it.
+* **Partial files**: each process keeps its own ``.<key>.partial[.rank<R>].json`` (atomic writes); a re-run with
+  any number of ranks merges them, per item the state that got furthest (``progress``).
+* **Done marker**: ``.<key>.done.json`` beside a finished artifact records the signature it was made with, so a
+  resumed stage does not compute it again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+from mpq.errors import MpqError
+from mpq.runner import distributed
+from mpq.runner.files import read_json, write_json
+
+
+def signature(**parts: Any) -> str:
+    """A short hash of ``parts`` (JSON-serializable values)."""
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_digest(path: Path) -> str:
+    """The content hash of a file (freshness by content, not by file times: a copied run stays fresh)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()[:16]
+
+
+class ShardedWork:
+    """The items of one artifact (``key``) in ``folder``: which are this rank's, their saved state, saving, merging."""
+
+    def __init__(
+        self,
+        folder: Path,
+        key: str,
+        sig: str,
+        items: Sequence[str],
+        costs: Mapping[str, float] | None = None,
+        progress: Callable[[Any], int] = lambda state: 1,
+        save_every_s: float = 0.0,
+        persist: bool = True,
+    ) -> None:
+        """``persist=False``: nothing is read from or written to ``folder`` (a look, not an artifact)."""
+        self.folder, self.key, self.sig, self.items = folder, key, sig, list(items)
+        self.persist = persist
+        self.d = distributed.current()
+        self.assign(costs)
+        self.report: list[dict[str, float]] | None = None  # rank 0 of a sharded job, after collect: each rank's load
+        self._progress = progress
+        self._save_every_s = save_every_s
+        self._last_save = time.monotonic()
+        self.state: dict[str, Any] = {}  # this rank's items' state, as saved
+
+    def assign(self, costs: Mapping[str, float] | None = None) -> None:
+        """Share the items out by ``costs`` (default: equal)."""
+        self.costs = dict(costs) if costs is not None else dict.fromkeys(self.items, 1.0)
+        self.owner = distributed.assign(self.costs, self.d.world)
+        self.mine = [i for i in self.items if self.owner[i] == self.d.rank]
+
+    # ------------------------------------------------------------------ files
+    @property
+    def done_marker(self) -> Path:
+        return self.folder / f".{self.key}.done.json"
+
+    def _partial(self) -> Path:
+        return self.folder / (
+            f".{self.key}.partial.rank{self.d.rank}.json" if self.d.enabled else f".{self.key}.partial.json"
+        )
+
+    def _partial_files(self) -> list[Path]:
+        return sorted(self.folder.glob(f".{self.key}.partial*.json"))
+
+    def finished(self, artifact: Path, extra: Mapping[str, Any] | None = None) -> bool:
+        """Whether ``artifact`` exists and was finished with this signature (and ``extra``)."""
+        if not (self.persist and artifact.is_file() and self.done_marker.is_file()):
+            return False
+        try:
+            return read_json(self.done_marker) == {"signature": self.sig, **(extra or {})}
+        except MpqError:
+            return False
+
+    def resume(self) -> dict[str, Any]:
+        """The saved state of every item (all processes' partial files with this signature merged: per item, the state
+        that got furthest); this rank keeps its own items' state to continue from."""
+        best: dict[str, Any] = {}
+        for f in self._partial_files() if self.persist else []:
+            try:
+                saved = read_json(f)
+            except MpqError:
+                continue  # a damaged partial file (writes are atomic, so only by hand): its items start over
+            if (
+                not isinstance(saved, dict)
+                or saved.get("signature") != self.sig
+                or not isinstance(saved.get("items"), dict)
+            ):
+                continue
+            for item, state in saved["items"].items():
+                if item in self.costs and (item not in best or self._progress(state) > self._progress(best[item])):
+                    best[item] = state
+        self.state = {i: s for i, s in best.items() if i in self.mine}
+        return best
+
+    def save(self, force: bool = False) -> None:
+        """Write this rank's partial file (at most every ``save_every_s`` unless ``force``)."""
+        if self.persist and (force or time.monotonic() - self._last_save >= self._save_every_s):
+            write_json(self._partial(), {"signature": self.sig, "items": self.state})
+            self._last_save = time.monotonic()
+
+    # ------------------------------------------------------------------ ranks
+    def collect(self, results: Mapping[str, Any], busy: float, unit: str, label: str) -> dict[str, Any]:
+        """Every rank's ``results`` merged, on every rank (one process: ``results`` itself); rank 0 prints each rank's
+        load as ``label: N <unit> over W ranks: ...``."""
+        if not self.d.enabled:
+            return dict(results)
+        self.save(force=True)  # this rank's share is complete on disk before rank 0 merges
+        merged, report = self.d.collect(results, busy, self.owner, self.costs)
+        if report is not None:
+            print(
+                f"{label}: {len(self.items)} {unit} over {self.d.world} ranks: {distributed.load_line(report, unit)}",
+                flush=True,
+            )
+            self.report = report
+        return merged
+
+    def finish(self, extra: Mapping[str, Any] | None = None) -> None:
+        """Rank 0: the artifact is written; mark it done and drop the partial files. Every rank waits for it."""
+        if self.d.is_main and self.persist:
+            write_json(self.done_marker, {"signature": self.sig, **(extra or {})})
+            for f in self._partial_files():
+                f.unlink(missing_ok=True)
+        self.d.barrier()

@@ -1,0 +1,127 @@
+"""The search stage: a sweep of budgets x K through the solver, one plan file per distinct plan.
+
+Writes ``candidates/{weight,act}/<kind>_<target>_<K>.yaml`` (MixDQ plan files),
+``candidates/act_protect.pt`` (+ ``.txt``) and the typed table
+``candidates/pareto.csv`` (:mod:`mpq.search.candidates`). Plots belong to the report.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mpq.layers import KINDS
+from mpq.plan import write_plan
+from mpq.runner.progress import progress
+from mpq.runner.rundir import RunDir
+from mpq.search.build import budget_for_avg, run_problem, write_protect_list
+from mpq.search.candidates import Candidate, write_candidates
+from mpq.search.program import Problem, Solution, solve_mpq, solve_reference
+
+
+def sweep_values(start: float, stop: float, num: int) -> list[float]:
+    return [round(float(v), 4) for v in np.linspace(start, stop, num)] if num > 1 else [round(float(stop), 4)]
+
+
+def sweep_grid(s: Any, kind: str, target: float | None = None) -> tuple[list[float], list[float]]:
+    """(average-bit targets, K values) of a sweep: linspace(target - sweep_span, target, sweep_steps) x
+    linspace(k_min, k_max, k_num); ``target`` defaults to ``search.<kind>.target_bitwidth``."""
+    kc = s[kind]
+    top = kc.target_bitwidth if target is None else target
+    return sweep_values(top - s.sweep_span, top, s.sweep_steps), sweep_values(kc.k_min, kc.k_max, kc.k_num)
+
+
+def solve_point(
+    problem: Problem, mode: str, target: float, k: float, s: Any, budget_bytes: float | None = None
+) -> Solution:
+    if mode == "reference":
+        return solve_reference(problem, target, k, s.band, s.solver, s.time_limit_s)
+    budget = budget_bytes if budget_bytes is not None else budget_for_avg(problem, target)
+    return solve_mpq(problem, budget, k, s.solver, s.time_limit_s, s.band)
+
+
+def plan_key(plan: Mapping[str, int]) -> str:
+    return hashlib.sha256(repr(sorted(plan.items())).encode()).hexdigest()[:16]
+
+
+def run_sweep(
+    problem: Problem,
+    kind: str,
+    mode: str,
+    targets: Sequence[float],
+    ks: Sequence[float],
+    s: Any,
+    outdir: Path,
+    show: bool = True,
+) -> list[Candidate]:
+    """Solve every (target, K); write each distinct plan once as ``<kind>_<target>_<K>.yaml``."""
+    rows: list[Candidate] = []
+    written: dict[str, str] = {}
+    points = [(t, k) for t in targets for k in ks]
+    for t, k in progress(points, desc=f"search: {kind} plans", unit="plan", disable=not show, leave=False):
+        budget = budget_for_avg(problem, t) if mode == "mpq" else float("nan")
+        if mode == "mpq" and budget < problem.bytes_range()[0]:
+            sol = Solution({}, "INFEASIBLE", float("nan"), float("nan"), float("nan"), 0.0)
+        else:
+            sol = solve_point(problem, mode, t, k, s, budget if mode == "mpq" else None)
+        row = Candidate(
+            kind,
+            mode,
+            t,
+            k,
+            budget,
+            sol.status,
+            sol.gap,
+            seconds=sol.seconds,
+            **{key: float(v) for key, v in sol.details.items() if key in Candidate.__dataclass_fields__},
+        )
+        if sol.plan:
+            key = plan_key(sol.plan)
+            if key not in written:
+                written[key] = f"{kind}_{t:.2f}_{k:.2f}.yaml"
+                write_plan(outdir / written[key], sol.plan)
+            row.plan_file = written[key]
+        rows.append(row)
+    mark_pareto(rows)
+    return rows
+
+
+def mark_pareto(rows: list[Candidate]) -> None:
+    """A row is on the front if no other feasible row of its kind has <= bytes and >= both group objectives (one
+    strictly)."""
+    ok = [r for r in rows if r.feasible]
+    for r in rows:
+        r.pareto = False
+
+    def vec(r: Candidate) -> tuple[float, float, float]:
+        return (r.bytes, -np.nan_to_num(r.content_norm_objective), -np.nan_to_num(r.quality_norm_objective))
+
+    for r in ok:
+        vr = vec(r)
+        r.pareto = not any(
+            o is not r
+            and o.kind == r.kind
+            and all(a <= b + 1e-12 for a, b in zip(vec(o), vr))
+            and any(a < b - 1e-12 for a, b in zip(vec(o), vr))
+            for o in ok
+        )
+
+
+def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool = True) -> list[Candidate]:
+    """The search stage: candidates/{weight,act}/*.yaml, candidates/act_protect.pt, candidates/pareto.csv."""
+    rows: list[Candidate] = []
+    for kind in kinds:
+        problem, protect = run_problem(cfg, run, kind)
+        if kind == "act":
+            write_protect_list(run.act_protect, protect)
+        targets, ks = sweep_grid(cfg.search, kind)
+        folder = run.candidates / kind
+        for old in folder.glob("*.yaml"):
+            old.unlink()
+        rows += run_sweep(problem, kind, cfg.search.mode, targets, ks, cfg.search, folder, show)
+    write_candidates(run.candidate_table, rows)
+    return rows

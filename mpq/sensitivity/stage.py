@@ -1,0 +1,295 @@
+"""The sensitivity stage: ``sensitivity/{weight,act}_{sqnr,ssim}.yaml`` (MixDQ's format) and the float floor.
+
+* SQNR (dB) of the denoiser output against this pass's FP output, over the
+  whole calibration set: every layer (MixDQ's SQNR file covers all layers;
+  the search uses it for the quality group).
+* SSIM of the generated image against the FP image (same prompt and seed),
+  averaged over ``sensitivity.num_images`` images: the content group.
+
+Each file is resumable and shardable over torchrun ranks (items: layers,
+:class:`~mpq.runner.sharded.ShardedWork`); ``method=fast`` computes the same
+numbers as ``naive`` with the FP prefix cache.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from fnmatch import fnmatchcase
+from typing import Any
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mpq.calibration.checkpoint import quantized_pipeline
+from mpq.calibration.record import CalibData
+from mpq.errors import MpqError
+from mpq.layers import KINDS, assign_groups
+from mpq.metrics import sqnr
+from mpq.models import torch_dtype
+from mpq.quant.model import PREFIX, QuantModel
+from mpq.runner import distributed
+from mpq.runner.files import read_json, write_json, write_yaml
+from mpq.runner.progress import progress
+from mpq.runner.rundir import RunDir
+from mpq.runner.sharded import ShardedWork, file_digest, signature
+from mpq.search.mixdq_files import read_sensitivity
+from mpq.sensitivity import METRICS
+from mpq.sensitivity.costs import layer_costs
+from mpq.sensitivity.loop import LoopOptions, score_layers
+from mpq.sensitivity.prefix_cache import repeat_batch
+from mpq.sensitivity.scorers import SCORERS, Sqnr, make_scorer
+
+# settings that do not change a number (fast and naive agree; chunking and saving are bookkeeping)
+_NOT_IN_SIGNATURE = ("method", "save_every_s", "cache_budget_mb", "share_bits")
+
+
+def share_bits(setting: str, metric: str) -> bool:
+    """Whether the fast path batches the candidate bits of a layer into one pass (see the config)."""
+    if setting == "auto":
+        return metric == "ssim"
+    return setting == "always"
+
+
+def layers_to_score(names: list[str], cfg: DictConfig, metric: str) -> list[str]:
+    """The layers ``metric`` scores (SQNR: all; SSIM: the content group) among ``names``, restricted to
+    ``sensitivity.layers`` when set, in module order."""
+    group = SCORERS[metric].group
+    groups = assign_groups(names, list(cfg.groups.content), warn=False)
+    chosen = [n for n in names if group is None or groups[n] == group]
+    patterns = list(cfg.sensitivity.layers)
+    if patterns:
+        chosen = [n for n in chosen if any(fnmatchcase(n, p) or fnmatchcase(n[len(PREFIX) :], p) for p in patterns)]
+        if not chosen and group is None:
+            raise MpqError(
+                f"sensitivity.layers={patterns} matches no layer; see `mpq layers --config ...` for the names"
+            )
+    elif not chosen:
+        raise MpqError(
+            f"no layer is in the content group (groups.content={list(cfg.groups.content)}); the SSIM file would be "
+            "empty: "
+            "fix groups.content (see `mpq layers --config ...`)"
+        )
+    return chosen
+
+
+def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[int], names: list[str]) -> str:
+    """What the numbers depend on: the checkpoint's content, the sensitivity and sampling settings, the layers."""
+    sens = {k: v for k, v in OmegaConf.to_container(cfg.sensitivity).items() if k not in _NOT_IN_SIGNATURE}  # type: ignore[union-attr]
+    return signature(
+        kind=kind,
+        metric=metric,
+        bits=bits,
+        ckpt=file_digest(run.ckpt),
+        sens=sens,
+        sampling=OmegaConf.to_container(cfg.sampling),
+        layers=names,
+    )
+
+
+def compute_sensitivity(
+    cfg: DictConfig,
+    run: RunDir,
+    kind: str,
+    metric: str,
+    method: str | None = None,
+    pipe: Any | None = None,
+    show: bool = True,
+    force: bool = False,
+    write: bool = True,
+) -> dict[str, list[float]]:
+    """``sensitivity/<kind>_<metric>.yaml``: {layer: [metric at each candidate bit]}. Resumable (partial files);
+    a file already finished with the same settings is read back, not computed again, unless ``force``. With
+    ``write=False`` the numbers are computed and returned only (no file read or written: a look, a benchmark)."""
+    if kind not in KINDS or metric not in SCORERS:
+        raise MpqError(
+            f"sensitivity type must be {'|'.join(KINDS)} and metric {'|'.join(SCORERS)} (got {kind}, {metric})"
+        )
+    pipe, qm, manifest = quantized_pipeline(cfg, run, pipe, dtype=torch_dtype(cfg.sensitivity.dtype))
+    bits: list[int] = list(manifest["bits"])
+    out = run.sensitivity_file(kind, metric)
+    names = layers_to_score(qm.names, cfg, metric)
+    d_main = distributed.current().is_main
+    if not names:  # a sensitivity.layers subset without content layers
+        if d_main and write:
+            print(
+                f"[sensitivity] {kind} {metric}: skipped, sensitivity.layers={list(cfg.sensitivity.layers)} selects no "
+                "content layer "
+                f"({out} left empty; the search needs every layer: leave sensitivity.layers empty for a real run)",
+                flush=True,
+            )
+            write_yaml(out, {})
+        return {}
+    fast = (method or cfg.sensitivity.method) == "fast"
+    work = ShardedWork(
+        run.sensitivity,
+        f"{kind}_{metric}",
+        _signature(cfg, run, kind, metric, bits, names),
+        names,
+        progress=lambda s: len(s["batches"]),
+        save_every_s=cfg.sensitivity.save_every_s,
+        persist=write,
+    )
+    if not force and work.finished(out):
+        if d_main:
+            print(f"[sensitivity] {kind} {metric}: already made with these settings ({out})", flush=True)
+        return read_sensitivity(out, len(bits))
+    scorer = make_scorer(metric, pipe, qm, cfg, run, fast)
+    if work.d.enabled:  # this rank's layers, by estimated cost (a layer's numbers do not depend on which rank runs it)
+        work.assign(
+            work.d.broadcast(
+                layer_costs(qm, CalibData.open(run), names, metric, fast, len(bits)) if work.d.is_main else None
+            )
+        )
+    result, busy = _score(work, qm, scorer, bits, kind, cfg, fast, metric, show)
+    result = work.collect(result, busy, "layers", f"[sensitivity] {kind} {metric}")
+    if work.d.is_main and write:
+        _write(run, out, {n: result[n] for n in names}, scorer, cfg, kind, metric, work.report)
+    work.finish()
+    return {n: result[n] for n in names}
+
+
+def _score(
+    work: ShardedWork,
+    qm: QuantModel,
+    scorer: Any,
+    bits: list[int],
+    kind: str,
+    cfg: DictConfig,
+    fast: bool,
+    metric: str,
+    show: bool,
+) -> tuple[dict[str, list[float]], float]:
+    """This rank's layers scored, continuing from the saved state; (results, busy seconds)."""
+    saved = work.resume()
+    done = sum(len(s["batches"]) for s in saved.values())
+    if done and work.d.is_main:
+        print(
+            f"[sensitivity] {kind} {metric}: resuming, {done} of {len(scorer.batches) * len(work.items)} layer-batch "
+            "items already done",
+            flush=True,
+        )
+    bar = progress(
+        total=len(scorer.batches) * len(work.mine),
+        initial=sum(len(s["batches"]) for s in work.state.values()),
+        unit="layer",
+        disable=not show,
+        desc=f"{work.d.tag()}sensitivity {kind} {metric} ({'fast' if fast else 'naive'})",
+    )
+
+    def after_layer(name: str, n: int) -> None:
+        bar.update(n)
+        work.save()
+
+    opts = LoopOptions(
+        fast, fast and share_bits(cfg.sensitivity.share_bits, metric), cfg.sensitivity.cache_budget_mb * 2**20
+    )
+    t0 = time.perf_counter()
+    try:
+        result = score_layers(qm, scorer, work.mine, bits, kind, opts, work.state, after_layer)
+    finally:
+        bar.close()
+    return result, time.perf_counter() - t0
+
+
+def _write(
+    run: RunDir,
+    out: Any,
+    result: dict[str, list[float]],
+    scorer: Any,
+    cfg: DictConfig,
+    kind: str,
+    metric: str,
+    report: list[dict[str, float]] | None,
+) -> None:
+    """Rank 0: the MixDQ-format file, the float floor (SQNR), the ranks' load (sharded)."""
+    if report is not None:
+        path = run.sensitivity / "distributed.json"
+        try:
+            data = read_json(path) if path.is_file() else {}
+        except MpqError:
+            data = {}
+        data[f"{kind}_{metric}"] = report
+        write_json(path, data)
+    if isinstance(scorer, Sqnr):
+        floor = float_floor(cfg, scorer)
+        write_json(run.float_floor, floor)
+        warning = inseparable(result, floor["sensitivity_floor_db"])
+        if warning:
+            print(f"[sensitivity] warning: {kind} {metric}: {warning}", flush=True)
+    write_yaml(out, {n: [round(v, 6) if math.isfinite(v) else v for v in vals] for n, vals in result.items()})
+
+
+def float_floor(cfg: DictConfig, work: Sqnr) -> dict[str, Any]:
+    """The float noise floors (SQNR in dB, +inf when exact): ``run_floor_db``, the calibration run's FP
+    output (``model.dtype``) against this pass's FP output (``sensitivity.dtype``); ``sensitivity_floor_db``,
+    this pass's FP output against the same weights in fp32 (first batch; +inf when already fp32). A
+    quantization error below a floor is masked by that dtype's own rounding."""
+    for k in range(len(work.batches)):
+        if k not in work.refs:
+            work.run_fp(k)
+    params = dict(work.qm.denoiser.named_parameters())
+    sens_floor = float("inf")
+    if next(iter(params.values())).dtype != torch.float32:
+        from torch.func import functional_call
+
+        fp32 = {k: v.float() for k, v in params.items()}  # buffers (the quant params) are left as they are
+        kwargs = repeat_batch(work.batches[0], 1)
+        kwargs = {
+            k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()
+        }
+        with torch.no_grad():
+            hi = functional_call(work.qm.denoiser, fp32, args=(), kwargs={**kwargs, "return_dict": False})[0]
+        sens_floor = sqnr(work.refs[0], hi)
+    return {
+        "model_dtype": cfg.model.dtype,
+        "sensitivity_dtype": cfg.sensitivity.dtype,
+        "run_floor_db": work.float_floor_db(),
+        "sensitivity_floor_db": sens_floor,
+    }
+
+
+def inseparable(
+    result: dict[str, list[float]], floor_db: float, margin_db: float = 3.0, close_db: float = 1.0
+) -> str | None:
+    """A warning when layers' scores at two candidate bits lie within ``close_db`` of each other and within
+    ``margin_db`` of the float floor: their order is then decided by rounding noise, not by the bits."""
+    if not math.isfinite(floor_db):
+        return None
+    layers = [
+        n
+        for n, vals in result.items()
+        if any(min(a, b) >= floor_db - margin_db and abs(a - b) < close_db for a, b in zip(vals, vals[1:]))
+    ]
+    if not layers:
+        return None
+    return (
+        f"{len(layers)} layers (first: {layers[0]}) score two bit-widths within {close_db} dB of each other near the "
+        f"{floor_db:.1f} dB float floor of sensitivity.dtype; their order is rounding noise: use sensitivity.dtype=fp32"
+    )
+
+
+def run_sensitivity(
+    cfg: DictConfig,
+    run: RunDir,
+    kinds: tuple[str, ...] = KINDS,
+    metrics: tuple[str, ...] = METRICS,
+    method: str | None = None,
+    pipe: Any | None = None,
+    show: bool = True,
+    force: bool = False,
+) -> dict[str, dict[str, list[float]]]:
+    """The stage: every kind x metric file (files finished with these settings by an interrupted run are kept, unless
+    ``force``)."""
+    out = {}
+    for kind in kinds:
+        for metric in metrics:
+            out[f"{kind}_{metric}"] = values = compute_sensitivity(
+                cfg, run, kind, metric, method, pipe, show, force=force
+            )
+            if distributed.current().is_main:
+                print(
+                    f"[sensitivity] {kind} {metric}: {len(values)} layers -> {run.sensitivity_file(kind, metric)}",
+                    flush=True,
+                )
+    return out
