@@ -24,6 +24,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from mpq.export.folder import export_folder
 from mpq.export.mpq_format import (
     denoiser_export,
     export_mpq,
@@ -94,7 +95,8 @@ def tiny_tables(base_path: str | None, repeats: int) -> None:
     for label, plan in plans.items():
         qm.set_fp()
         out = tmp / label.replace(" ", "_")
-        info = export_mpq(pipe, qm, plan, out, cfg, torch.float16)
+        with export_folder(out, "mpq", run.root) as folder:
+            info = export_mpq(pipe, qm, plan, folder, cfg, torch.float16)
         den16 = load_quantized(out, torch.float16).unet
         loaded[label] = load_quantized(out, torch.float32).unet
         print(

@@ -48,7 +48,10 @@ def read_prompts(spec: str | None, key: str = "calib.prompts_file") -> list[str]
     path = Path(spec).expanduser()
     if not path.is_file():
         raise MpqError(f"{key}={path} does not exist; give a text file with one prompt a line, or a builtin: list")
-    prompts = _file_lines(path.read_text())
+    try:
+        prompts = _file_lines(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise MpqError(f"{key}={path} is not a UTF-8 text file (one prompt a line); save it as UTF-8") from None
     if not prompts:
         raise MpqError(f"{key}={path} has no prompts")
     return prompts

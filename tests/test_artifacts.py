@@ -19,7 +19,6 @@ CASES = [
     ("selection/weight_scores.csv", "plan_file,kind\nx,weight\n", ["report", "--force"]),
     ("selection/final_weight.yaml", "model.conv_in: four\n", ["final", "--force"]),
     ("selection/final_act_protect.pt", "\x80garbage", ["final", "--force"]),
-    ("report/summary.json", '{"weight_bytes": 1}', ["run"]),
     ("config.yaml", "model: [unclosed", ["report"]),
 ]
 
@@ -43,3 +42,17 @@ def test_damaged_artifact_is_a_one_line_error(full_run, tmp_path, capsys, artifa
     err = errors[0]
     assert artifact.split("/")[-1] in err, err
     assert any(fix in err for fix in ("delete", "re-run", "--force", "fix")), err
+
+
+def test_a_damaged_output_is_made_again_by_run(full_run, tmp_path, capsys):
+    """An output changed since its stage wrote it (here: the report's summary) is not trusted: `mpq run` re-makes
+    that stage (its stamp holds the content hash of what it wrote), and the headline reads the new file."""
+    import json
+
+    copy = tmp_path / "run"
+    shutil.copytree(full_run[0].root, copy)
+    (copy / "report" / "summary.json").write_text('{"weight_bytes": 1}')
+    assert main(["run", "--base_path", str(copy)]) == 0
+    out = capsys.readouterr().out
+    assert "[report] running" in out and "[select] up to date" in out
+    assert json.loads((copy / "report" / "summary.json").read_text())["weight_bytes"] > 1

@@ -107,21 +107,24 @@ def test_a_run_directory_is_used_by_one_job_at_a_time(tiny_run, tmp_path, capsys
 
 
 def test_a_layer_subset_is_skipped_with_a_note_and_the_search_names_the_key(tiny_run, tmp_path, capsys):
-    """sensitivity.layers selecting no content layer: the SSIM metric is skipped with a note; the search then names
-    sensitivity.layers as the cause (not 'delete the file and re-run', which cannot help)."""
+    """sensitivity.layers selecting no content layer: `mpq sensitivity` skips the SSIM metric with a note; a command
+    that needs the search names sensitivity.layers as the cause before any stage runs (not 'delete the file and
+    re-run', which cannot help)."""
     import shutil
 
     from mpq.runner.rundir import RunDir
 
     run = RunDir(tmp_path / "run")
     shutil.copytree(tiny_run.root, run.root)
-    code = main(["search", "--base_path", str(run.root), 'sensitivity.layers=["conv_in"]', "sensitivity.num_images=4"])
-    captured = capsys.readouterr()
-    err = captured.err.strip()
-    assert "weight ssim: skipped, sensitivity.layers=['conv_in'] selects no content layer" in captured.out
-    last = err.splitlines()[-1]  # (progress bars of the stage it ran first come before)
-    assert code == 2 and "Traceback" not in err and last.startswith("mpq: error:")
-    assert "sensitivity.layers=['conv_in']" in last and "every layer" in last
+    subset = ['sensitivity.layers=["conv_in"]', "sensitivity.num_images=4"]
+    assert main(["sensitivity", "--base_path", str(run.root), *subset]) == 0
+    assert "weight ssim: skipped, sensitivity.layers=['conv_in'] selects no content layer" in capsys.readouterr().out
+    for command in ("search", "run"):
+        code = main([command, "--base_path", str(run.root), *subset])
+        captured = capsys.readouterr()
+        err = captured.err.strip()
+        assert code == 2 and len(err.splitlines()) == 1 and "[" not in captured.out  # refused before any stage runs
+        assert "sensitivity.layers=['conv_in']" in err and "every layer" in err
 
 
 def test_retired_config_key_is_named_with_its_reason(capsys):

@@ -12,6 +12,7 @@ import torch
 from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.cost import CostModel
 from mpq.errors import MpqError
+from mpq.export.folder import export_folder
 from mpq.export.mpq_format import (
     denoiser_export,
     export_mpq,
@@ -39,7 +40,9 @@ def test_pack_round_trip_and_density(bits):
     q = torch.randint(lo, hi + 1, (33, 7), generator=torch.Generator().manual_seed(bits))
     packed = pack(q, bits)
     assert packed.dtype == torch.uint8
-    assert packed.numel() == packed_numel(q.numel(), bits) == -(-q.numel() * (bits if bits in (1, 2, 4, 8) else 8) // 8)
+    assert (
+        packed.numel() == packed_numel(q.numel(), bits) == -(-q.numel() * bits // 8)
+    )  # a dense bit stream at every width
     assert torch.equal(unpack(packed, bits, q.numel()).reshape(q.shape).long(), q)
     with pytest.raises(ValueError):
         pack(torch.tensor([hi + 1]), bits)
@@ -62,7 +65,8 @@ def exported(tiny_run, tiny_cfg, tmp_path_factory):
     qm.apply(plan)
     ref = generate(pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np")
     out = tmp_path_factory.mktemp("export") / "w-mixed"
-    info = export_mpq(pipe, qm, plan, out, tiny_cfg, torch.float32)
+    with export_folder(out, "mpq", tiny_run.root) as folder:
+        info = {**export_mpq(pipe, qm, plan, folder, tiny_cfg, torch.float32), "out": out}
     return ref, plan, info, qm
 
 

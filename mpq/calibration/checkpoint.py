@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from mpq.errors import MpqError
 from mpq.layers import LayerInfo, assign_groups, describe
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
-from mpq.quant.model import QuantModel
+from mpq.quant.model import QuantModel, same_weights, weights_sample
 from mpq.quant.structure import Structure
 from mpq.runner.files import load_tensors, read_tensor_metadata, save_tensors, write_json
 from mpq.runner.rundir import RunDir
@@ -36,6 +36,7 @@ def manifest_for(qm: QuantModel, cfg: DictConfig) -> dict[str, Any]:
         "format": FORMAT,
         "model_id": cfg.model.id,
         "fingerprint": qm.fingerprint,
+        "weights_sample": weights_sample(qm.denoiser),
         "bits": qm.bits,
         "weight_quant": OmegaConf.to_container(cfg.quant.weight),
         "act_quant": OmegaConf.to_container(cfg.quant.act),
@@ -76,6 +77,11 @@ def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
             f"fingerprint {manifest['fingerprint']}) than the one loaded ({len(qm.layers)} layers, fingerprint "
             f"{qm.fingerprint}); "
             "use the matching config or re-run `mpq ptq`"
+        )
+    if not same_weights(manifest.get("weights_sample", []), weights_sample(qm.denoiser)):
+        raise MpqError(
+            f"{path} was calibrated on other weights than the model loaded ({manifest['model_id']} there; the same "
+            "architecture with other values: another checkpoint or a fine-tune); re-run `mpq ptq --force`"
         )
     layers = [LayerInfo.from_manifest(entry, "") for entry in manifest["layers"]]
     qm.prepare(

@@ -20,7 +20,7 @@ from mpq.calibration.checkpoint import save_checkpoint
 from mpq.calibration.record import CalibData
 from mpq.errors import MpqError
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
-from mpq.quant.model import QuantModel
+from mpq.quant.model import QuantModel, same_weights, weights_sample
 from mpq.quant.structure import trace
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
@@ -87,10 +87,12 @@ def run_ptq(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str, 
     calib = CalibData.open(run)
     pipe = pipeline_in(cfg, torch_dtype(cfg.sensitivity.dtype), pipe)  # statistics in the sensitivity dtype (fp32)
     qm = QuantModel(denoiser_of(pipe))
-    if calib.meta.get("fingerprint") != qm.fingerprint:
+    if calib.meta.get("fingerprint") != qm.fingerprint or not same_weights(
+        calib.meta.get("weights_sample", []), weights_sample(qm.denoiser)
+    ):
         raise MpqError(
-            f"{run.calib} was recorded with another model ({calib.meta.get('model_id')}); re-run `mpq calib` for "
-            f"{cfg.model.id}"
+            f"{run.calib} was recorded with another model ({calib.meta.get('model_id')}); "
+            f"re-run `mpq calib --force` for {cfg.model.id}"
         )
     timings = calibrate(qm, calib, cfg)
     manifest = save_checkpoint(run.ckpt, qm, cfg)

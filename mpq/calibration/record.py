@@ -24,7 +24,7 @@ from mpq.errors import MpqError
 from mpq.images import generate, save_images
 from mpq.models import denoiser_of, load_pipeline
 from mpq.prompts import cycle, read_prompts
-from mpq.quant.model import fingerprint
+from mpq.quant.model import fingerprint, weights_sample
 from mpq.runner.files import load_tensors, read_json, save_tensors, write_json
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
@@ -159,6 +159,7 @@ def run_calibration(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> di
     meta = {
         "model_id": cfg.model.id,
         "fingerprint": fingerprint(denoiser),
+        "weights_sample": weights_sample(denoiser),
         "num_samples": n,
         "steps": cfg.sampling.steps,
         "fields": fields,

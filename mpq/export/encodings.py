@@ -85,8 +85,8 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
     }
 
 
-def export_encodings(qm: QuantModel, plan: BitPlan, out: str | Path) -> dict[str, Any]:
-    out = Path(out)
+def export_encodings(qm: QuantModel, plan: BitPlan, folder: Path) -> dict[str, Any]:
+    """``unet.encodings`` in ``folder``."""
     data = plan_encodings(qm, plan)
-    write_json(out / "unet.encodings", data)
-    return {"out": out, "activations": len(data["activation_encodings"]), "params": len(data["param_encodings"])}
+    write_json(folder / "unet.encodings", data)
+    return {"activations": len(data["activation_encodings"]), "params": len(data["param_encodings"])}

@@ -20,10 +20,8 @@ tensors, so only packed bytes are ever resident.
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -40,9 +38,9 @@ from mpq.plan import BitPlan
 from mpq.quant.layers import BUFFERS, QuantLayer, by_part
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.quant.quantizer import weight_integers
-from mpq.runner.files import load_tensors, save_tensors, write_json
+from mpq.runner.files import load_tensors, read_tensor_metadata, save_tensors, write_json
 
-FORMAT = "mpq-packed/1"
+FORMAT = "mpq-packed/2"  # 2: 3/5/6/7-bit codes in a dense bit stream (1 stored them one a byte)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -241,45 +239,71 @@ def export_mpq(
     pipe: Any,
     qm: QuantModel,
     plan: BitPlan,
-    out: str | Path,
+    folder: Path,
     cfg: Any,
     fp_dtype: torch.dtype = torch.float16,
-    denoiser_name: str = "unet",
+    component: str = "unet",
 ) -> dict[str, Any]:
-    """Write the ``mpq`` format folder to ``out`` (atomically: a temp folder renamed into place)."""
-    out = Path(out)
+    """Write the ``mpq`` format into ``folder`` (:func:`mpq.export.folder.export_folder` makes it and moves it into
+    place): the pipeline's other components in ``fp_dtype``, the denoiser packed, its tensors and its layer specs
+    checksummed in the weights file's metadata."""
     bos_rows = capture_bos_rows(pipe, qm, cfg)
     tensors, qconfig = denoiser_export(qm, plan, fp_dtype, bos_rows)
     qconfig["source"] = {"model_id": str(cfg.model.id), "fingerprint": qm.fingerprint}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        pipe.save_config(tmp)
-        for name, module in pipe.components.items():
-            if name == denoiser_name or module is None or not hasattr(module, "save_pretrained"):
-                continue
-            _save_component(module, tmp / name, fp_dtype)
-        den = tmp / denoiser_name
-        den.mkdir()
-        config = json.loads(qm.denoiser.to_json_string())
-        config["quantization_config"] = qconfig
-        write_json(den / "config.json", config)
-        save_tensors(den / WEIGHTS_NAME, tensors, metadata={"format": "pt"})
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, old / "x")
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_config(folder)
+    for name, module in pipe.components.items():
+        if name == component or module is None or not hasattr(module, "save_pretrained"):
+            continue
+        _save_component(module, folder / name, fp_dtype)
+    den = folder / component
+    den.mkdir()
+    config = json.loads(qm.denoiser.to_json_string())
+    config["quantization_config"] = qconfig
+    write_json(den / "config.json", config)
+    save_tensors(den / WEIGHTS_NAME, tensors, metadata=integrity_metadata(tensors, qconfig))
     return {
-        "out": out,
-        "denoiser_bytes": (out / denoiser_name / WEIGHTS_NAME).stat().st_size,
+        "denoiser_bytes": (den / WEIGHTS_NAME).stat().st_size,
         "layers": len(qconfig["layers"]),
         "bos_cached": len(bos_rows),
     }
+
+
+# ----------------------------------------------------------------------------- integrity
+def tensors_digest(tensors: Mapping[str, torch.Tensor]) -> str:
+    """A hash of every tensor's name, dtype, shape and bytes (sorted by name)."""
+    h = hashlib.sha256()
+    for key in sorted(tensors):
+        t = tensors[key].detach().contiguous().cpu()
+        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def integrity_metadata(tensors: Mapping[str, torch.Tensor], qconfig: Mapping[str, Any]) -> dict[str, str]:
+    """The weights file's metadata: its tensors' hash, and the layer specs as exported (to name an edited field)."""
+    return {
+        "format": "pt",
+        "mpq_sha256": tensors_digest(tensors),
+        "mpq_layers": json.dumps(qconfig["layers"], sort_keys=True),
+    }
+
+
+def verify(weights: Path, cfg_path: Path, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, Any]) -> None:
+    """One-line errors for a damaged weights file or a layer spec edited after export."""
+    meta = read_tensor_metadata(weights)
+    if "mpq_sha256" not in meta:
+        return  # exported before checksums: nothing to compare
+    if tensors_digest(tensors) != meta["mpq_sha256"]:
+        raise MpqError(f"{weights}: checksum mismatch (changed or damaged after export); re-export with `mpq export`")
+    exported = json.loads(meta.get("mpq_layers", "{}"))
+    for path in sorted(set(exported) | set(layers)):
+        a, b = exported.get(path), layers.get(path)
+        if a != b:
+            field = next((k for k in sorted(set(a or {}) | set(b or {})) if (a or {}).get(k) != (b or {}).get(k)), "")
+            raise MpqError(
+                f"{cfg_path}: quantization_config layer '{path}' field '{field}' was changed after export "
+                f"({(a or {}).get(field)!r} -> {(b or {}).get(field)!r}); restore it or re-export with `mpq export`"
+            )
 
 
 # ----------------------------------------------------------------------------- loading
@@ -299,7 +323,17 @@ def load_denoiser(
     qconfig = config.pop("quantization_config", None)
     if not qconfig or qconfig.get("quant_method") != "mpq":
         raise MpqError(f"{cfg_path} has no mpq quantization_config; it is not an `mpq export --format mpq` folder")
-    if qconfig.get("format") != FORMAT:
+    odd = [
+        p
+        for p, spec in qconfig.get("layers", {}).items()
+        if isinstance(spec, dict) and spec.get("w_bits") in (3, 5, 6, 7)
+    ]
+    if qconfig.get("format") == "mpq-packed/1" and odd:
+        raise MpqError(
+            f"{cfg_path}: written by an older mpq, whose {len(odd)} 3/5/6/7-bit layers (first: {odd[0]}) this mpq "
+            "packs differently; re-export with `mpq export`"
+        )
+    if qconfig.get("format") not in (FORMAT, "mpq-packed/1"):
         raise MpqError(
             f"{cfg_path}: export format {qconfig.get('format')!r}, this mpq reads {FORMAT!r}; re-export with `mpq "
             "export`"
@@ -307,12 +341,20 @@ def load_denoiser(
     cls = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
     with torch.device("meta"):
         model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    tensors = load_tensors(weights)
+    verify(weights, cfg_path, tensors, qconfig["layers"])
     for path, spec_dict in qconfig["layers"].items():
         parent, _, child = path.rpartition(".")
+        spec = PackedSpec.from_dict(spec_dict, f"{cfg_path}: layer '{path}'")
+        try:
+            owner = model.get_submodule(parent) if parent else model
+        except AttributeError:
+            raise MpqError(
+                f"{cfg_path}: layer '{path}' is not a module of {cls.__name__}; re-export with `mpq export`"
+            ) from None
         with torch.device("meta"):
-            layer = PackedLayer(PackedSpec.from_dict(spec_dict))
-        setattr(model.get_submodule(parent) if parent else model, child, layer)
-    tensors = load_tensors(weights)
+            layer = PackedLayer(spec)
+        setattr(owner, child, layer)
     try:
         model.load_state_dict(tensors, strict=True, assign=True)
     except RuntimeError as err:

@@ -19,14 +19,15 @@ computed with the dequantized weight.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.export.pack import packed_numel, unpack
+from mpq.errors import MpqError
+from mpq.export.pack import MAX_BITS, packed_numel, unpack
 from mpq.quant.layers import by_part, fake_quant_input
 
 
@@ -51,8 +52,54 @@ class PackedSpec:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> PackedSpec:
-        return cls(**{**d, "shape": tuple(d["shape"]), "in_split": tuple(d["in_split"])})
+    def from_dict(cls, d: Any, where: str = "layer spec") -> PackedSpec:
+        """A spec read from an export, every field checked against what the format can store (one-line errors)."""
+        fix = "restore it or re-export with `mpq export`"
+        if not isinstance(d, dict):
+            raise MpqError(f"{where}: not a mapping; {fix}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise MpqError(f"{where}: unknown field '{unknown[0]}' (known: {', '.join(sorted(known))}); {fix}")
+        missing = sorted({"kind", "shape", "w_bits", "a_bits", "in_split"} - set(d))
+        if missing:
+            raise MpqError(f"{where}: field '{missing[0]}' is missing; {fix}")
+
+        def bad(key: str, why: str) -> MpqError:
+            return MpqError(f"{where}: field '{key}' is {d.get(key)!r}; {why}; {fix}")
+
+        if d["kind"] not in ("linear", "conv"):
+            raise bad("kind", "it must be linear or conv")
+        shape = d["shape"]
+        if not (
+            isinstance(shape, list)
+            and len(shape) == (2 if d["kind"] == "linear" else 4)
+            and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape)
+        ):
+            raise bad("shape", "it must be the weight's positive dimensions (2 for linear, 4 for conv)")
+        for key in ("w_bits", "a_bits"):
+            b = d[key]
+            if b is not None and not (isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BITS):
+                raise bad(key, f"it must be null (FP) or an integer 1..{MAX_BITS}")
+        split = d["in_split"]
+        if not (
+            isinstance(split, list)
+            and len(split) >= 2
+            and split[0] == 0
+            and split[-1] == shape[1]
+            and all(isinstance(x, int) for x in split)
+            and split == sorted(set(split))
+        ):
+            raise bad("in_split", f"it must rise from 0 to the input channels ({shape[1]})")
+        for key in ("bos_aware", "bos_cached", "a_symmetric", "bias"):
+            if key in d and not isinstance(d[key], bool):
+                raise bad(key, "it must be true or false")
+        if d["kind"] == "conv":
+            conv = d.get("conv")
+            keys = {"stride", "padding", "dilation", "groups"}
+            if not isinstance(conv, dict) or set(conv) != keys:
+                raise bad("conv", f"a conv layer needs {', '.join(sorted(keys))}")
+        return cls(**{**d, "shape": tuple(shape), "in_split": tuple(split)})
 
 
 class PackedLayer(nn.Module):

@@ -10,7 +10,8 @@ from omegaconf import DictConfig
 
 from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.errors import MpqError
-from mpq.models import DTYPES
+from mpq.export.folder import check_target, export_folder
+from mpq.models import DTYPES, denoiser_name
 from mpq.plan import BitPlan, final_plan
 from mpq.runner.rundir import RunDir
 
@@ -18,26 +19,36 @@ FORMATS = ("mpq", "torchao", "encodings")
 
 
 def export_plan(
-    cfg: DictConfig, run: RunDir, out: str | Path, fmt: str = "mpq", plan: BitPlan | None = None, fp_dtype: str = "fp16"
+    cfg: DictConfig,
+    run: RunDir,
+    out: str | Path,
+    fmt: str = "mpq",
+    plan: BitPlan | None = None,
+    fp_dtype: str = "fp16",
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Export ``plan`` (default: the selected plan) in ``fmt``."""
+    """Export ``plan`` (default: the selected plan) in ``fmt`` into ``out`` (see :mod:`mpq.export.folder` for what
+    ``out`` may be)."""
     from mpq.export.mpq_format import export_mpq
 
     if fmt not in FORMATS:
         raise MpqError(f"unknown export format {fmt!r}; choose one of {', '.join(FORMATS)}")
     if fp_dtype not in DTYPES:
         raise MpqError(f"unknown --fp-dtype {fp_dtype!r}; choose one of {', '.join(DTYPES)}")
-    if Path(out).resolve() == run.root.resolve():
-        raise MpqError("--out must be a new folder, not the run directory")
+    out = Path(out)
+    check_target(out, fmt, run.root, overwrite)  # before the pipeline loads
     pipe, qm, _ = quantized_pipeline(cfg, run, dtype=torch.float32)
     plan = plan if plan is not None else final_plan(run)
     plan.validate(qm.names, qm.bits)
-    if fmt == "mpq":
-        return export_mpq(pipe, qm, plan, out, cfg, DTYPES[fp_dtype])
-    if fmt == "torchao":
-        from mpq.export.torchao_format import export_torchao
+    with export_folder(out, fmt, run.root, overwrite) as folder:
+        if fmt == "mpq":
+            info = export_mpq(pipe, qm, plan, folder, cfg, DTYPES[fp_dtype], denoiser_name(pipe.components))
+        elif fmt == "torchao":
+            from mpq.export.torchao_format import export_torchao
 
-        return export_torchao(qm, plan, out, str(cfg.model.id))
-    from mpq.export.encodings import export_encodings
+            info = export_torchao(qm, plan, folder, str(cfg.model.id))
+        else:
+            from mpq.export.encodings import export_encodings
 
-    return export_encodings(qm, plan, out)
+            info = export_encodings(qm, plan, folder)
+    return {**info, "out": out}

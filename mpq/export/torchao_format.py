@@ -101,19 +101,17 @@ def apply_torchao(denoiser: nn.Module, fqn_config: Any) -> None:
     tq.quantize_(denoiser, fqn_config, filter_fn=None)
 
 
-def export_torchao(qm: QuantModel, plan: BitPlan, out: str | Path, model_id: str) -> dict[str, Any]:
+def export_torchao(qm: QuantModel, plan: BitPlan, out: Path, model_id: str) -> dict[str, Any]:
     """Write ``torchao_config.json`` (the serialized ``FqnToConfig``), ``torchao_layers.csv`` and
     ``torchao_summary.json`` into ``out``; :func:`load_torchao` applies them to the FP pipeline."""
     from torchao.core.config import config_to_dict
 
     fqn, rows = torchao_plan(qm, plan)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     write_json(out / "torchao_config.json", {"model_id": model_id, "fqn_to_config": config_to_dict(fqn)})
     write_csv(out / "torchao_layers.csv", rows, COLUMNS)
     summary = support_summary(rows)
     write_json(out / "torchao_summary.json", summary)
-    return {"out": out, "summary": summary, "layers": len(rows)}
+    return {"summary": summary, "layers": len(rows)}
 
 
 def load_torchao(out: str | Path, pipe: Any) -> Any:

@@ -18,7 +18,7 @@ from mpq.plan import BitPlan
 from mpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
 from mpq.quant.structure import PREFIX, Structure, quantizable_modules
 
-__all__ = ["PREFIX", "QuantModel", "fingerprint", "quantizable_modules"]
+__all__ = ["PREFIX", "QuantModel", "fingerprint", "quantizable_modules", "same_weights", "weights_sample"]
 
 
 def fingerprint(denoiser: nn.Module) -> str:
@@ -27,6 +27,25 @@ def fingerprint(denoiser: nn.Module) -> str:
     for name, m in quantizable_modules(denoiser).items():
         h.update(f"{name}:{tuple(m.weight.shape)};".encode())
     return h.hexdigest()[:16]
+
+
+def weights_sample(denoiser: nn.Module, per_layer: int = 4) -> list[float]:
+    """A few weight values of every quantizable layer (evenly strided, as fp32): tells two sets of weights of the
+    same architecture apart (another checkpoint, a fine-tune), while the model dtype's rounding does not."""
+    out: list[float] = []
+    for m in quantizable_modules(denoiser).values():
+        w = m.weight.detach().reshape(-1)
+        step = max(1, w.numel() // per_layer)
+        out += [float(v) for v in w[::step][:per_layer].float().cpu()]
+    return out
+
+
+def same_weights(a: Sequence[float], b: Sequence[float], rtol: float = 1e-2) -> bool:
+    """Whether two :func:`weights_sample` s come from the same weights (fp16/bf16 copies included)."""
+    if len(a) != len(b):
+        return False
+    ta, tb = torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)
+    return bool(torch.all((ta - tb).abs() <= rtol * tb.abs().clamp_min(1e-3)))
 
 
 class QuantModel:

@@ -184,9 +184,15 @@ def exported_sizes(
     bos = capture_bos_rows(pipe, qm, cfg)
     paths = [n[len(PREFIX) :] for n in qm.names]
     for label, res in results.items():  # "FP" (no plan) is the FP16 denoiser
-        tensors = denoiser_export(qm, plans.get(label, BitPlan()), torch.float16, bos)[0]
+        plan = plans.get(label, BitPlan())
+        tensors = denoiser_export(qm, plan, torch.float16, bos)[0]
         res["export_file_bytes"] = serialized_bytes(tensors)
         res["export_weight_bytes"] = weight_bytes_of(tensors, paths)
+        # where the stored bytes differ from the priced ones: the scales (stored fp32) and the FP weights (stored fp16)
+        n_scales = sum(layer.w_scale[0].numel() for name, layer in qm.layers.items() if name in plan.weight)
+        n_fp = sum(layer.weight.numel() for name, layer in qm.layers.items() if name not in plan.weight)
+        res["export_scale_extra_bytes"] = n_scales * (4 - cost.scale_bytes)
+        res["export_fp_weight_extra_bytes"] = n_fp * (2 - cost.fp_bytes)
     return {
         "format": "mpq",
         "fp_dtype": "float16",
@@ -255,12 +261,28 @@ def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:
             f"{fp16:,} "
             f"({fp16 / chosen['export_file_bytes']:.2f}x smaller); its layer weights {chosen['export_weight_bytes']:,} "
             "bytes vs "
-            f"{chosen['weight_bytes']:,.0f} computed (scales stored fp32, FP weights fp16)"
+            f"{chosen['weight_bytes']:,.0f} computed ({export_gap(chosen, s['export'])})"
         )
     adh = adherence_line(s)
     if adh:
         lines.append(f"  prompt adherence ({s['eval_prompts']['n']} prompts, {s['eval_prompts']['source']}): {adh}")
     return lines
+
+
+def export_gap(v: dict[str, Any], export: dict[str, Any]) -> str:
+    """Why a plan's exported layer-weight bytes differ from the cost model's, term by term (packed codes are priced
+    exactly as stored, so only scale and FP-weight widths remain)."""
+    parts = []
+    if v.get("export_scale_extra_bytes"):
+        parts.append(
+            f"{v['export_scale_extra_bytes']:+,} bytes: scales stored fp32, priced at {export['scale_bytes_counted']}"
+        )
+    if v.get("export_fp_weight_extra_bytes"):
+        parts.append(
+            f"{v['export_fp_weight_extra_bytes']:+,} bytes: FP weights stored fp16, priced at "
+            f"{export['fp_bytes_counted']}"
+        )
+    return "; ".join(parts) or "no difference"
 
 
 def adherence_line(summary: dict[str, Any], labels: tuple[str, ...] = ("FP", "W8A8", "W4A8", CHOSEN)) -> str | None:

@@ -139,12 +139,14 @@ def plan_args(args: argparse.Namespace) -> dict[str, Any] | None:
 
 
 def _bits_arg(value: str) -> int | None:
-    if value.lower() in ("fp", "none", "16", "32"):
+    if value.lower() in ("fp", "none"):
         return None
     try:
         return int(value)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"'{value}' is not a bit-width (an integer, or fp)") from None
+        raise argparse.ArgumentTypeError(
+            f"'{value}' is not a bit-width (an integer, or fp for floating point)"
+        ) from None
 
 
 # --------------------------------------------------------------------------- stage commands
@@ -224,9 +226,16 @@ def cmd_search(args: argparse.Namespace) -> None:
         args.out,
         Path(args.mixed_precision_config) if args.mixed_precision_config else None,
     )
-    if not (mixdq or req.single or req.compare):  # the run's sweep: the search stage
+    if not (mixdq or req.single or req.compare):  # the run's sweep: the search stage, its flags as config overrides
         if args.mode:
             args.overrides = [*args.overrides, f"search.mode={args.mode}"]
+        if args.target_bitwidth is not None:
+            if not args.kind:
+                raise MpqError(
+                    "--target_bitwidth for a run's sweep needs --kind weight|act (the two sweeps have their own "
+                    "targets)"
+                )
+            args.overrides = [*args.overrides, f"search.{args.kind}.target_bitwidth={args.target_bitwidth}"]
         return cmd_stage(args)
     if mixdq:
         cfg = resolve_run(args)[0] if (args.config or args.run_dir) else build_config({}, list(args.overrides))
@@ -280,9 +289,12 @@ def cmd_infer(args: argparse.Namespace) -> None:
     from mpq.final import plan_from_options, run_infer
 
     cfg, run = resolve_run(args)
-    outdir = Path(args.image_dir) if args.image_dir else run.generated_images
-    plan = plan_from_options(cfg, run, plan_args(args))
-    result = run_infer(cfg, run, plan, outdir, args.num_imgs or cfg.infer.num_images, prompts=args.prompt)
+    outdir = Path(args.image_dir) if args.image_dir else run.infer_images
+    if run.stage_owned(outdir):
+        raise MpqError(f"--image-dir {outdir} is the run directory or a stage's output folder; give another folder")
+    with run.lock("mpq infer"):
+        plan = plan_from_options(cfg, run, plan_args(args))
+        result = run_infer(cfg, run, plan, outdir, args.num_imgs or cfg.infer.num_images, prompts=args.prompt)
     msg = f"{len(result['images'])} images in {outdir}"
     if result["mse"] is not None:
         msg += f" (MSE vs FP images: {result['mse']:.6f})"
@@ -294,8 +306,9 @@ def cmd_export(args: argparse.Namespace) -> None:
     from mpq.final import plan_from_options
 
     cfg, run = resolve_run(args)
-    with run.lock("mpq export"):
-        info = export_plan(cfg, run, args.out, args.format, plan_from_options(cfg, run, plan_args(args)), args.fp_dtype)
+    with run.lock("mpq export", write=False):
+        plan = plan_from_options(cfg, run, plan_args(args))
+        info = export_plan(cfg, run, args.out, args.format, plan, args.fp_dtype, args.overwrite)
     if args.format == "mpq":
         print(
             f"exported to {info['out']}: {info['layers']} quantized layers, denoiser weights "
@@ -513,7 +526,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="image_dir",
         default=None,
         metavar="DIR",
-        help="image folder (default: RUN_DIR/generated_images)",
+        help="image folder (default: RUN_DIR/infer_images; never a stage's output folder)",
     )
     p.set_defaults(fn=cmd_infer, force=False)
 
@@ -537,7 +550,18 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="RUN_DIR",
         help="run directory with ckpt.safetensors",
     )
-    p.add_argument("--out", required=True, metavar="DIR", help="output folder (replaced atomically if it exists)")
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder: new, empty, or an earlier export of the same format (replaced atomically); "
+        "anything else needs --overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if it is not an mpq export (never a file or the run)",
+    )
     p.add_argument("--format", choices=("mpq", "torchao", "encodings"), default="mpq", help="default: mpq")
     p.add_argument(
         "--fp-dtype",
@@ -586,6 +610,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     tag = ""
     try:
+        if getattr(args, "nproc", None) is not None:
+            check_nproc(args.nproc)
         if getattr(args, "nproc", None) and args.nproc > 1 and not distributed.launched():
             from mpq.runner.launch import launch_local
 
@@ -610,6 +636,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         distributed.shutdown()
     return 0
+
+
+def check_nproc(n: int) -> None:
+    """``--nproc``: at least 1; a warning above the GPUs (or, without GPUs, the CPU cores); refused above four times
+    that, where ranks would only compete for the same devices and memory."""
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    devices, what = (gpus, "GPUs") if gpus else (os.cpu_count() or 1, "CPU cores")
+    if n < 1:
+        raise MpqError(f"--nproc {n}: give 1 or more processes")
+    if n > 4 * devices:
+        raise MpqError(f"--nproc {n} is far above the {devices} {what} here; use at most {devices}")
+    if n > devices:
+        print(f"mpq: warning: --nproc {n} is above the {devices} {what} here; ranks will share them", file=sys.stderr)
 
 
 def _without_nproc(argv: list[str]) -> list[str]:

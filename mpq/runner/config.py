@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import yaml
 from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
@@ -225,6 +226,15 @@ def _compose(path: Path) -> DictConfig:
     except HydraException as err:
         first = str(err).strip().splitlines()[0]
         raise MpqError(f"config {path}: {first}") from None
+    except yaml.YAMLError as err:
+        raise MpqError(f"config {path}: not valid YAML{_where(err)}; fix the file") from None
+    except UnicodeDecodeError:
+        raise MpqError(f"config {path}: not a UTF-8 text file; save it as UTF-8 YAML") from None
+
+
+def _where(err: Exception) -> str:
+    mark = getattr(err, "problem_mark", None)
+    return f" (line {mark.line + 1}, column {mark.column + 1})" if mark is not None else ""
 
 
 def _key_error(err: OmegaConfBaseException, source: str) -> MpqError:
@@ -290,6 +300,11 @@ def build_config(
             cfg = OmegaConf.merge(cfg, OmegaConf.from_dotlist([item]))
         except OmegaConfBaseException as err:
             raise _key_error(err, f"override '{item}'") from None
+        except yaml.YAMLError:
+            key, _, value = item.partition("=")
+            raise MpqError(
+                f"override '{item}': the value {value!r} of {key} is not valid YAML (a bracket or quote unclosed?)"
+            ) from None
     if not cfg.name:
         cfg.name = default_name or "run"
     validate(cfg)
@@ -301,7 +316,6 @@ def config_from_yaml_text(
     text: str, source: str, overrides: list[str] | tuple[str, ...] | Sequence[str] = ()
 ) -> DictConfig:
     """Rebuild a config saved in a run directory (already resolved), with ``key=value`` overrides."""
-    import yaml
 
     try:
         raw = OmegaConf.create(text)
@@ -323,13 +337,22 @@ def validate(cfg: DictConfig) -> None:
         raise MpqError(f"config key 'model.device' is '{cfg.model.device}'; use auto, cpu, cuda, cuda:N or mps")
     _one_of(cfg.sampling.scheduler, ("euler_ancestral", "euler", "ddim", "keep"), "sampling.scheduler")
     _one_of(cfg.sampling.timestep_spacing, ("trailing", "leading", "linspace"), "sampling.timestep_spacing")
+    if cfg.sampling.guidance_scale > 1.0:
+        raise MpqError(
+            f"config key 'sampling.guidance_scale' is {cfg.sampling.guidance_scale}: classifier-free guidance (> 1) is "
+            "not "
+            "supported yet (calibration records one denoiser row per prompt; guidance doubles the batch); use 0 or 1"
+        )
     if cfg.sampling.steps < 1:
         raise MpqError("config key 'sampling.steps' must be >= 1")
     if cfg.sampling.resolution % 8 or cfg.sampling.resolution < 32:
         raise MpqError(f"config key 'sampling.resolution' is {cfg.sampling.resolution}; use a multiple of 8, >= 32")
     bits = list(cfg.quant.bits)
-    if not bits or any(b < 2 or b > 16 for b in bits) or bits != sorted(set(bits)):
-        raise MpqError(f"config key 'quant.bits' is {bits}; give distinct increasing bit-widths in 2..16, e.g. [2,4,8]")
+    if not bits or any(b < 2 or b > 8 for b in bits) or bits != sorted(set(bits)):
+        raise MpqError(
+            f"config key 'quant.bits' is {bits}; give distinct increasing bit-widths in 2..8 (what the packed export "
+            "stores), e.g. [2,4,8]"
+        )
     _one_of(cfg.quant.weight.granularity, ("channel", "tensor"), "quant.weight.granularity")
     _one_of(cfg.quant.weight.scale_method, ("minmax", "mse"), "quant.weight.scale_method")
     _one_of(cfg.quant.act.calibration, ("mpq", "mixdq"), "quant.act.calibration")

@@ -97,11 +97,26 @@ def init() -> Dist:
     one GPU and adds nothing here."""
     if not launched():
         return Dist()
+    _die_with_parent()
     if not dist.is_initialized():
         if torch.cuda.is_available():
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
         dist.init_process_group("gloo", timeout=WAIT)
     return current()
+
+
+def _die_with_parent() -> None:
+    """A rank ends when the process that launched it does (Linux ``PR_SET_PDEATHSIG``): a launcher killed by the
+    system (out of memory) leaves no orphaned ranks behind."""
+    import ctypes
+    import signal
+    import sys
+
+    if sys.platform.startswith("linux"):
+        try:
+            ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+        except OSError:
+            pass
 
 
 def device_override(d: Dist) -> list[str]:

@@ -21,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from mpq.errors import MpqError
 from mpq.runner.config import config_from_yaml_text, load_config, to_yaml
-from mpq.runner.files import write_json, write_text
+from mpq.runner.files import file_digest, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -35,6 +35,9 @@ class StageSpec:
 class RunDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise MpqError(f"the run directory {self.root} is a file; give a folder (--outdir / --base_path)")
+        self._digests: dict[tuple[str, int, int], str] = {}
 
     # ------------------------------------------------------------------ paths (the only place that spells them)
     def __truediv__(self, rel: str) -> Path:
@@ -104,8 +107,29 @@ class RunDir:
         return self.root / "generated_images"
 
     @property
+    def infer_images(self) -> Path:
+        """``mpq infer``'s default image folder (never a stage's output)."""
+        return self.root / "infer_images"
+
+    @property
     def report(self) -> Path:
         return self.root / "report"
+
+    def stage_owned(self, path: str | Path) -> bool:
+        """Whether ``path`` is the run directory itself or lies in a folder a stage writes (images there belong to
+        it)."""
+        target = Path(path).resolve()
+        owned = (
+            self.calib,
+            self.fp_images,
+            self.sensitivity,
+            self.candidates,
+            self.selection,
+            self.generated_images,
+            self.report,
+            self.stamps,
+        )
+        return target == self.root.resolve() or any(target.is_relative_to(d.resolve()) for d in owned)
 
     @property
     def summary(self) -> Path:
@@ -152,28 +176,63 @@ class RunDir:
             upstream[up] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
         return {"config": values, "upstream": upstream}
 
-    def is_fresh(self, stage: StageSpec, cfg: DictConfig) -> bool:
+    def output_digests(self, stage: StageSpec) -> dict[str, str]:
+        """Content hashes of the stage's outputs: each output file, or every file under an output folder."""
+        out: dict[str, str] = {}
+        for rel in stage.outputs:
+            path = self.root / rel
+            files = (
+                sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+            )
+            for f in files:
+                if not f.name.startswith("."):  # temp and partial files are not outputs
+                    out[str(f.relative_to(self.root))] = self._digest(f)
+        return out
+
+    def _digest(self, path: Path) -> str:
+        st = path.stat()
+        key = (str(path), st.st_size, st.st_mtime_ns)  # a cache within this process only: freshness is by content
+        if key not in self._digests:
+            self._digests[key] = file_digest(path)
+        return self._digests[key]
+
+    def stage_state(self, stage: StageSpec, cfg: DictConfig) -> str:
+        """``fresh``; ``missing`` (never made, or an output it made is gone); ``unstamped`` (its outputs are there but
+        no stage of this run made them: put there by hand); ``stale`` (its config keys or an upstream stage changed
+        since); ``changed`` (an output's content differs from what the stage wrote)."""
         p = self._stamp_path(stage.name)
-        if not p.is_file() or not all((self.root / o).exists() for o in stage.outputs):
-            return False
+        if not all((self.root / o).exists() for o in stage.outputs):
+            return "missing"
+        if not p.is_file():
+            return "unstamped"
         try:
             stamp = json.loads(p.read_text())
         except json.JSONDecodeError:
-            return False
+            return "missing"
+        recorded = stamp.get("outputs") if isinstance(stamp, dict) else None
+        if not isinstance(recorded, dict) or any(not (self.root / rel).is_file() for rel in recorded):
+            return "missing"
         expected = self._expected(stage, cfg)
-        return stamp.get("config") == expected["config"] and stamp.get("upstream") == expected["upstream"]
+        if stamp.get("config") != expected["config"] or stamp.get("upstream") != expected["upstream"]:
+            return "stale"
+        return "fresh" if self.output_digests(stage) == recorded else "changed"
+
+    def is_fresh(self, stage: StageSpec, cfg: DictConfig) -> bool:
+        return self.stage_state(stage, cfg) == "fresh"
 
     def mark_done(self, stage: StageSpec, cfg: DictConfig, seconds: float) -> None:
         stamp = self._expected(stage, cfg)
+        stamp["outputs"] = self.output_digests(stage)
         stamp.update({"finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "seconds": round(seconds, 3)})
         write_json(self._stamp_path(stage.name), stamp)
 
     # ------------------------------------------------------------------ one job at a time
     @contextmanager
-    def lock(self, what: str) -> Iterator[None]:
+    def lock(self, what: str, write: bool = True) -> Iterator[None]:
         """Hold the run directory for this job. The lock is an OS file lock (``flock``), so a killed job's lock
         is gone with its process and never blocks a resume; a second job gets a one-line error naming the holder.
-        The ranks of one torchrun job are one holder: rank 0 takes the lock for all of them."""
+        The ranks of one torchrun job are one holder: rank 0 takes the lock for all of them. A job that only reads
+        the run (``write=False``: export) runs without the lock where the directory cannot be written."""
         import fcntl
         import os
         import socket
@@ -187,9 +246,18 @@ class RunDir:
         if d.enabled:
             what = f"{what} ({d.world} ranks)"
 
-        self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / ".lock"
-        f = open(path, "a+")  # noqa: SIM115 - held for the duration of the job
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            f = open(path, "a+")  # noqa: SIM115 - held for the duration of the job
+        except OSError as err:
+            if write or not self.root.is_dir():
+                raise MpqError(
+                    f"{self.root} cannot be written ({err.strerror or type(err).__name__}: {path}); "
+                    "give a run directory you can write to, or fix its permissions"
+                ) from None
+            yield  # read-only: nothing here is written, so nothing to guard
+            return
         try:
             try:
                 fcntl.flock(f.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -21,21 +21,14 @@ from typing import Any
 
 from mpq.errors import MpqError
 from mpq.runner import distributed
-from mpq.runner.files import read_json, write_json
+from mpq.runner.files import file_digest, read_json, write_json
+
+__all__ = ["ShardedWork", "file_digest", "signature"]
 
 
 def signature(**parts: Any) -> str:
     """A short hash of ``parts`` (JSON-serializable values)."""
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_digest(path: Path) -> str:
-    """The content hash of a file (freshness by content, not by file times: a copied run stays fresh)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()[:16]
 
 
 class ShardedWork:

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from mpq.errors import MpqError
 from mpq.layers import KINDS
 from mpq.runner import distributed
 from mpq.runner.rundir import RunDir, StageSpec
@@ -106,7 +107,7 @@ STAGES: dict[str, Stage] = {
             "calib",
             MODEL + ("model.dtype", "sampling", "calib.num_samples", "calib.prompts_file"),
             (),
-            ("calib/meta.json",),
+            ("calib/meta.json", "calib", "fp_images"),
             "run the FP pipeline; record denoiser I/O per step and FP reference images",
             _calib,
         ),
@@ -149,7 +150,7 @@ STAGES: dict[str, Stage] = {
                 "model.dtype",
             ),
             ("sensitivity",),
-            ("candidates/pareto.csv",),
+            ("candidates/pareto.csv", "candidates/weight", "candidates/act", "candidates/act_protect.pt"),
             "integer program: candidate plans over budgets x K",
             _search,
         ),
@@ -157,7 +158,13 @@ STAGES: dict[str, Stage] = {
             "select",
             MODEL + ("select", "sampling", "model.dtype", "search.protect_weights"),
             ("search",),
-            ("selection/final_weight.yaml", "selection/final_act.yaml"),
+            (
+                "selection/final_weight.yaml",
+                "selection/final_act.yaml",
+                "selection/final_act_protect.pt",
+                "selection/weight_scores.csv",
+                "selection/act_scores.csv",
+            ),
             "score every candidate plan by image MSE vs FP; choose the weight plan, then the act plan on top of it",
             _select,
         ),
@@ -185,15 +192,15 @@ STAGES: dict[str, Stage] = {
 SHARDED = ("sensitivity", "select")
 
 
-def run_stage(stage: Stage, ctx: Context, force: bool = False, log: Callable[[str], None] = print) -> Any:
-    """Run ``stage`` unless it is up to date; stamp it when done. In a torchrun job rank 0 decides and stamps;
-    a sharded stage runs on every rank, any other on rank 0 alone."""
+def run_stage(stage: Stage, ctx: Context, force: bool = False, log: Callable[[str], None] = print) -> tuple[bool, Any]:
+    """Run ``stage`` unless it is up to date; stamp it when done: (whether it ran, its result). In a torchrun job
+    rank 0 decides and stamps; a sharded stage runs on every rank, any other on rank 0 alone."""
     cfg, run = ctx.cfg, ctx.run
     d = distributed.current()
     fresh = d.broadcast(not force and run.is_fresh(stage, cfg) if d.is_main else None)
     if fresh:
         log(f"[{stage.name}] up to date, skipped ({run.root})")
-        return None
+        return False, None
     log(
         f"[{stage.name}] running ..."
         + (f" (sharded over {d.world} ranks)" if d.enabled and stage.name in SHARDED else "")
@@ -206,7 +213,14 @@ def run_stage(stage: Stage, ctx: Context, force: bool = False, log: Callable[[st
     if d.is_main:
         run.mark_done(stage, cfg, seconds)
     log(f"[{stage.name}] done in {seconds:.1f} s")
-    return result
+    return True, result
+
+
+USED_AS_IS = {
+    "unstamped": "not made by this run's stages",
+    "stale": "made with another config or other inputs",
+    "changed": "changed since the stage made them",
+}
 
 
 def run_through(
@@ -214,31 +228,36 @@ def run_through(
 ) -> Any:
     """Run every stage up to and including ``name`` (in registry order), skipping the up-to-date ones;
     ``force`` re-runs ``name`` itself. With ``rebuild_stale=False`` (a single-stage command) an upstream stage
-    runs only when its outputs are missing: files put there by hand (e.g. MixDQ's sensitivity yaml) are used,
-    with a note when their stamp does not match the config."""
+    runs only when an output is missing (never made, or a file it made is gone): files put there by hand (e.g.
+    MixDQ's sensitivity yaml) are used, with a note saying why they are not up to date."""
     needed = _closure(name)
+    if "search" in needed and list(ctx.cfg.sensitivity.layers):  # refused before any expensive stage runs
+        raise MpqError(
+            f"sensitivity.layers={list(ctx.cfg.sensitivity.layers)} restricts sensitivity to a subset, but the search "
+            f"needs every layer: set sensitivity.layers=[] (a subset is for `mpq sensitivity` alone)"
+        )
     result = None
     d = distributed.current()  # ranks other than 0 print to /dev/null (the CLI sets that up)
     with ctx.run.lock(f"mpq {name}"):
         if d.is_main:
             ctx.run.save_config(ctx.cfg)
+        remade: set[str] = set()
         for stage_name in STAGES:
             if stage_name not in needed:
                 continue
             stage = STAGES[stage_name]
-            keep = d.broadcast(
-                stage_name != name and not rebuild_stale and all((ctx.run / o).exists() for o in stage.outputs)
-                if d.is_main
-                else None
-            )
-            if keep:
-                if not ctx.run.is_fresh(stage, ctx.cfg):
+            state = d.broadcast(ctx.run.stage_state(stage, ctx.cfg) if d.is_main else None)
+            remade_input = any(up in remade for up in stage.upstream)  # its inputs were just made again: so is it
+            if stage_name != name and not rebuild_stale and state != "missing" and not remade_input:
+                if state != "fresh":
                     log(
-                        f"[{stage_name}] using the existing outputs, not made with this config (`mpq {stage_name} "
-                        "--force` re-makes them)"
+                        f"[{stage_name}] using the existing outputs, {USED_AS_IS[state]} "
+                        f"(`mpq {stage_name} --force` re-makes them)"
                     )
                 continue
-            result = run_stage(stage, ctx, force and stage_name == name, log)
+            ran, result = run_stage(stage, ctx, force and stage_name == name, log)
+            if ran:
+                remade.add(stage_name)
     return result
 
 

@@ -21,7 +21,7 @@ from mpq.runner.rundir import RunDir
 from mpq.search.build import compare_report, feasible_error, reference_problem, run_problem
 from mpq.search.candidates import Candidate, write_candidates
 from mpq.search.program import Problem, solve_compare
-from mpq.search.sweep import run_sweep, solve_point, sweep_grid
+from mpq.search.sweep import infeasible_sweep, run_sweep, solve_point, sweep_grid, write_sweep
 
 
 @dataclass
@@ -82,7 +82,10 @@ def solve(cfg: DictConfig, run: RunDir | None, req: SolveRequest, log: Callable[
             raise MpqError("give --mixed_precision_config DIR for the plan files")
         if not req.single:
             targets, ks = sweep_grid(s, k, target)
-            rows = run_sweep(problem, k, s.mode, targets, ks, s, outdir)
+            rows, plans = run_sweep(problem, k, s.mode, targets, ks, s)
+            if not plans:
+                raise infeasible_sweep(problem, k, s.mode, targets, ks)
+            write_sweep(outdir, plans)
             write_candidates(outdir / "pareto.csv", rows)
             log(sweep_summary(rows, outdir))
             continue

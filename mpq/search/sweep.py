@@ -14,6 +14,7 @@ from typing import Any
 
 import numpy as np
 
+from mpq.errors import MpqError
 from mpq.layers import KINDS
 from mpq.plan import write_plan
 from mpq.runner.progress import progress
@@ -55,12 +56,13 @@ def run_sweep(
     targets: Sequence[float],
     ks: Sequence[float],
     s: Any,
-    outdir: Path,
     show: bool = True,
-) -> list[Candidate]:
-    """Solve every (target, K); write each distinct plan once as ``<kind>_<target>_<K>.yaml``."""
+) -> tuple[list[Candidate], dict[str, dict[str, int]]]:
+    """Solve every (target, K): (one row per point, {file name: plan} with each distinct plan once, named
+    ``<kind>_<target>_<K>.yaml`` after the first point that found it). Nothing is written here."""
     rows: list[Candidate] = []
     written: dict[str, str] = {}
+    plans: dict[str, dict[str, int]] = {}
     points = [(t, k) for t in targets for k in ks]
     for t, k in progress(points, desc=f"search: {kind} plans", unit="plan", disable=not show, leave=False):
         budget = budget_for_avg(problem, t) if mode == "mpq" else float("nan")
@@ -83,11 +85,33 @@ def run_sweep(
             key = plan_key(sol.plan)
             if key not in written:
                 written[key] = f"{kind}_{t:.2f}_{k:.2f}.yaml"
-                write_plan(outdir / written[key], sol.plan)
+                plans[written[key]] = sol.plan
             row.plan_file = written[key]
         rows.append(row)
     mark_pareto(rows)
-    return rows
+    return rows, plans
+
+
+def write_sweep(folder: Path, plans: Mapping[str, Mapping[str, int]], prune: bool = False) -> None:
+    """Write ``plans`` into ``folder`` (MixDQ plan files); ``prune``: the run's own candidate folder, whose earlier plan
+    files not among ``plans`` are removed."""
+    for old in folder.glob("*.yaml") if prune else []:
+        if old.name not in plans:
+            old.unlink()
+    for name, plan in plans.items():
+        write_plan(folder / name, plan)
+
+
+def infeasible_sweep(problem: Problem, kind: str, mode: str, targets: Sequence[float], ks: Sequence[float]) -> MpqError:
+    """The one-line error for a sweep without a single feasible point, with the range that is feasible."""
+    lo, hi = problem.bytes_range()
+    a_lo, a_hi = problem.avg_range()
+    key = f"search.{kind}.target_bitwidth"
+    return MpqError(
+        f"no {kind} plan at any point of the sweep ({mode} mode, targets {min(targets):g}..{max(targets):g} avg bits, "
+        f"K {min(ks):g}..{max(ks):g}); feasible: {a_lo:.2f}..{a_hi:.2f} avg bits ({lo:,.0f}..{hi:,.0f} bytes); "
+        f"set {key} in that range (the earlier candidates are kept)"
+    )
 
 
 def mark_pareto(rows: list[Candidate]) -> None:
@@ -114,14 +138,19 @@ def mark_pareto(rows: list[Candidate]) -> None:
 def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool = True) -> list[Candidate]:
     """The search stage: candidates/{weight,act}/*.yaml, candidates/act_protect.pt, candidates/pareto.csv."""
     rows: list[Candidate] = []
-    for kind in kinds:
+    found: dict[str, dict[str, dict[str, int]]] = {}
+    protected: list[str] = []
+    for kind in kinds:  # every kind solved before anything is written: a failed search keeps the last good outputs
         problem, protect = run_problem(cfg, run, kind)
-        if kind == "act":
-            write_protect_list(run.act_protect, protect)
+        protected = protect if kind == "act" else protected
         targets, ks = sweep_grid(cfg.search, kind)
-        folder = run.candidates / kind
-        for old in folder.glob("*.yaml"):
-            old.unlink()
-        rows += run_sweep(problem, kind, cfg.search.mode, targets, ks, cfg.search, folder, show)
+        kind_rows, found[kind] = run_sweep(problem, kind, cfg.search.mode, targets, ks, cfg.search, show)
+        if not found[kind]:
+            raise infeasible_sweep(problem, kind, cfg.search.mode, targets, ks)
+        rows += kind_rows
+    if "act" in kinds:
+        write_protect_list(run.act_protect, protected)
+    for kind, plans in found.items():
+        write_sweep(run.candidates / kind, plans, prune=True)
     write_candidates(run.candidate_table, rows)
     return rows

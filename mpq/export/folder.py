@@ -1,0 +1,95 @@
+"""The output folder of ``mpq export``: checked before anything is written, filled in a temp folder, renamed into place.
+
+An export never deletes what it did not make: ``--out`` may be a new folder, an empty one, or an earlier export of
+the same format (its ``mpq_export.json`` says so); anything else needs ``--overwrite``, and a regular file, the run
+directory, a folder that contains it, or a folder inside it never qualifies. Leftovers of a killed export (the
+hidden temp and old folders beside ``--out``, recognised by their marker) are removed by the next export.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+from mpq.errors import MpqError
+
+MARKER = "mpq_export.json"
+
+
+def export_format(folder: Path) -> str | None:
+    """The format of an mpq export folder (its marker; an older ``mpq`` export by its denoiser config), else None."""
+    marker = folder / MARKER
+    if marker.is_file():
+        try:
+            return str(json.loads(marker.read_text()).get("format"))
+        except (json.JSONDecodeError, OSError, AttributeError):
+            return None
+    for name in ("unet", "transformer"):  # exports written before the marker
+        cfg = folder / name / "config.json"
+        try:
+            if (
+                cfg.is_file()
+                and json.loads(cfg.read_text()).get("quantization_config", {}).get("quant_method") == "mpq"
+            ):
+                return "mpq"
+        except (json.JSONDecodeError, OSError, AttributeError):
+            return None
+    return None
+
+
+def check_target(out: Path, fmt: str, run_root: Path, overwrite: bool) -> None:
+    """A one-line error unless ``out`` may receive a ``fmt`` export (see the module)."""
+    target, run = out.resolve(), run_root.resolve()
+    if out.exists() and not out.is_dir():
+        raise MpqError(f"--out {out} is a file, not a folder; give a new folder for the export")
+    if target == run or run.is_relative_to(target):
+        raise MpqError(f"--out {out} is or contains the run directory {run_root}; give a new folder for the export")
+    if target.is_relative_to(run) and out.exists() and export_format(out) is None:
+        raise MpqError(f"--out {out} is a folder of the run directory {run_root}; give a new folder for the export")
+    if not out.exists() or not any(out.iterdir()) or export_format(out) == fmt or overwrite:
+        return
+    held = sorted(p.name for p in out.iterdir())
+    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
+    kind = export_format(out)
+    what = f"an mpq {kind} export, not {fmt}" if kind else f"not an mpq export (it holds {shown})"
+    raise MpqError(f"--out {out} exists and is {what}; give a new folder, or --overwrite to replace it")
+
+
+def _clean_leftovers(out: Path) -> None:
+    """Hidden temp / old folders of an export killed earlier (only those carrying the marker)."""
+    if not out.parent.is_dir():
+        return
+    for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
+        for p in out.parent.glob(prefix + "*"):
+            if p.is_dir() and ((p / MARKER).is_file() or (p / out.name / MARKER).is_file() or not any(p.iterdir())):
+                shutil.rmtree(p, ignore_errors=True)
+
+
+@contextmanager
+def export_folder(out: str | Path, fmt: str, run_root: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temp folder to write the export into; on success it replaces ``out`` (checked first, see the module)."""
+    out = Path(out)
+    check_target(out, fmt, run_root, overwrite)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _clean_leftovers(out)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
+    try:
+        (tmp / MARKER).write_text(json.dumps({"format": fmt}) + "\n")
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
