@@ -33,10 +33,10 @@ from mpq.plan import BitPlan, write_plan
 from mpq.quant.model import QuantModel
 from mpq.report.evaluate import score_images
 from mpq.runner import distributed
-from mpq.runner.files import read_records, write_layer_list, write_records
+from mpq.runner.files import file_digest, read_records, write_layer_list, write_records
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
-from mpq.runner.sharded import ShardedWork, file_digest, signature
+from mpq.runner.sharded import ShardedWork, signature
 from mpq.search.candidates import Candidate, candidate_plans, read_candidates
 
 
@@ -94,6 +94,11 @@ def _trial(kind: str, plan: BitPlan, weight: BitPlan | None, protect_weights: bo
     return BitPlan(weight.weight, plan.act).protect(plan.protected, protect_weights)
 
 
+def _as_data(plan: BitPlan | None) -> list[Any] | None:
+    """A plan as plain sorted data (for a signature: the same in every process)."""
+    return None if plan is None else [sorted(plan.weight.items()), sorted(plan.act.items()), sorted(plan.protected)]
+
+
 def _score_one(s: _Session, kind: str, name: str, plan: BitPlan) -> dict[str, float]:
     s.qm.apply(plan)
     generated = generate(s.pipe, s.prompts, s.seeds, s.cfg)
@@ -122,7 +127,9 @@ def _score_kind(
         s.run.selection, f"{kind}_scores", sig, list(plans)
     )  # every plan costs the same (the same images)
     if not force and work.finished(s.run.scores(kind)):
-        return read_scores(s.run.scores(kind))
+        done = read_scores(s.run.scores(kind))
+        if {r.plan_file for r in done} == set(plans):
+            return done
     saved = work.resume()
     if saved and work.d.is_main:
         print(f"[select] {kind}: resuming, {len(saved)} of {len(plans)} plans already scored", flush=True)
@@ -150,7 +157,7 @@ def _score_kind(
     ranked[0].chosen = True
     if work.d.is_main:
         write_scores(s.run.scores(kind), ranked)
-    work.finish()
+    work.finish(s.run.scores(kind))
     return ranked
 
 
@@ -184,7 +191,11 @@ def run_selection(
                 raise MpqError(f"{table} lists no {kind} plans; re-run the search with a feasible budget")
             for f, plan in plans.items():
                 plan.validate(qm.names, qm.bits, f)
-            sig = signature(**base, kind=kind, weight=chosen["weight"].plan_file if final is not None else None)
+            # what the scores depend on: every input above, and the plans themselves (as they will run)
+            plan_sig = {
+                f: [sorted(p.weight.items()), sorted(p.act.items()), sorted(p.protected)] for f, p in plans.items()
+            }
+            sig = signature(**base, kind=kind, plans=plan_sig, weight=repr(final))
             chosen[kind] = _score_kind(session, kind, plans, by_file, final, sig, show, force)[0]
             final = _trial(kind, plans[chosen[kind].plan_file], final, cfg.search.protect_weights)
     finally:

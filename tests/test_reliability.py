@@ -40,7 +40,7 @@ def test_export_refuses_folders_it_did_not_make_and_replaces_its_own(tiny_run, t
     afile.write_text("notes")
     assert main([*base, "--out", str(afile)]) == 2
     assert "is a file" in one_line_error(capsys) and afile.read_text() == "notes"
-    for target in (tmp_path, run.root, run.root / "calib"):  # contains the run / is the run / is inside it
+    for target in (tmp_path, run.root, run.root / "calib", run.root / "fp_images" / "new"):  # contains / is / inside
         assert main([*base, "--out", str(target)]) == 2
         assert "run directory" in one_line_error(capsys)
     assert (run.root / "ckpt.safetensors").is_file() and (run.root / "calib" / "meta.json").is_file()
@@ -275,3 +275,27 @@ def test_odd_widths_pack_densely_and_cost_what_the_export_stores(tiny_run, tiny_
     pipe.unet = load_denoiser(folder)
     out = generate(pipe, ["a large red circle in the center on a white background"], [0], tiny_cfg, output_type="np")
     np.testing.assert_array_equal(ref[0], out[0])
+
+
+def test_finished_work_is_trusted_only_while_its_file_is_unchanged(tmp_path):
+    """The done marker holds the signature and the artifact's content hash: an edited artifact is computed again,
+    a finished one is read back; saved partial state is carried for items another rank count assigns elsewhere."""
+    from mpq.export.mpq_format import tensors_digest
+    from mpq.runner.sharded import ShardedWork
+
+    art = tmp_path / "scores.csv"
+    work = ShardedWork(tmp_path, "scores", "sig1", ["a", "b"])
+    work.resume()
+    work.state = {"a": 1}
+    work.save(force=True)
+    art.write_text("a,b\n")
+    work.finish(art)
+    assert ShardedWork(tmp_path, "scores", "sig1", ["a", "b"]).finished(art)
+    assert not ShardedWork(tmp_path, "scores", "sig2", ["a", "b"]).finished(art)  # other settings
+    art.write_text("a,b,c\n")
+    assert not ShardedWork(tmp_path, "scores", "sig1", ["a", "b"]).finished(art)  # edited since
+    again = ShardedWork(tmp_path, "scores", "sig1", ["a", "b"])
+    again.state, again._others = {"b": 2}, {"a": 1}
+    again.save(force=True)
+    assert json.loads((tmp_path / ".scores.partial.json").read_text())["items"] == {"a": 1, "b": 2}
+    assert tensors_digest({"x": torch.tensor(1.0)}) != tensors_digest({"x": torch.tensor(2.0)})  # 0-dim tensors too

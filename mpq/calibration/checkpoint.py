@@ -78,7 +78,7 @@ def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
             f"{qm.fingerprint}); "
             "use the matching config or re-run `mpq ptq`"
         )
-    if not same_weights(manifest.get("weights_sample", []), weights_sample(qm.denoiser)):
+    if not same_weights(manifest.get("weights_sample"), weights_sample(qm.denoiser)):
         raise MpqError(
             f"{path} was calibrated on other weights than the model loaded ({manifest['model_id']} there; the same "
             "architecture with other values: another checkpoint or a fine-tune); re-run `mpq ptq --force`"

@@ -88,7 +88,7 @@ def run_ptq(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str, 
     pipe = pipeline_in(cfg, torch_dtype(cfg.sensitivity.dtype), pipe)  # statistics in the sensitivity dtype (fp32)
     qm = QuantModel(denoiser_of(pipe))
     if calib.meta.get("fingerprint") != qm.fingerprint or not same_weights(
-        calib.meta.get("weights_sample", []), weights_sample(qm.denoiser)
+        calib.meta.get("weights_sample"), weights_sample(qm.denoiser)
     ):
         raise MpqError(
             f"{run.calib} was recorded with another model ({calib.meta.get('model_id')}); "

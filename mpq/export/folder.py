@@ -11,12 +11,14 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
 from mpq.errors import MpqError
+from mpq.runner.files import current_umask
 
 MARKER = "mpq_export.json"
 
@@ -44,12 +46,16 @@ def export_format(folder: Path) -> str | None:
 
 def check_target(out: Path, fmt: str, run_root: Path, overwrite: bool) -> None:
     """A one-line error unless ``out`` may receive a ``fmt`` export (see the module)."""
+    from mpq.runner.rundir import RunDir
+
     target, run = out.resolve(), run_root.resolve()
-    if out.exists() and not out.is_dir():
-        raise MpqError(f"--out {out} is a file, not a folder; give a new folder for the export")
+    if out.is_symlink() or (out.exists() and not out.is_dir()):
+        raise MpqError(f"--out {out} is a file or a link, not a folder; give a new folder for the export")
     if target == run or run.is_relative_to(target):
         raise MpqError(f"--out {out} is or contains the run directory {run_root}; give a new folder for the export")
-    if target.is_relative_to(run) and out.exists() and export_format(out) is None:
+    if RunDir(run_root).stage_owned(out) or (
+        target.is_relative_to(run) and out.exists() and export_format(out) is None
+    ):
         raise MpqError(f"--out {out} is a folder of the run directory {run_root}; give a new folder for the export")
     if not out.exists() or not any(out.iterdir()) or export_format(out) == fmt or overwrite:
         return
@@ -60,36 +66,56 @@ def check_target(out: Path, fmt: str, run_root: Path, overwrite: bool) -> None:
     raise MpqError(f"--out {out} exists and is {what}; give a new folder, or --overwrite to replace it")
 
 
+def _alive(marker: Path) -> bool:
+    """Whether the export that wrote ``marker`` may still be running (its process exists on this host)."""
+    try:
+        made = json.loads(marker.read_text())
+        if made.get("host") != socket.gethostname():
+            return True
+        os.kill(int(made["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError, TypeError, json.JSONDecodeError, OSError):
+        return False
+    return True
+
+
 def _clean_leftovers(out: Path) -> None:
-    """Hidden temp / old folders of an export killed earlier (only those carrying the marker)."""
+    """Hidden temp / old folders of an export killed earlier (only those carrying the marker of a process that is
+    gone: an export running beside this one keeps its folder)."""
     if not out.parent.is_dir():
         return
     for prefix in (f".{out.name}.tmp-", f".{out.name}.old-"):
         for p in out.parent.glob(prefix + "*"):
-            if p.is_dir() and ((p / MARKER).is_file() or (p / out.name / MARKER).is_file() or not any(p.iterdir())):
+            marker = next((m for m in (p / MARKER, p / out.name / MARKER) if m.is_file()), None)
+            if p.is_dir() and marker is not None and not _alive(marker):
                 shutil.rmtree(p, ignore_errors=True)
 
 
 @contextmanager
 def export_folder(out: str | Path, fmt: str, run_root: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temp folder to write the export into; on success it replaces ``out`` (checked first, see the module)."""
-    out = Path(out)
+    out = Path(os.path.abspath(out))  # "." and "dir/.." have a name to put temp folders beside
     check_target(out, fmt, run_root, overwrite)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _clean_leftovers(out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an export is an ordinary folder
     try:
-        (tmp / MARKER).write_text(json.dumps({"format": fmt}) + "\n")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        _clean_leftovers(out)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    except OSError as err:
+        raise MpqError(
+            f"--out {out}: cannot create a folder beside it ({err.strerror or err}); choose a writable place"
+        ) from None
+    os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; an export is an ordinary folder
+    try:
+        (tmp / MARKER).write_text(json.dumps({"format": fmt, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
         yield tmp
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        try:
+            if out.exists():
+                old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+                os.replace(out, old / out.name)
+                os.replace(tmp, out)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, out)
+        except OSError as err:
+            raise MpqError(f"--out {out}: the export could not be moved into place ({err.strerror or err})") from None
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

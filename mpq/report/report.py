@@ -189,9 +189,14 @@ def exported_sizes(
         res["export_file_bytes"] = serialized_bytes(tensors)
         res["export_weight_bytes"] = weight_bytes_of(tensors, paths)
         # where the stored bytes differ from the priced ones: the scales (stored fp32) and the FP weights (stored fp16)
-        n_scales = sum(layer.w_scale[0].numel() for name, layer in qm.layers.items() if name in plan.weight)
+        quantized = [layer for name, layer in qm.layers.items() if name in plan.weight]
+        stored = sum(4 * layer.w_scale[0].numel() for layer in quantized)  # fp32, per output channel and part
+        priced = sum(
+            cost.scale_bytes * (layer.w_scale.shape[-1] if cost.per_channel else 1) * layer.n_parts
+            for layer in quantized
+        )
         n_fp = sum(layer.weight.numel() for name, layer in qm.layers.items() if name not in plan.weight)
-        res["export_scale_extra_bytes"] = n_scales * (4 - cost.scale_bytes)
+        res["export_scale_extra_bytes"] = stored - priced
         res["export_fp_weight_extra_bytes"] = n_fp * (2 - cost.fp_bytes)
     return {
         "format": "mpq",

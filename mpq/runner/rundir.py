@@ -16,6 +16,7 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -37,7 +38,6 @@ class RunDir:
         self.root = Path(root)
         if self.root.exists() and not self.root.is_dir():
             raise MpqError(f"the run directory {self.root} is a file; give a folder (--outdir / --base_path)")
-        self._digests: dict[tuple[str, int, int], str] = {}
 
     # ------------------------------------------------------------------ paths (the only place that spells them)
     def __truediv__(self, rel: str) -> Path:
@@ -176,30 +176,34 @@ class RunDir:
             upstream[up] = hashlib.sha256(p.read_bytes()).hexdigest()[:16] if p.is_file() else None
         return {"config": values, "upstream": upstream}
 
-    def output_digests(self, stage: StageSpec) -> dict[str, str]:
-        """Content hashes of the stage's outputs: each output file, or every file under an output folder."""
-        out: dict[str, str] = {}
+    def output_files(self, stage: StageSpec) -> list[Path]:
+        """The stage's output files: each output file, or every file under an output folder (hidden ones excepted)."""
+        files: list[Path] = []
         for rel in stage.outputs:
             path = self.root / rel
-            files = (
+            found = (
                 sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
             )
-            for f in files:
-                if not f.name.startswith("."):  # temp and partial files are not outputs
-                    out[str(f.relative_to(self.root))] = self._digest(f)
-        return out
+            files += [f for f in found if not f.name.startswith(".")]  # temp and partial files are not outputs
+        return files
 
-    def _digest(self, path: Path) -> str:
-        st = path.stat()
-        key = (str(path), st.st_size, st.st_mtime_ns)  # a cache within this process only: freshness is by content
-        if key not in self._digests:
-            self._digests[key] = file_digest(path)
-        return self._digests[key]
+    def output_digests(self, stage: StageSpec, known: dict[str, Any] | None = None) -> dict[str, list[Any]]:
+        """{file: [content hash, size, mtime_ns]} of the stage's outputs. A file whose size and time equal ``known``'s
+        record keeps its recorded hash (not read again); any other is hashed: a copy, whose times differ, is
+        compared by content."""
+        known = known or {}
+        out: dict[str, list[Any]] = {}
+        for f in self.output_files(stage):
+            rel, st = str(f.relative_to(self.root)), f.stat()
+            rec = known.get(rel)
+            same = isinstance(rec, list) and len(rec) == 3 and rec[1:] == [st.st_size, st.st_mtime_ns]
+            out[rel] = [rec[0] if same else file_digest(f), st.st_size, st.st_mtime_ns]
+        return out
 
     def stage_state(self, stage: StageSpec, cfg: DictConfig) -> str:
         """``fresh``; ``missing`` (never made, or an output it made is gone); ``unstamped`` (its outputs are there but
         no stage of this run made them: put there by hand); ``stale`` (its config keys or an upstream stage changed
-        since); ``changed`` (an output's content differs from what the stage wrote)."""
+        since, or the stamp is from an older mpq); ``changed`` (an output's content differs from what it wrote)."""
         p = self._stamp_path(stage.name)
         if not all((self.root / o).exists() for o in stage.outputs):
             return "missing"
@@ -210,12 +214,15 @@ class RunDir:
         except json.JSONDecodeError:
             return "missing"
         recorded = stamp.get("outputs") if isinstance(stamp, dict) else None
-        if not isinstance(recorded, dict) or any(not (self.root / rel).is_file() for rel in recorded):
+        if not isinstance(recorded, dict):
+            return "stale"  # written before stamps recorded their outputs
+        if any(not (self.root / rel).is_file() for rel in recorded):
             return "missing"
         expected = self._expected(stage, cfg)
         if stamp.get("config") != expected["config"] or stamp.get("upstream") != expected["upstream"]:
             return "stale"
-        return "fresh" if self.output_digests(stage) == recorded else "changed"
+        now = self.output_digests(stage, recorded)
+        return "fresh" if {k: v[0] for k, v in now.items()} == {k: v[0] for k, v in recorded.items()} else "changed"
 
     def is_fresh(self, stage: StageSpec, cfg: DictConfig) -> bool:
         return self.stage_state(stage, cfg) == "fresh"

@@ -23,8 +23,6 @@ from mpq.errors import MpqError
 from mpq.runner import distributed
 from mpq.runner.files import file_digest, read_json, write_json
 
-__all__ = ["ShardedWork", "file_digest", "signature"]
-
 
 def signature(**parts: Any) -> str:
     """A short hash of ``parts`` (JSON-serializable values)."""
@@ -55,6 +53,7 @@ class ShardedWork:
         self._save_every_s = save_every_s
         self._last_save = time.monotonic()
         self.state: dict[str, Any] = {}  # this rank's items' state, as saved
+        self._others: dict[str, Any] = {}  # other items' saved state (another rank count's work), carried along
 
     def assign(self, costs: Mapping[str, float] | None = None) -> None:
         """Share the items out by ``costs`` (default: equal)."""
@@ -75,12 +74,15 @@ class ShardedWork:
     def _partial_files(self) -> list[Path]:
         return sorted(self.folder.glob(f".{self.key}.partial*.json"))
 
-    def finished(self, artifact: Path, extra: Mapping[str, Any] | None = None) -> bool:
-        """Whether ``artifact`` exists and was finished with this signature (and ``extra``)."""
+    def _made(self, artifact: Path) -> dict[str, str]:
+        return {"signature": self.sig, "artifact": file_digest(artifact)}
+
+    def finished(self, artifact: Path) -> bool:
+        """Whether ``artifact`` is the one finished with this signature (its content unchanged since)."""
         if not (self.persist and artifact.is_file() and self.done_marker.is_file()):
             return False
         try:
-            return read_json(self.done_marker) == {"signature": self.sig, **(extra or {})}
+            return read_json(self.done_marker) == self._made(artifact)
         except MpqError:
             return False
 
@@ -103,12 +105,15 @@ class ShardedWork:
                 if item in self.costs and (item not in best or self._progress(state) > self._progress(best[item])):
                     best[item] = state
         self.state = {i: s for i, s in best.items() if i in self.mine}
+        self._others = {i: s for i, s in best.items() if i not in self.mine}  # kept on disk for a later rank count
+        if self.persist and self.d.is_main:
+            self.done_marker.unlink(missing_ok=True)  # being computed again: whatever was finished is not, until done
         return best
 
     def save(self, force: bool = False) -> None:
         """Write this rank's partial file (at most every ``save_every_s`` unless ``force``)."""
         if self.persist and (force or time.monotonic() - self._last_save >= self._save_every_s):
-            write_json(self._partial(), {"signature": self.sig, "items": self.state})
+            write_json(self._partial(), {"signature": self.sig, "items": {**self._others, **self.state}})
             self._last_save = time.monotonic()
 
     # ------------------------------------------------------------------ ranks
@@ -127,10 +132,11 @@ class ShardedWork:
             self.report = report
         return merged
 
-    def finish(self, extra: Mapping[str, Any] | None = None) -> None:
-        """Rank 0: the artifact is written; mark it done and drop the partial files. Every rank waits for it."""
+    def finish(self, artifact: Path) -> None:
+        """Rank 0: ``artifact`` is written; mark it done (signature + its content hash) and drop the partial files.
+        Every rank waits for it."""
         if self.d.is_main and self.persist:
-            write_json(self.done_marker, {"signature": self.sig, **(extra or {})})
+            write_json(self.done_marker, self._made(artifact))
             for f in self._partial_files():
                 f.unlink(missing_ok=True)
         self.d.barrier()

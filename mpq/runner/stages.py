@@ -246,9 +246,11 @@ def run_through(
             if stage_name not in needed:
                 continue
             stage = STAGES[stage_name]
-            state = d.broadcast(ctx.run.stage_state(stage, ctx.cfg) if d.is_main else None)
-            remade_input = any(up in remade for up in stage.upstream)  # its inputs were just made again: so is it
-            if stage_name != name and not rebuild_stale and state != "missing" and not remade_input:
+            # a single-stage command keeps an upstream stage's existing outputs, unless one is missing or its inputs
+            # were just made again
+            may_keep = stage_name != name and not rebuild_stale and not any(up in remade for up in stage.upstream)
+            state = d.broadcast(ctx.run.stage_state(stage, ctx.cfg) if d.is_main and may_keep else None)
+            if may_keep and state != "missing":
                 if state != "fresh":
                     log(
                         f"[{stage_name}] using the existing outputs, {USED_AS_IS[state]} "

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import time
 from fnmatch import fnmatchcase
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -29,10 +30,10 @@ from mpq.metrics import sqnr
 from mpq.models import torch_dtype
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.runner import distributed
-from mpq.runner.files import read_json, write_json, write_yaml
+from mpq.runner.files import file_digest, read_json, write_json, write_yaml
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
-from mpq.runner.sharded import ShardedWork, file_digest, signature
+from mpq.runner.sharded import ShardedWork, signature
 from mpq.search.mixdq_files import read_sensitivity
 from mpq.sensitivity import METRICS
 from mpq.sensitivity.costs import layer_costs
@@ -145,7 +146,7 @@ def compute_sensitivity(
     result = work.collect(result, busy, "layers", f"[sensitivity] {kind} {metric}")
     if work.d.is_main and write:
         _write(run, out, {n: result[n] for n in names}, scorer, cfg, kind, metric, work.report)
-    work.finish()
+    work.finish(out)
     return {n: result[n] for n in names}
 
 
@@ -194,7 +195,7 @@ def _score(
 
 def _write(
     run: RunDir,
-    out: Any,
+    out: Path,
     result: dict[str, list[float]],
     scorer: Any,
     cfg: DictConfig,
@@ -220,31 +221,31 @@ def _write(
     write_yaml(out, {n: [round(v, 6) if math.isfinite(v) else v for v in vals] for n, vals in result.items()})
 
 
-def float_floor(cfg: DictConfig, work: Sqnr) -> dict[str, Any]:
+def float_floor(cfg: DictConfig, scorer: Sqnr) -> dict[str, Any]:
     """The float noise floors (SQNR in dB, +inf when exact): ``run_floor_db``, the calibration run's FP
     output (``model.dtype``) against this pass's FP output (``sensitivity.dtype``); ``sensitivity_floor_db``,
     this pass's FP output against the same weights in fp32 (first batch; +inf when already fp32). A
     quantization error below a floor is masked by that dtype's own rounding."""
-    for k in range(len(work.batches)):
-        if k not in work.refs:
-            work.run_fp(k)
-    params = dict(work.qm.denoiser.named_parameters())
+    for k in range(len(scorer.batches)):
+        if k not in scorer.refs:
+            scorer.run_fp(k)
+    params = dict(scorer.qm.denoiser.named_parameters())
     sens_floor = float("inf")
     if next(iter(params.values())).dtype != torch.float32:
         from torch.func import functional_call
 
         fp32 = {k: v.float() for k, v in params.items()}  # buffers (the quant params) are left as they are
-        kwargs = repeat_batch(work.batches[0], 1)
+        kwargs = repeat_batch(scorer.batches[0], 1)
         kwargs = {
             k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()
         }
         with torch.no_grad():
-            hi = functional_call(work.qm.denoiser, fp32, args=(), kwargs={**kwargs, "return_dict": False})[0]
-        sens_floor = sqnr(work.refs[0], hi)
+            hi = functional_call(scorer.qm.denoiser, fp32, args=(), kwargs={**kwargs, "return_dict": False})[0]
+        sens_floor = sqnr(scorer.refs[0], hi)
     return {
         "model_dtype": cfg.model.dtype,
         "sensitivity_dtype": cfg.sensitivity.dtype,
-        "run_floor_db": work.float_floor_db(),
+        "run_floor_db": scorer.float_floor_db(),
         "sensitivity_floor_db": sens_floor,
     }
 
