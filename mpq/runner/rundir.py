@@ -214,8 +214,8 @@ class RunDir:
         except json.JSONDecodeError:
             return "missing"
         recorded = stamp.get("outputs") if isinstance(stamp, dict) else None
-        if not isinstance(recorded, dict):
-            return "stale"  # written before stamps recorded their outputs
+        if not isinstance(recorded, dict) or not all(isinstance(v, list) and len(v) == 3 for v in recorded.values()):
+            return "stale"  # written before stamps recorded their outputs this way
         if any(not (self.root / rel).is_file() for rel in recorded):
             return "missing"
         expected = self._expected(stage, cfg)
