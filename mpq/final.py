@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from mpq.calibration.checkpoint import quantized_pipeline
+from mpq.calibration.checkpoint import quantized_pipeline, read_manifest
 from mpq.calibration.record import calib_prompts
 from mpq.images import generate, load_images, save_images, to_array
 from mpq.metrics import image_mse
@@ -62,10 +62,7 @@ def run_final(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str
 
 def plan_from_options(cfg: DictConfig, run: RunDir, options: dict[str, Any] | None) -> BitPlan | None:
     """The plan given on the command line (``mpq infer``, ``mpq export``: uniform bits or MixDQ files), validated
-    against
-    the run's checkpoint; ``None`` when no plan option is given (``options`` None)."""
-    from mpq.calibration.checkpoint import read_manifest
-
+    against the run's checkpoint; ``None`` when no plan option is given (``options`` None)."""
     if options is None:
         return None
     manifest = read_manifest(run.require(run.ckpt, f"run `mpq ptq --base_path {run.root}` first"))

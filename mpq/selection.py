@@ -25,13 +25,12 @@ import numpy as np
 from omegaconf import DictConfig, OmegaConf
 
 from mpq.calibration.checkpoint import quantized_pipeline
-from mpq.calibration.record import calib_prompts, fp_image_paths
 from mpq.errors import MpqError
-from mpq.images import generate, load_images, save_images, to_array
+from mpq.images import generate, save_images
 from mpq.layers import KINDS
 from mpq.plan import BitPlan, write_plan
 from mpq.quant.model import QuantModel
-from mpq.report.evaluate import score_images
+from mpq.report.evaluate import calibration_set, score_images
 from mpq.runner import distributed
 from mpq.runner.files import file_digest, read_records, write_layer_list, write_records
 from mpq.runner.progress import progress
@@ -167,16 +166,15 @@ def run_selection(
     """Score every weight candidate (activations FP), then every act candidate on top of the chosen weight plan;
     write the final plan exactly as it ran."""
     pipe, qm, _ = quantized_pipeline(cfg, run, pipe)
-    prompts, seeds = calib_prompts(run)
-    n = min(cfg.select.num_images, len(prompts))
-    refs = to_array(load_images(fp_image_paths(run, n), f"re-run `mpq calib --force --base_path {run.root}`"))
+    images = calibration_set(run, cfg.select.num_images)
+    n = len(images.prompts)
     table = run.require(run.candidate_table, f"run `mpq search --base_path {run.root}` first")
     rows = read_candidates(table)
     by_file = {r.plan_file: r for r in rows if r.feasible}
-    session = _Session(cfg, run, pipe, qm, prompts[:n], seeds[:n], refs)
+    session = _Session(cfg, run, pipe, qm, images.prompts, images.seeds, images.refs)
     base = {
         "n": n,
-        "seeds": seeds[:n],
+        "seeds": images.seeds,
         "ckpt": file_digest(run.ckpt),
         "candidates": file_digest(table),
         "protect_weights": cfg.search.protect_weights,

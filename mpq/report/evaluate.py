@@ -57,16 +57,18 @@ class EvalSet:
         return to_array(self.fp_images)
 
 
+def calibration_set(run: RunDir, n: int) -> EvalSet:
+    """The first ``n`` calibration prompts, their seeds and the run's FP images of them (selection, the report)."""
+    prompts, seeds = calib_prompts(run)
+    n = min(n, len(prompts))
+    fix = f"re-run `mpq calib --force --base_path {run.root}`"
+    return EvalSet(prompts[:n], seeds[:n], load_images(fp_image_paths(run, n), fix))
+
+
 def eval_set(cfg: DictConfig, run: RunDir, pipe: Any, folder: Path) -> EvalSet:
     """The evaluation prompts, seeds and FP images (generated into ``folder`` unless they are the calibration ones)."""
     if cfg.eval.prompts_file is None:
-        prompts, seeds = calib_prompts(run)
-        n = min(cfg.eval.num_images, len(prompts))
-        return EvalSet(
-            prompts[:n],
-            seeds[:n],
-            load_images(fp_image_paths(run, n), f"re-run `mpq calib --force --base_path {run.root}`"),
-        )
+        return calibration_set(run, cfg.eval.num_images)
     listed = read_prompts(cfg.eval.prompts_file, "eval.prompts_file")
     prompts, seeds = cycle(listed, min(cfg.eval.num_images, len(listed)), cfg.sampling.seed)
     images = generate(pipe, prompts, seeds, cfg, desc="eval: FP images")

@@ -19,7 +19,6 @@ import numpy as np
 from omegaconf import DictConfig
 
 from mpq.calibration.checkpoint import quantized_pipeline, run_layers
-from mpq.calibration.record import calib_prompts, fp_image_paths
 from mpq.cost import CostModel
 from mpq.errors import MpqError
 from mpq.images import load_images, to_array
@@ -27,7 +26,7 @@ from mpq.layers import KINDS, LayerInfo
 from mpq.metrics import image_mse
 from mpq.plan import BitPlan, final_plan, read_plan
 from mpq.quant.model import QuantModel
-from mpq.report.evaluate import EvalSet, eval_set, evaluate_plans, slug
+from mpq.report.evaluate import calibration_set, eval_set, evaluate_plans, slug
 from mpq.report.plots import plot_pareto, plot_selection, plot_sensitivity
 from mpq.runner.files import write_json, write_text
 from mpq.runner.rundir import RunDir
@@ -88,13 +87,7 @@ def uniform_selection_points(
 ) -> dict[str, list[dict[str, Any]]]:
     """Uniform reference plans scored like the candidates, on the selection images: W8/W4/W2 (activations FP) for the
     weight plot, A8/A4 on top of the chosen weight plan for the act plot. {kind: [{label, bytes, mse}]}"""
-    prompts, seeds = calib_prompts(run)
-    n = min(cfg.select.num_images, len(prompts))
-    data = EvalSet(
-        prompts[:n],
-        seeds[:n],
-        load_images(fp_image_paths(run, n), f"re-run `mpq calib --force --base_path {run.root}`"),
-    )
+    data = calibration_set(run, cfg.select.num_images)
     plans: dict[str, tuple[str, BitPlan]] = {}
     for b in (8, 4, 2):
         if b in qm.bits:

@@ -6,8 +6,8 @@ selection (items: candidate plans) both run through :class:`ShardedWork`.
   an item is computed whole by one rank, with the batches one process would use, so no number depends on it.
 * **Partial files**: each process keeps its own ``.<key>.partial[.rank<R>].json`` (atomic writes); a re-run with
   any number of ranks merges them, per item the state that got furthest (``progress``).
-* **Done marker**: ``.<key>.done.json`` beside a finished artifact records the signature it was made with, so a
-  resumed stage does not compute it again.
+* **Done marker**: ``.<key>.done.json`` beside a finished artifact records the signature it was made with and the
+  artifact's content hash, so a resumed stage does not compute it again, and an edited artifact is not trusted.
 """
 
 from __future__ import annotations
