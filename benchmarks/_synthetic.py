@@ -11,7 +11,7 @@ from typing import Any
 import torch
 
 from mpq.calibration.record import OUTPUT_KEY, CalibData
-from mpq.quant.structure import example_inputs
+from mpq.models.loader import meta_inputs
 
 
 def random_denoiser(
@@ -23,7 +23,7 @@ def random_denoiser(
     from mpq.models.loader import quiet_loading
 
     quiet_loading()
-    config = {k: v for k, v in arch["unet"].items() if not k.startswith("_")}
+    config = {k: v for k, v in arch["denoiser"].items() if not k.startswith("_")}
     old = torch.get_default_dtype()
     torch.manual_seed(seed)
     try:
@@ -41,7 +41,7 @@ def synthetic_calib(
     """``n`` random denoiser inputs (one step) and the denoiser's FP outputs on them."""
     param = next(denoiser.parameters())
     g = torch.Generator("cpu").manual_seed(seed)
-    shapes = example_inputs(arch, resolution, batch=n, device="cpu")
+    shapes = meta_inputs(arch, resolution, None, batch=n)  # shapes only (meta device)
     flat: dict[str, torch.Tensor] = {
         "sample": torch.randn(shapes["sample"].shape, generator=g),
         "timestep": torch.randint(0, 1000, (n,), generator=g),

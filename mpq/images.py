@@ -21,6 +21,36 @@ def generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
 
 
+class PromptEmbeddings:
+    """Prompts encoded once per pipeline, by its family adapter, and reused for every generation of the same batch
+    of prompts (the text encoders are never quantized: selection and the report score many plans on the same
+    prompts). A pipeline without ``encode_prompt`` gets the prompts themselves."""
+
+    def __init__(self, pipe: Any, cfg: DictConfig) -> None:
+        from mpq.families import family_of
+
+        self.pipe, self.cfg, self.family = pipe, cfg, family_of(pipe)
+        self.enabled = hasattr(pipe, "encode_prompt")
+        self._cache: dict[tuple[str, ...], dict[str, Any]] = {}
+
+    def kwargs(self, prompts: Sequence[str]) -> dict[str, Any]:
+        """Pipeline-call kwargs that stand for ``prompts``."""
+        if not self.enabled:
+            return {"prompt": list(prompts)}
+        key = tuple(prompts)
+        if key not in self._cache:
+            c = self.cfg.sampling
+            with torch.no_grad():
+                self._cache[key] = self.family.encode_prompts(
+                    self.pipe,
+                    list(prompts),
+                    self.family.doubles_batch(c.guidance_scale),
+                    c.max_sequence_length,
+                    self.pipe._execution_device,
+                )
+        return self._cache[key]
+
+
 def generate(
     pipe: Any,
     prompts: Sequence[str],
@@ -29,9 +59,14 @@ def generate(
     batch_size: int | None = None,
     desc: str | None = None,
     output_type: str = "pil",
+    text: PromptEmbeddings | None = None,
 ) -> list[Any]:
-    """Generate one image per (prompt, seed). ``output_type='np'`` gives float arrays in [0, 1]."""
+    """Generate one image per (prompt, seed). ``output_type='np'`` gives float arrays in [0, 1]; ``text``: reuse
+    prompt embeddings encoded once (same images)."""
+    from mpq.families import family_of
+
     batch_size = batch_size or cfg.sampling.batch_size
+    extra = family_of(pipe).call_kwargs(pipe, cfg.sampling.max_sequence_length)
     out: list[Any] = []
     starts = range(0, len(prompts), batch_size)
     bar = progress(starts, desc=desc, unit="batch", leave=False, disable=desc is None)
@@ -39,13 +74,14 @@ def generate(
         p, s = list(prompts[i : i + batch_size]), seeds[i : i + batch_size]
         with torch.no_grad():
             result = pipe(
-                prompt=p,
+                **(text.kwargs(p) if text is not None else {"prompt": p}),
                 num_inference_steps=cfg.sampling.steps,
                 guidance_scale=cfg.sampling.guidance_scale,
                 height=cfg.sampling.resolution,
                 width=cfg.sampling.resolution,
                 generator=generators(s),
                 output_type=output_type,
+                **extra,
             )
         out.extend(list(result.images))
     return out

@@ -7,7 +7,8 @@ run, ``mpq layers --meta`` makes the same description from the architecture
 on the meta device (:func:`meta_layers`), through the same code.
 
 Groups: a layer is *content*-related (scored by SSIM) when a pattern of
-``groups.content`` matches it, else *quality*-related (SQNR).
+``groups.content`` matches it (default: its denoiser family's, e.g. ``attn2``
+and ``ff`` for a UNet, the text stream for MMDiT), else *quality*-related (SQNR).
 """
 
 from __future__ import annotations
@@ -38,6 +39,13 @@ def pattern_matches(pattern: str, name: str) -> bool:
     if pattern.startswith("re:"):
         return re.search(pattern[3:], name) is not None
     return pattern in name.split(".")
+
+
+def content_patterns(cfg: DictConfig, family: str) -> list[str]:
+    """``groups.content`` if set, else the denoiser family's default content group (:mod:`mpq.families`)."""
+    from mpq.families import family_of
+
+    return list(cfg.groups.content) if cfg.groups.content is not None else list(family_of(family).content)
 
 
 def group_of(name: str, content_patterns: Sequence[str]) -> str:
@@ -128,17 +136,19 @@ def meta_layers(cfg: DictConfig) -> list[LayerInfo]:
     """The layer table of the configured denoiser without weights: built on the meta device, traced once at
     ``sampling.resolution``; input splits and BOS-aware layers as ``quant.split_shortcut`` / ``quant.act.bos_aware``
     set them. A run reads the same description from its checkpoint instead."""
-    from mpq.models import load_arch, meta_denoiser
+    from mpq.models.loader import arch_family, load_arch, meta_denoiser, meta_inputs
     from mpq.quant.model import QuantModel
-    from mpq.quant.structure import example_inputs, trace
+    from mpq.quant.structure import trace
 
     arch = load_arch(cfg)
+    family = arch_family(arch)
     qm = QuantModel(meta_denoiser(arch))
-    st = trace(qm.denoiser, example_inputs(arch, cfg.sampling.resolution)).enabled(
+    inputs = meta_inputs(arch, cfg.sampling.resolution, cfg.sampling.max_sequence_length)
+    st = trace(qm.denoiser, inputs, family.first_token_constant).enabled(
         cfg.quant.split_shortcut, cfg.quant.act.bos_aware
     )
     qm.prepare(list(cfg.quant.bits), cfg.quant.act.symmetric, st)
-    return describe(qm, list(cfg.groups.content))
+    return describe(qm, content_patterns(cfg, family.name))
 
 
 # ----------------------------------------------------------------------------- the table

@@ -22,16 +22,17 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.errors import MpqError
-from mpq.images import generate, save_images
+from mpq.images import PromptEmbeddings, generate, save_images
 from mpq.layers import KINDS
 from mpq.plan import BitPlan, write_plan
 from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, score_images
 from mpq.runner import distributed
+from mpq.runner.config import settings
 from mpq.runner.files import file_digest, read_records, write_layer_list, write_records
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
@@ -82,6 +83,7 @@ class _Session:
     prompts: list[str]
     seeds: list[int]
     refs: np.ndarray
+    text: PromptEmbeddings | None = None  # the selection prompts, encoded once for every candidate
 
 
 def _trial(kind: str, plan: BitPlan, weight: BitPlan | None, protect_weights: bool) -> BitPlan:
@@ -100,7 +102,7 @@ def _as_data(plan: BitPlan | None) -> list[Any] | None:
 
 def _score_one(s: _Session, kind: str, name: str, plan: BitPlan) -> dict[str, float]:
     s.qm.apply(plan)
-    generated = generate(s.pipe, s.prompts, s.seeds, s.cfg)
+    generated = generate(s.pipe, s.prompts, s.seeds, s.cfg, text=s.text)
     folder = s.run.selection / "images" / kind / Path(name).stem
     shutil.rmtree(folder, ignore_errors=True)
     save_images(generated, folder)
@@ -171,14 +173,14 @@ def run_selection(
     table = run.require(run.candidate_table, f"run `mpq search --base_path {run.root}` first")
     rows = read_candidates(table)
     by_file = {r.plan_file: r for r in rows if r.feasible}
-    session = _Session(cfg, run, pipe, qm, images.prompts, images.seeds, images.refs)
+    session = _Session(cfg, run, pipe, qm, images.prompts, images.seeds, images.refs, PromptEmbeddings(pipe, cfg))
     base = {
         "n": n,
         "seeds": images.seeds,
         "ckpt": file_digest(run.ckpt),
         "candidates": file_digest(table),
         "protect_weights": cfg.search.protect_weights,
-        "sampling": OmegaConf.to_container(cfg.sampling),
+        "sampling": settings(cfg, "sampling"),
     }
     chosen: dict[str, Score] = {}
     final: BitPlan | None = None

@@ -171,7 +171,7 @@ def test_bad_inputs_are_one_line(tiny_run, tmp_path, capsys):
         ["calib", "--config", "tiny-sdxl", "--outdir", str(tmp_path / "r1"), f"calib.prompts_file={binary}"],
         ["layers", "--config", "tiny-sdxl", "--meta", "quant.bits=[4,8"],
         ["calib", "--config", "tiny-sdxl", "--outdir", str(binary)],  # a file as the run directory
-        ["calib", "--config", "tiny-sdxl", "--outdir", str(tmp_path / "r2"), "sampling.guidance_scale=2"],
+        ["calib", "--config", "tiny-sdxl", "--outdir", str(tmp_path / "r2"), "sampling.max_sequence_length=0"],
         ["layers", "--config", "tiny-sdxl", "--meta", "quant.bits=[4,16]"],
         ["infer", "--base_path", str(tiny_run.root), "--weight-bits", "16", "--num_imgs", "1"],
         ["sensitivity", "--base_path", str(tiny_run.root), "--nproc", "0"],
@@ -191,7 +191,7 @@ def test_bad_inputs_are_one_line(tiny_run, tmp_path, capsys):
         "UTF-8",
         "not valid YAML",
         "is a file",
-        "guidance",
+        "max_sequence_length",
         "2..8",
         "16 were not calibrated",
         "--nproc 0",

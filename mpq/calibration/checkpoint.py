@@ -21,7 +21,8 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from mpq.errors import MpqError
-from mpq.layers import LayerInfo, assign_groups, describe
+from mpq.families import family_of
+from mpq.layers import LayerInfo, assign_groups, content_patterns, describe
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
 from mpq.quant.model import QuantModel, same_weights, weights_sample
 from mpq.quant.structure import Structure
@@ -36,6 +37,7 @@ def manifest_for(qm: QuantModel, cfg: DictConfig) -> dict[str, Any]:
         "format": FORMAT,
         "model_id": cfg.model.id,
         "fingerprint": qm.fingerprint,
+        "family": family_of(qm.denoiser).name,
         "weights_sample": weights_sample(qm.denoiser),
         "bits": qm.bits,
         "weight_quant": OmegaConf.to_container(cfg.quant.weight),
@@ -106,9 +108,11 @@ def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
 
 
 def run_layers(cfg: DictConfig, run: RunDir) -> list[LayerInfo]:
-    """The run's layer description (from its checkpoint's manifest), grouped by ``groups.content``."""
+    """The run's layer description (from its checkpoint's manifest), grouped by ``groups.content`` (default: the
+    family's content group)."""
     manifest = read_manifest(run.require(run.ckpt, f"run `mpq ptq --base_path {run.root}` first"))
-    groups = assign_groups([e["name"] for e in manifest["layers"]], list(cfg.groups.content))
+    patterns = content_patterns(cfg, manifest.get("family", "unet"))
+    groups = assign_groups([e["name"] for e in manifest["layers"]], patterns)
     return [LayerInfo.from_manifest(e, groups[e["name"]]) for e in manifest["layers"]]
 
 

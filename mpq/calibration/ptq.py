@@ -19,21 +19,25 @@ from omegaconf import DictConfig
 from mpq.calibration.checkpoint import save_checkpoint
 from mpq.calibration.record import CalibData
 from mpq.errors import MpqError
+from mpq.families import family_of
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
 from mpq.quant.model import QuantModel, same_weights, weights_sample
-from mpq.quant.structure import trace
+from mpq.quant.structure import constant_first_token, trace
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
 
 
 def prepare(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int] | None = None) -> None:
     """Allocate ``qm``'s quant params for ``bits`` (default: the config's candidates). The structure pass (one FP
-    forward on the first calibration sample) finds each layer's input size, the split inputs and the BOS-aware
-    layers (kept where the config enables them): the layer description the checkpoint records."""
+    forward on the first calibration sample) finds each layer's input size and the split inputs; the BOS-aware
+    layers are the text layers when the recorded text has a constant first token (kept where the config enables
+    them): the layer description the checkpoint records."""
     device, dtype = next(qm.denoiser.parameters()).device, next(qm.denoiser.parameters()).dtype
     qm.set_fp()
     first = next(iter(calib.batches(1, device, dtype)))[0]
-    st = trace(qm.denoiser, first).enabled(cfg.quant.split_shortcut, cfg.quant.act.bos_aware)
+    text = calib.first_tokens(family_of(qm.denoiser).text_key)
+    constant = text is not None and constant_first_token(text)
+    st = trace(qm.denoiser, first, constant).enabled(cfg.quant.split_shortcut, cfg.quant.act.bos_aware)
     qm.prepare(list(bits if bits is not None else cfg.quant.bits), cfg.quant.act.symmetric, st)
 
 

@@ -3,12 +3,12 @@
 Layout (what ``DiffusionPipeline.save_pretrained`` writes, the denoiser replaced)::
 
     OUT/model_index.json, scheduler/, tokenizer*/, text_encoder*/, vae/   (FP, ``fp_dtype``)
-    OUT/unet/config.json                      the denoiser config + "quantization_config"
-    OUT/unet/diffusion_pytorch_model.safetensors
+    OUT/<denoiser>/config.json                the denoiser config + "quantization_config"
+    OUT/<denoiser>/diffusion_pytorch_model.safetensors      (<denoiser>: unet or transformer)
         <layer>.qweight  uint8, packed (2-bit: 4 a byte, 4-bit: 2 a byte, 8-bit: 1 a byte)
         <layer>.w_scale  fp32 (n_parts, C_out)    <layer>.a_scale / a_zero  fp32 (n_parts,)
-        <layer>.bos_in / bos_out  fp32           cached FP BOS-token row of cross-attention k/v
-        everything else (FP layers, norms, biases) in ``fp_dtype``
+        <layer>.bos_in / bos_out  fp32           cached FP row of a BOS-aware text layer's constant first token
+        everything else (FP layers, norms, biases, buffers made at construction) in ``fp_dtype``
 
 ``quantization_config`` (``quant_method: mpq``) lists every quantized layer's
 spec (:class:`~mpq.export.packed.PackedSpec`) and the plan's act-protected
@@ -133,6 +133,8 @@ def denoiser_export(
         ):  # exported above / the PTQ checkpoint's buffers
             continue
         tensors[key] = (t.detach().to(fp_dtype) if t.is_floating_point() else t.detach()).contiguous()
+    for key, t in non_persistent_buffers(qm.denoiser).items():  # e.g. PixArt's position table: made at init
+        tensors[key] = (t.detach().to(fp_dtype) if t.is_floating_point() else t.detach()).contiguous()
     config = {
         "quant_method": "mpq",
         "format": FORMAT,
@@ -186,6 +188,17 @@ def weight_bytes_of(tensors: Mapping[str, torch.Tensor], layer_paths: list[str])
     return total
 
 
+def non_persistent_buffers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Buffers a module keeps out of its state dict (computed at construction, such as a position table): a model
+    built on the meta device lacks them, so the export stores them."""
+    return {
+        f"{path}.{leaf}" if path else leaf: t
+        for path, m in model.named_modules()
+        for leaf, t in m._buffers.items()
+        if t is not None and leaf in m._non_persistent_buffers_set
+    }
+
+
 # ----------------------------------------------------------------------------- BOS rows
 def capture_bos_rows(pipe: Any, qm: QuantModel, cfg: Any) -> dict[str, torch.Tensor]:
     """The BOS input row of every BOS-aware layer, when it is the same for different prompts (causal text
@@ -220,7 +233,8 @@ def capture_bos_rows(pipe: Any, qm: QuantModel, cfg: Any) -> dict[str, torch.Ten
         if not seen:
             continue
         stacked = torch.cat(seen)
-        if torch.equal(stacked, stacked[:1].expand_as(stacked)):
+        stacked = stacked[stacked.abs().amax(dim=-1) > 0]  # all-zero rows (a zeroed negative prompt): exact anyway
+        if len(stacked) and torch.equal(stacked, stacked[:1].expand_as(stacked)):
             out[n] = stacked[0]
     return out
 
@@ -355,11 +369,15 @@ def load_denoiser(
         with torch.device("meta"):
             layer = PackedLayer(spec)
         setattr(owner, child, layer)
+    extra = {k: t for k, t in tensors.items() if k in non_persistent_buffers(model)}
     try:
-        model.load_state_dict(tensors, strict=True, assign=True)
+        model.load_state_dict({k: t for k, t in tensors.items() if k not in extra}, strict=True, assign=True)
     except RuntimeError as err:
         first = str(err).strip().splitlines()[-1][:200]
         raise MpqError(f"{weights} does not match its config ({first}); re-export with `mpq export`") from None
+    for key, t in extra.items():
+        owner, _, leaf = key.rpartition(".")
+        (model.get_submodule(owner) if owner else model)._buffers[leaf] = t
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise MpqError(f"{weights} lacks tensor {left[0]}; re-export with `mpq export`")

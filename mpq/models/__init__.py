@@ -1,8 +1,10 @@
-"""Model loading: a hub id, a local diffusers folder, or the embedded default.
+"""Model loading: a hub id, a local diffusers folder, an embedded model, or ``random:<hub id>``.
 
-All three end in the same ``DiffusionPipeline.from_pretrained`` call: the
-embedded model is built once in code and saved as a diffusers folder in the
-cache (``$MPQ_CACHE``, default ``~/.cache/mpq``), then loaded like any other.
+The first three end in the same ``DiffusionPipeline.from_pretrained`` call:
+an embedded random model is built once in code and saved as a diffusers folder
+in the cache (``$MPQ_CACHE``, default ``~/.cache/mpq``), then loaded like any
+other. ``random:<hub id>`` builds that model's architecture with random weights
+in memory, from the architecture file shipped in ``arch/``.
 """
 
 from mpq.models.loader import (

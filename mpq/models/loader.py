@@ -13,17 +13,21 @@ import torch
 from omegaconf import DictConfig
 
 from mpq.errors import MpqError
+from mpq.families import COMPONENTS, Family, family_of
 
 EMBEDDED_PREFIX = "embedded:"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
-# the trained shapes model ships with the package; the untrained one is built from a seed on first use
+# the trained shapes model ships with the package; the random ones are built from a seed on first use
 EMBEDDED = {
     "tiny-sdxl": "trained on procedural shapes, shipped",
     "tiny-sdxl-random": "same architecture, random weights",
+    "tiny-pixart-random": "PixArt-Sigma architecture, T5 text, random weights",
+    "tiny-sd3-random": "SD3.5 architecture (MMDiT, flow matching), random weights",
+    "tiny-flux-random": "Flux.1-schnell architecture (MMDiT, flow matching), random weights",
 }
+RANDOM_PREFIX = "random:"  # "random:<hub id>": that model's architecture, full size, random weights (offline)
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the config's dtype names
-DENOISERS = ("unet", "transformer")  # a pipeline's denoiser component, by name
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -32,10 +36,10 @@ def torch_dtype(name: str) -> torch.dtype:
 
 def denoiser_name(components: Any) -> str:
     """The denoiser's component name among ``components`` (names, or a mapping of them)."""
-    for name in DENOISERS:
+    for name in COMPONENTS:
         if name in components:
             return name
-    raise MpqError(f"no {' or '.join(DENOISERS)} among the pipeline's components ({', '.join(sorted(components))})")
+    raise MpqError(f"no {' or '.join(COMPONENTS)} among the pipeline's components ({', '.join(sorted(components))})")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -61,8 +65,24 @@ def quiet_loading() -> None:
     tlogging.set_verbosity_error()
 
 
+def _arch_file(model_id: str) -> Path:
+    return ARCH_DIR / (model_id.replace(EMBEDDED_PREFIX, "embedded--").replace("/", "--") + ".json")
+
+
+def _build(name: str) -> Any:
+    """The untrained embedded pipeline ``name`` (deterministic from the seed)."""
+    from mpq.models import tiny
+    from mpq.models.random import build_random
+
+    if name == "tiny-sdxl-random":
+        return tiny.build_pipeline(tiny.TINY_SEED)
+    return build_random(json.loads(_arch_file(EMBEDDED_PREFIX + name).read_text()), tiny.TINY_SEED)
+
+
 def _embedded_folder(name: str) -> Path:
-    """The shipped trained model's folder, or the random one built once into the cache."""
+    """The shipped trained model's folder, or a random one built once into the cache."""
+    import hashlib
+
     from mpq.models import tiny
 
     if name not in EMBEDDED:
@@ -76,14 +96,18 @@ def _embedded_folder(name: str) -> Path:
                 "or train them with `python scripts/train_tiny.py --outdir DIR` and set model.id=DIR"
             )
         return folder
-    folder = cache_dir() / f"{name}-seed{tiny.TINY_SEED}-v2"
+    if name == "tiny-sdxl-random":
+        folder = cache_dir() / f"{name}-seed{tiny.TINY_SEED}-v2"
+    else:  # keyed by the architecture file: an edited architecture is built anew
+        digest = hashlib.sha256(_arch_file(EMBEDDED_PREFIX + name).read_bytes()).hexdigest()[:10]
+        folder = cache_dir() / f"{name}-seed{tiny.TINY_SEED}-{digest}"
     if (folder / "model_index.json").is_file():
         return folder
     quiet_loading()
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", dir=folder.parent))
     try:
-        tiny.build_pipeline(tiny.TINY_SEED).save_pretrained(tmp)
+        _build(name).save_pretrained(tmp)
         try:
             os.replace(tmp, folder)
         except OSError:  # another process won the race
@@ -97,6 +121,9 @@ def _embedded_folder(name: str) -> Path:
 def _source(model_id: str) -> str:
     if model_id.startswith(EMBEDDED_PREFIX):
         return str(_embedded_folder(model_id[len(EMBEDDED_PREFIX) :]))
+    if model_id.startswith(RANDOM_PREFIX):
+        _random_arch(model_id)  # checks there is one
+        return model_id
     p = Path(model_id).expanduser()
     if p.exists():
         if not (p / "model_index.json").is_file():
@@ -109,47 +136,98 @@ def _source(model_id: str) -> str:
     return model_id
 
 
-def _set_scheduler(pipe: Any, cfg: DictConfig) -> None:
-    from diffusers import (
-        DDIMScheduler,
-        EulerAncestralDiscreteScheduler,
-        EulerDiscreteScheduler,
-    )
+SCHEDULERS = {  # sampling.scheduler overrides: diffusers class, and whether it is a flow-matching sampler
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", False),
+    "euler": ("EulerDiscreteScheduler", False),
+    "ddim": ("DDIMScheduler", False),
+    "dpm": ("DPMSolverMultistepScheduler", False),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", True),
+}
 
-    kinds = {"euler_ancestral": EulerAncestralDiscreteScheduler, "euler": EulerDiscreteScheduler, "ddim": DDIMScheduler}
-    if cfg.sampling.scheduler == "keep":
+
+def is_flow_matching(scheduler: Any) -> bool:
+    """Whether a scheduler (or its class name) samples a flow-matching model (SD3, Flux): FlowMatch* classes."""
+    name = scheduler if isinstance(scheduler, str) else type(scheduler).__name__
+    return name.startswith("FlowMatch")
+
+
+def _set_scheduler(pipe: Any, cfg: DictConfig) -> None:
+    """``sampling.scheduler``: ``keep`` (the pipeline's own, the default) or an override of the same kind: a
+    flow-matching model refuses an epsilon/v-prediction sampler and the other way round (one line)."""
+    import diffusers
+
+    choice = cfg.sampling.scheduler
+    if choice == "keep":
         return
-    cls = kinds[cfg.sampling.scheduler]
-    pipe.scheduler = cls.from_config(pipe.scheduler.config, timestep_spacing=cfg.sampling.timestep_spacing)
+    cls_name, flow = SCHEDULERS[choice]
+    own = type(pipe.scheduler).__name__
+    if flow != is_flow_matching(own):
+        pred = str(pipe.scheduler.config.get("prediction_type"))
+        kind = (
+            "flow-matching" if is_flow_matching(own) else pred if pred.endswith("prediction") else f"{pred}-prediction"
+        )
+        fix = "sampling.scheduler=keep" + (" or flow_euler" if is_flow_matching(own) else " or euler/ddim/dpm")
+        raise MpqError(
+            f"sampling.scheduler={choice} ({cls_name}) cannot sample {cfg.model.id}, a {kind} model (its scheduler: "
+            f"{own}); use {fix}"
+        )
+    overrides = {} if flow else {"timestep_spacing": cfg.sampling.timestep_spacing}
+    pipe.scheduler = getattr(diffusers, cls_name).from_config(pipe.scheduler.config, **overrides)
+
+
+def _random_arch(model_id: str) -> dict[str, Any]:
+    hub_id = model_id[len(RANDOM_PREFIX) :]
+    path = ARCH_DIR / (hub_id.replace("/", "--") + ".json")
+    arch = json.loads(path.read_text()) if path.is_file() else {}
+    if "vae" not in arch:
+        have = sorted(
+            f.stem.replace("--", "/")
+            for f in ARCH_DIR.glob("*.json")
+            if "vae" in json.loads(f.read_text()) and not f.stem.startswith("embedded--")
+        )
+        raise MpqError(
+            f"no architecture to build {model_id} from; available: {', '.join(RANDOM_PREFIX + h for h in have)}"
+        )
+    # a model too large for a small machine keeps its full-size blocks but fewer of them (say so in the arch file)
+    arch["denoiser"] = {**arch["denoiser"], **arch.get("random_subset", {})}
+    return arch
 
 
 def load_pipeline(cfg: DictConfig, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
     """Load the configured pipeline on its device and dtype (``model.dtype`` unless ``dtype``), eval mode, no
-    progress bar."""
+    progress bar; its denoiser must be of a supported family (one-line error otherwise)."""
     from diffusers import DiffusionPipeline
 
     quiet_loading()
     source = _source(cfg.model.id)
     dtype = dtype or torch_dtype(cfg.model.dtype)
     device = device or resolve_device(cfg.model.device)
-    kwargs: dict[str, Any] = {"torch_dtype": dtype}
-    if cfg.model.variant and not cfg.model.id.startswith(EMBEDDED_PREFIX):
-        kwargs["variant"] = cfg.model.variant
-    try:
-        pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
-    except Exception as err:  # noqa: BLE001 - any load failure becomes one actionable line
-        reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
-        if Path(source).exists():
-            raise MpqError(f"cannot load the pipeline in {source}: {reason}") from None
-        raise MpqError(
-            f"cannot load '{source}' from the hub ({reason}); offline, download it elsewhere "
-            f"(`hf download {source} --local-dir DIR`) and set model.id=DIR"
-        ) from None
+    if source.startswith(RANDOM_PREFIX):
+        from mpq.models.random import build_random
+        from mpq.models.tiny import TINY_SEED
+
+        pipe = build_random(_random_arch(source), TINY_SEED).to(dtype=dtype)
+    else:
+        # no safety checker (SD1.5): a false NSFW hit would black out an FP or quantized image, and with it every
+        # image metric; pipelines without one ignore the argument
+        kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
+        if cfg.model.variant and not cfg.model.id.startswith(EMBEDDED_PREFIX):
+            kwargs["variant"] = cfg.model.variant
+        try:
+            pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
+        except Exception as err:  # noqa: BLE001 - any load failure becomes one actionable line
+            reason = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+            if Path(source).exists():
+                raise MpqError(f"cannot load the pipeline in {source}: {reason}") from None
+            raise MpqError(
+                f"cannot load '{source}' from the hub ({reason}); offline, download it elsewhere "
+                f"(`hf download {source} --local-dir DIR`) and set model.id=DIR"
+            ) from None
+    family_of(denoiser_of(pipe))  # an unsupported denoiser stops here, in one line
     _set_scheduler(pipe, cfg)
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
-    for name in ("unet", "transformer", "vae", "text_encoder", "text_encoder_2"):
-        module = getattr(pipe, name, None)
+    for module in pipe.components.values():
         if isinstance(module, torch.nn.Module):
             module.eval().requires_grad_(False)
     return pipe
@@ -164,49 +242,76 @@ def pipeline_in(cfg: DictConfig, dtype: torch.dtype, pipe: Any | None = None) ->
 
 def denoiser_of(pipe: Any) -> torch.nn.Module:
     """The pipeline's denoiser (its UNet or transformer)."""
-    for name in DENOISERS:
+    for name in COMPONENTS:
         module = getattr(pipe, name, None)
         if isinstance(module, torch.nn.Module):
             return module
     raise MpqError(
-        f"{type(pipe).__name__} is neither a torch module nor a pipeline with a {' or '.join(DENOISERS)} to quantize"
+        f"{type(pipe).__name__} is neither a torch module nor a pipeline with a {' or '.join(COMPONENTS)} to quantize"
     )
 
 
+def _normalized(arch: dict[str, Any]) -> dict[str, Any]:
+    """An architecture record with ``denoiser`` (its config, ``_class_name`` included), ``vae_scale_factor`` and
+    ``text_max_length`` (files written before other families: a ``unet`` entry)."""
+    if "unet" in arch and "denoiser" not in arch:
+        arch = dict(arch, denoiser={"_class_name": "UNet2DConditionModel", **arch["unet"]})
+        arch.pop("unet")
+    arch["denoiser"].setdefault("_class_name", "UNet2DConditionModel")
+    family_of(arch["denoiser"]["_class_name"])  # unsupported: one line
+    return arch
+
+
 def load_arch(cfg: DictConfig) -> dict[str, Any]:
-    """Architecture facts (denoiser config, VAE scale, text length) without weights."""
+    """Architecture facts (denoiser config and class, VAE scale, text length) without weights."""
     from mpq.models import tiny
 
     model_id = cfg.model.id
     if model_id == EMBEDDED_PREFIX + "tiny-sdxl-random":
-        return tiny.arch()
+        return _normalized(tiny.arch())
+    if model_id.startswith(EMBEDDED_PREFIX) and _arch_file(model_id).is_file():
+        return _normalized(json.loads(_arch_file(model_id).read_text()))
+    if model_id.startswith(RANDOM_PREFIX):
+        return _normalized(_random_arch(model_id))
     p = Path(_source(model_id) if model_id.startswith(EMBEDDED_PREFIX) else model_id).expanduser()
     if p.is_dir():
-        unet_cfg = p / "unet" / "config.json"
+        index = json.loads((p / "model_index.json").read_text()) if (p / "model_index.json").is_file() else {}
+        component = next((c for c in COMPONENTS if c in index or (p / c / "config.json").is_file()), None)
+        if component is None:
+            raise MpqError(f"{p} has no {' or '.join(f'{c}/config.json' for c in COMPONENTS)}")
+        den = json.loads((p / component / "config.json").read_text())
         vae_cfg = p / "vae" / "config.json"
-        if not unet_cfg.is_file():
-            raise MpqError(f"{p} has no unet/config.json; only UNet pipelines can be built on the meta device")
         vae_scale = 2 ** (len(json.loads(vae_cfg.read_text())["block_out_channels"]) - 1) if vae_cfg.is_file() else 8
-        tok_cfg = p / "tokenizer" / "tokenizer_config.json"
-        max_len = json.loads(tok_cfg.read_text()).get("model_max_length", 77) if tok_cfg.is_file() else 77
-        return {
-            "unet": json.loads(unet_cfg.read_text()),
-            "vae_scale_factor": vae_scale,
-            "text_max_length": min(int(max_len), 77),
-        }
+        family = family_of(den.get("_class_name", "UNet2DConditionModel"))
+        text_len = family.default_text_tokens(str(index.get("_class_name", "")))
+        return _normalized({"denoiser": den, "vae_scale_factor": vae_scale, "text_max_length": text_len})
     known = ARCH_DIR / (model_id.replace("/", "--") + ".json")
     if known.is_file():
-        return json.loads(known.read_text())
-    shipped = ", ".join(sorted(f.stem.replace("--", "/") for f in ARCH_DIR.glob("*.json")))
+        return _normalized(json.loads(known.read_text()))
+    shipped = ", ".join(sorted(f.stem.replace("--", "/") for f in ARCH_DIR.glob("*.json") if "embedded" not in f.stem))
     raise MpqError(
         f"no offline architecture for '{model_id}' (shipped: {shipped}); point model.id at a local diffusers folder"
     )
 
 
+def arch_family(arch: dict[str, Any]) -> Family:
+    return family_of(arch["denoiser"]["_class_name"])
+
+
 def meta_denoiser(arch: dict[str, Any]) -> torch.nn.Module:
     """The denoiser built on the meta device: shapes and names, no weights, no memory."""
-    from diffusers import UNet2DConditionModel
+    import diffusers
 
-    config = {k: v for k, v in arch["unet"].items() if not k.startswith("_")}
+    den = arch["denoiser"]
+    config = {k: v for k, v in den.items() if not k.startswith("_")}
     with torch.device("meta"):
-        return UNet2DConditionModel.from_config(config).eval()
+        return getattr(diffusers, den["_class_name"]).from_config(config).eval()
+
+
+def meta_inputs(
+    arch: dict[str, Any], resolution: int, max_sequence_length: int | None, batch: int = 1
+) -> dict[str, Any]:
+    """Denoiser kwargs of the right shapes (meta device) for one call at ``resolution`` px."""
+    family = arch_family(arch)
+    tokens = family.text_tokens(arch, max_sequence_length)
+    return family.example_inputs(arch["denoiser"], resolution // arch["vae_scale_factor"], tokens, batch, "meta")

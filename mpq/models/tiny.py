@@ -100,28 +100,10 @@ def shapes_words() -> list[str]:
 
 
 def build_tokenizer() -> Any:
-    """A CLIP BPE tokenizer (byte-level alphabet, ``</w>`` word ends) whose merges, learned with
-    ``tokenizers``' BPE trainer on the shapes vocabulary, make each of its words one token."""
-    import json
+    """A CLIP BPE tokenizer whose merges make each word of the shapes vocabulary one token."""
+    from mpq.models.tokenizers import clip_tokenizer
 
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import CLIPTokenizer
-
-    words = shapes_words()
-    bpe = Tokenizer(models.BPE(end_of_word_suffix="</w>"))
-    bpe.pre_tokenizer = pre_tokenizers.Whitespace()
-    bpe.train_from_iterator(
-        [" ".join(words)], trainers.BpeTrainer(vocab_size=10_000, show_progress=False, end_of_word_suffix="</w>")
-    )
-    merges = [tuple(m) for m in json.loads(bpe.to_str())["model"]["merges"]]
-    chars = sorted(pre_tokenizers.ByteLevel.alphabet())
-    vocab = {c: i for i, c in enumerate(chars)}
-    vocab.update({c + "</w>": len(chars) + i for i, c in enumerate(chars)})
-    for a, b in merges:
-        vocab.setdefault(a + b, len(vocab))
-    vocab["<|startoftext|>"] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=TEXT_MAX_LENGTH)
+    return clip_tokenizer(shapes_words(), TEXT_MAX_LENGTH)
 
 
 def build_pipeline(seed: int = TINY_SEED) -> Any:

@@ -7,11 +7,13 @@
   ``res_hidden_states_tuple`` (diffusers' up blocks) reads the skip tensors
   it is given: resnet ``i`` concatenates ``res_hidden_states_tuple[-1 - i]``,
   so its input splits at ``in_channels - skip channels``.
-* **BOS-aware layers**: ``to_k`` / ``to_v`` of every cross-attention
-  (diffusers ``Attention`` with ``is_cross_attention``) read the text
-  encoder's tokens, whose first (BOS) token is an outlier in CLIP models.
+* **BOS-aware layers**: the layers that read the text tokens (the family
+  adapter's :meth:`~mpq.families.base.Family.text_layers`), when the text
+  encoder gives every prompt the same first token (CLIP's BOS, an outlier):
+  found from the recorded text input (:func:`constant_first_token`), not from
+  a name. T5 (PixArt, Flux) has none.
 
-Both, and each layer's input size, come from one forward (:func:`trace`): on the first
+Each layer's input size and the split inputs come from one forward (:func:`trace`): on the first
 calibration sample at PTQ, or on the ``meta`` device for ``mpq layers --meta``.
 """
 
@@ -37,22 +39,24 @@ def quantizable_modules(denoiser: nn.Module) -> dict[str, nn.Module]:
 class Structure:
     act_numel: dict[str, int] = field(default_factory=dict)  # input elements per sample
     in_split: dict[str, tuple[int, ...]] = field(default_factory=dict)  # channel boundaries of a concatenated input
-    bos: set[str] = field(default_factory=set)  # layers reading text tokens (first token BOS)
+    bos: set[str] = field(default_factory=set)  # layers reading the text tokens, whose first token is constant
 
     def enabled(self, split: bool, bos: bool) -> Structure:
         """This structure with the input splits and BOS layers kept only where the config turns them on."""
         return Structure(dict(self.act_numel), dict(self.in_split) if split else {}, set(self.bos) if bos else set())
 
 
-def bos_layers(denoiser: nn.Module) -> set[str]:
-    """``to_k`` / ``to_v`` of every cross-attention module."""
-    out = set()
-    for path, m in denoiser.named_modules():
-        if getattr(m, "is_cross_attention", False):
-            for child in ("to_k", "to_v"):
-                if isinstance(getattr(m, child, None), nn.Linear):
-                    out.add(f"{PREFIX}{path}.{child}" if path else f"{PREFIX}{child}")
-    return out
+def constant_first_token(text: torch.Tensor) -> bool:
+    """Whether the first token of a recorded text input (rows, tokens, width) is the same for every prompt: its
+    non-zero first rows (an all-zero row, e.g. SDXL's zeroed negative prompt, gives the same output with any
+    weight) are at least two and equal up to float rounding (batches of other sizes round differently)."""
+    eps = torch.finfo(text.dtype).eps if text.is_floating_point() else 0.0
+    rows = text[:, 0].reshape(text.shape[0], -1).double()
+    rows = rows[rows.abs().amax(dim=-1) > 0]
+    if rows.shape[0] < 2:
+        return False
+    tol = max(1e-4, 8 * eps) * float(rows[:1].abs().max())  # a few steps of the recorded dtype (fp16: ~1e-2)
+    return bool((rows - rows[:1]).abs().max() <= tol)
 
 
 def _takes_skips(module: nn.Module) -> bool:
@@ -62,12 +66,16 @@ def _takes_skips(module: nn.Module) -> bool:
         return False
 
 
-def trace(denoiser: nn.Module, inputs: Mapping[str, Any]) -> Structure:
-    """Run ``denoiser(**inputs)`` once with hooks recording the structure (use the meta device)."""
-    st = Structure(bos=bos_layers(denoiser))
+def trace(denoiser: nn.Module, inputs: Mapping[str, Any], constant_text_token: bool) -> Structure:
+    """Run ``denoiser(**inputs)`` once with hooks recording the structure (use the meta device);
+    ``constant_text_token``: the text encoder's first token is the same for every prompt (BOS-aware text layers)."""
+    from mpq.families import family_of
+
+    family = family_of(denoiser)
+    st = Structure(bos=family.text_layers(denoiser) if constant_text_token else set())
     names = {m: n for n, m in quantizable_modules(denoiser).items()}
     paths = {m: p for p, m in denoiser.named_modules()}
-    batch = inputs["sample"].shape[0]
+    batch = inputs[family.sample_key].shape[0]
 
     def on_input(module: nn.Module, args: tuple[Any, ...]) -> None:
         st.act_numel[names[module]] = args[0].numel() // batch
@@ -92,25 +100,3 @@ def trace(denoiser: nn.Module, inputs: Mapping[str, Any]) -> Structure:
         for h in handles:
             h.remove()
     return st
-
-
-def example_inputs(
-    arch: Mapping[str, Any], resolution: int, batch: int = 1, device: str | torch.device = "meta"
-) -> dict[str, Any]:
-    """Denoiser kwargs of the right shapes for one call at ``resolution`` px."""
-    cfg = arch["unet"]
-    side = resolution // arch["vae_scale_factor"]
-    cross = cfg["cross_attention_dim"]
-    cross = cross if isinstance(cross, int) else cross[0]
-    kwargs: dict[str, Any] = {
-        "sample": torch.zeros(batch, cfg.get("in_channels", 4), side, side, device=device),
-        "timestep": torch.full((batch,), 999, device=device),
-        "encoder_hidden_states": torch.zeros(batch, arch["text_max_length"], cross, device=device),
-    }
-    if cfg.get("addition_embed_type") == "text_time":
-        pooled = cfg["projection_class_embeddings_input_dim"] - 6 * cfg["addition_time_embed_dim"]
-        kwargs["added_cond_kwargs"] = {
-            "text_embeds": torch.zeros(batch, pooled, device=device),
-            "time_ids": torch.zeros(batch, 6, device=device),
-        }
-    return kwargs

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 from PIL import Image
 
 from mpq.calibration.record import calib_prompts, fp_image_paths
-from mpq.images import generate, load_images, save_images, to_array
+from mpq.images import PromptEmbeddings, generate, load_images, save_images, to_array
 from mpq.metrics import image_mse, image_psnr, image_ssim
 from mpq.plan import BitPlan
 from mpq.prompts import cycle, read_prompts
@@ -90,10 +90,11 @@ def evaluate_plans(
     results: dict[str, dict[str, Any]] = (
         {"FP": score_images(data.fp_images, data.refs, data.prompts)} if with_fp else {}
     )
+    text = PromptEmbeddings(pipe, cfg)  # every plan draws the same prompts: encode them once
     try:
         for label, plan in plans.items():
             qm.apply(plan)
-            images = generate(pipe, data.prompts, data.seeds, cfg, desc=f"eval: {label}")
+            images = generate(pipe, data.prompts, data.seeds, cfg, desc=f"eval: {label}", text=text)
             if folder is not None:
                 save_images(images, folder / slug(label))
             results[label] = score_images(images, data.refs, data.prompts)

@@ -257,6 +257,16 @@ def cmd_layers(args: argparse.Namespace) -> None:
 
         load_pipeline(cfg)  # proves the weights are there; the table itself needs none
     sys.stdout.write(format_table(meta_layers(cfg), args.csv))
+    if not args.csv:
+        from mpq.models.loader import arch_family, load_arch
+
+        family = arch_family(load_arch(cfg))
+        why = (
+            "groups.content"
+            if cfg.groups.content is not None
+            else f"the {family.name} default: {family.content_reason}"
+        )
+        print(f"denoiser: {family.denoiser_class}; content group from {why}")
 
 
 def cmd_generate(args: argparse.Namespace) -> None:

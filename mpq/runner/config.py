@@ -35,9 +35,12 @@ class ModelConfig:
 class SamplingConfig:
     steps: int = 1
     resolution: int = 512
-    guidance_scale: float = 0.0
-    scheduler: str = "euler_ancestral"  # euler_ancestral | euler | ddim | keep
-    timestep_spacing: str = "trailing"
+    guidance_scale: float = 0.0  # > 1: classifier-free guidance (UNet, PixArt, SD3); Flux.1-dev: the embedded guidance
+    # keep: the pipeline's own scheduler | euler_ancestral | euler | ddim | dpm (epsilon/v-prediction models) |
+    # flow_euler (flow-matching models: SD3, Flux); an override of the wrong kind is refused
+    scheduler: str = "keep"
+    timestep_spacing: str = "trailing"  # for an epsilon/v-prediction override
+    max_sequence_length: int | None = None  # T5 text tokens (PixArt, SD3, Flux); null: the pipeline's default
     seed: int = 42  # image i uses seed + i, whatever the batching
     batch_size: int = 4
 
@@ -84,8 +87,9 @@ class QuantConfig:
 @dataclass
 class GroupsConfig:
     # a layer is "content" if a pattern equals one of its dotted name parts
-    # (or, for "re:<regex>", the regex matches the name); all others are "quality"
-    content: list[str] = field(default_factory=lambda: ["attn2", "ff"])
+    # (or, for "re:<regex>", the regex matches the name); all others are "quality".
+    # null: the denoiser family's default (UNet/PixArt: attn2, ff; SD3/Flux: the text stream; see the README)
+    content: list[str] | None = None
 
 
 @dataclass
@@ -335,14 +339,15 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg.model.dtype, ("fp32", "fp16", "bf16"), "model.dtype")
     if not (cfg.model.device in ("auto", "cpu", "cuda", "mps") or str(cfg.model.device).startswith("cuda:")):
         raise MpqError(f"config key 'model.device' is '{cfg.model.device}'; use auto, cpu, cuda, cuda:N or mps")
-    _one_of(cfg.sampling.scheduler, ("euler_ancestral", "euler", "ddim", "keep"), "sampling.scheduler")
+    _one_of(
+        cfg.sampling.scheduler, ("keep", "euler_ancestral", "euler", "ddim", "dpm", "flow_euler"), "sampling.scheduler"
+    )
     _one_of(cfg.sampling.timestep_spacing, ("trailing", "leading", "linspace"), "sampling.timestep_spacing")
-    if cfg.sampling.guidance_scale > 1.0:
-        raise MpqError(
-            f"config key 'sampling.guidance_scale' is {cfg.sampling.guidance_scale}: classifier-free guidance (> 1) is "
-            "not "
-            "supported yet (calibration records one denoiser row per prompt; guidance doubles the batch); use 0 or 1"
-        )
+    if cfg.sampling.guidance_scale < 0:
+        raise MpqError(f"config key 'sampling.guidance_scale' is {cfg.sampling.guidance_scale}; use a value >= 0")
+    msl = cfg.sampling.max_sequence_length
+    if msl is not None and msl < 1:
+        raise MpqError(f"config key 'sampling.max_sequence_length' is {msl}; use a positive token count or null")
     if cfg.sampling.steps < 1:
         raise MpqError("config key 'sampling.steps' must be >= 1")
     if cfg.sampling.resolution % 8 or cfg.sampling.resolution < 32:
@@ -405,6 +410,23 @@ def _validate_search(cfg: DictConfig) -> None:
                 )
         if k.k_num < 1 or k.k_min <= 0 or k.k_max < k.k_min:
             raise MpqError(f"config keys search.{kind}.k_min/k_max/k_num must give 0 < k_min <= k_max and k_num >= 1")
+
+
+# keys added after runs were stamped, whose unset value (null) means what mpq did before they existed: left out of
+# stamps and signatures while unset, so a run made before them stays up to date
+ADDED_UNSET = ("sampling.max_sequence_length",)
+
+
+def settings(cfg: DictConfig, key: str) -> Any:
+    """The resolved value of config section ``key`` as stamps and signatures record it (see ``ADDED_UNSET``)."""
+    value = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}), resolve=True)["v"]
+    for added in ADDED_UNSET:
+        section, _, leaf = added.rpartition(".")
+        if section == key and isinstance(value, dict) and value.get(leaf, 0) is None:
+            value.pop(leaf)
+        elif added == key and value is None:
+            return None
+    return value
 
 
 def to_yaml(cfg: DictConfig) -> str:

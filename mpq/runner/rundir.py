@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from mpq.errors import MpqError
 from mpq.runner.config import config_from_yaml_text, load_config, to_yaml
@@ -166,10 +166,9 @@ class RunDir:
         return self.stamps / f"{stage}.json"
 
     def _expected(self, stage: StageSpec, cfg: DictConfig) -> dict[str, object]:
-        values = {
-            k: OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, k)}), resolve=True)["v"]
-            for k in stage.config_keys
-        }
+        from mpq.runner.config import settings
+
+        values = {k: settings(cfg, k) for k in stage.config_keys}
         upstream = {}
         for up in stage.upstream:
             p = self._stamp_path(up)

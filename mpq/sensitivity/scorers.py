@@ -10,15 +10,16 @@ calibration inputs and that model alone, not on the dtype the run generates in.
 
 from __future__ import annotations
 
-import inspect
 from typing import Any
 
 import numpy as np
 import torch
 from omegaconf import DictConfig
+from torch.utils._pytree import tree_map
 
 from mpq.calibration.record import CalibData, calib_prompts
-from mpq.images import generators, to_array
+from mpq.families import family_of
+from mpq.images import PromptEmbeddings, generators, to_array
 from mpq.layers import CONTENT
 from mpq.metrics import SqnrAccumulator, image_ssim, sqnr_db
 from mpq.quant.model import QuantModel
@@ -58,17 +59,23 @@ class Sqnr(Scorer):
     def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, calib: CalibData) -> None:
         super().__init__(pipe, qm, cfg)
         dtype = next(qm.denoiser.parameters()).dtype
-        pairs = list(calib.batches(cfg.sensitivity.batch_size, self.device, dtype))
+        # batches stay on the CPU and move per pass: many steps x guidance halves x prompts need not fit the device
+        pairs = list(calib.batches(cfg.sensitivity.batch_size, torch.device("cpu"), dtype))
         self.batches = [kwargs for kwargs, _ in pairs]
         self.recorded = [out for _, out in pairs]  # the calibration run's outputs, in its dtype (the float floor)
 
+    def inputs(self, k: int, tile: int = 1) -> Any:
+        """Batch ``k``'s denoiser kwargs on the model's device (``tile`` copies along the batch)."""
+        on_device = tree_map(lambda t: t.to(self.device) if isinstance(t, torch.Tensor) else t, self.batches[k])
+        return repeat_batch(on_device, tile)
+
     def run_fp(self, k: int) -> None:
         with torch.no_grad():
-            self.refs[k] = self.qm(**self.batches[k], return_dict=False)[0]
+            self.refs[k] = self.qm(**self.inputs(k), return_dict=False)[0]
 
     def scores(self, k: int, tile: int = 1) -> list[tuple[float, float]]:
         with torch.no_grad():
-            out = self.qm(**repeat_batch(self.batches[k], tile), return_dict=False)[0]
+            out = self.qm(**self.inputs(k, tile), return_dict=False)[0]
         r = self.refs[k].double()
         return [(float(r.pow(2).sum()), float((o.double() - r).pow(2).sum())) for o in out.chunk(tile)]
 
@@ -80,7 +87,7 @@ class Sqnr(Scorer):
         """SQNR (dB) of the calibration run's FP output (its dtype) against this pass's FP output."""
         acc = SqnrAccumulator()
         for k, rec in enumerate(self.recorded):
-            acc.update(rec, self.refs[k])
+            acc.update(rec.to(self.refs[k].device), self.refs[k])
         return acc.value
 
 
@@ -96,29 +103,8 @@ class Ssim(Scorer):
         n = min(cfg.sensitivity.num_images, len(prompts))
         bs = cfg.sampling.batch_size
         self.batches = [(prompts[i : i + bs], seeds[i : i + bs]) for i in range(0, n, bs)]
-        self._embeds: dict[int, dict[str, torch.Tensor]] = {}
-        self._cached_text = (
-            cache_text
-            and hasattr(pipe, "encode_prompt")
-            and "pooled_prompt_embeds" in inspect.signature(pipe.__call__).parameters
-        )
-
-    def _text(self, k: int) -> dict[str, torch.Tensor]:
-        """Batch ``k``'s prompt embeddings, encoded once (the text encoders are not quantized)."""
-        if k not in self._embeds:
-            c = self.cfg.sampling
-            prompts = list(self.batches[k][0])
-            with torch.no_grad():
-                pe, npe, ppe, nppe = self.pipe.encode_prompt(
-                    prompts,
-                    device=self.device,
-                    num_images_per_prompt=1,
-                    do_classifier_free_guidance=c.guidance_scale > 1.0,
-                )
-            self._embeds[k] = {"prompt_embeds": pe, "pooled_prompt_embeds": ppe}
-            if c.guidance_scale > 1.0:
-                self._embeds[k].update(negative_prompt_embeds=npe, negative_pooled_prompt_embeds=nppe)
-        return self._embeds[k]
+        self.family = family_of(qm.denoiser)
+        self.text = PromptEmbeddings(pipe, cfg) if cache_text else None
 
     def _generate(self, k: int, tile: int = 1) -> np.ndarray:
         """Images of batch ``k``; ``tile`` > 1 generates the batch ``tile`` times in one pipeline call."""
@@ -131,9 +117,10 @@ class Ssim(Scorer):
             "width": c.resolution,
             "generator": generators(list(seeds) * tile),
             "output_type": "pil",
+            **self.family.call_kwargs(self.pipe, c.max_sequence_length),
         }
-        if self._cached_text:
-            kwargs.update({key: repeat_batch(t, tile) for key, t in self._text(k).items()})
+        if self.text is not None and self.text.enabled:  # encoded once (the text encoders are not quantized)
+            kwargs.update({key: repeat_batch(t, tile) for key, t in self.text.kwargs(prompts).items()})
         else:
             kwargs["prompt"] = list(prompts) * tile
         with torch.no_grad():

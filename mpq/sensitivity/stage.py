@@ -25,11 +25,13 @@ from omegaconf import DictConfig, OmegaConf
 from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.calibration.record import CalibData
 from mpq.errors import MpqError
-from mpq.layers import KINDS, assign_groups
+from mpq.families import Family, family_of
+from mpq.layers import KINDS, assign_groups, content_patterns
 from mpq.metrics import sqnr
 from mpq.models import torch_dtype
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.runner import distributed
+from mpq.runner.config import settings
 from mpq.runner.files import file_digest, read_json, write_json, write_yaml
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
@@ -38,25 +40,30 @@ from mpq.search.mixdq_files import read_sensitivity
 from mpq.sensitivity import METRICS
 from mpq.sensitivity.costs import layer_costs
 from mpq.sensitivity.loop import LoopOptions, score_layers
-from mpq.sensitivity.prefix_cache import repeat_batch
 from mpq.sensitivity.scorers import SCORERS, Sqnr, make_scorer
 
 # settings that do not change a number (fast and naive agree; chunking and saving are bookkeeping)
 _NOT_IN_SIGNATURE = ("method", "save_every_s", "cache_budget_mb", "share_bits")
 
 
-def share_bits(setting: str, metric: str) -> bool:
-    """Whether the fast path batches the candidate bits of a layer into one pass (see the config)."""
+def share_bits(setting: str, metric: str, family: Family, guidance_scale: float) -> bool:
+    """Whether ``metric`` runs all candidate bits of a layer in one tiled pass. Never where the copies would not
+    be contiguous batch chunks: SSIM under classifier-free guidance (the pipeline concatenates all negative rows,
+    then all positive ones), and a family with shared inputs (Flux's token positions, and what the FP prefix cache
+    records from them, are not batch-major)."""
+    if family.shared_inputs or (metric == "ssim" and family.doubles_batch(guidance_scale)):
+        return False
     if setting == "auto":
         return metric == "ssim"
     return setting == "always"
 
 
-def layers_to_score(names: list[str], cfg: DictConfig, metric: str) -> list[str]:
+def layers_to_score(names: list[str], cfg: DictConfig, metric: str, family: str) -> list[str]:
     """The layers ``metric`` scores (SQNR: all; SSIM: the content group) among ``names``, restricted to
     ``sensitivity.layers`` when set, in module order."""
     group = SCORERS[metric].group
-    groups = assign_groups(names, list(cfg.groups.content), warn=False)
+    patterns_content = content_patterns(cfg, family)
+    groups = assign_groups(names, patterns_content, warn=False)
     chosen = [n for n in names if group is None or groups[n] == group]
     patterns = list(cfg.sensitivity.layers)
     if patterns:
@@ -67,8 +74,7 @@ def layers_to_score(names: list[str], cfg: DictConfig, metric: str) -> list[str]
             )
     elif not chosen:
         raise MpqError(
-            f"no layer is in the content group (groups.content={list(cfg.groups.content)}); the SSIM file would be "
-            "empty: "
+            f"no layer is in the content group (groups.content={patterns_content}); the SSIM file would be empty: "
             "fix groups.content (see `mpq layers --config ...`)"
         )
     return chosen
@@ -83,7 +89,7 @@ def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[
         bits=bits,
         ckpt=file_digest(run.ckpt),
         sens=sens,
-        sampling=OmegaConf.to_container(cfg.sampling),
+        sampling=settings(cfg, "sampling"),
         layers=names,
     )
 
@@ -109,7 +115,7 @@ def compute_sensitivity(
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe, dtype=torch_dtype(cfg.sensitivity.dtype))
     bits: list[int] = list(manifest["bits"])
     out = run.sensitivity_file(kind, metric)
-    names = layers_to_score(qm.names, cfg, metric)
+    names = layers_to_score(qm.names, cfg, metric, manifest.get("family", "unet"))
     d_main = distributed.current().is_main
     if not names:  # a sensitivity.layers subset without content layers
         if d_main and write:
@@ -183,7 +189,9 @@ def _score(
         work.save()
 
     opts = LoopOptions(
-        fast, fast and share_bits(cfg.sensitivity.share_bits, metric), cfg.sensitivity.cache_budget_mb * 2**20
+        fast,
+        fast and share_bits(cfg.sensitivity.share_bits, metric, family_of(qm.denoiser), cfg.sampling.guidance_scale),
+        cfg.sensitivity.cache_budget_mb * 2**20,
     )
     t0 = time.perf_counter()
     try:
@@ -235,7 +243,7 @@ def float_floor(cfg: DictConfig, scorer: Sqnr) -> dict[str, Any]:
         from torch.func import functional_call
 
         fp32 = {k: v.float() for k, v in params.items()}  # buffers (the quant params) are left as they are
-        kwargs = repeat_batch(scorer.batches[0], 1)
+        kwargs = scorer.inputs(0)
         kwargs = {
             k: v.float() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in kwargs.items()
         }
