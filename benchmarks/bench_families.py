@@ -79,7 +79,7 @@ def meta_table() -> None:
     from mpq.models.loader import arch_family, load_arch
     from mpq.runner.config import load_config
 
-    print("\n| config | denoiser | layers | content | BOS-aware | split inputs | weights (M) |")
+    print("\n| config | denoiser | layers | content | BOS-aware | split inputs | layer weights (M) |")
     print("|---|---|---|---|---|---|---|")
     for name in REAL:
         cfg = load_config(name)

@@ -85,8 +85,12 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
     }
 
 
-def export_encodings(qm: QuantModel, plan: BitPlan, folder: Path) -> dict[str, Any]:
-    """``unet.encodings`` in ``folder``."""
+def export_encodings(qm: QuantModel, plan: BitPlan, folder: Path, component: str = "unet") -> dict[str, Any]:
+    """``<component>.encodings`` (``unet.encodings``, ``transformer.encodings``) in ``folder``."""
     data = plan_encodings(qm, plan)
-    write_json(folder / "unet.encodings", data)
-    return {"activations": len(data["activation_encodings"]), "params": len(data["param_encodings"])}
+    write_json(folder / f"{component}.encodings", data)
+    return {
+        "activations": len(data["activation_encodings"]),
+        "params": len(data["param_encodings"]),
+        "file": f"{component}.encodings",
+    }

@@ -50,5 +50,5 @@ def export_plan(
         else:
             from mpq.export.encodings import export_encodings
 
-            info = export_encodings(qm, plan, folder)
+            info = export_encodings(qm, plan, folder, denoiser_name(pipe.components))
     return {**info, "out": out}

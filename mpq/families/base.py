@@ -95,3 +95,21 @@ def named_linears(denoiser: nn.Module, leaves: Sequence[str]) -> set[str]:
         for path, m in denoiser.named_modules()
         if isinstance(m, nn.Linear) and any(path == s or path.endswith("." + s) for s in leaves)
     }
+
+
+# the text stream of a joint (MMDiT) block, as deepcompressor's attn_add / ffn_add groups, and its entry
+TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "context_embedder")
+
+
+class MMDiT(Family):
+    """What SD3 and Flux share: a joint text/image transformer whose text enters through ``context_embedder`` and
+    then has its own stream in every joint block (the content group); the T5 length is a pipeline argument."""
+
+    sample_key = "hidden_states"
+    content = TEXT_STREAM
+
+    def text_layers(self, denoiser: nn.Module) -> set[str]:
+        return named_linears(denoiser, ["context_embedder"])
+
+    def call_kwargs(self, pipe: Any, max_sequence_length: int | None) -> dict[str, Any]:
+        return {"max_sequence_length": max_sequence_length} if max_sequence_length else {}

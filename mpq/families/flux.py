@@ -7,29 +7,22 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from mpq.families.base import Family, named_linears
-from mpq.families.sd3 import TEXT_STREAM
+from mpq.families.base import MMDiT
 
 
-class FluxFamily(Family):
+class FluxFamily(MMDiT):
     name = "flux"
     denoiser_class = "FluxTransformer2DModel"
     component = "transformer"
     models = "Flux.1 schnell, Flux.1 dev"
     first_token_constant = False  # the published text encoders (T5); --meta only
-    sample_key = "hidden_states"
     shared_inputs = ("img_ids", "txt_ids")  # token positions, (tokens, 3): the same for every row
-    content = TEXT_STREAM
     content_reason = (
         "the double-stream blocks' text stream (add_q/k/v_proj, to_add_out, ff_context) and its entry "
         "(context_embedder), as for SD3; a single-stream block runs one set of weights over the joined text and "
         "image tokens -- mostly image tokens -- so it counts as quality"
     )
-
-    def text_layers(self, denoiser: nn.Module) -> set[str]:
-        return named_linears(denoiser, ["context_embedder"])
 
     def default_text_tokens(self, pipeline_class: str) -> int:
         return 512  # FluxPipeline's max_sequence_length
@@ -52,9 +45,6 @@ class FluxFamily(Family):
 
     def doubles_batch(self, guidance_scale: float) -> bool:
         return False  # dev embeds the scale (a denoiser input); schnell ignores it
-
-    def call_kwargs(self, pipe: Any, max_sequence_length: int | None) -> dict[str, Any]:
-        return {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
 
     def encode_prompts(
         self, pipe: Any, prompts: Sequence[str], guidance: bool, max_sequence_length: int | None, device: torch.device

@@ -7,30 +7,21 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
-from torch import nn
 
-from mpq.families.base import Family, named_linears
-
-# the text stream of a joint (MMDiT) block, as deepcompressor's attn_add / ffn_add groups, and its entry
-TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "context_embedder")
+from mpq.families.base import MMDiT
 
 
-class SD3Family(Family):
+class SD3Family(MMDiT):
     name = "sd3"
     denoiser_class = "SD3Transformer2DModel"
     component = "transformer"
     models = "SD3, SD3.5"
     first_token_constant = True  # the published text encoders (CLIP first); --meta only
-    sample_key = "hidden_states"
-    content = TEXT_STREAM
     content_reason = (
         "MMDiT has no cross-attention: the text tokens have their own stream, whose projections (add_q/k/v_proj, "
         "to_add_out), feed-forward (ff_context) and entry (context_embedder) play attn2's role; SD3.5's attn2 is a "
         "second self-attention over image tokens, so it counts as quality"
     )
-
-    def text_layers(self, denoiser: nn.Module) -> set[str]:
-        return named_linears(denoiser, ["context_embedder"])
 
     def text_tokens(self, arch: Mapping[str, Any], max_sequence_length: int | None) -> int:
         clip = int(arch.get("clip_tokens", 77))  # CLIP's 77 tokens, then T5's
@@ -48,9 +39,6 @@ class SD3Family(Family):
             "pooled_projections": torch.zeros(batch, config["pooled_projection_dim"], device=device),
             "timestep": torch.full((batch,), 999.0, device=device),
         }
-
-    def call_kwargs(self, pipe: Any, max_sequence_length: int | None) -> dict[str, Any]:
-        return {"max_sequence_length": max_sequence_length} if max_sequence_length else {}
 
     def encode_prompts(
         self, pipe: Any, prompts: Sequence[str], guidance: bool, max_sequence_length: int | None, device: torch.device

@@ -333,7 +333,7 @@ def cmd_export(args: argparse.Namespace) -> None:
         )
     else:
         print(
-            f"encodings in {info['out']}/unet.encodings ({info['params']} weight and {info['activations']} activation "
+            f"encodings in {info['out']}/{info['file']} ({info['params']} weight and {info['activations']} activation "
             "encodings)"
         )
 

@@ -100,6 +100,7 @@ def _chunks(
             scorer.run_fp(k)
         yield pending
         return
+    cache.max_bytes = budget  # within one batch too: a generation's later calls are not recorded past the budget
     i = 0
     while i < len(pending):
         cache.clear()

@@ -62,6 +62,9 @@ class PrefixCache:
         self._replay_idx = 0
         self.target: str | None = None
         self.tile = 1
+        # record no further denoiser call once the recording holds this much (a multi-step, guided generation
+        # makes many calls per batch): the calls left unrecorded simply run in full, so numbers do not change
+        self.max_bytes = float("inf")
         self._patched: list[tuple[nn.Module, Callable[..., Any]]] = []
         hooked = [
             name or "<root>"
@@ -135,6 +138,8 @@ class PrefixCache:
     def _root_call(self, orig: Callable[..., Any]) -> Callable[..., Any]:
         def call(*args: Any, **kwargs: Any) -> Any:
             sample = args[0] if args else kwargs.get("sample", kwargs.get("hidden_states"))
+            if self.mode == "record" and self.records and self.nbytes() >= self.max_bytes:
+                return orig(*args, **kwargs)
             if self.mode == "record":
                 self._active = _Recording(sample=sample.detach().clone())
                 try:
