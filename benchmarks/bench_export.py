@@ -34,6 +34,7 @@ from mpq.export.mpq_format import (
 from mpq.models import load_arch
 from mpq.plan import BitPlan, read_layer_list, read_plan
 from mpq.quant.model import PREFIX, QuantModel
+from mpq.quant.quantizer import WeightQuant
 from mpq.quant.structure import Structure
 from mpq.runner.config import load_config
 from mpq.runner.files import save_tensors
@@ -153,9 +154,9 @@ def sdxl_tables(weight_plan: str | None, act_protect: str | None, repeats: int, 
     den = random_denoiser(arch, torch.float16, "cpu")
     qm = QuantModel(den)
     bos = [n for n in qm.names if n.endswith(("attn2.to_k", "attn2.to_v"))]
-    qm.prepare([2, 4, 8], False, Structure(bos=bos))
+    qm.prepare([2, 4, 8], False, Structure(bos=bos), WeightQuant.from_config(cfg.quant.weight))
     for layer in qm.layers.values():
-        layer.calibrate_weight(True, "minmax", 50, 0.3)
+        layer.calibrate_weight()
     build = time.perf_counter() - t0
     plans = {"uniform W8": BitPlan.uniform(qm.names, 8, None), "uniform W4": BitPlan.uniform(qm.names, 4, None)}
     if weight_plan:

@@ -17,6 +17,7 @@ from typing import Any
 
 from mpq.layers import GROUPS, LayerInfo
 from mpq.plan import BitPlan
+from mpq.quant.quantizer import WeightQuant
 
 
 def average_bits(items: Iterable[tuple[float, int | None]]) -> float:
@@ -31,8 +32,8 @@ def average_bits(items: Iterable[tuple[float, int | None]]) -> float:
 
 
 def weight_bytes(numel: float, n_scales: int, bits: int | None, scale_bytes: int = 2, fp_bytes: int = 2) -> float:
-    """Bytes of one layer's weight: packed ``bits``-bit integers plus ``n_scales`` scales (symmetric: no
-    zero point); ``bits=None`` is the FP weight (``fp_bytes`` an element)."""
+    """Bytes of one layer's weight: packed ``bits``-bit integers plus ``n_scales`` stored quantizer parameters
+    (scales, and offsets for asymmetric levels); ``bits=None`` is the FP weight (``fp_bytes`` an element)."""
     if bits is None:
         return float(numel * fp_bytes)
     return float(-(-numel * bits // 8) + n_scales * scale_bytes)
@@ -85,18 +86,21 @@ class PlanCost:
 class CostModel:
     scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
     fp_bytes: int = 2  # bytes per element of a tensor kept in floating point (the model dtype)
-    per_channel: bool = True  # weight scales per output channel (else one per input part)
+    wq: WeightQuant = WeightQuant()  # the weight quantizer: how many scales (and offsets) a weight stores
 
     @classmethod
     def from_config(cls, cfg: Any) -> CostModel:
         from mpq.models import torch_dtype
 
         fp = cfg.search.fp_bytes or torch_dtype(cfg.model.dtype).itemsize
-        return cls(int(cfg.search.scale_bytes), int(fp), cfg.quant.weight.granularity == "channel")
+        return cls(int(cfg.search.scale_bytes), int(fp), WeightQuant.from_config(cfg.quant.weight))
+
+    def weight_params(self, info: LayerInfo) -> int:
+        """Stored weight-quantizer parameters of a quantized layer (the export's ``w_scale`` and ``w_offset``)."""
+        return self.wq.n_params(info.shape, info.in_split)
 
     def weight_bytes(self, info: LayerInfo, bits: int | None) -> float:
-        scales = (info.out_channels if self.per_channel else 1) * info.n_parts
-        return weight_bytes(info.weight_numel, scales, bits, self.scale_bytes, self.fp_bytes)
+        return weight_bytes(info.weight_numel, self.weight_params(info), bits, self.scale_bytes, self.fp_bytes)
 
     def act_bytes(self, info: LayerInfo, bits: int | None) -> float:
         return act_bytes(info.act_numel, bits, self.scale_bytes, self.fp_bytes, info.n_parts, info.bos_numel)

@@ -138,6 +138,7 @@ def meta_layers(cfg: DictConfig) -> list[LayerInfo]:
     set them. A run reads the same description from its checkpoint instead."""
     from mpq.models.loader import arch_family, load_arch, meta_denoiser, meta_inputs
     from mpq.quant.model import QuantModel
+    from mpq.quant.quantizer import WeightQuant
     from mpq.quant.structure import trace
 
     arch = load_arch(cfg)
@@ -147,7 +148,7 @@ def meta_layers(cfg: DictConfig) -> list[LayerInfo]:
     st = trace(qm.denoiser, inputs, family.first_token_constant).enabled(
         cfg.quant.split_shortcut, cfg.quant.act.bos_aware
     )
-    qm.prepare(list(cfg.quant.bits), cfg.quant.act.symmetric, st)
+    qm.prepare(list(cfg.quant.bits), cfg.quant.act.symmetric, st, WeightQuant.from_config(cfg.quant.weight))
     return describe(qm, content_patterns(cfg, family.name))
 
 

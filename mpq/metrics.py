@@ -87,3 +87,17 @@ def image_psnr(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
     numbers as torchmetrics' ``peak_signal_noise_ratio`` (checked in the tests), from the MSE already computed."""
     with np.errstate(divide="ignore"):
         return 10.0 * np.log10(1.0 / image_mse(images, refs))
+
+
+def paired_bootstrap_ratio(
+    a: np.ndarray, b: np.ndarray, n_boot: int = 2000, level: float = 0.95, seed: int = 0
+) -> tuple[float, float, float]:
+    """``mean(a) / mean(b)`` of two per-image scores of the same images, with the ``level`` percentile interval of
+    the ratio over images resampled with replacement (both tools on the same resampled images: paired)."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 1 or not len(a):
+        raise ValueError("paired scores need two equal-length 1-d arrays")
+    idx = np.random.default_rng(seed).integers(0, len(a), size=(n_boot, len(a)))
+    ratios = a[idx].mean(axis=1) / np.maximum(b[idx].mean(axis=1), 1e-300)
+    lo, hi = np.quantile(ratios, [(1 - level) / 2, (1 + level) / 2])
+    return float(a.mean() / max(b.mean(), 1e-300)), float(lo), float(hi)

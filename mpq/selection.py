@@ -1,10 +1,14 @@
 """Selection: generate images with each candidate plan, rank by MSE against the FP images.
 
 Weights first (activations FP), then every activation candidate on top of the
-chosen weight plan. SSIM, PSNR and (for the embedded shapes model) prompt
-adherence are recorded beside MSE so a user can see whether another metric
-would choose differently. Ties (equal MSE) go to the higher adherence, then to
-the smaller plan, then to the file name: deterministic.
+chosen weight plan. The chosen plan of a kind is the best one within its
+target budget (``search.<kind>.target_bitwidth``: the candidate family may span
+every budget); for each named budget (the target and ``search.<kind>.budgets``)
+``selection/<kind>_budgets.csv`` gives the best plan at no more bytes. SSIM,
+PSNR and (for the embedded shapes model) prompt adherence are recorded beside
+MSE so a user can see whether another metric would choose differently. Ties
+(equal MSE) go to the higher adherence, then to the smaller plan, then to the
+file name: deterministic.
 
 Writes ``selection/{weight,act}_scores.csv``, ``selection/final_{weight,act}.yaml``
 (+ ``final_act_protect.pt``: the plan exactly as it ran) and each candidate's
@@ -61,6 +65,52 @@ def write_scores(path: Path, rows: list[Score]) -> None:
 
 def read_scores(path: str | Path) -> list[Score]:
     return read_records(path, Score, "delete it and re-run `mpq select`")
+
+
+@dataclass
+class BudgetBest:
+    """The best scored plan at no more than a named budget (a row of ``selection/<kind>_budgets.csv``)."""
+
+    kind: str
+    budget: str  # as named: average bits (4.0) or bytes with a unit (750KB)
+    budget_bytes: float
+    plan_file: str  # '' when no candidate fits
+    mse: float
+    ssim: float
+    psnr: float
+    avg_bits: float
+    bytes: float
+
+
+def best_within(ranked: list[Score], limit: float) -> Score | None:
+    """The best of ``ranked`` (best first) whose bytes are at most ``limit``."""
+    return next((r for r in ranked if r.bytes <= limit * (1 + 1e-9)), None)
+
+
+def named_budgets(cfg: DictConfig, run: RunDir, kind: str) -> list[tuple[str, float]]:
+    """(name, bytes) of the target budget and every ``search.<kind>.budgets`` entry, the target first."""
+    from mpq.search.build import budget_for_avg, run_problem
+    from mpq.search.sweep import parse_bytes
+
+    problem = run_problem(cfg, run, kind)[0]
+    kc = cfg.search[kind]
+    return [
+        (str(b), parse_bytes(b) if isinstance(b, str) else budget_for_avg(problem, float(b)))
+        for b in [kc.target_bitwidth, *kc.budgets]
+    ]
+
+
+def budget_table(kind: str, ranked: list[Score], budgets: list[tuple[str, float]]) -> list[BudgetBest]:
+    rows = []
+    for name, limit in budgets:
+        r = best_within(ranked, limit)
+        nan = math.nan
+        rows.append(
+            BudgetBest(kind, name, limit, r.plan_file, r.mse, r.ssim, r.psnr, r.avg_bits, r.bytes)
+            if r
+            else BudgetBest(kind, name, limit, "", nan, nan, nan, nan, nan)
+        )
+    return rows
 
 
 def rank(scores: list[Score]) -> list[Score]:
@@ -120,10 +170,11 @@ def _score_kind(
     sig: str,
     show: bool,
     force: bool,
+    limit: float = math.inf,
 ) -> list[Score]:
-    """Every ``kind`` candidate scored (this rank's share, resumed from partial files), merged, ranked best first; a
-    score
-    table finished with the same signature is read back unless ``force``."""
+    """Every ``kind`` candidate scored (this rank's share, resumed from partial files), merged, ranked best first, the
+    best within ``limit`` bytes marked chosen; a score table finished with the same signature is read back unless
+    ``force``."""
     work = ShardedWork(
         s.run.selection, f"{kind}_scores", sig, list(plans)
     )  # every plan costs the same (the same images)
@@ -155,7 +206,14 @@ def _score_kind(
             for f in plans
         ]
     )
-    ranked[0].chosen = True
+    chosen = best_within(ranked, limit)
+    if chosen is None:
+        smallest = min(r.bytes for r in ranked)
+        raise MpqError(
+            f"no {kind} candidate fits the target budget ({limit:,.0f} bytes; the smallest is {smallest:,.0f}); raise "
+            f"search.{kind}.target_bitwidth or re-run the search"
+        )
+    chosen.chosen = True
     if work.d.is_main:
         write_scores(s.run.scores(kind), ranked)
     work.finish(s.run.scores(kind))
@@ -195,9 +253,13 @@ def run_selection(
             plan_sig = {
                 f: [sorted(p.weight.items()), sorted(p.act.items()), sorted(p.protected)] for f, p in plans.items()
             }
-            sig = signature(**base, kind=kind, plans=plan_sig, weight=repr(final))
-            chosen[kind] = _score_kind(session, kind, plans, by_file, final, sig, show, force)[0]
+            budgets = named_budgets(cfg, run, kind)
+            sig = signature(**base, kind=kind, plans=plan_sig, weight=repr(final), limit=budgets[0][1])
+            ranked = _score_kind(session, kind, plans, by_file, final, sig, show, force, budgets[0][1])
+            chosen[kind] = next(r for r in ranked if r.chosen)
             final = _trial(kind, plans[chosen[kind].plan_file], final, cfg.search.protect_weights)
+            if distributed.current().is_main:
+                write_records(run.selection / f"{kind}_budgets.csv", budget_table(kind, ranked, budgets), BudgetBest)
     finally:
         qm.set_fp()
     if final is not None and distributed.current().is_main:

@@ -69,6 +69,7 @@ FULL_SMALL = [
     "select.num_images=4",
     "infer.num_images=4",
     "search.sweep_steps=2",
+    "search.sweep_density=1.0",
     "search.weight.k_num=2",
     "search.act.k_num=2",
     "eval.num_images=8",

@@ -69,6 +69,7 @@ def test_quantized_model_moves_casts_and_saves_like_any_module(tiny_run, tiny_cf
         Structure(
             in_split={n: l.in_split for n, l in qm.layers.items()}, bos={n for n, l in qm.layers.items() if l.bos_aware}
         ),
+        qm.weight_quant,  # the same weight quantizer: the same scale layout
     )
     other.load_state_dict(state)
     oqm.apply(_mixed(oqm.names))

@@ -1,6 +1,7 @@
 """The whole search as one command on the tiny model, with small sizes."""
 
 import json
+import math
 import re
 import shutil
 
@@ -11,8 +12,9 @@ from PIL import Image
 
 from mpq.plan import read_layer_list, read_plan
 from mpq.runner.cli import main
+from mpq.runner.files import read_records
 from mpq.search.candidates import read_candidates
-from mpq.selection import read_scores
+from mpq.selection import BudgetBest, read_scores
 
 from conftest import FULL_SMALL
 
@@ -49,9 +51,15 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
         plans = {p.name for p in (d / "candidates" / kind).glob("*.yaml")}
         assert plans == {r.plan_file for r in rows if r.kind == kind and r.feasible}
         scores = read_scores(d / "selection" / f"{kind}_scores.csv")
-        assert {s.plan_file for s in scores} == plans and [s.chosen for s in scores][0]  # ranked best first
+        assert {s.plan_file for s in scores} == plans and [s.mse for s in scores] == sorted(s.mse for s in scores)
+        # the family spans the whole range; the chosen plan is the best within the target budget, and the budgets
+        # table gives the best at no more bytes for each named budget (here: the target, first)
+        budgets = read_records(d / "selection" / f"{kind}_budgets.csv", BudgetBest, "")
+        limit = budgets[0].budget_bytes
+        assert max(s.bytes for s in scores) > limit > min(s.bytes for s in scores)
         chosen = next(s for s in scores if s.chosen)
-        assert chosen.mse == min(s.mse for s in scores) and 0.0 < chosen.mse < 0.05 and 0.0 <= chosen.adherence <= 1.0
+        assert chosen.mse == min(s.mse for s in scores if s.bytes <= limit) and chosen.plan_file == budgets[0].plan_file
+        assert 0.0 < chosen.mse < 0.05 and 0.0 <= chosen.adherence <= 1.0
         assert read_plan(d / "selection" / f"final_{kind}.yaml") == read_plan(
             d / "candidates" / kind / chosen.plan_file
         )
@@ -69,17 +77,18 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
     assert ev["FP"]["mse"] == 0.0 and ev["FP"]["adherence"]["all"] >= 0.75
     assert ev["W8A8"]["mse"] < ev["W4A8"]["mse"] and ev["W4A16"]["mse"] < ev["W2A16"]["mse"]  # fewer bits, more damage
     assert ev["W4A16"]["weight_bytes"] < ev["W8A8"]["weight_bytes"] < summary["fp_weight_bytes"]
-    # the chosen plan's weight bytes, counted here from the checkpoint's layer shapes: packed codes + one fp16 scale
-    # per output channel and input part; layers kept FP at 4 bytes (fp32 model)
+    # the chosen plan's weight bytes, counted here from the checkpoint's layer shapes: packed codes + an fp16 scale
+    # and offset per output channel, kernel position and input part (the default quantizer); FP layers at 4 bytes
     manifest = json.loads((d / "ckpt.json").read_text())
     wplan = read_plan(d / "selection" / "final_weight.yaml")
     counted = sum(
-        -(-int(np.prod(e["shape"])) * wplan[e["name"]] // 8) + 2 * e["shape"][0] * (len(e["in_split"]) - 1)
+        -(-int(np.prod(e["shape"])) * wplan[e["name"]] // 8)
+        + 2 * 2 * e["shape"][0] * int(np.prod(e["shape"][2:])) * (len(e["in_split"]) - 1)
         if e["name"] in wplan
         else 4 * int(np.prod(e["shape"]))
         for e in manifest["layers"]
     )
-    assert summary["weight_bytes"] == counted <= ev["W4A16"]["weight_bytes"] * 1.0001  # the sweep tops out at W4
+    assert summary["weight_bytes"] == counted <= ev["W4A16"]["weight_bytes"] * 1.0001  # the target: W4 bytes
 
     # the act candidates were scored on top of the chosen weight plan: the chosen act plan's selection image
     # is the image of the final plan
@@ -142,7 +151,8 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
     assert stage_states(capsys.readouterr().out) == dict.fromkeys(upstream, "skipped") | dict.fromkeys(
         downstream, "ran"
     )
-    assert len([r for r in read_candidates(d / "candidates" / "pareto.csv") if r.kind == "act"]) == 2 * 3
+    act_ks = {r.K for r in read_candidates(d / "candidates" / "pareto.csv") if r.kind == "act"}
+    assert len(act_ks - {math.inf}) == 3 and math.inf in act_ks  # k_num K values, and K free (the sweep's ends)
 
 
 def test_selection_resumes_after_a_kill(full_run, tmp_path):
@@ -209,9 +219,11 @@ def test_every_quantizer_and_search_option_end_to_end(full_run, tmp_path, capsys
     assert manifest["weight_quant"]["scale_method"] == "mse" and manifest["weight_quant"]["granularity"] == "tensor"
     assert manifest["act_quant"]["calibration"] == "mixdq"
     ckpt, ref_ckpt = load_file(str(d / "ckpt.safetensors")), load_file(str(full_run[0].root / "ckpt.safetensors"))
+    manifest_split = {e["name"]: e["in_split"] for e in manifest["layers"]}
     for key, t in ckpt.items():
-        if key.endswith("::w_scale"):  # one scale per input part (broadcast over the output channels)
-            assert torch.all(t == t[..., :1]), key
+        if key.endswith("::w_scale"):  # one scale per input part, shared by the output channels: one row
+            n_parts = len(manifest_split[key.replace("::w_scale", "")]) - 1
+            assert t.shape[1:] == (1, n_parts), key
     # MixDQ's loop observes with W8A8 on: the first layer sees the same input, the layers after it do not
     ranges = [k for k in ckpt if k.endswith("::a_range")]
     assert torch.equal(ckpt["model.conv_in::a_range"], ref_ckpt["model.conv_in::a_range"])
@@ -226,7 +238,7 @@ def test_every_quantizer_and_search_option_end_to_end(full_run, tmp_path, capsys
     assert protect and not set(protect) & set(wplan)  # the saved weight plan is the one that ran: protected weights FP
     summary = json.loads((d / "report" / "summary.json").read_text())
     counted = sum(
-        -(-int(np.prod(e["shape"])) * wplan[e["name"]] // 8) + 2 * (len(e["in_split"]) - 1)
+        -(-int(np.prod(e["shape"])) * wplan[e["name"]] // 8) + 2 * 2 * (len(e["in_split"]) - 1)  # scale + offset
         if e["name"] in wplan
         else 4 * int(np.prod(e["shape"]))
         for e in manifest["layers"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 
 import numpy as np
 import pytest
@@ -27,6 +28,7 @@ from mpq.layers import describe
 from mpq.plan import BitPlan
 from mpq.quant.model import PREFIX
 from mpq.runner.cli import main
+from mpq.runner.rundir import RunDir
 
 PROMPTS = [
     "a small red circle at the top left on a white background",
@@ -101,7 +103,7 @@ def test_exported_weight_bytes_are_the_cost_model_bytes(tiny_run, tiny_cfg):
     for fp_dtype, fp_bytes in ((torch.float16, 2), (torch.float32, 4)):
         tensors = denoiser_export(qm, plan, fp_dtype)[0]
         paths = [n[len(PREFIX) :] for n in qm.names]
-        expected = CostModel(scale_bytes=4, fp_bytes=fp_bytes).plan_cost(plan, infos).weight_bytes
+        expected = CostModel(4, fp_bytes, qm.weight_quant).plan_cost(plan, infos).weight_bytes
         assert weight_bytes_of(tensors, paths) == expected
     w4 = denoiser_export(qm, BitPlan.uniform(qm.names, 4, None), torch.float16)[0]
     w8 = denoiser_export(qm, BitPlan.uniform(qm.names, 8, None), torch.float16)[0]
@@ -140,25 +142,17 @@ def test_fp16_export_and_cli_formats(tiny_run, tiny_cfg, tmp_path, capsys):
     b = np.stack(generate(fq_pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np"))
     assert 0 < float(((a - b) ** 2).mean()) < 1e-4  # FP16 storage of the FP parts: close, not identical
 
-    assert (
-        main(
-            [
-                "export",
-                "--base_path",
-                str(tiny_run.root),
-                "--out",
-                str(tmp_path / "enc"),
-                "--format",
-                "encodings",
-                "--weight-bits",
-                "4",
-                "--act-bits",
-                "8",
-            ]
-        )
-        == 0
-    )
+    # AIMET's encodings hold MixDQ's weight quantizer (symmetric, per channel): the default's is a one-line refusal
+    enc_args = ["--out", str(tmp_path / "enc"), "--format", "encodings", "--weight-bits", "4", "--act-bits", "8"]
+    assert main(["export", "--base_path", str(tiny_run.root), *enc_args]) == 2
+    assert "quant.weight.levels=symmetric" in capsys.readouterr().err
+    mixdq = tmp_path / "mixdq"
+    shutil.copytree(tiny_run.root, mixdq)
+    overrides = ["quant.weight.levels=symmetric", "quant.weight.granularity=channel"]
+    assert main(["ptq", "--base_path", str(mixdq), "--force", *overrides]) == 0
+    assert main(["export", "--base_path", str(mixdq), *enc_args]) == 0
     enc = json.loads((tmp_path / "enc" / "unet.encodings").read_text())
+    _, qm, _ = quantized_pipeline(RunDir(mixdq).load_config(), RunDir(mixdq))
     name, layer = next(iter(qm.layers.items()))
     weights = enc["param_encodings"][f"{name[len(PREFIX) :]}.weight"]
     assert len(weights) == layer.weight.shape[0] * layer.n_parts
@@ -226,3 +220,46 @@ def test_torchao_path(tiny_run, tiny_cfg, tmp_path):
     )  # every layer taken: int8 dynamic (linear) and int8 weight-only (conv)
     q = np.stack(generate(pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np"))
     assert 0 < float(((q - fp) ** 2).mean()) < 1e-3
+
+
+@pytest.mark.parametrize(
+    "wq",
+    [
+        {"levels": "asymmetric", "granularity": "group", "group_size": 32},
+        {"levels": "symmetric", "granularity": "kernel"},
+        {"levels": "asymmetric", "granularity": "channel", "method": "mse"},
+    ],
+    ids=lambda d: "-".join(str(v) for v in d.values()),
+)
+def test_every_weight_quantizer_exports_exactly(tiny_run, tiny_cfg, tmp_path, wq):
+    """Grouped scales, kernel-position scales and asymmetric levels: the packed folder stores exactly what the cost
+    model prices (scales and offsets at the export's fp32) and draws the fake-quant images bit for bit."""
+    from mpq.quant.quantizer import WeightQuant
+    from mpq.quant.structure import Structure
+
+    spec = WeightQuant(**wq)
+    pipe, qm, _ = quantized_pipeline(tiny_cfg, tiny_run)
+    st = Structure(
+        {n: lay.act_numel for n, lay in qm.layers.items()},
+        {n: lay.in_split for n, lay in qm.layers.items()},
+        {n for n, lay in qm.layers.items() if lay.bos_aware},
+    )
+    qm.prepare([2, 4, 8], False, st, spec)
+    for layer in qm.layers.values():
+        layer.calibrate_weight()
+    rng = random.Random(1)
+    plan = BitPlan({n: rng.choice([2, 4, 8]) for n in qm.names if rng.random() > 0.1})
+    tensors = denoiser_export(qm, plan, torch.float32)[0]
+    paths = [n[len(PREFIX) :] for n in qm.names]
+    infos = describe(qm, [])
+    assert weight_bytes_of(tensors, paths) == CostModel(4, 4, spec).plan_cost(plan, infos).weight_bytes
+    mixdq = CostModel(4, 4).plan_cost(plan, infos).weight_bytes
+    assert weight_bytes_of(tensors, paths) > mixdq  # finer or two-parameter layouts store more
+    qm.apply(plan)
+    ref = generate(pipe, PROMPTS, [0, 1], tiny_cfg, output_type="np")
+    out = tmp_path / "export"
+    with export_folder(out, "mpq", tiny_run.root) as folder:
+        export_mpq(pipe, qm, plan, folder, tiny_cfg, torch.float32)
+    loaded = load_quantized(out)
+    for a, b in zip(ref, generate(loaded, PROMPTS, [0, 1], tiny_cfg, output_type="np")):
+        np.testing.assert_array_equal(a, b)

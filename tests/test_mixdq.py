@@ -21,7 +21,7 @@ from mpq.search.build import Entry, act_protect_list
 def _calibrated(layer: nn.Module, xs: list[torch.Tensor], bits=(2, 4, 8), **kw):
     q = (QuantLinear if isinstance(layer, nn.Linear) else QuantConv2d).from_float(layer)
     q.init_quant(list(bits), **kw)
-    q.calibrate_weight(True, "minmax", 50, 0.3)
+    q.calibrate_weight()  # MixDQ's weight quantizer: symmetric, per output channel (and part), min-max
     q.observing = True
     with torch.no_grad():
         for x in xs:
@@ -67,7 +67,7 @@ def test_split_skip_input_beats_one_quantizer_for_both_halves():
         ref = conv(xs[0])
     one = _calibrated(conv, xs)
     two = _calibrated(conv, xs, in_split=(0, 32, 64))
-    assert two.w_scale.shape == (3, 2, 32) and two.a_scale.shape == (3, 2)
+    assert two.w_scale.shape == (3, 32, 2) and two.a_scale.shape == (3, 2)  # (bits, C_out, parts)
     for w_bits, a_bits in ((None, 8), (None, 4), (4, None)):
         assert _layer_sqnr(two, xs[0], ref, w_bits, a_bits) > _layer_sqnr(one, xs[0], ref, w_bits, a_bits) + 1.0
 

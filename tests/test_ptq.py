@@ -54,7 +54,9 @@ def test_checkpoint_round_trip_restores_the_calibrated_state(tiny_run, tiny_cfg,
     loaded = QuantModel(denoiser_of(load_pipeline(tiny_cfg)))
     load_checkpoint(path, loaded)
     before, after = calibrated.quant_state(), loaded.quant_state()
-    assert before.keys() == after.keys() and len(before) == 5 * 123
+    assert (
+        before.keys() == after.keys() and len(before) == 6 * 123
+    )  # qbits, w_scale, w_offset, a_scale, a_zero, a_range
     assert all(torch.equal(before[k], after[k]) for k in before)
     assert any(layer.n_parts == 2 for layer in loaded.layers.values()) and any(
         layer.bos_aware for layer in loaded.layers.values()

@@ -30,7 +30,7 @@ def one_line_error(capsys) -> str:
 # make
 def test_export_refuses_folders_it_did_not_make_and_replaces_its_own(tiny_run, tmp_path, capsys):
     run = copy_run(tiny_run, tmp_path / "run")
-    base = ["export", "--base_path", str(run.root), "--format", "encodings", "--weight-bits", "8", "--act-bits", "8"]
+    base = ["export", "--base_path", str(run.root), "--format", "torchao", "--weight-bits", "8", "--act-bits", "8"]
     precious = tmp_path / "precious"
     precious.mkdir()
     (precious / "thesis.txt").write_text("my thesis")
@@ -46,15 +46,15 @@ def test_export_refuses_folders_it_did_not_make_and_replaces_its_own(tiny_run, t
     assert (run.root / "ckpt.safetensors").is_file() and (run.root / "calib" / "meta.json").is_file()
     # a new folder, then the same export again (replaced), then another format there: refused
     out = tmp_path / "enc"
-    assert main([*base, "--out", str(out)]) == 0 and (out / "unet.encodings").is_file()
+    assert main([*base, "--out", str(out)]) == 0 and (out / "torchao_config.json").is_file()
     assert main([*base, "--out", str(out)]) == 0
     assert oct((out).stat().st_mode & 0o777) != oct(0o700)  # an ordinary folder, not mkdtemp's private one
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".enc.")]  # no temp or old folder left
-    assert main([*base[:-4], "--format", "torchao", "--weight-bits", "8", "--out", str(out)]) == 2
-    assert "not torchao" in one_line_error(capsys)
+    assert main([*base[:-4], "--format", "mpq", "--weight-bits", "8", "--out", str(out)]) == 2
+    assert "not mpq" in one_line_error(capsys)
     # --overwrite: the user's explicit choice for a foreign folder (never for a file or the run)
     assert main([*base, "--out", str(precious), "--overwrite"]) == 0
-    assert (precious / "unet.encodings").is_file() and not (precious / "thesis.txt").exists()
+    assert (precious / "torchao_config.json").is_file() and not (precious / "thesis.txt").exists()
     assert main([*base, "--out", str(afile), "--overwrite"]) == 2 and afile.read_text() == "notes"
     capsys.readouterr()
 
@@ -218,7 +218,7 @@ def test_a_run_directory_that_cannot_be_written(tiny_run, tmp_path, capsys):
     assert "cannot be written" in one_line_error(capsys)
     out = tmp_path / "enc"
     assert (
-        main(["export", "--base_path", str(run.root), "--format", "encodings", "--weight-bits", "8", "--out", str(out)])
+        main(["export", "--base_path", str(run.root), "--format", "torchao", "--weight-bits", "8", "--out", str(out)])
         == 0
     )
 

@@ -128,13 +128,19 @@ def test_plan_bytes_equal_what_is_stored(tiny_run):
     plan = {i.name: int(rng.choice(BITS)) for i in infos}
     flat = {i.name: [0.5, 0.7, 0.9] for i in infos}
     problem = build_problem(
-        "weight", run_entries("weight", infos, CostModel()), flat, flat, BITS, {CONTENT: BITS, QUALITY: BITS}
+        "weight",
+        run_entries("weight", infos, CostModel(wq=qm.weight_quant)),
+        flat,
+        flat,
+        BITS,
+        {CONTENT: BITS, QUALITY: BITS},
     )
     stored = 0
     for name, b in plan.items():
         layer = qm.layers[name]
         codes = torch.zeros(layer.weight.numel(), dtype=torch.int8)
-        stored += pack(codes, b).numel() + 2 * layer.w_scale[0].numel()  # one scale per output channel and input part
+        params = layer.w_scale[0].numel() + (layer.w_offset[0].numel() if layer.wq.asymmetric else 0)
+        stored += pack(codes, b).numel() + 2 * params  # a scale (and offset) per output channel and group
     assert sum(len(layer.in_split) == 3 for layer in qm.layers.values()) == 6
     assert problem.plan_bytes(plan) == stored
     # activations: packed input + per-tensor scale and zero point per part; a BOS token and protected layers stay FP
@@ -315,7 +321,14 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
         (run.root / "sensitivity" / f"{kind}_sqnr.yaml").write_text(yaml.safe_dump(sqnr))
         (run.root / "sensitivity" / f"{kind}_ssim.yaml").write_text(yaml.safe_dump(ssim))
     out = subprocess.run(
-        ["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
+        [
+            "bash",
+            "shell/integer_program.sh",
+            str(run.root),
+            "search.sweep=target",
+            "search.sweep_steps=3",
+            "search.act.k_num=4",
+        ],
         capture_output=True,
         text=True,
         cwd=str(__import__("conftest").repo_root()),
@@ -366,9 +379,86 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
     assert {p.name: p.read_text() for p in (run.root / "candidates" / "weight").glob("*.yaml")} == before
     assert len(list((run.root / "candidates" / "manual").glob("weight_*_0.80.yaml"))) == 1
     again = subprocess.run(
-        ["bash", "shell/integer_program.sh", str(run.root), "search.sweep_steps=3", "search.act.k_num=4"],
+        [
+            "bash",
+            "shell/integer_program.sh",
+            str(run.root),
+            "search.sweep=target",
+            "search.sweep_steps=3",
+            "search.act.k_num=4",
+        ],
         capture_output=True,
         text=True,
         cwd=str(__import__("conftest").repo_root()),
     )
     assert "up to date, skipped" in again.stdout
+
+
+def test_full_sweep_covers_the_byte_range_without_gaps():
+    """search.sweep=full: budgets from the fewest to the most bits every sweep_density average bits (plus the target
+    and the named budgets); at every budget some K finds a plan that fills it, so the family has no gap in bytes
+    larger than the density (plus one layer's granularity)."""
+    from mpq.search.sweep import avg_for_bytes, run_sweep, sweep_grid
+
+    rng = np.random.default_rng(5)
+    problem, entries = random_problem(rng, 40)
+    per_bit = budget_for_avg(problem, 1.0) - budget_for_avg(problem, 0.0)
+    named = budget_for_avg(problem, 5.3)
+    s = load_config(
+        "tiny-sdxl", ["search.sweep_density=0.5", "search.weight.k_num=3", f"search.weight.budgets=[6.1,{named:.0f}B]"]
+    ).search
+    targets, ks = sweep_grid(s, "weight", problem=problem)
+    lo, hi = problem.avg_range()
+    assert (targets[0], targets[-1]) == (round(lo, 4), round(hi, 4)) and ks[-1] == math.inf
+    assert max(np.diff(targets)) <= 0.5 + 1e-9
+    assert {4.0, 6.1, round(avg_for_bytes(problem, round(named)), 4)} <= set(targets)
+    rows, plans = run_sweep(problem, "weight", "mpq", targets, ks, s, show=False)
+    best = {}
+    for r in rows:
+        assert not r.feasible or r.bytes <= r.budget_bytes + 1e-6
+        if r.feasible:
+            best[r.target_avg_bits] = max(best.get(r.target_avg_bits, 0.0), r.bytes)
+    assert set(best) == set(targets)  # every budget has a plan
+    grain = max(e.price(8) - e.price(4) for e in entries)  # the largest one-layer step
+    gaps = np.diff([best[t] for t in targets])
+    assert gaps.max() <= 0.5 * per_bit + grain, (gaps.max(), 0.5 * per_bit, grain)
+
+
+def test_named_budgets_in_bits_or_bytes():
+    from mpq.search.sweep import avg_for_bytes, budget_avg_bits, parse_bytes
+
+    assert parse_bytes("750KB") == 750e3 and parse_bytes("1.5 MiB") == 1.5 * 2**20 and parse_bytes("42b") == 42
+    for bad in ("lots", "12 parsecs", "KB"):
+        with pytest.raises(MpqError, match="average bits"):
+            parse_bytes(bad)
+    problem, _ = random_problem(np.random.default_rng(2), 6)
+    assert budget_avg_bits(problem, 4.5) == 4.5
+    nbytes = budget_for_avg(problem, 5.25)
+    assert avg_for_bytes(problem, nbytes) == pytest.approx(5.25)
+    assert budget_avg_bits(problem, f"{nbytes}B") == pytest.approx(5.25)
+    with pytest.raises(MpqError, match="search.weight.budgets"):
+        load_config("tiny-sdxl", ["search.weight.budgets=[4,lots]"])
+
+
+def test_full_sweep_reaches_the_fewest_bits_below_the_groups_floor():
+    """Quality layers limited to {4, 8}: the full sweep's budgets under that floor are solved with every bit allowed
+    (the same layers and prices), so the family starts at every layer's fewest bits; above it, the groups' bits hold."""
+    from mpq.search.sweep import run_sweep, sweep_grid
+
+    rng = np.random.default_rng(8)
+    _, entries = random_problem(rng, 12)
+    ssim = {e.name: sorted(rng.uniform(0.3, 1.0, 3).tolist()) for e in entries if e.group == CONTENT}
+    sqnr = {e.name: sorted(rng.uniform(0.0, 60.0, 3).tolist()) for e in entries}
+    groups = build_problem("weight", entries, ssim, sqnr, BITS, {CONTENT: BITS, QUALITY: [4, 8]})
+    every = build_problem("weight", entries, ssim, sqnr, BITS, {CONTENT: BITS, QUALITY: BITS})
+    s = load_config("tiny-sdxl", ["search.sweep_density=0.5"]).search
+    targets, ks = sweep_grid(s, "weight", problem=groups, below=every)
+    floor = groups.avg_range()[0]
+    assert targets[0] == 2.0 < floor and targets[-1] == 8.0
+    rows, plans = run_sweep(groups, "weight", "mpq", targets, ks, s, show=False, below=every)
+    quality = {e.name for e in entries if e.group == QUALITY}
+    lowest = plans[next(r.plan_file for r in rows if r.target_avg_bits == 2.0 and r.feasible)]
+    assert set(lowest.values()) == {2}  # uniform W2: only reachable with W2 on quality layers
+    for r in rows:
+        if r.feasible and r.target_avg_bits >= floor:
+            assert all(plans[r.plan_file][n] in (4, 8) for n in quality)

@@ -1,7 +1,7 @@
 """The PTQ checkpoint: quant params for every candidate bit, in one safetensors file, and the run's layer description.
 
 Tensors are each layer's quant buffers (:mod:`mpq.quant.layers`), named
-``<layer>::<buffer>``: ``qbits``, ``w_scale`` (bits, parts, C_out), ``a_scale`` /
+``<layer>::<buffer>``: ``qbits``, ``w_scale`` / ``w_offset`` (bits, rows, groups), ``a_scale`` /
 ``a_zero`` (bits, parts), ``a_range`` (parts, 2). The manifest (every layer's
 :class:`~mpq.layers.LayerInfo`: kind, shape, input split, BOS-awareness, input
 size; candidate bits; quantizer settings; model id and fingerprint) is stored
@@ -25,11 +25,14 @@ from mpq.families import family_of
 from mpq.layers import LayerInfo, assign_groups, content_patterns, describe
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
 from mpq.quant.model import QuantModel, same_weights, weights_sample
+from mpq.quant.quantizer import WeightQuant
 from mpq.quant.structure import Structure
 from mpq.runner.files import load_tensors, read_tensor_metadata, save_tensors, write_json
 from mpq.runner.rundir import RunDir
 
-FORMAT = "mpq-ckpt/3"  # 2: quant buffers per layer, input splits, BOS-aware layers; 3: each layer's input size
+# 2: quant buffers per layer, input splits, BOS-aware layers; 3: each layer's input size; 4: weight scales and
+# offsets per (row, group) of the configured weight quantizer
+FORMAT = "mpq-ckpt/4"
 
 
 def manifest_for(qm: QuantModel, cfg: DictConfig) -> dict[str, Any]:
@@ -94,6 +97,7 @@ def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
             {i.name: i.in_split for i in layers},
             {i.name for i in layers if i.bos_aware},
         ),
+        WeightQuant.from_config(manifest["weight_quant"]),
     )
     tensors = load_tensors(path)
     expected = set(qm.quant_state())

@@ -1,7 +1,8 @@
 """PTQ: calibrate weight and activation quant params for every candidate bit in one pass.
 
-Weights: per candidate bit, a symmetric scale per output channel (min-max, or
-an MSE search over clipping ratios). Activations: one pass of the
+Weights: per candidate bit, a scale (and offset) per output channel and group
+of input columns as ``quant.weight`` sets it (min-max, or an MSE search over
+clipping ratios; :class:`~mpq.quant.quantizer.WeightQuant`). Activations: one pass of the
 calibration data through the FP denoiser records each layer's running
 input range (momentum 0.95, per tensor); every candidate bit's scale and zero
 point derive from that one range. So the cost of calibrating three bits is
@@ -22,6 +23,7 @@ from mpq.errors import MpqError
 from mpq.families import family_of
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
 from mpq.quant.model import QuantModel, same_weights, weights_sample
+from mpq.quant.quantizer import WeightQuant
 from mpq.quant.structure import constant_first_token, trace
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
@@ -38,7 +40,12 @@ def prepare(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int] |
     text = calib.first_tokens(family_of(qm.denoiser).text_key)
     constant = text is not None and constant_first_token(text)
     st = trace(qm.denoiser, first, constant).enabled(cfg.quant.split_shortcut, cfg.quant.act.bos_aware)
-    qm.prepare(list(bits if bits is not None else cfg.quant.bits), cfg.quant.act.symmetric, st)
+    qm.prepare(
+        list(bits if bits is not None else cfg.quant.bits),
+        cfg.quant.act.symmetric,
+        st,
+        WeightQuant.from_config(cfg.quant.weight),
+    )
 
 
 def calibrate(
@@ -47,14 +54,14 @@ def calibrate(
     """Fill ``qm``'s quant params for ``bits`` (default: the config's candidates); returns timings (s)."""
     prepare(qm, calib, cfg, bits)
     bits = qm.bits
-    wq, aq = cfg.quant.weight, cfg.quant.act
+    aq = cfg.quant.act
     device = next(qm.denoiser.parameters()).device
     dtype = next(qm.denoiser.parameters()).dtype
     t0 = time.perf_counter()
     for layer in progress(
         qm.layers.values(), desc=f"ptq: weight scales {bits}", unit="layer", disable=not show, leave=False
     ):
-        layer.calibrate_weight(wq.granularity == "channel", wq.scale_method, wq.mse_grid, wq.mse_min_ratio)
+        layer.calibrate_weight()
     t1 = time.perf_counter()
     bs = cfg.calib.batch_size
     style = aq.calibration

@@ -19,6 +19,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from mpq.errors import MpqError
 from mpq.plan import BitPlan
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.quant.quantizer import qrange
@@ -55,9 +56,15 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
         if layer.n_parts > 1:
             splits[path] = list(layer.in_split)
         if w is not None:
+            if layer.wq.asymmetric or layer.wq.granularity not in ("channel", "tensor"):
+                raise MpqError(
+                    f"the encodings format holds symmetric per-channel weight scales; this run's weights are "
+                    f"{layer.wq.label} ({name}); export with --format mpq, or calibrate with "
+                    "quant.weight.levels=symmetric quant.weight.granularity=channel"
+                )
             k = layer.bits.index(w)
             params[f"{path}.weight"] = [
-                encoding(float(s), 0.0, w, True) for part in layer.w_scale[k].tolist() for s in part
+                encoding(float(s), 0.0, w, True) for part in layer.w_scale[k].t().tolist() for s in part
             ]
         if a is not None:
             k = layer.bits.index(a)

@@ -6,7 +6,8 @@ Layout (what ``DiffusionPipeline.save_pretrained`` writes, the denoiser replaced
     OUT/<denoiser>/config.json                the denoiser config + "quantization_config"
     OUT/<denoiser>/diffusion_pytorch_model.safetensors      (<denoiser>: unet or transformer)
         <layer>.qweight  uint8, packed (2-bit: 4 a byte, 4-bit: 2 a byte, 8-bit: 1 a byte)
-        <layer>.w_scale  fp32 (n_parts, C_out)    <layer>.a_scale / a_zero  fp32 (n_parts,)
+        <layer>.w_scale  fp32 (rows, groups)      <layer>.a_scale / a_zero  fp32 (n_parts,)
+        <layer>.w_offset fp32 (rows, groups)      asymmetric weight levels only (codes stored minus 2^(b-1))
         <layer>.bos_in / bos_out  fp32           cached FP row of a BOS-aware text layer's constant first token
         everything else (FP layers, norms, biases, buffers made at construction) in ``fp_dtype``
 
@@ -35,12 +36,14 @@ from mpq.export.pack import pack
 from mpq.export.packed import PackedLayer, PackedSpec
 from mpq.models import denoiser_name
 from mpq.plan import BitPlan
-from mpq.quant.layers import BUFFERS, QuantLayer, by_part
+from mpq.quant.layers import BUFFERS, QuantLayer
 from mpq.quant.model import PREFIX, QuantModel
-from mpq.quant.quantizer import weight_integers
+from mpq.quant.quantizer import grouped_codes
 from mpq.runner.files import load_tensors, read_tensor_metadata, save_tensors, write_json
 
-FORMAT = "mpq-packed/2"  # 2: 3/5/6/7-bit codes in a dense bit stream (1 stored them one a byte)
+# 2: 3/5/6/7-bit codes in a dense bit stream (1 stored them one a byte); 3: grouped scales, asymmetric levels
+FORMAT = "mpq-packed/3"
+OLDER = ("mpq-packed/1", "mpq-packed/2")  # readable: MixDQ's symmetric per-channel scales only
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -70,6 +73,7 @@ def layer_spec(layer: QuantLayer, w_bits: int | None, a_bits: int | None, bos_ca
         layer.a_symmetric,
         layer.bias is not None,
         conv,
+        layer.wq.as_dict(),
     )
 
 
@@ -82,11 +86,14 @@ def packed_tensors(
         out["weight"] = layer.weight.detach().to(fp_dtype)
     else:
         k = layer.bits.index(spec.w_bits)
-        q = by_part(
-            layer.weight.detach(), layer.in_split, layer.w_scale[k], lambda w, s: weight_integers(w, s, spec.w_bits)
-        )
-        out["qweight"] = pack(q, spec.w_bits)
+        scale, offset = layer.weight_params(spec.w_bits)
+        q = grouped_codes(layer.weight.detach(), scale, offset, spec.w_bits, layer.wq.asymmetric)
+        if layer.wq.asymmetric:  # [0, 2^b - 1] stored as the signed range the packer takes
+            q = q - 2 ** (spec.w_bits - 1)
+        out["qweight"] = pack(q.to(torch.int16), spec.w_bits)
         out["w_scale"] = layer.w_scale[k].detach().float().clone()
+        if layer.wq.asymmetric:
+            out["w_offset"] = layer.w_offset[k].detach().float().clone()
         if spec.bos_cached:
             if bos is None:
                 raise ValueError("a BOS-cached layer needs its (bos_in, bos_out)")
@@ -181,7 +188,7 @@ def weight_bytes_of(tensors: Mapping[str, torch.Tensor], layer_paths: list[str])
     quantity the cost model prices."""
     total = 0
     for path in layer_paths:
-        for leaf in ("qweight", "w_scale", "weight"):
+        for leaf in ("qweight", "w_scale", "w_offset", "weight"):
             t = tensors.get(f"{path}.{leaf}")
             if t is not None:
                 total += t.numel() * t.element_size()
@@ -347,7 +354,7 @@ def load_denoiser(
             f"{cfg_path}: written by an older mpq, whose {len(odd)} 3/5/6/7-bit layers (first: {odd[0]}) this mpq "
             "packs differently; re-export with `mpq export`"
         )
-    if qconfig.get("format") not in (FORMAT, "mpq-packed/1"):
+    if qconfig.get("format") not in (FORMAT, *OLDER):
         raise MpqError(
             f"{cfg_path}: export format {qconfig.get('format')!r}, this mpq reads {FORMAT!r}; re-export with `mpq "
             "export`"
@@ -357,6 +364,8 @@ def load_denoiser(
         model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
     tensors = load_tensors(weights)
     verify(weights, cfg_path, tensors, qconfig["layers"])
+    if qconfig.get("format") in OLDER:  # per-channel scales were stored (n_parts, C_out): now (rows, groups)
+        tensors = {k: t.t().contiguous() if k.endswith(".w_scale") else t for k, t in tensors.items()}
     for path, spec_dict in qconfig["layers"].items():
         parent, _, child = path.rpartition(".")
         spec = PackedSpec.from_dict(spec_dict, f"{cfg_path}: layer '{path}'")
@@ -388,7 +397,14 @@ def load_denoiser(
     return model
 
 
-KEEP_FP32 = ("w_scale", "a_scale", "a_zero", "bos_in", "bos_out")  # quant params: exact dequantization in any dtype
+KEEP_FP32 = (
+    "w_scale",
+    "w_offset",
+    "a_scale",
+    "a_zero",
+    "bos_in",
+    "bos_out",
+)  # quant params: exact dequantization in any dtype
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:

@@ -1,8 +1,10 @@
 """PackedLayer: a Linear/Conv2d of an exported model, its quantized weight kept packed in memory.
 
 The weight is a uint8 buffer (``qweight``: 2-bit four a byte, 4-bit two a
-byte, 8-bit one a byte, see :mod:`mpq.export.pack`) with fp32 scales per
-output channel and input part (``w_scale``, (n_parts, C_out)); each call
+byte, 8-bit one a byte, see :mod:`mpq.export.pack`) with fp32 scales (and,
+for asymmetric levels, offsets) per row and group of input columns
+(``w_scale`` / ``w_offset``, (rows, groups); the layout of the spec's
+``weight_quant``, :class:`~mpq.quant.quantizer.WeightQuant`); each call
 unpacks and dequantizes it (exactly as the fake-quant layer computes it) and
 drops it again, so resident memory holds only the packed bytes. A layer
 whose weight stays FP keeps ``weight``. With activation bits, the input is
@@ -28,7 +30,8 @@ from torch import nn
 
 from mpq.errors import MpqError
 from mpq.export.pack import MAX_BITS, packed_numel, unpack
-from mpq.quant.layers import by_part, fake_quant_input
+from mpq.quant.layers import fake_quant_input
+from mpq.quant.quantizer import WeightQuant, dequantize_codes, expand_params
 
 
 @dataclass(frozen=True)
@@ -45,6 +48,11 @@ class PackedSpec:
     a_symmetric: bool = False
     bias: bool = True
     conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, groups
+    weight_quant: dict[str, Any] = field(default_factory=dict)  # WeightQuant fields ({}: MixDQ's per-channel)
+
+    @property
+    def wq(self) -> WeightQuant:
+        return WeightQuant(**self.weight_quant)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -99,6 +107,11 @@ class PackedSpec:
             keys = {"stride", "padding", "dilation", "groups"}
             if not isinstance(conv, dict) or set(conv) != keys:
                 raise bad("conv", f"a conv layer needs {', '.join(sorted(keys))}")
+        wq = d.get("weight_quant", {})
+        try:
+            WeightQuant(**wq)
+        except (TypeError, ValueError) as err:
+            raise bad("weight_quant", f"not a weight quantizer ({err})") from None
         return cls(**{**d, "shape": tuple(shape), "in_split": tuple(split)})
 
 
@@ -106,7 +119,7 @@ class PackedLayer(nn.Module):
     def __init__(self, spec: PackedSpec, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.spec = spec
-        s, parts = spec.shape, len(spec.in_split) - 1
+        s, parts, wq = spec.shape, len(spec.in_split) - 1, spec.wq
         if spec.kind == "linear":  # the attributes pipelines read off Linear/Conv2d
             self.in_features, self.out_features = s[1], s[0]
         else:
@@ -123,7 +136,10 @@ class PackedLayer(nn.Module):
             self.register_buffer(
                 "qweight", torch.empty(packed_numel(numel, spec.w_bits), dtype=torch.uint8, device=device)
             )
-            self.register_buffer("w_scale", torch.empty(parts, s[0], **f32))
+            rows, groups = wq.rows(s), wq.n_groups(s, spec.in_split)
+            self.register_buffer("w_scale", torch.empty(rows, groups, **f32))
+            if wq.asymmetric:
+                self.register_buffer("w_offset", torch.empty(rows, groups, **f32))
             if spec.bos_cached:
                 self.register_buffer("bos_in", torch.empty(s[1], **f32))
                 self.register_buffer("bos_out", torch.empty(s[0], **f32))
@@ -145,9 +161,14 @@ class PackedLayer(nn.Module):
         spec = self.spec
         if spec.w_bits is None:
             return self._parameters["weight"]  # type: ignore[return-value]
-        numel = math.prod(spec.shape)
-        q = unpack(self.qweight, spec.w_bits, numel).reshape(spec.shape)
-        return by_part(q, spec.in_split, self.w_scale, lambda part, s: (part.float() * s.float()).to(dtype))
+        numel, wq = math.prod(spec.shape), spec.wq
+        q = unpack(self.qweight, spec.w_bits, numel).reshape(spec.shape).float()
+        groups = wq.column_groups(spec.shape, spec.in_split).to(q.device)
+        scale = expand_params(self.w_scale.float(), groups, spec.shape)
+        if not wq.asymmetric:
+            return dequantize_codes(q, scale, scale, False).to(dtype)
+        offset = expand_params(self.w_offset.float(), groups, spec.shape)
+        return dequantize_codes(q + 2 ** (spec.w_bits - 1), scale, offset, True).to(dtype)  # stored shifted
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.spec.kind == "linear":

@@ -43,7 +43,8 @@ def _torchao() -> Any:
 def torchao_plan(qm: QuantModel, plan: BitPlan) -> tuple[Any, list[dict[str, Any]]]:
     """(``FqnToConfig``, one row per quantizable layer saying what torchao takes and what it drops)."""
     tq = _torchao()
-    from torchao.quantization.granularity import PerAxis
+    from torchao.quantization.granularity import PerAxis, PerGroup
+    from torchao.quantization.quant_primitives import MappingType
 
     configs: dict[str, Any] = {}
     rows = []
@@ -60,10 +61,16 @@ def torchao_plan(qm: QuantModel, plan: BitPlan) -> tuple[Any, list[dict[str, Any
             choice = "Int8DynamicActivationInt8WeightConfig"
             notes.append("activations per token, dynamic (mpq: per tensor, static)")
         else:
+            wq = layer.wq
+            grouped = wq.granularity == "group" and kind == "linear" and layer.weight.shape[1] % wq.group_size == 0
             configs[name[len(PREFIX) :]] = tq.IntxWeightOnlyConfig(
-                weight_dtype=getattr(torch, f"int{w}"), granularity=PerAxis(0)
+                weight_dtype=getattr(torch, f"int{w}"),
+                granularity=PerGroup(wq.group_size) if grouped else PerAxis(0),
+                mapping_type=MappingType.ASYMMETRIC if wq.asymmetric else MappingType.SYMMETRIC,
             )
-            choice = f"IntxWeightOnlyConfig(int{w})"
+            choice = f"IntxWeightOnlyConfig(int{w}{f', group {wq.group_size}' if grouped else ''})"
+            if (wq.granularity == "kernel" and kind == "conv") or (wq.granularity == "group" and not grouped):
+                notes.append(f"{wq.granularity} scales become per channel: torchao has no {kind} {wq.granularity}s")
             if a is not None:
                 notes.append(
                     f"A{a} dropped"

@@ -2,15 +2,16 @@
 
 from mpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
 from mpq.quant.model import QuantModel
-from mpq.quant.quantizer import act_qparams, fake_quant, qrange, weight_scale
+from mpq.quant.quantizer import WeightQuant, act_qparams, fake_quant, grouped_qparams, qrange
 
 __all__ = [
     "QuantConv2d",
     "QuantLayer",
     "QuantLinear",
     "QuantModel",
+    "WeightQuant",
     "act_qparams",
     "fake_quant",
+    "grouped_qparams",
     "qrange",
-    "weight_scale",
 ]

@@ -6,7 +6,10 @@ are registered buffers, so ``.to()``, ``.half()``, ``state_dict()`` and offload
 hooks treat them as any module's tensors:
 
 * ``qbits`` (n_bits,): the candidate bit-widths, in order;
-* ``w_scale`` (n_bits, n_parts, C_out): symmetric weight scale per output channel;
+* ``w_scale``, ``w_offset`` (n_bits, rows, groups): the weight quantizer's scale (and offset: asymmetric
+  levels; zero when symmetric) per output channel (row; one row at ``tensor`` granularity) and group of
+  input columns (:class:`~mpq.quant.quantizer.WeightQuant`, the layer's ``wq``: one group per input part at
+  MixDQ's ``channel`` granularity);
 * ``a_scale``, ``a_zero`` (n_bits, n_parts): per-tensor activation scale and zero point;
 * ``a_range`` (n_parts, 2): the observed running (min, max) of the input.
 
@@ -29,15 +32,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.quant.quantizer import (
+    WeightQuant,
     act_qparams,
+    expand_params,
     fake_quant,
+    grouped_fake_quant,
+    grouped_qparams,
     qrange,
-    quantize_weight,
     running_minmax,
-    weight_scales,
 )
 
-BUFFERS = ("qbits", "w_scale", "a_scale", "a_zero", "a_range")
+BUFFERS = ("qbits", "w_scale", "w_offset", "a_scale", "a_zero", "a_range")
 
 
 def split_input(x: torch.Tensor, in_split: Sequence[int], dim: int) -> tuple[torch.Tensor, ...]:
@@ -62,19 +67,6 @@ def fake_quant_input(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-def by_part(
-    w: torch.Tensor,
-    in_split: Sequence[int],
-    scales: torch.Tensor,
-    fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-) -> torch.Tensor:
-    """``fn(part, scale)`` for each input part of a weight (columns ``in_split``; ``scales[p]``, one per output
-    channel, shaped to broadcast over the part), the results concatenated along the input dimension."""
-    view = (w.shape[0],) + (1,) * (w.dim() - 1)
-    parts = [fn(w[:, lo:hi], scales[p].reshape(view)) for p, (lo, hi) in enumerate(zip(in_split, in_split[1:]))]
-    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=1)
-
-
 class QuantLayer:
     """Mixin holding the quant params of one Linear/Conv2d and its active bits."""
 
@@ -91,6 +83,8 @@ class QuantLayer:
         self.bos_aware = False
         self.act_numel = 0  # input elements per sample, as traced at PTQ (the layer description's, for the cost model)
         self.a_symmetric = False
+        self.wq = WeightQuant()
+        self._groups: torch.Tensor | None = None
         self.w_bits: int | None = None
         self.a_bits: int | None = None
         self.observing = False
@@ -108,8 +102,12 @@ class QuantLayer:
         bos_aware: bool = False,
         a_symmetric: bool = False,
         act_numel: int = 0,
+        wq: WeightQuant | None = None,
     ) -> None:
-        """(Re)allocate the buffers for ``bits`` (zeros until calibrated or loaded)."""
+        """(Re)allocate the buffers for ``bits`` and the weight quantizer ``wq`` (default: MixDQ's; zeros until
+        calibrated or loaded)."""
+        self.wq = wq or WeightQuant()
+        self._groups = None
         self.act_numel = int(act_numel)
         self.in_split = tuple(in_split) if in_split else (0, self.weight.shape[1])
         if (
@@ -122,7 +120,10 @@ class QuantLayer:
         n, parts, dev = len(bits), len(self.in_split) - 1, self.weight.device
         self.register_buffer("qbits", torch.tensor(list(bits), dtype=torch.int64, device=dev))
         self._bits: list[int] | None = [int(b) for b in bits]
-        self.register_buffer("w_scale", torch.zeros(n, parts, self.weight.shape[0], device=dev))
+        shape = tuple(self.weight.shape)
+        rows, groups = self.wq.rows(shape), self.wq.n_groups(shape, self.in_split)
+        self.register_buffer("w_scale", torch.zeros(n, rows, groups, device=dev))
+        self.register_buffer("w_offset", torch.zeros(n, rows, groups, device=dev))
         self.register_buffer("a_scale", torch.zeros(n, parts, device=dev))
         self.register_buffer("a_zero", torch.zeros(n, parts, device=dev))
         self.register_buffer("a_range", torch.zeros(parts, 2, device=dev))
@@ -153,11 +154,25 @@ class QuantLayer:
         return 1 if isinstance(self, nn.Conv2d) else -1
 
     # ------------------------------------------------------------------ calibration
-    def calibrate_weight(self, per_channel: bool, method: str, grid: int, min_ratio: float) -> None:
-        for p, (lo, hi) in enumerate(zip(self.in_split, self.in_split[1:])):
-            scales = weight_scales(self.weight[:, lo:hi], self.bits, per_channel, method, grid, min_ratio)
-            for k, b in enumerate(self.bits):
-                self.w_scale[k, p] = scales[b].reshape(-1).expand(self.weight.shape[0])
+    @property
+    def column_groups(self) -> torch.Tensor:
+        """The weight quantizer's group of every input column (cached; see :class:`WeightQuant`)."""
+        if self._groups is None or self._groups.device != self.weight.device:
+            self._groups = self.wq.column_groups(tuple(self.weight.shape), self.in_split).to(self.weight.device)
+        return self._groups
+
+    def weight_params(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, offset) at ``bits``, spread to broadcast over the weight."""
+        k = self._index(bits, "weight")
+        shape = tuple(self.weight.shape)
+        g = self.column_groups
+        return expand_params(self.w_scale[k], g, shape), expand_params(self.w_offset[k], g, shape)
+
+    def calibrate_weight(self) -> None:
+        """Every candidate bit's weight scale (and offset) from the weight, as ``wq`` says."""
+        params = grouped_qparams(self.weight, self.bits, self.wq, self.in_split)
+        for k, b in enumerate(self.bits):
+            self.w_scale[k], self.w_offset[k] = params[b]
         self._wcache = {}
 
     def observe(self, x: torch.Tensor) -> None:
@@ -211,10 +226,8 @@ class QuantLayer:
         if bits is None:
             return self.weight
         if bits not in self._wcache:
-            k = self._index(bits, "weight")
-            self._wcache[bits] = by_part(
-                self.weight, self.in_split, self.w_scale[k], lambda w, s: quantize_weight(w, s, bits)
-            )
+            scale, offset = self.weight_params(bits)
+            self._wcache[bits] = grouped_fake_quant(self.weight, scale, offset, bits, self.wq.asymmetric)
         return self._wcache[bits]
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -247,6 +260,7 @@ class QuantLayer:
     # ------------------------------------------------------------------ torch plumbing
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         self._wcache = {}  # moved or cast: the cached quantized weights are stale
+        self._groups = None
         return super()._apply(fn, recurse)  # type: ignore[misc]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
@@ -259,7 +273,7 @@ class QuantLayer:
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
-        extra = f", bits={self.bits}, w_bits={self.w_bits}, a_bits={self.a_bits}"
+        extra = f", bits={self.bits}, w_bits={self.w_bits}, a_bits={self.a_bits}, weight_quant={self.wq.label}"
         if self.n_parts > 1:
             extra += f", in_split={self.in_split}"
         return base + extra + (", bos_aware=True" if self.bos_aware else "")

@@ -16,6 +16,7 @@ from torch import nn
 
 from mpq.plan import BitPlan
 from mpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
+from mpq.quant.quantizer import WeightQuant
 from mpq.quant.structure import PREFIX, Structure, quantizable_modules
 
 __all__ = ["PREFIX", "QuantModel", "fingerprint", "quantizable_modules", "same_weights", "weights_sample"]
@@ -83,12 +84,19 @@ class QuantModel:
     def bits(self) -> list[int]:
         return next(iter(self.layers.values())).bits if self.layers else []
 
-    def prepare(self, bits: Sequence[int], a_symmetric: bool, structure: Structure | None = None) -> None:
-        """Allocate every layer's quant buffers for ``bits``, with the input splits, BOS-aware layers and input
-        sizes of ``structure`` (:func:`mpq.quant.structure.trace`)."""
+    def prepare(
+        self, bits: Sequence[int], a_symmetric: bool, structure: Structure | None = None, wq: WeightQuant | None = None
+    ) -> None:
+        """Allocate every layer's quant buffers for ``bits`` and the weight quantizer ``wq`` (default: MixDQ's),
+        with the input splits, BOS-aware layers and input sizes of ``structure``
+        (:func:`mpq.quant.structure.trace`)."""
         st = structure or Structure()
         for name, layer in self.layers.items():
-            layer.init_quant(bits, st.in_split.get(name), name in st.bos, a_symmetric, st.act_numel.get(name, 0))
+            layer.init_quant(bits, st.in_split.get(name), name in st.bos, a_symmetric, st.act_numel.get(name, 0), wq)
+
+    @property
+    def weight_quant(self) -> WeightQuant:
+        return next(iter(self.layers.values())).wq if self.layers else WeightQuant()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         return self.denoiser(*args, **kwargs)

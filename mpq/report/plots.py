@@ -151,3 +151,34 @@ def plot_selection(
         ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path, 110)
+
+
+PEER_STYLES = {"mpq": ("o", "tab:blue"), "mpq uniform": ("s", "tab:green"), "MixDQ uniform": ("x", "tab:gray")}
+
+
+def plot_peers(points: Sequence[Mapping[str, Any]], path: Path, title: str) -> Path:
+    """A peer benchmark's points (``benchmarks/bench_peers.py``'s ``peers.json``): image MSE vs FP (log) against
+    weight bytes, one marker per tool (uniform plans joined by a line)."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    tools = list(dict.fromkeys(str(p["tool"]) for p in points))
+    for n, tool in enumerate(tools):
+        marker, color = PEER_STYLES.get(tool, ("^v<>Dph"[n % 7], f"C{3 + n % 7}"))
+        pts = sorted((p for p in points if p["tool"] == tool), key=lambda p: float(p["bytes"]))
+        ax.plot(
+            [float(p["bytes"]) / 1e3 for p in pts],
+            [max(float(p["mean_mse"]), 1e-12) for p in pts],
+            marker,
+            color=color,
+            label=tool,
+            alpha=0.85,
+            linestyle="-" if "uniform" in tool else "",
+        )
+    ax.set_yscale("log")
+    ax.set_xlabel("weight bytes (KB; packed + scales and zero points at 2 bytes)")
+    ax.set_ylabel("image MSE vs FP (held-out prompts)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3, which="both")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _save(fig, path, 120)

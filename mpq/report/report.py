@@ -27,7 +27,7 @@ from mpq.metrics import image_mse
 from mpq.plan import BitPlan, final_plan, read_plan
 from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, eval_set, evaluate_plans, slug
-from mpq.report.plots import plot_pareto, plot_selection, plot_sensitivity
+from mpq.report.plots import plot_pareto, plot_peers, plot_selection, plot_sensitivity
 from mpq.runner.files import write_json, write_text
 from mpq.runner.rundir import RunDir
 from mpq.search.candidates import read_candidates
@@ -105,6 +105,27 @@ def uniform_selection_points(
     return out
 
 
+def peer_results(cfg: DictConfig, rep: Path) -> dict[str, Any] | None:
+    """``eval.peers`` (a peer benchmark's ``peers.json``) drawn into ``rep/peers.png``: its byte levels and tools, or
+    None when not given."""
+    if not cfg.eval.peers:
+        return None
+    from mpq.runner.files import read_json
+
+    path = Path(cfg.eval.peers)
+    path = path / "peers.json" if path.is_dir() else path
+    if not path.is_file():
+        raise MpqError(f"eval.peers={cfg.eval.peers}: no such file; run `python benchmarks/bench_peers.py --out DIR`")
+    data = read_json(path)
+    points = data.get("points") if isinstance(data, dict) else None
+    if not isinstance(points, list) or not all(
+        isinstance(p, dict) and {"tool", "bytes", "mean_mse"} <= set(p) for p in points
+    ):
+        raise MpqError(f"{path} is not a peer benchmark's peers.json (no points with tool, bytes, mean_mse); re-run it")
+    plot_peers(points, rep / "peers.png", f"{data.get('config', '')}: peers, weight-only ({path.name})")
+    return {"source": str(path), "levels": data.get("levels", []), "n_images": data.get("n_images")}
+
+
 def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     """Evaluate FP, uniform and chosen plans on the evaluation prompts; plots; summary.json; index.html."""
     rep = run.report
@@ -138,6 +159,7 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     plot_pareto(candidates, rep / "pareto.png", chosen)
     uniform = uniform_selection_points(cfg, run, pipe, qm, infos, cost, final)
     plot_selection(scores, uniform, rep / "selection.png")
+    peers = peer_results(cfg, rep)
     summary: dict[str, Any] = cost.plan_cost(final, infos).as_dict()
     summary.update(
         {
@@ -151,6 +173,7 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
             "selection_uniform": uniform,
             "ssim_sensitivity_spread": ssim_spread(tables, bits),
             "export": export,
+            "peers": peers,
         }
     )
     write_json(run.summary, summary)
@@ -183,10 +206,9 @@ def exported_sizes(
         res["export_weight_bytes"] = weight_bytes_of(tensors, paths)
         # where the stored bytes differ from the priced ones: the scales (stored fp32) and the FP weights (stored fp16)
         quantized = [layer for name, layer in qm.layers.items() if name in plan.weight]
-        stored = sum(4 * layer.w_scale[0].numel() for layer in quantized)  # fp32, per output channel and part
+        stored = sum(4 * layer.w_scale[0].numel() * (2 if layer.wq.asymmetric else 1) for layer in quantized)  # fp32
         priced = sum(
-            cost.scale_bytes * (layer.w_scale.shape[-1] if cost.per_channel else 1) * layer.n_parts
-            for layer in quantized
+            cost.scale_bytes * cost.wq.n_params(tuple(layer.weight.shape), layer.in_split) for layer in quantized
         )
         n_fp = sum(layer.weight.numel() for name, layer in qm.layers.items() if name not in plan.weight)
         res["export_scale_extra_bytes"] = stored - priced
@@ -428,8 +450,28 @@ front (no other candidate has fewer bytes and a higher objective).</p><img src='
 its bytes;
 uniform plans on the same images for reference (weights: W8/W4/W2 with FP activations; activations: A8/A4 on the chosen
 weight plan); the chosen plans starred.</p><img src='selection.png'>
+{_peers_html(s.get("peers"))}
 <h2>Weight candidates scored (selection
 images)</h2>{_table(sel, ["plan_file", "mse", "ssim", "psnr", "adherence", "avg_bits", "bytes", "chosen"])}
 <h2>Sensitivity per layer</h2><p>Content-layer SSIM sensitivity, min / median / max:</p><ul>{spread}</ul>{sens}
 </body></html>
 """
+
+
+def _peers_html(peers: dict[str, Any] | None) -> str:
+    if not peers:
+        return ""
+    rows = [
+        {
+            "bits / weight": f"{r['level']:g}",
+            "bytes": f"{r['bytes']:,.0f}",
+            "mpq plan": html.escape(str(r["mpq"])),
+            "peer's best": html.escape(str(r["sdnq"])),
+            "MSE mpq / peer (95% CI)": f"{r['ratio'][0]:.2f} ({r['ratio'][1]:.2f}-{r['ratio'][2]:.2f})",
+        }
+        for r in peers.get("levels", [])
+    ]
+    cols = ["bits / weight", "bytes", "mpq plan", "peer's best", "MSE mpq / peer (95% CI)"]
+    return f"""<h2>Against a peer at equal bytes</h2><p>From <code>{html.escape(peers["source"])}</code>
+({peers.get("n_images")} held-out images; weight-only; both tools' bytes counted the same way): mpq's plan chosen by
+selection against the peer's best configuration at no more bytes.</p><img src='peers.png'>{_table(rows, cols)}"""

@@ -151,10 +151,20 @@ def _bits_arg(value: str) -> int | None:
 
 # --------------------------------------------------------------------------- stage commands
 def _select_summary(run: Any, result: Any) -> str:
-    return "\n".join(
-        f"{kind}: chose {r.plan_file} (MSE {r.mse:.6g}, SSIM {r.ssim:.6f}, PSNR {r.psnr:.2f} dB)"
-        for kind, r in result.items()
-    )
+    from mpq.runner.files import read_records
+    from mpq.selection import BudgetBest
+
+    lines = []
+    for kind, r in result.items():
+        lines.append(
+            f"{kind}: chose {r.plan_file} (MSE {r.mse:.6g}, SSIM {r.ssim:.6f}, PSNR {r.psnr:.2f} dB; {r.bytes:,.0f} "
+            "bytes)"
+        )
+        table = run.selection / f"{kind}_budgets.csv"
+        for b in read_records(table, BudgetBest, "re-run `mpq select`")[1:] if table.is_file() else []:
+            best = f"{b.plan_file} (MSE {b.mse:.6g}, {b.bytes:,.0f} bytes)" if b.plan_file else "no candidate fits"
+            lines.append(f"  best at budget {b.budget} ({b.budget_bytes:,.0f} bytes): {best}")
+    return "\n".join(lines)
 
 
 def _search_summary(run: Any, result: Any) -> str:
@@ -419,7 +429,8 @@ def _search_options(p: argparse.ArgumentParser) -> None:
         "--target_bitwidth",
         type=float,
         default=None,
-        help="average bits; the sweep goes from target - search.sweep_span to target",
+        help="average bits: the budget selection chooses at (search.sweep=full sweeps the whole range and includes "
+        "it; with MixDQ's files or search.sweep=target the sweep goes from target - search.sweep_span to target)",
     )
     p.add_argument(
         "--act_protect",

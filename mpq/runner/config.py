@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mpq.errors import MpqError
+from mpq.quant.quantizer import GRANULARITIES, LEVELS
 
 
 # --------------------------------------------------------------------------- schema
@@ -56,8 +57,13 @@ class CalibConfig:
 
 @dataclass
 class WeightQuantConfig:
-    # symmetric, 2^b - 1 levels (MixDQ's convention)
-    granularity: str = "channel"  # channel | tensor
+    # asymmetric: w = q * scale + offset, 2^b levels | symmetric: w = q * scale, 2^b - 1 levels (MixDQ's)
+    levels: str = "asymmetric"
+    # tensor | channel (MixDQ's: per output channel) | kernel (per output channel and conv kernel position) |
+    # group (per output channel, kernel position and block of group_size input channels); every stored scale and
+    # offset is priced by the cost model. Default: what had the lowest image MSE at equal bytes (README, Quantizer)
+    granularity: str = "kernel"
+    group_size: int = 128
     scale_method: str = "minmax"  # minmax | mse
     mse_grid: int = 50  # clipping ratios tried by the MSE search
     mse_min_ratio: float = 0.3  # smallest clipping ratio tried
@@ -121,9 +127,17 @@ class SensitivityConfig:
 
 @dataclass
 class SearchKindConfig:
-    target_bitwidth: float = 4.0  # the sweep's top average bits; it goes down by sweep_span
+    # the budget selection chooses at (average bits); with sweep: target, the sweep's top (down by sweep_span)
+    target_bitwidth: float = 4.0
+    # more budgets to report the best plan at (selection/<kind>_budgets.csv): average bits (4.5) or bytes with a
+    # unit ("750KB", "1.5MiB"); each is also a point of a full sweep
+    budgets: list[Any] = field(default_factory=list)
     bits_content: list[int] = field(default_factory=lambda: [2, 4, 8])
     bits_quality: list[int] = field(default_factory=lambda: [4, 8])
+    # search.sweep=full: budgets under these groups' fewest bits are solved with every candidate bit allowed in both
+    # groups, so the family reaches uniform-W2 bytes (above, the groups' bits hold: W2 on quality layers, allowed
+    # everywhere, made the 3.5-4.5-bit plans 2-15x worse on the embedded model)
+    every_bit_below: bool = True
     k_min: float = 0.46  # K = avg bits content / avg bits quality, swept over linspace(k_min, k_max, k_num)
     k_max: float = 1.36
     k_num: int = 10
@@ -131,7 +145,13 @@ class SearchKindConfig:
 
 def _act_search() -> SearchKindConfig:
     return SearchKindConfig(
-        target_bitwidth=7.5, bits_content=[4, 8], bits_quality=[4, 8], k_min=0.94, k_max=1.09, k_num=20
+        target_bitwidth=7.5,
+        bits_content=[4, 8],
+        bits_quality=[4, 8],
+        k_min=0.94,
+        k_max=1.09,
+        k_num=20,
+        every_bit_below=False,
     )
 
 
@@ -141,7 +161,11 @@ class SearchConfig:
     solver: str = "CBC"  # OR-Tools MIP backend (CBC or SCIP); solved to a relative MIP gap of 1e-6
     time_limit_s: float = 60.0  # per solve; a solve stopped by it is reported with its gap
     band: float = 0.02  # reference mode: +- around each group's average-bit share
-    sweep_steps: int = 10  # targets: linspace(target - sweep_span, target, sweep_steps)
+    # full: budgets over the whole feasible range (the fewest to the most bits), one every sweep_density average
+    # bits, plus the target and the named budgets | target: MixDQ's linspace(target - sweep_span, target, sweep_steps)
+    sweep: str = "full"
+    sweep_density: float = 0.25
+    sweep_steps: int = 10
     sweep_span: float = 0.3
     scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
     fp_bytes: int | None = (
@@ -167,6 +191,8 @@ class EvalConfig:
     # prompts
     prompts_file: str | None = None
     num_images: int = 8  # the first N of them (image i uses seed sampling.seed + i)
+    # a peer benchmark's results (benchmarks/bench_peers.py --out DIR writes DIR/peers.json): the report draws them
+    peers: str | None = None
 
 
 @dataclass
@@ -265,7 +291,7 @@ def load_config(name_or_path: str, overrides: list[str] | tuple[str, ...] = ()) 
 # keys that configs once had and that did nothing: a user's config naming one gets a one-line error saying so;
 # a run directory's saved config.yaml (written by an older mpq) has them dropped
 RETIRED = {
-    "quant.weight.symmetric": "weights are always quantized symmetrically",
+    "quant.weight.symmetric": "use quant.weight.levels: symmetric | asymmetric",
     "quant.act.granularity": "activations are always quantized per tensor (per input part)",
     "quant.act.scale_method": "activation ranges are always running min-max",
 }
@@ -358,7 +384,10 @@ def validate(cfg: DictConfig) -> None:
             f"config key 'quant.bits' is {bits}; give distinct increasing bit-widths in 2..8 (what the packed export "
             "stores), e.g. [2,4,8]"
         )
-    _one_of(cfg.quant.weight.granularity, ("channel", "tensor"), "quant.weight.granularity")
+    _one_of(cfg.quant.weight.levels, LEVELS, "quant.weight.levels")
+    _one_of(cfg.quant.weight.granularity, GRANULARITIES, "quant.weight.granularity")
+    if cfg.quant.weight.group_size < 1:
+        raise MpqError(f"config key 'quant.weight.group_size' is {cfg.quant.weight.group_size}; use e.g. 32, 64 or 128")
     _one_of(cfg.quant.weight.scale_method, ("minmax", "mse"), "quant.weight.scale_method")
     _one_of(cfg.quant.act.calibration, ("mpq", "mixdq"), "quant.act.calibration")
     if not 0.0 <= cfg.quant.act.momentum < 1.0:
@@ -390,6 +419,20 @@ def _validate_search(cfg: DictConfig) -> None:
     s = cfg.search
     _one_of(s.mode, ("mpq", "reference"), "search.mode")
     _one_of(s.solver, ("CBC", "SCIP"), "search.solver")
+    _one_of(s.sweep, ("full", "target"), "search.sweep")
+    if not s.sweep_density > 0:
+        raise MpqError(f"config key 'search.sweep_density' is {s.sweep_density}; use a positive step in average bits")
+    for kind in ("weight", "act"):
+        for b in s[kind].budgets:
+            if isinstance(b, bool) or not isinstance(b, (int, float, str)):
+                raise MpqError(f"config key 'search.{kind}.budgets' holds {b!r}; use average bits or bytes like 750KB")
+            if isinstance(b, str):
+                from mpq.search.sweep import parse_bytes
+
+                try:
+                    parse_bytes(b)
+                except MpqError as err:
+                    raise MpqError(f"config key 'search.{kind}.budgets': {err}") from None
     if s.sweep_steps < 1 or s.sweep_span < 0 or s.band <= 0:
         raise MpqError("config keys search.sweep_steps >= 1, search.sweep_span >= 0 and search.band > 0 are required")
     if not 0.0 <= s.act_protect_percent < 100.0:
@@ -414,7 +457,7 @@ def _validate_search(cfg: DictConfig) -> None:
 
 # keys added after runs were stamped, whose unset value (null) means what mpq did before they existed: left out of
 # stamps and signatures while unset, so a run made before them stays up to date
-ADDED_UNSET = ("sampling.max_sequence_length",)
+ADDED_UNSET = ("sampling.max_sequence_length", "eval.peers")
 
 
 def settings(cfg: DictConfig, key: str) -> Any:

@@ -142,7 +142,7 @@ STAGES: dict[str, Stage] = {
             + (
                 "search",
                 "quant.bits",
-                "quant.weight.granularity",
+                "quant.weight",
                 "quant.split_shortcut",
                 "quant.act.bos_aware",
                 "groups",
@@ -156,7 +156,17 @@ STAGES: dict[str, Stage] = {
         ),
         Stage(
             "select",
-            MODEL + ("select", "sampling", "model.dtype", "search.protect_weights"),
+            MODEL
+            + (
+                "select",
+                "sampling",
+                "model.dtype",
+                "search.protect_weights",
+                "search.weight.target_bitwidth",
+                "search.weight.budgets",
+                "search.act.target_bitwidth",
+                "search.act.budgets",
+            ),
             ("search",),
             (
                 "selection/final_weight.yaml",
@@ -164,6 +174,8 @@ STAGES: dict[str, Stage] = {
                 "selection/final_act_protect.pt",
                 "selection/weight_scores.csv",
                 "selection/act_scores.csv",
+                "selection/weight_budgets.csv",
+                "selection/act_budgets.csv",
             ),
             "score every candidate plan by image MSE vs FP; choose the weight plan, then the act plan on top of it",
             _select,

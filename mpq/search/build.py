@@ -116,8 +116,9 @@ def allowed_bits(kc: Any) -> dict[str, list[int]]:
     return {CONTENT: list(kc.bits_content), QUALITY: list(kc.bits_quality)}
 
 
-def run_problem(cfg: Any, run: RunDir, kind: str) -> tuple[Problem, list[str]]:
-    """The ``kind`` problem of a run directory, and its act-protect list (empty for weights)."""
+def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tuple[Problem, list[str]]:
+    """The ``kind`` problem of a run directory, and its act-protect list (empty for weights); ``every_bit``: every
+    candidate bit allowed in both groups (the full sweep below the configured groups' fewest bits)."""
     from mpq.calibration.checkpoint import run_layers
 
     patterns = list(cfg.sensitivity.layers)
@@ -143,7 +144,7 @@ def run_problem(cfg: Any, run: RunDir, kind: str) -> tuple[Problem, list[str]]:
         ssim,
         sqnr,
         cand,
-        allowed_bits(s[kind]),
+        {CONTENT: cand, QUALITY: cand} if every_bit else allowed_bits(s[kind]),
         protect,
         f"delete it and re-run `mpq sensitivity --force --base_path {run.root}`",
     ), protect

@@ -81,7 +81,8 @@ def solve(cfg: DictConfig, run: RunDir | None, req: SolveRequest, log: Callable[
         if outdir is None:
             raise MpqError("give --mixed_precision_config DIR for the plan files")
         if not req.single:
-            targets, ks = sweep_grid(s, k, target)
+            # MixDQ's files in, MixDQ's sweep out (target - sweep_span .. target); a run sweeps as search.sweep says
+            targets, ks = sweep_grid(s, k, target, None if req.mixdq else problem)
             rows, plans = run_sweep(problem, k, s.mode, targets, ks, s)
             if not plans:
                 raise infeasible_sweep(problem, k, s.mode, targets, ks)

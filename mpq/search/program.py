@@ -25,6 +25,7 @@ K constraint and for every reported number alike.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -291,7 +292,8 @@ def solve_mpq(
     band: float = 0.02,
 ) -> Solution:
     """One program over all layers: maximize the sum of the two groups' normalized objectives within a
-    budget in bytes, with K as in MixDQ: the content group's average bits = K x the quality group's (+-``band``)."""
+    budget in bytes, with K as in MixDQ: the content group's average bits = K x the quality group's (+-``band``);
+    ``k`` infinite: no ratio constraint (K free)."""
     lo, hi = problem.bytes_range()
     if budget_bytes < lo:
         raise MpqError(
@@ -306,7 +308,7 @@ def solve_mpq(
             weights[i] = 1.0 / (span_hi - span_lo) if span_hi > span_lo else 0.0
     constraints = [({i: problem.bytes[i] for i in layers}, 0.0, budget_bytes - problem.fixed_bytes)]
     s_c, s_q = problem.group_size(CONTENT), problem.group_size(QUALITY)
-    if s_c and s_q:  # avg_content - K avg_quality in [-band, band]
+    if s_c and s_q and math.isfinite(k):  # avg_content - K avg_quality in [-band, band]
         ratio = {i: [problem.sizes[i] * b / s_c for b in problem.bits[i]] for i in problem.members(CONTENT)}
         ratio.update({i: [-k * problem.sizes[i] * b / s_q for b in problem.bits[i]] for i in problem.members(QUALITY)})
         constraints.append((ratio, -band, band))

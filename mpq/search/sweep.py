@@ -8,6 +8,7 @@ Writes ``candidates/{weight,act}/<kind>_<target>_<K>.yaml`` (MixDQ plan files),
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -28,12 +29,61 @@ def sweep_values(start: float, stop: float, num: int) -> list[float]:
     return [round(float(v), 4) for v in np.linspace(start, stop, num)] if num > 1 else [round(float(stop), 4)]
 
 
-def sweep_grid(s: Any, kind: str, target: float | None = None) -> tuple[list[float], list[float]]:
-    """(average-bit targets, K values) of a sweep: linspace(target - sweep_span, target, sweep_steps) x
-    linspace(k_min, k_max, k_num); ``target`` defaults to ``search.<kind>.target_bitwidth``."""
+def sweep_grid(
+    s: Any, kind: str, target: float | None = None, problem: Problem | None = None, below: Problem | None = None
+) -> tuple[list[float], list[float]]:
+    """(average-bit targets, K values) of a sweep; K: linspace(k_min, k_max, k_num). Targets: with
+    ``search.sweep: full`` and a ``problem``, the whole feasible range of average bits (the smallest to the largest
+    candidate bits of the kind's groups; from the fewest of ``below``, the same layers with every bit allowed, when
+    given) every ``search.sweep_density`` bits, plus the target and every named budget
+    (``search.<kind>.budgets``) inside it, and in mpq mode K free (``inf``: no ratio constraint; only it reaches the
+    ends, where both groups sit at their fewest or most bits); else MixDQ's linspace(target - sweep_span, target,
+    sweep_steps).
+    ``target`` defaults to ``search.<kind>.target_bitwidth``."""
     kc = s[kind]
     top = kc.target_bitwidth if target is None else target
-    return sweep_values(top - s.sweep_span, top, s.sweep_steps), sweep_values(kc.k_min, kc.k_max, kc.k_num)
+    ks = sweep_values(kc.k_min, kc.k_max, kc.k_num)
+    if s.sweep != "full" or problem is None:
+        return sweep_values(top - s.sweep_span, top, s.sweep_steps), ks
+    if (
+        s.mode == "mpq"
+    ):  # K free (no ratio constraint) reaches the ends of the range: every layer at its fewest/most bits
+        ks = [*ks, math.inf]
+    lo, hi = (below or problem).avg_range()[0], problem.avg_range()[1]
+    n = max(2, math.ceil(round((hi - lo) / s.sweep_density, 6)) + 1)
+    named = [budget_avg_bits(problem, b) for b in [top, *kc.budgets]]
+    return sorted(set(sweep_values(lo, hi, n)) | {round(t, 4) for t in named if lo <= t <= hi}), ks
+
+
+def budget_avg_bits(problem: Problem, budget: Any) -> float:
+    """A named budget as average bits: a number is average bits already; a string with a unit (``750KB``,
+    ``1.5MiB``, ``2GB``, ``700000B``) is bytes, converted by the same formula as :func:`budget_for_avg`."""
+    if not isinstance(budget, str):
+        return float(budget)
+    return avg_for_bytes(problem, parse_bytes(budget))
+
+
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str) -> float:
+    """``'750KB'`` -> 750000.0 (units B, KB, MB, GB, KiB, MiB, GiB; case-insensitive)."""
+    t = text.strip().upper().replace(" ", "")
+    for unit in sorted(UNITS, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return float(t[: -len(unit)]) * UNITS[unit]
+            except ValueError:
+                break
+    raise MpqError(
+        f"budget {text!r}: give average bits (a number, e.g. 4.5) or bytes with a unit (e.g. 750KB, 1.5MiB, 2GB)"
+    )
+
+
+def avg_for_bytes(problem: Problem, nbytes: float) -> float:
+    """The average bits whose :func:`budget_for_avg` is ``nbytes`` (the formula is linear in the bits)."""
+    base, per_bit = budget_for_avg(problem, 0.0), budget_for_avg(problem, 1.0) - budget_for_avg(problem, 0.0)
+    return (nbytes - base) / per_bit if per_bit > 0 else math.nan
 
 
 def solve_point(
@@ -57,14 +107,19 @@ def run_sweep(
     ks: Sequence[float],
     s: Any,
     show: bool = True,
+    below: Problem | None = None,
 ) -> tuple[list[Candidate], dict[str, dict[str, int]]]:
     """Solve every (target, K): (one row per point, {file name: plan} with each distinct plan once, named
-    ``<kind>_<target>_<K>.yaml`` after the first point that found it). Nothing is written here."""
+    ``<kind>_<target>_<K>.yaml`` after the first point that found it); a target under ``problem``'s fewest bits is
+    solved in ``below`` (every bit allowed), when given. Nothing is written here."""
+    floor = problem.avg_range()[0] - 1e-9
     rows: list[Candidate] = []
     written: dict[str, str] = {}
     plans: dict[str, dict[str, int]] = {}
     points = [(t, k) for t in targets for k in ks]
+    base = problem
     for t, k in progress(points, desc=f"search: {kind} plans", unit="plan", disable=not show, leave=False):
+        problem = below if below is not None and t < floor else base
         budget = budget_for_avg(problem, t) if mode == "mpq" else float("nan")
         if mode == "mpq" and budget < problem.bytes_range()[0]:
             sol = Solution({}, "INFEASIBLE", float("nan"), float("nan"), float("nan"), 0.0)
@@ -143,8 +198,12 @@ def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool =
     for kind in kinds:  # every kind solved before anything is written: a failed search keeps the last good outputs
         problem, protect = run_problem(cfg, run, kind)
         protected = protect if kind == "act" else protected
-        targets, ks = sweep_grid(cfg.search, kind)
-        kind_rows, found[kind] = run_sweep(problem, kind, cfg.search.mode, targets, ks, cfg.search, show)
+        s = cfg.search
+        below = (
+            run_problem(cfg, run, kind, every_bit=True)[0] if s.sweep == "full" and s[kind].every_bit_below else None
+        )
+        targets, ks = sweep_grid(s, kind, problem=problem, below=below)
+        kind_rows, found[kind] = run_sweep(problem, kind, s.mode, targets, ks, s, show, below)
         if not found[kind]:
             raise infeasible_sweep(problem, kind, cfg.search.mode, targets, ks)
         rows += kind_rows

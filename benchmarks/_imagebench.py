@@ -1,0 +1,109 @@
+"""Shared harness of the image benchmarks (quantizers, peers): one pipeline, held-out prompts, FP references.
+
+Images are scored against the FP pipeline's images of the same prompts and seeds, which are neither the
+calibration prompts nor its seeds (the held-out scenes of the embedded model, seeds from 10,000), so no
+tool tuned anything on them. Bytes are counted one way for every tool: packed integers at their bits plus
+every stored scale and zero point/offset at 2 bytes, a layer left FP at 2 bytes an element, over the
+quantizable Linear/Conv2d layers of the denoiser.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from mpq.calibration.ptq import prepare
+from mpq.calibration.record import CalibData
+from mpq.cost import CostModel
+from mpq.images import PromptEmbeddings, generate, to_array
+from mpq.layers import describe
+from mpq.metrics import image_mse
+from mpq.models import denoiser_of, load_pipeline
+from mpq.plan import BitPlan
+from mpq.prompts import read_prompts
+from mpq.quant.model import QuantModel
+from mpq.quant.quantizer import WeightQuant
+from mpq.runner.cli import main as mpq_main
+from mpq.runner.config import load_config
+from mpq.runner.rundir import RunDir
+
+EVAL_SEED = 10_000
+
+
+class ImageBench:
+    """The FP pipeline of ``config``, its FP images of ``n`` held-out prompts, and a calibration run for mpq."""
+
+    def __init__(self, config: str = "tiny-sdxl", n: int = 48, prompts: str = "builtin:shapes-heldout") -> None:
+        self.tmp = tempfile.TemporaryDirectory()
+        self.run = RunDir(Path(self.tmp.name) / "run")
+        self.cfg = load_config(config, ["model.dtype=fp32"])
+        assert mpq_main(["calib", "--config", config, "--outdir", str(self.run.root)]) == 0
+        self.calib = CalibData.open(self.run)
+        self.pipe = load_pipeline(self.cfg, dtype=torch.float32)
+        self.fp_denoiser = copy.deepcopy(denoiser_of(self.pipe))
+        listed = read_prompts(prompts, "prompts")
+        self.prompts = [listed[i % len(listed)] for i in range(n)]
+        self.seeds = [EVAL_SEED + i for i in range(n)]
+        self.text = PromptEmbeddings(self.pipe, self.cfg)
+        self.refs = self.images()
+        self.qm = QuantModel(denoiser_of(self.pipe))
+        prepare(self.qm, self.calib, self.cfg)
+        self.infos = describe(self.qm, [])
+        self.names = self.qm.names
+
+    def images(self) -> np.ndarray:
+        out = generate(self.pipe, self.prompts, self.seeds, self.cfg, output_type="pil", text=self.text)
+        return to_array(out)
+
+    def mse(self) -> np.ndarray:
+        """Per-image MSE of the pipeline as it is now against FP."""
+        return image_mse(self.images(), self.refs)
+
+    # -------------------------------------------------------------- mpq
+    def calibrate(self, wq: WeightQuant, bits: list[int]) -> None:
+        """mpq's weight quantizer ``wq`` at ``bits`` on every layer (weights only: no activation pass)."""
+        self.qm.prepare(bits, False, self._structure(), wq)
+        for layer in self.qm.layers.values():
+            layer.calibrate_weight()
+
+    def _structure(self) -> Any:
+        from mpq.quant.structure import Structure
+
+        return Structure(
+            {n: lay.act_numel for n, lay in self.qm.layers.items()},
+            {n: lay.in_split for n, lay in self.qm.layers.items()},
+            {n for n, lay in self.qm.layers.items() if lay.bos_aware},
+        )
+
+    def mpq_point(self, plan: BitPlan, wq: WeightQuant) -> tuple[float, np.ndarray]:
+        """(bytes, per-image MSE) of a weight plan with the calibrated quantizer."""
+        self.qm.apply(plan)
+        try:
+            mse = self.mse()
+        finally:
+            self.qm.set_fp()
+        return weight_bytes(plan, self.infos, wq), mse
+
+    # -------------------------------------------------------------- any other tool
+    def with_denoiser(self, make: Callable[[torch.nn.Module], torch.nn.Module]) -> np.ndarray:
+        """Per-image MSE with the denoiser replaced by ``make(fresh FP copy)`` (restored after)."""
+        from mpq.families import family_of
+
+        name = family_of(self.pipe).component
+        keep = getattr(self.pipe, name)
+        setattr(self.pipe, name, make(copy.deepcopy(self.fp_denoiser)))
+        try:
+            return self.mse()
+        finally:
+            setattr(self.pipe, name, keep)
+
+
+def weight_bytes(plan: BitPlan, infos: list[Any], wq: WeightQuant) -> float:
+    """mpq's bytes of a weight plan: packed integers + every scale/offset at 2 bytes, FP layers at 2 bytes."""
+    return CostModel(2, 2, wq).plan_cost(plan, infos).weight_bytes
