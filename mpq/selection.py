@@ -89,8 +89,8 @@ def best_within(ranked: list[Score], limit: float) -> Score | None:
 
 def named_budgets(cfg: DictConfig, run: RunDir, kind: str) -> list[tuple[str, float]]:
     """(name, bytes) of the target budget and every ``search.<kind>.budgets`` entry, the target first."""
+    from mpq.runner.config import parse_bytes
     from mpq.search.build import budget_for_avg, run_problem
-    from mpq.search.sweep import parse_bytes
 
     problem = run_problem(cfg, run, kind)[0]
     kc = cfg.search[kind]

@@ -37,6 +37,7 @@ TINY_RUN = [
     "infer.num_images=2",
     "eval.num_images=2",
     "search.sweep_steps=2",
+    "search.sweep_density=2.0",
     "search.weight.k_num=2",
     "search.act.k_num=2",
     "model.device=cpu",

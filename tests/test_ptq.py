@@ -13,7 +13,8 @@ def test_checkpoint_manifest_has_every_layer_and_bit(tiny_run, tiny_cfg):
     assert manifest["bits"] == [2, 4, 8]
     assert len(manifest["layers"]) == 123
     assert {"name", "kind", "shape"} <= set(manifest["layers"][0])
-    assert manifest["weight_quant"]["granularity"] == "channel" and manifest["act_quant"]["momentum"] == 0.95
+    wq = manifest["weight_quant"]
+    assert (wq["levels"], wq["granularity"]) == ("asymmetric", "kernel") and manifest["act_quant"]["momentum"] == 0.95
     # the one layer description, recorded at PTQ from the real calibration pass, equals the one built on the meta device
     # from the architecture alone (`mpq layers --meta`): input sizes, splits and BOS-aware layers included
     assert manifest["layers"] == [i.manifest_entry() for i in meta_layers(tiny_cfg)]

@@ -155,7 +155,15 @@ def test_an_infeasible_sweep_keeps_the_candidates_and_names_the_range(full_run, 
     run = copy_run(full_run[0], tmp_path / "run")
     before = {p: p.read_bytes() for p in run.candidates.rglob("*") if p.is_file()}
     assert (
-        main(["search", "--base_path", str(run.root), "--kind", "weight", "--target_bitwidth", "1.0", *FULL_SMALL]) == 2
+        main(
+            [
+                "search",
+                *("--base_path", str(run.root), "--kind", "weight", "--target_bitwidth", "1.0"),
+                *FULL_SMALL,
+                "search.sweep=target",  # a full sweep always has plans: MixDQ's sweep below every plan does not
+            ]
+        )
+        == 2
     )
     err = one_line_error(capsys)
     assert "no weight plan" in err and "feasible:" in err and "search.weight.target_bitwidth" in err
@@ -254,7 +262,7 @@ def test_odd_widths_pack_densely_and_cost_what_the_export_stores(tiny_run, tiny_
     calibrate(qm, CalibData.open(tiny_run), tiny_cfg, bits=widths, show=False)
     plan = BitPlan({n: widths[i % len(widths)] for i, n in enumerate(qm.names)}, {n: 8 for n in qm.names})
     tensors, qconfig = denoiser_export(qm, plan, torch.float32)
-    expected = CostModel(scale_bytes=4, fp_bytes=4).plan_cost(plan, describe(qm, [])).weight_bytes
+    expected = CostModel(4, 4, qm.weight_quant).plan_cost(plan, describe(qm, [])).weight_bytes
     assert weight_bytes_of(tensors, [n[len(PREFIX) :] for n in qm.names]) == expected
     # round trip through the file format, in fp32 (BOS rows cached, as `mpq export` does): the fake-quant images
     from mpq.export.mpq_format import capture_bos_rows

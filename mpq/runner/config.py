@@ -19,7 +19,6 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mpq.errors import MpqError
-from mpq.quant.quantizer import GRANULARITIES, LEVELS
 
 
 # --------------------------------------------------------------------------- schema
@@ -210,6 +209,23 @@ class MpqConfig:
     eval: EvalConfig = field(default_factory=EvalConfig)
 
 
+UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+
+
+def parse_bytes(text: str) -> float:
+    """``'750KB'`` -> 750000.0 (units B, KB, MB, GB, KiB, MiB, GiB; case-insensitive)."""
+    t = text.strip().upper().replace(" ", "")
+    for unit in sorted(UNITS, key=len, reverse=True):
+        if t.endswith(unit):
+            try:
+                return float(t[: -len(unit)]) * UNITS[unit]
+            except ValueError:
+                break
+    raise MpqError(
+        f"budget {text!r}: give average bits (a number, e.g. 4.5) or bytes with a unit (e.g. 750KB, 1.5MiB, 2GB)"
+    )
+
+
 # --------------------------------------------------------------------------- lookup
 def config_root() -> Path:
     """The ``configs/`` tree: $MPQ_CONFIG_DIR, else the one beside the package."""
@@ -384,6 +400,8 @@ def validate(cfg: DictConfig) -> None:
             f"config key 'quant.bits' is {bits}; give distinct increasing bit-widths in 2..8 (what the packed export "
             "stores), e.g. [2,4,8]"
         )
+    from mpq.quant.quantizer import GRANULARITIES, LEVELS  # here: mpq.quant's package imports the config module
+
     _one_of(cfg.quant.weight.levels, LEVELS, "quant.weight.levels")
     _one_of(cfg.quant.weight.granularity, GRANULARITIES, "quant.weight.granularity")
     if cfg.quant.weight.group_size < 1:
@@ -427,8 +445,6 @@ def _validate_search(cfg: DictConfig) -> None:
             if isinstance(b, bool) or not isinstance(b, (int, float, str)):
                 raise MpqError(f"config key 'search.{kind}.budgets' holds {b!r}; use average bits or bytes like 750KB")
             if isinstance(b, str):
-                from mpq.search.sweep import parse_bytes
-
                 try:
                     parse_bytes(b)
                 except MpqError as err:

@@ -18,6 +18,7 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.layers import KINDS
 from mpq.plan import write_plan
+from mpq.runner.config import parse_bytes
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
 from mpq.search.build import budget_for_avg, run_problem, write_protect_list
@@ -61,23 +62,6 @@ def budget_avg_bits(problem: Problem, budget: Any) -> float:
     if not isinstance(budget, str):
         return float(budget)
     return avg_for_bytes(problem, parse_bytes(budget))
-
-
-UNITS = {"B": 1, "KB": 1e3, "MB": 1e6, "GB": 1e9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
-
-
-def parse_bytes(text: str) -> float:
-    """``'750KB'`` -> 750000.0 (units B, KB, MB, GB, KiB, MiB, GiB; case-insensitive)."""
-    t = text.strip().upper().replace(" ", "")
-    for unit in sorted(UNITS, key=len, reverse=True):
-        if t.endswith(unit):
-            try:
-                return float(t[: -len(unit)]) * UNITS[unit]
-            except ValueError:
-                break
-    raise MpqError(
-        f"budget {text!r}: give average bits (a number, e.g. 4.5) or bytes with a unit (e.g. 750KB, 1.5MiB, 2GB)"
-    )
 
 
 def avg_for_bytes(problem: Problem, nbytes: float) -> float:
