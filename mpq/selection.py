@@ -88,14 +88,18 @@ def best_within(ranked: list[Score], limit: float) -> Score | None:
 
 
 def named_budgets(cfg: DictConfig, run: RunDir, kind: str) -> list[tuple[str, float]]:
-    """(name, bytes) of the target budget and every ``search.<kind>.budgets`` entry, the target first."""
+    """(name, bytes) of the target budget and every ``search.<kind>.budgets`` entry, the target first.
+
+    In MixDQ's reference mode a budget in average bits holds within ``search.band`` (each group's program keeps its
+    share to +-band, as MixDQ's does), so its limit is the bytes at ``bits + band``."""
     from mpq.runner.config import parse_bytes
     from mpq.search.build import budget_for_avg, run_problem
 
     problem = run_problem(cfg, run, kind)[0]
     kc = cfg.search[kind]
+    slack = float(cfg.search.band) if cfg.search.mode == "reference" else 0.0
     return [
-        (str(b), parse_bytes(b) if isinstance(b, str) else budget_for_avg(problem, float(b)))
+        (str(b), parse_bytes(b) if isinstance(b, str) else budget_for_avg(problem, float(b) + slack))
         for b in [kc.target_bitwidth, *kc.budgets]
     ]
 
