@@ -15,6 +15,8 @@ setup(
             "models/weights/*.safetensors",
             "models/weights/tiny-sdxl/*.json",
             "models/weights/tiny-sdxl/*/*",
+            "models/weights/tiny-sd3/*.json",
+            "models/weights/tiny-sd3/*/*",
         ]
     },
     install_requires=[

@@ -1,9 +1,11 @@
 """Every artifact a stage reads is checked when read: damage is a one-line error naming the file and the fix."""
 
 import shutil
+from pathlib import Path
 
 import pytest
 
+from mpq.errors import MpqError
 from mpq.runner.cli import main
 
 # (artifact, how it is damaged, the command that reads it)
@@ -56,3 +58,18 @@ def test_a_damaged_output_is_made_again_by_run(full_run, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "[report] running" in out and "[select] up to date" in out
     assert json.loads((copy / "report" / "summary.json").read_text())["weight_bytes"] > 1
+
+
+def test_relative_run_directory_finds_its_own_files(tmp_path, monkeypatch):
+    """The default run directory, outputs/<config name>, is relative: a stage must find what the last one wrote."""
+    from mpq.runner.rundir import RunDir
+
+    monkeypatch.chdir(tmp_path)
+    run = RunDir(Path("outputs") / "tiny")
+    run.ckpt.parent.mkdir(parents=True)
+    run.ckpt.write_bytes(b"x")
+    (run.root / "calib").mkdir()
+    assert run.require(run.ckpt, "run ptq").resolve() == (tmp_path / "outputs" / "tiny" / "ckpt.safetensors")
+    assert run.require("calib", "run calib").resolve() == tmp_path / "outputs" / "tiny" / "calib"
+    with pytest.raises(MpqError, match="outputs/tiny/final.yaml is missing; run select"):
+        run.require("final.yaml", "run select")

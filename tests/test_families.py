@@ -92,12 +92,10 @@ def test_default_content_group_follows_the_family(family_run):
     if family == "pixart":
         assert all(".attn2." in n or ".ff." in n or "caption_projection" in n for n in content)
         assert any(".attn2.to_k" in n for n in content)
-    else:  # MMDiT: the text stream; SD3.5's attn2 is image self-attention -> quality
-        assert all(
-            any(p in n.split(".") for p in ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context"))
-            or n == "model.context_embedder"
-            for n in content
-        )
+    else:  # MMDiT: the text stream and the image FFN; SD3.5's attn2 is image self-attention -> quality
+        text = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context")
+        assert all(any(p in n.split(".") for p in (*text, "ff")) or n == "model.context_embedder" for n in content)
+        assert any(".ff.net." in n for n in content) and any(".ff_context." in n for n in content)
         quality = [i.name for i in run_layers(cfg, run) if i.group == "quality"]
         assert any(".attn.to_q" in n for n in quality)
         if family == "sd3":

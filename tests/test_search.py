@@ -480,3 +480,24 @@ def test_reference_plans_stay_within_the_bytes_selection_allows():
         assert nbytes <= budget_for_avg(problem, target + band) * (1 + 1e-9)
         over += nbytes > budget_for_avg(problem, target)
     assert over > 0  # the slack is needed: some plans pass the bare target
+
+
+def test_a_layer_that_changes_nothing_does_not_break_the_program():
+    """An MMDiT's last block drops its text-stream outputs: quantizing its text queries leaves the output exactly
+    unchanged, SQNR +inf at every bit. The program still solves (the group's normalization stays finite; the layer
+    scores the same at every bit) and equals brute force."""
+    rng = np.random.default_rng(11)
+    _, entries = random_problem(rng, 7)
+    quality = [e for e in entries if e.group == QUALITY]
+    sqnr = {e.name: sorted(rng.uniform(0.0, 60.0, 3).tolist()) for e in entries}
+    sqnr[quality[0].name] = [math.inf] * 3
+    ssim = {e.name: sorted(rng.uniform(0.3, 1.0, 3).tolist()) for e in entries if e.group == CONTENT}
+    problem = build_problem("weight", entries, ssim, sqnr, BITS, {CONTENT: BITS, QUALITY: BITS})
+    i = problem.names.index(quality[0].name)
+    assert all(math.isfinite(v) for v in problem.scores[i]) and len(set(problem.scores[i])) == 1
+    lo, hi = problem.bytes_range()
+    sol = solve_mpq(problem, lo + 0.6 * (hi - lo), math.inf)
+    assert sol.optimal and quality[0].name in sol.plan
+    expected = brute_mpq(problem, lo + 0.6 * (hi - lo), 1.0, 1e9)  # band 1e9: no K constraint
+    got = problem.norm_objective(sol.plan, CONTENT) + problem.norm_objective(sol.plan, QUALITY)
+    assert got == pytest.approx(expected, abs=1e-9)

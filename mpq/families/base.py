@@ -99,14 +99,19 @@ def named_linears(denoiser: nn.Module, leaves: Sequence[str]) -> set[str]:
 
 # the text stream of a joint (MMDiT) block, as deepcompressor's attn_add / ffn_add groups, and its entry
 TEXT_STREAM = ("add_q_proj", "add_k_proj", "add_v_proj", "to_add_out", "ff_context", "context_embedder")
+# the MMDiT content group: the text stream and the image stream's feed-forward, as MixDQ's attn2 + ff on SDXL; measured
+# on embedded:tiny-sd3 against the text stream alone, its projections alone and all attention at W3 and W4
+# (benchmarks/bench_content_groups.py, README): the best geometric-mean held-out MSE over both budgets
+MMDIT_CONTENT = (*TEXT_STREAM, "ff")
 
 
 class MMDiT(Family):
     """What SD3 and Flux share: a joint text/image transformer whose text enters through ``context_embedder`` and
-    then has its own stream in every joint block (the content group); the T5 length is a pipeline argument."""
+    then has its own stream in every joint block (with the image feed-forward: the content group); the T5 length is a
+    pipeline argument."""
 
     sample_key = "hidden_states"
-    content = TEXT_STREAM
+    content = MMDIT_CONTENT
 
     def text_layers(self, denoiser: nn.Module) -> set[str]:
         return named_linears(denoiser, ["context_embedder"])

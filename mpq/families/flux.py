@@ -19,9 +19,9 @@ class FluxFamily(MMDiT):
     first_token_constant = False  # the published text encoders (T5); --meta only
     shared_inputs = ("img_ids", "txt_ids")  # token positions, (tokens, 3): the same for every row
     content_reason = (
-        "the double-stream blocks' text stream (add_q/k/v_proj, to_add_out, ff_context) and its entry "
-        "(context_embedder), as for SD3; a single-stream block runs one set of weights over the joined text and "
-        "image tokens -- mostly image tokens -- so it counts as quality"
+        "the double-stream blocks' text stream (add_q/k/v_proj, to_add_out, ff_context), its entry "
+        "(context_embedder) and their image feed-forward (ff), as for SD3; a single-stream block runs one set of "
+        "weights over the joined text and image tokens -- mostly image tokens -- so it counts as quality"
     )
 
     def default_text_tokens(self, pipeline_class: str) -> int:

@@ -21,10 +21,12 @@ WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 EMBEDDED = {
     "tiny-sdxl": "trained on procedural shapes, shipped",
     "tiny-sdxl-random": "same architecture, random weights",
+    "tiny-sd3": "SD3.5 architecture (MMDiT, flow matching, guidance), trained on procedural shapes, shipped",
     "tiny-pixart-random": "PixArt-Sigma architecture, T5 text, random weights",
     "tiny-sd3-random": "SD3.5 architecture (MMDiT, flow matching), random weights",
     "tiny-flux-random": "Flux.1-schnell architecture (MMDiT, flow matching), random weights",
 }
+SHIPPED = ("tiny-sdxl", "tiny-sd3")  # trained: weights in WEIGHTS_DIR, scored by the shapes judge
 RANDOM_PREFIX = "random:"  # "random:<hub id>": that model's architecture, full size, random weights (offline)
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the config's dtype names
@@ -88,12 +90,12 @@ def _embedded_folder(name: str) -> Path:
     if name not in EMBEDDED:
         avail = ", ".join(f"{EMBEDDED_PREFIX}{e} ({why})" for e, why in sorted(EMBEDDED.items()))
         raise MpqError(f"unknown embedded model '{EMBEDDED_PREFIX}{name}'; available: {avail}")
-    if name == "tiny-sdxl":
+    if name in SHIPPED:
         folder = WEIGHTS_DIR / name
         if not (folder / "model_index.json").is_file():
             raise MpqError(
                 f"the embedded model's weights are missing from the package ({folder}); reinstall mpq, "
-                "or train them with `python scripts/train_tiny.py --outdir DIR` and set model.id=DIR"
+                f"or train them with `python scripts/train_tiny.py --model {name} --outdir DIR` and set model.id=DIR"
             )
         return folder
     if name == "tiny-sdxl-random":
@@ -193,6 +195,22 @@ def _random_arch(model_id: str) -> dict[str, Any]:
     return arch
 
 
+def is_shipped(model_id: str) -> bool:
+    """Whether ``model_id`` is a trained embedded model (its images can be scored by the shapes judge)."""
+    return model_id in tuple(EMBEDDED_PREFIX + name for name in SHIPPED)
+
+
+def _absent_components(source: str) -> dict[str, None]:
+    """Components a local folder saved as absent (``[null, null]`` in model_index.json, e.g. SD3 without T5):
+    diffusers wants them passed as ``None`` explicitly, as a user loading such a folder would."""
+    index = Path(source) / "model_index.json"
+    if not index.is_file():
+        return {}
+    entries = json.loads(index.read_text())
+    optional = {"safety_checker", "feature_extractor", "image_encoder"}
+    return {k: None for k, v in entries.items() if v == [None, None] and k not in optional}
+
+
 def load_pipeline(cfg: DictConfig, device: torch.device | None = None, dtype: torch.dtype | None = None) -> Any:
     """Load the configured pipeline on its device and dtype (``model.dtype`` unless ``dtype``), eval mode, no
     progress bar; its denoiser must be of a supported family (one-line error otherwise)."""
@@ -213,6 +231,7 @@ def load_pipeline(cfg: DictConfig, device: torch.device | None = None, dtype: to
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
         if cfg.model.variant and not cfg.model.id.startswith(EMBEDDED_PREFIX):
             kwargs["variant"] = cfg.model.variant
+        kwargs.update(_absent_components(source))
         try:
             pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except Exception as err:  # noqa: BLE001 - any load failure becomes one actionable line

@@ -282,6 +282,7 @@ def cmd_layers(args: argparse.Namespace) -> None:
 def cmd_generate(args: argparse.Namespace) -> None:
     from mpq.images import generate, save_images
     from mpq.models import load_pipeline
+    from mpq.models.loader import is_shipped
     from mpq.runner.config import load_config
     from mpq.shapes.judge import adherence
 
@@ -296,7 +297,7 @@ def cmd_generate(args: argparse.Namespace) -> None:
         f"{cfg.sampling.seed} + i, "
         f"{cfg.sampling.steps} steps, {cfg.sampling.resolution} px)"
     )
-    if cfg.model.id.startswith("embedded:tiny-sdxl"):
+    if is_shipped(cfg.model.id):
         score = adherence(images, args.prompt)
         if score is not None:
             print(
@@ -359,9 +360,11 @@ def cmd_train_tiny(args: argparse.Namespace) -> None:
         torch.set_num_threads(args.threads)
     fields = {k: v for k, v in vars(args).items() if k in TrainConfig.__dataclass_fields__ and v is not None}
     info = train_tiny(args.outdir, TrainConfig(**fields))
+    judge = Path(args.outdir) / "shapes-judge.safetensors"
     print(
         f"trained pipeline: {args.outdir} (load it with model.id={args.outdir})\n"
-        f"  judge: {Path(args.outdir) / 'shapes-judge.safetensors'}\n  seconds per phase: {info['timings_s']}"
+        + (f"  judge: {judge}\n" if judge.is_file() else "")
+        + f"  seconds per phase: {info['timings_s']}"
     )
 
 
@@ -597,9 +600,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser(
         "train-tiny",
-        help="train the embedded shapes model (VAE, both text encoders, UNet) and its judge from scratch",
+        help="train an embedded shapes model from scratch: tiny-sdxl (VAE, both text encoders, UNet, and the judge) "
+        "or tiny-sd3 (its MMDiT, on tiny-sdxl's VAE and text encoders)",
         description="Seeded and resumable (state in OUTDIR/.train). Writes a diffusers folder (save_pretrained layout) "
-        "plus shapes-judge.safetensors and training.json. Defaults are the shipped model's settings.",
+        "and training.json (tiny-sdxl: plus shapes-judge.safetensors). Defaults are the shipped models' settings; "
+        "--model tiny-sd3 reads the --mmdit-*, --caption-dropout, --pool-size and --base options.",
     )
     p.add_argument(
         "--outdir", required=True, metavar="DIR", help="output folder (a diffusers pipeline folder when done)"
@@ -608,8 +613,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     from mpq.shapes.train import TrainConfig
 
+    p.add_argument("--model", choices=("tiny-sdxl", "tiny-sd3"), default=None, help="which model (default tiny-sdxl)")
+    p.add_argument(
+        "--base", default=None, metavar="DIR", help="tiny-sd3: the tiny-sdxl folder to reuse (default: the shipped one)"
+    )
     for name, f in TrainConfig.__dataclass_fields__.items():
-        if name != "device":
+        if name not in ("device", "model", "base"):
             p.add_argument(
                 f"--{name.replace('_', '-')}",
                 dest=name,

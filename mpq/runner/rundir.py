@@ -141,8 +141,11 @@ class RunDir:
 
     def require(self, path: str | Path, how: str) -> Path:
         """``path`` (absolute, or relative to the run directory) if it exists, else a one-line error saying ``how``
-        to make it."""
-        path = self.root / path
+        to make it. A relative ``path`` already under a relative run directory (``run.ckpt`` of ``outputs/x``) is
+        not joined twice."""
+        path = Path(path)
+        if not path.is_absolute() and path.parts[: len(self.root.parts)] != self.root.parts:
+            path = self.root / path
         if not path.exists():
             raise MpqError(f"{path} is missing; {how}")
         return path

@@ -44,6 +44,17 @@ def run_entries(kind: str, layers: Sequence[LayerInfo], cost: CostModel) -> list
     return [Entry(i.name, i.group, i.weight_numel, lambda b, i=i: cost.weight_bytes(i, b)) for i in layers]
 
 
+def _finite(row: list[float]) -> list[float]:
+    """A layer's scores with +inf (quantizing it left the output exactly unchanged: SQNR of a zero error, e.g. the
+    text queries of an MMDiT's last, context-pre-only block, whose outputs are dropped) replaced by its best finite
+    score, or 0 if none: every bit then scores the same and the program gives it the fewest bytes."""
+    if math.inf not in row:
+        return row
+    finite = [v for v in row if math.isfinite(v)]
+    fill = max(finite) if finite else 0.0
+    return [fill if v == math.inf else v for v in row]
+
+
 def build_problem(
     kind: str,
     entries: Sequence[Entry],
@@ -76,7 +87,7 @@ def build_problem(
             continue
         ok = [b for b in cand_bits if b in allowed[e.group]]
         bits.append(ok)
-        scores.append([table[e.name][list(cand_bits).index(b)] for b in ok])
+        scores.append(_finite([table[e.name][list(cand_bits).index(b)] for b in ok]))
         nbytes.append([e.price(b) for b in ok])
     return Problem(names, groups, np.asarray(sizes, dtype=np.float64), bits, scores, nbytes, fixed)
 

@@ -73,6 +73,13 @@ class TrainConfig:
     judge_lr: float = 2e-3
     judge_eval: int = 3000
     save_every: int = 200
+    # the second embedded model (--model tiny-sd3): an MMDiT trained on the VAE and text encoders of tiny-sdxl
+    model: str = "tiny-sdxl"
+    base: str = ""  # the tiny-sdxl folder whose VAE and text encoders tiny-sd3 reuses (default: the shipped one)
+    mmdit_steps: int = 2000
+    mmdit_batch: int = 64
+    mmdit_lr: float = 1e-3
+    caption_dropout: float = 0.1  # captions replaced by "" (the negative prompt): what guidance extrapolates from
 
 
 # ------------------------------------------------------------------------------ helpers
@@ -296,6 +303,145 @@ def train_unet(
     return phase.elapsed_s
 
 
+# ------------------------------------------------------------------------------ 3b. MMDiT (tiny-sd3)
+@torch.no_grad()
+def encode_captions(pipe: Any, captions: list[str], device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every caption through the SD3 pipeline's own ``encode_prompt`` (frozen text encoders: once, not per step)."""
+    from mpq.models.tiny_sd3 import T5_TOKENS
+
+    embeds, pooled = [], []
+    for i in range(0, len(captions), 64):
+        pe, _, ppe, _ = pipe.encode_prompt(
+            prompt=captions[i : i + 64],
+            prompt_2=None,
+            prompt_3=None,
+            device=device,
+            do_classifier_free_guidance=False,
+            max_sequence_length=T5_TOKENS,
+        )
+        embeds.append(pe)
+        pooled.append(ppe)
+    return torch.cat(embeds), torch.cat(pooled)
+
+
+def flow_sigmas(scheduler_config: Any, steps: int) -> torch.Tensor:
+    """The noise levels a ``steps``-step FlowMatchEuler sampler visits (its shift applied), the last excluded."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    sched = FlowMatchEulerDiscreteScheduler.from_config(scheduler_config)
+    sched.set_timesteps(steps)
+    return sched.sigmas[:-1].float().cpu()
+
+
+def train_mmdit(
+    pipe: Any, cfg: TrainConfig, pool: dict[str, torch.Tensor], root: Path, log: Callable[[str], None]
+) -> float:
+    """Train the SD3 transformer in place with flow matching (EMA weights kept); returns the phase's wall seconds.
+
+    x_t = (1 - s) x0 + s noise, target v = noise - x0 (what FlowMatchEuler integrates), timestep 1000 s; half the
+    noise levels logit-normal (SD3's), half exactly those the default sampler visits; ``caption_dropout`` of the
+    captions are "" (the pipeline's default negative prompt), so classifier-free guidance has an unconditional
+    model to extrapolate from."""
+    from mpq.models.tiny_sd3 import STEPS
+
+    dev = torch.device(cfg.device)
+    model = pipe.transformer.train().requires_grad_(True)
+    ema = {"transformer": [p.detach().clone() for p in model.parameters()]}
+    phase = _Phase(
+        "mmdit",
+        root,
+        {"transformer": model},
+        cfg.mmdit_lr,
+        cfg.mmdit_steps,
+        cfg.seed + 8,
+        extra={"ema": ema},
+        cosine=False,
+        warmup=300,
+    )
+    ema = phase.extra["ema"]
+    params = list(model.parameters())
+    captions = [s.caption for s in train_scenes()]
+    embeds, pooled = encode_captions(pipe, captions + [""], dev)
+    empty = len(captions)
+    sf = pipe.vae.config.scaling_factor
+    shift = pipe.vae.config.shift_factor or 0.0
+    special = flow_sigmas(pipe.scheduler.config, STEPS)
+    for _ in phase.loop(cfg.save_every, "train: MMDiT"):
+        g, n = phase.gen, cfg.mmdit_batch
+        k = torch.randint(len(pool["scene"]), (n,), generator=g)
+        z0 = ((pool["mean"][k] + pool["std"][k] * torch.randn(pool["mean"][k].shape, generator=g)) - shift) * sf
+        noise = torch.randn(z0.shape, generator=g)
+        sigma = torch.where(
+            torch.rand(n, generator=g) < 0.5,
+            torch.sigmoid(torch.randn(n, generator=g)),
+            special[torch.randint(len(special), (n,), generator=g)],
+        )
+        s = sigma[:, None, None, None]
+        xt = (1 - s) * z0 + s * noise
+        idx = torch.where(torch.rand(n, generator=g) < cfg.caption_dropout, torch.full_like(k, empty), pool["scene"][k])
+        pred = model(
+            hidden_states=xt.to(dev),
+            encoder_hidden_states=embeds[idx.to(embeds.device)],
+            pooled_projections=pooled[idx.to(pooled.device)],
+            timestep=(sigma * 1000).to(dev),
+        ).sample
+        loss = F.mse_loss(pred, (noise - z0).to(dev))
+        _step(phase.opt, loss, params)
+        decay = min(cfg.ema_decay, (1 + phase.step) / (10 + phase.step))
+        with torch.no_grad():
+            torch._foreach_lerp_(ema["transformer"], [p.detach() for p in model.parameters()], 1 - decay)
+        if phase.step % 250 == 0:
+            log(f"  mmdit step {phase.step}: loss {loss.item():.5f}")
+    with torch.no_grad():  # the EMA weights are the model
+        for p, e in zip(model.parameters(), ema["transformer"]):
+            p.copy_(e)
+    model.eval().requires_grad_(False)
+    return phase.elapsed_s
+
+
+def train_tiny_sd3(outdir: str | Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
+    """tiny-sd3: the latent pool through tiny-sdxl's VAE (same seed, same renders), then the MMDiT; the text
+    encoders, VAE and judge are tiny-sdxl's, unchanged."""
+    from mpq.models.loader import WEIGHTS_DIR
+    from mpq.models.tiny_sd3 import build_pipeline
+
+    out = Path(outdir)
+    root = out / ".train"
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
+    base = Path(cfg.base) if cfg.base else WEIGHTS_DIR / "tiny-sdxl"
+    if not (base / "vae" / "config.json").is_file():
+        raise MpqError(f"--base {base} is not a tiny-sdxl folder (no vae/config.json); give the shipped model's folder")
+    torch.manual_seed(cfg.seed)
+    pipe = build_pipeline(base)
+    pipe.to(cfg.device)
+    t0 = time.perf_counter()
+    pool = encode_pool(pipe, cfg, root)
+    timings = {"pool_s": time.perf_counter() - t0, "mmdit_s": train_mmdit(pipe, cfg, pool, root, log)}
+    pipe.to("cpu")
+    pipe.save_pretrained(out)
+    keep = (
+        "seed",
+        "device",
+        "resolution",
+        "pool_size",
+        "model",
+        "mmdit_steps",
+        "mmdit_batch",
+        "mmdit_lr",
+        "caption_dropout",
+        "ema_decay",
+        "save_every",
+    )
+    info = {
+        "config": {k: v for k, v in asdict(cfg).items() if k in keep},
+        "reused": "VAE, text encoders and tokenizer of embedded:tiny-sdxl (frozen); judge: shapes-judge.safetensors",
+        "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    }
+    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    return info
+
+
 # ------------------------------------------------------------------------------ 4. judge
 def _augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     """Blur (sigma 0..1.5 px), color gain/offset (+-4%), noise (sigma 0..0.05), 8-bit rounding."""
@@ -353,8 +499,14 @@ def train_judge(cfg: TrainConfig, root: Path, log: Callable[[str], None]) -> tup
 
 # ------------------------------------------------------------------------------ all
 def train_tiny(outdir: str | Path, cfg: TrainConfig, log: Callable[[str], None] = print) -> dict[str, Any]:
-    """Train every component and write the diffusers folder + judge into ``outdir``."""
+    """Train every component and write the diffusers folder + judge into ``outdir`` (``cfg.model`` tiny-sdxl), or
+    the MMDiT of tiny-sd3 (:func:`train_tiny_sd3`)."""
     from mpq.models.tiny import build_pipeline
+
+    if cfg.model == "tiny-sd3":
+        return train_tiny_sd3(outdir, cfg, log)
+    if cfg.model != "tiny-sdxl":
+        raise MpqError(f"--model {cfg.model}: unknown; choose tiny-sdxl or tiny-sd3")
 
     out = Path(outdir)
     root = out / ".train"
