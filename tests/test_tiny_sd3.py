@@ -40,8 +40,9 @@ def test_shipped_sd3_loads_offline_with_sd3_sampling(monkeypatch, sd3):
     assert type(pipe.transformer).__name__ == "SD3Transformer2DModel"
     assert type(pipe.scheduler).__name__ == "FlowMatchEulerDiscreteScheduler"
     assert cfg.sampling.steps >= 4 and cfg.sampling.guidance_scale > 1
-    # the CLIPs are tiny-sdxl's, unchanged (the first with an identity projection)
+    # the CLIPs and their tokenizer are tiny-sdxl's, unchanged (the first CLIP with an identity projection)
     base = load_pipeline(load_config("tiny-sdxl", ["model.device=cpu"]))
+    assert pipe.tokenizer.get_vocab() == base.tokenizer.get_vocab() == pipe.tokenizer_2.get_vocab()
     for a, b in zip(pipe.text_encoder_2.parameters(), base.text_encoder_2.parameters()):
         assert torch.equal(a, b)
     assert torch.equal(pipe.text_encoder.text_projection.weight, torch.eye(pipe.text_encoder.config.hidden_size))

@@ -74,9 +74,7 @@ def build_pipeline(base: str | Path, seed: int = SEED) -> Any:
         SD3Transformer2DModel,
         StableDiffusion3Pipeline,
     )
-    from transformers import CLIPTextModel, CLIPTextModelWithProjection
-
-    from mpq.models.tiny import build_tokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     base = Path(base)
     vae = AutoencoderKL.from_pretrained(base / "vae")
@@ -89,7 +87,9 @@ def build_pipeline(base: str | Path, seed: int = SEED) -> Any:
         transformer = SD3Transformer2DModel(**TRANSFORMER_CONFIG)
     finally:
         torch.random.set_rng_state(state)
-    tokenizer = build_tokenizer()
+    # the tokenizer the CLIPs were trained with, loaded, not rebuilt: the BPE trainer orders merges of equal count
+    # arbitrarily, so a rebuilt tokenizer may give a word another id than the one its CLIP embedding learned
+    tokenizer = CLIPTokenizer.from_pretrained(base / "tokenizer")
     pipe = StableDiffusion3Pipeline(
         transformer=transformer,
         scheduler=FlowMatchEulerDiscreteScheduler(**SCHEDULER_CONFIG),
