@@ -36,6 +36,54 @@ def sqnr(out: torch.Tensor, ref: torch.Tensor) -> float:
     return acc.value
 
 
+class ErrorStats:
+    """How far a tensor (or a stream of tensors) is from its reference: mean absolute error, cosine similarity, SQNR
+    (dB) and max absolute error, accumulated in float64 over every :meth:`update` (precision traces, dump
+    comparisons). Identical tensors give cosine 1 and SQNR +inf."""
+
+    def __init__(self) -> None:
+        self.numel = 0
+        self.abs_sum = self.ref_sq = self.err_sq = self.out_sq = self.dot = self.max_abs = 0.0
+
+    def update(self, out: torch.Tensor, ref: torch.Tensor) -> ErrorStats:
+        o, r = out.detach().to("cpu", torch.float64).reshape(-1), ref.detach().to("cpu", torch.float64).reshape(-1)
+        if o.numel() != r.numel():
+            raise ValueError(f"{o.numel()} elements against a reference of {r.numel()}")
+        d = o - r
+        self.numel += int(o.numel())
+        self.abs_sum += float(d.abs().sum())
+        self.ref_sq += float(r.pow(2).sum())
+        self.err_sq += float(d.pow(2).sum())
+        self.out_sq += float(o.pow(2).sum())
+        self.dot += float((o * r).sum())
+        self.max_abs = max(self.max_abs, float(d.abs().max()) if d.numel() else 0.0)
+        return self
+
+    @property
+    def exact(self) -> bool:
+        return self.err_sq == 0.0
+
+    @property
+    def cosine(self) -> float:
+        if self.exact:
+            return 1.0
+        norm = (self.out_sq * self.ref_sq) ** 0.5
+        return self.dot / norm if norm > 0 else 0.0
+
+    @property
+    def sqnr(self) -> float:
+        if self.exact:
+            return float("inf")
+        return sqnr_db(self.ref_sq, self.err_sq) if self.ref_sq > 0 else float("-inf")
+
+    @property
+    def mae(self) -> float:
+        return self.abs_sum / self.numel if self.numel else 0.0
+
+    def as_dict(self) -> dict[str, float]:
+        return {"mae": self.mae, "cos": self.cosine, "sqnr_db": self.sqnr, "max_abs": self.max_abs}
+
+
 def image_mse(images: np.ndarray, refs: np.ndarray) -> np.ndarray:
     """Per-image MSE of [0, 1] images."""
     d = images.astype(np.float64) - refs.astype(np.float64)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import math
 
 import diffusers
 import numpy as np
@@ -127,6 +128,31 @@ def test_export_under_its_component_loads_and_draws_the_fake_quant_images(family
         np.testing.assert_array_equal(a, b)  # bit-identical in fp32
     fp = generate(load_pipeline(cfg), PROMPTS, [0, 1], cfg, output_type="np")
     assert any(not np.array_equal(a, b) for a, b in zip(ref, fp))  # the plan really quantizes
+
+
+def test_trace_of_an_fp32_export_equals_its_fake_quant_plan_everywhere(family_run, tmp_path):
+    from mpq.trace import compare_dumps, read_trace
+
+    family, cfg, run = family_run
+    out = tmp_path / "export"
+    common = ["--base_path", str(run.root), "--prompt", PROMPTS[0], "--seed", "3"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", "--base_path", str(run.root), "--out", str(out), "--fp-dtype", "fp32"]) == 0
+        assert main(["trace", *common, "--out", str(tmp_path / "a"), "--dump", str(tmp_path / "da")]) == 0
+        assert (
+            main(["trace", *common, "--export", str(out), "--out", str(tmp_path / "b"), "--dump", str(tmp_path / "db")])
+            == 0
+        )
+    result = compare_dumps(tmp_path / "da", tmp_path / "db", tol_cos=1.0, tol_sqnr=math.inf)
+    assert result.first is None and all(r["max_abs"] == 0 for r in result.rows)  # no difference anywhere
+    a, b = read_trace(tmp_path / "a" / "trace.json"), read_trace(tmp_path / "b" / "trace.json")
+    for mode in ("end_to_end", "isolated"):
+        assert a["layers"][mode] == b["layers"][mode] and a["components"][mode] == b["components"][mode]
+    steps = [r for r in a["components"]["end_to_end"] if r["component"] == "scheduler"]
+    denoiser = [r for r in a["components"]["end_to_end"] if r["component"] == "transformer"]
+    assert len(steps) == len(denoiser) == cfg.sampling.steps
+    assert all(math.isfinite(r["sqnr_db"]) for r in denoiser)  # the plan quantizes: the denoiser departs
+    assert a["fed_fp"] and a["first_departure"]["isolated"] is not None
 
 
 # ----------------------------------------------------------------------------- the UNet with guidance, many steps

@@ -3,6 +3,7 @@ selection scored them."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -182,3 +183,71 @@ def plot_peers(points: Sequence[Mapping[str, Any]], path: Path, title: str) -> P
     ax.legend(fontsize=8)
     fig.tight_layout()
     return _save(fig, path, 120)
+
+
+MODE_TITLES = {"end_to_end": "end to end (error accumulated)", "isolated": "isolated (own error, FP inputs)"}
+
+
+def _capped(values: Sequence[float], cap: float) -> list[float]:
+    return [cap if not math.isfinite(v) or v > cap else v for v in values]
+
+
+def plot_trace_layers(trace: Mapping[str, Any], path: Path) -> Path:
+    """A precision trace's per-layer SQNR against layer execution order, one line per sampling step, one panel
+    per mode; exact layers (+inf) drawn at the top edge."""
+    plt = _pyplot()
+    modes = [m for m in trace["modes"] if trace["layers"].get(m)]
+    fig, axes = plt.subplots(len(modes) or 1, 1, figsize=(10, 3.6 * max(1, len(modes))), squeeze=False)
+    finite = [r["sqnr_db"] for m in modes for r in trace["layers"][m] if math.isfinite(r["sqnr_db"])]
+    cap = (max(finite) + 10.0) if finite else 100.0
+    cmap = plt.get_cmap("viridis")
+    for ax, mode in zip(axes[:, 0], modes):
+        rows = trace["layers"][mode]
+        steps = sorted({r["step"] for r in rows})
+        for k, step in enumerate(steps):
+            pts = sorted((r for r in rows if r["step"] == step), key=lambda r: r["order"])
+            ax.plot(
+                [r["order"] for r in pts],
+                _capped([r["sqnr_db"] for r in pts], cap),
+                lw=1.0,
+                marker=".",
+                ms=3,
+                color=cmap(k / max(1, len(steps) - 1)),
+                label=f"step {step}",
+            )
+        ax.axhline(cap, color="gray", lw=0.6, ls=":")
+        ax.set_ylabel("SQNR vs FP (dB)")
+        ax.set_title(f"{MODE_TITLES.get(mode, mode)}; top line: exact")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=min(len(steps), 8), loc="lower left")
+    axes[-1, 0].set_xlabel("layer (execution order)")
+    fig.tight_layout()
+    return _save(fig, path, 110)
+
+
+def plot_trace_components(trace: Mapping[str, Any], path: Path) -> Path:
+    """A precision trace's SQNR per component call (text encoders, the denoiser and the scheduler at each step, the
+    VAE decode), one panel per mode; exact calls drawn at the right edge and hatched."""
+    plt = _pyplot()
+    modes = [m for m in trace["modes"] if trace["components"].get(m)]
+    n = max((len(trace["components"][m]) for m in modes), default=1)
+    fig, axes = plt.subplots(1, len(modes) or 1, figsize=(6 * max(1, len(modes)), 0.28 * n + 1.6), squeeze=False)
+    finite = [r["sqnr_db"] for m in modes for r in trace["components"][m] if math.isfinite(r["sqnr_db"])]
+    cap = (max(finite) + 10.0) if finite else 100.0
+    for ax, mode in zip(axes[0], modes):
+        rows = trace["components"][mode]
+        y = np.arange(len(rows))
+        vals = _capped([r["sqnr_db"] for r in rows], cap)
+        kinds = list(dict.fromkeys(r["component"] for r in rows))
+        bars = ax.barh(y, vals, color=[f"C{kinds.index(r['component']) % 10}" for r in rows])
+        for bar, r in zip(bars, rows):
+            if not math.isfinite(r["sqnr_db"]):
+                bar.set_hatch("//")
+                bar.set_alpha(0.4)
+        ax.set_yticks(y, [r["id"] for r in rows], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlabel("SQNR vs FP (dB); hatched: exact")
+        ax.set_title(MODE_TITLES.get(mode, mode))
+        ax.grid(alpha=0.3, axis="x")
+    fig.tight_layout()
+    return _save(fig, path, 110)

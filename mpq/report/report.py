@@ -28,7 +28,7 @@ from mpq.plan import BitPlan, final_plan, read_plan
 from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, eval_set, evaluate_plans, slug
 from mpq.report.plots import plot_pareto, plot_peers, plot_selection, plot_sensitivity
-from mpq.runner.files import write_json, write_text
+from mpq.runner.files import write_json, write_text, write_with
 from mpq.runner.rundir import RunDir
 from mpq.search.candidates import read_candidates
 from mpq.search.mixdq_files import read_sensitivity
@@ -451,11 +451,48 @@ its bytes;
 uniform plans on the same images for reference (weights: W8/W4/W2 with FP activations; activations: A8/A4 on the chosen
 weight plan); the chosen plans starred.</p><img src='selection.png'>
 {_peers_html(s.get("peers"))}
+{trace_html(run)}
 <h2>Weight candidates scored (selection
 images)</h2>{_table(sel, ["plan_file", "mse", "ssim", "psnr", "adherence", "avg_bits", "bytes", "chosen"])}
 <h2>Sensitivity per layer</h2><p>Content-layer SSIM sensitivity, min / median / max:</p><ul>{spread}</ul>{sens}
 </body></html>
 """
+
+
+def trace_html(run: RunDir) -> str:
+    """The run's precision trace (``mpq trace``'s default ``RUN/trace``), when one exists: its plots copied into the
+    report folder and the worst components of each mode."""
+    from mpq.trace.files import PLOTS, TRACE_JSON, read_trace
+
+    folder = run.root / "trace"
+    if not (folder / TRACE_JSON).is_file():
+        return ""
+    t = read_trace(folder / TRACE_JSON)
+    figures = ""
+    for name in PLOTS:
+        if (folder / name).is_file():
+            data = (folder / name).read_bytes()
+            write_with(run.report / name, lambda tmp, d=data: tmp.write_bytes(d))
+            figures += f"<img src='{name}'>"
+    rows = []
+    for mode in t["modes"]:
+        worst = sorted((r for r in t["components"][mode] if r["mae"] > 0), key=lambda r: r["sqnr_db"])[:6]
+        rows += [
+            {
+                "mode": mode.replace("_", " "),
+                "call": r["id"],
+                "SQNR dB": f"{r['sqnr_db']:.2f}",
+                "cosine": f"{r['cos']:.6f}",
+                "MAE": f"{r['mae']:.3g}",
+                "max abs": f"{r['max_abs']:.3g}",
+            }
+            for r in worst
+        ]
+    image = f" Image MSE vs FP {t['image']['mse']:.6g}." if "image" in t else ""
+    return f"""<h2>Precision trace</h2><p>{html.escape(str(t["quantized"]["label"]))} against FP on
+"{html.escape(t["prompt"])}" (seed {t["seed"]}), from <code>{html.escape(str(folder))}</code>.{image} End to end: the
+quantized pipeline on its own outputs; isolated: each component, step and layer fed the FP inputs. Worst component
+calls first:</p>{_table(rows, ["mode", "call", "SQNR dB", "cosine", "MAE", "max abs"])}{figures}"""
 
 
 def _peers_html(peers: dict[str, Any] | None) -> str:
