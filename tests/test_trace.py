@@ -151,3 +151,16 @@ def test_trace_options_are_one_line_errors(tiny_run, tmp_path):
     ):
         code, _, err = _cli("trace", *argv)
         assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, (argv, err)
+
+
+def test_report_includes_a_trace_when_one_exists(w4a8_trace, tmp_path):
+    from mpq.report.report import trace_html
+    from mpq.runner.rundir import RunDir
+
+    _, folder = w4a8_trace
+    run = RunDir(tmp_path / "run")
+    assert trace_html(run) == ""
+    shutil.copytree(folder / "out", run.root / "trace")
+    section = trace_html(run)
+    assert "Precision trace" in section and "unet/step000" in section and "W4A8" in section
+    assert (run.report / "trace_layers.png").is_file() and (run.report / "trace_components.png").is_file()

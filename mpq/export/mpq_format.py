@@ -424,7 +424,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     in memory and unpack on the fly. ``dtype``: the compute dtype of everything else."""
     from diffusers import DiffusionPipeline
 
-    from mpq.models.loader import quiet_loading
+    from mpq.models.loader import _absent_components, quiet_loading
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
@@ -435,7 +435,8 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     name = denoiser_name(json.loads((folder / "model_index.json").read_text()))
     denoiser = load_denoiser(folder / name, dtype, device)
     quiet_loading()
-    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **{name: denoiser})
+    absent = _absent_components(str(folder))  # components saved as absent (SD3 without T5)
+    pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **absent, **{name: denoiser})
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)
     return pipe

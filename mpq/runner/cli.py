@@ -19,7 +19,7 @@ from mpq.sensitivity import METRICS
 DESCRIPTION = """Mixed-precision quantization search for diffusion models (MixDQ-compatible).
 
 One sub-command per stage (calib, ptq, sensitivity, search, select, final,
-report), `run` for all of them, and tools (layers, generate, infer, export,
+report), `run` for all of them, and tools (layers, generate, infer, export, trace,
 train-tiny). Every command takes --config NAME_OR_PATH (a name under configs/,
 e.g. tiny-sdxl or sdxl-turbo.yaml, or a path) and key=value overrides (e.g.
 quant.bits=[4,8] model.device=cpu). --outdir (alias --base_path) is always the
