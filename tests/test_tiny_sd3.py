@@ -121,3 +121,15 @@ def test_every_stage_runs_on_tiny_sd3(tmp_path):
     ev = json.loads((run.root / "report" / "summary.json").read_text())["eval"]
     assert ev["FP"]["mse"] == 0.0 and ev["FP"]["adherence"]["n"] == 2  # held-out prompts scored by the judge
     assert ev["W2A16"]["mse"] > ev["W8A8"]["mse"] > 0
+    # its export loads (a pipeline saved without T5: absent components passed as None) and traces
+    from mpq.export.mpq_format import load_quantized
+    from mpq.trace import read_trace
+
+    out = tmp_path / "export"
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main(["export", "--base_path", str(run.root), "--out", str(out), "--fp-dtype", "fp32"]) == 0
+        assert main(["trace", "--base_path", str(run.root), "--export", str(out), "--out", str(tmp_path / "t")]) == 0
+    assert load_quantized(out).text_encoder_3 is None
+    t = read_trace(tmp_path / "t" / "trace.json")
+    assert [r["step"] for r in t["components"]["end_to_end"] if r["component"] == "transformer"] == [0, 1, 2, 3]
+    assert t["fed_fp"] and t["image"]["mse"] > 0
