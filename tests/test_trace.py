@@ -135,8 +135,8 @@ def test_fp16_export_shows_its_rounding_per_component(tiny_run, tmp_path):
     t = read_trace(tmp_path / "t" / "trace.json")
     rows = {r["id"]: r for r in t["components"]["isolated"]}
     text_encoder = rows["text_encoder/0"]
-    assert 0 < text_encoder["mae"] and 40 < text_encoder["sqnr_db"] < math.inf  # fp16 weights: rounding only
-    assert 0 < rows["vae/0"]["mae"]
+    assert text_encoder["mae"] > 0 and 40 < text_encoder["sqnr_db"] < math.inf  # fp16 weights: rounding only
+    assert rows["vae/0"]["mae"] > 0
     assert "worst first" in text and "fed every component the exact FP inputs: yes" in text
 
 

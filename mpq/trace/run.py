@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -223,6 +224,10 @@ class TraceRequest:
     dump: Path | None = None
 
 
+def _say(what: str) -> None:
+    print(f"[trace] {what} ...", file=sys.stderr, flush=True)
+
+
 def _layer_rows(stats: Mapping[tuple[str, int], ErrorStats], order: Mapping[str, int]) -> list[dict[str, Any]]:
     rows = [
         {"name": name, "order": order.get(name, -1), "step": step, **s.as_dict()} for (name, step), s in stats.items()
@@ -250,6 +255,7 @@ def run_trace(cfg: DictConfig, sides: Sides, req: TraceRequest) -> dict[str, Any
         layers = [n for n in sides.fp_layers if pattern.search(n)]
         if not layers:
             raise MpqError(f"--layers {req.layers!r} matches no layer (names look like {next(iter(sides.fp_layers))})")
+    _say(f"FP pass ({len(layers)} layers traced)")
     rec = fp_pass(sides, cfg, req.prompt, req.seed, layers, "isolated" in req.modes, "end_to_end" in req.modes)
     out: dict[str, Any] = {
         "format": "mpq-trace/1",
@@ -268,6 +274,7 @@ def run_trace(cfg: DictConfig, sides: Sides, req: TraceRequest) -> dict[str, Any
         "seconds": {"fp": rec.seconds},
     }
     for mode in req.modes:
+        _say(f"{mode.replace('_', '-')} pass")
         res = quant_pass(
             sides, cfg, req.prompt, req.seed, rec, layers, mode, keep=req.dump is not None and mode == "end_to_end"
         )
@@ -286,6 +293,7 @@ def run_trace(cfg: DictConfig, sides: Sides, req: TraceRequest) -> dict[str, Any
         if mode == "isolated":
             out["fed_fp"] = all(r.get("fed_fp", True) for r in res.components)
     sides.to_quant()
+    _say("one plain generation (the cost reference)")
     start = time.perf_counter()
     _generate(sides.quant_pipe, cfg, req.prompt, req.seed)
     one = time.perf_counter() - start
