@@ -202,3 +202,23 @@ def test_run_with_two_ranks_shards_selection(full_run, tmp_path):
     ]  # a zip: its member names vary
     assert protect[0] == protect[1]
     assert (two.root / "report" / "summary.json").is_file()
+
+
+def test_two_ranks_write_the_estimated_files_of_one_process(tiny_run, tmp_path):
+    """sensitivity.method=hybrid (the fisher estimate, sharded by layer; exact SQNR for the uncertain layers, exact
+    SSIM): two ranks write the files of one process, the estimate's and the exact subset's included."""
+    est = [*SENS, "sensitivity.method=hybrid"]
+    runs = [copy_run(tiny_run, tmp_path / name) for name in ("one", "two")]
+    for run, nproc in zip(runs, (None, 2)):
+        shutil.rmtree(run.root / "sensitivity", ignore_errors=True)
+        res = mpq("sensitivity", "--base_path", str(run.root), *est, nproc=nproc)
+        assert res.returncode == 0, res.stderr[-2000:]
+    for f in [*FILES, "estimate/weight.fisher.yaml", "estimate/act_sqnr.exact.yaml", "hybrid_weight_sqnr.json"]:
+        a, b = (r.root / "sensitivity" / f for r in runs)
+        if f.endswith(".json"):  # its seconds differ
+            assert {k: v for k, v in __import__("json").loads(a.read_text()).items() if k != "seconds"} == {
+                k: v for k, v in __import__("json").loads(b.read_text()).items() if k != "seconds"
+            }
+        else:
+            assert a.read_bytes() == b.read_bytes(), f
+    assert not list((runs[1].root / "sensitivity").rglob(".*partial*"))

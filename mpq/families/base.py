@@ -68,6 +68,15 @@ class Family:
         when ``guidance``)."""
         raise NotImplementedError
 
+    def pack_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        """VAE latents (N, C, H, W) in the layout of the denoiser's sample input (the Fisher estimator noises the FP
+        images' latents)."""
+        return latents
+
+    def flow_sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        """A flow-matching denoiser's noise level from its recorded ``timestep`` input (SD3: sigma x 1000)."""
+        return timestep / 1000.0
+
     def doubles_batch(self, guidance_scale: float) -> bool:
         """Whether the pipeline runs classifier-free guidance at ``guidance_scale``: each denoiser call then holds
         a negative and a positive row per image."""

@@ -43,6 +43,13 @@ class FluxFamily(MMDiT):
             kwargs["guidance"] = torch.full((batch,), 3.5, device=device)
         return kwargs
 
+    def pack_latents(self, pipe: Any, latents: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = latents.shape  # 2x2 patches packed into tokens, as FluxPipeline does
+        return pipe._pack_latents(latents, n, c, h, w)
+
+    def flow_sigma(self, timestep: torch.Tensor) -> torch.Tensor:
+        return timestep  # FluxPipeline passes sigma itself (timestep / 1000)
+
     def doubles_batch(self, guidance_scale: float) -> bool:
         return False  # dev embeds the scale (a denoiser input); schnell ignores it
 

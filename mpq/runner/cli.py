@@ -472,7 +472,11 @@ def _sensitivity_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sensitivity_type", "--kind", dest="sensitivity_type", choices=KINDS, default=None)
     p.add_argument("--metric", choices=METRICS, default=None)
     p.add_argument(
-        "--method", choices=("fast", "naive"), default=None, help="fast (FP prefix cache, same numbers) or naive"
+        "--method",
+        choices=("fast", "naive", "local", "fisher", "hybrid"),
+        default=None,
+        help="exact: fast (FP prefix cache, same numbers) or naive; estimates: local (each layer's own output SQNR), "
+        "fisher (gradient-weighted error of the denoising loss) or hybrid (an estimate, exact where uncertain)",
     )
 
 

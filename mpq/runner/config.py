@@ -106,7 +106,12 @@ class InferConfig:
 
 @dataclass
 class SensitivityConfig:
-    method: str = "fast"  # fast: FP prefix cache (exact) | naive: one full forward per (layer, bit)
+    # fast: FP prefix cache (exact) | naive: one full forward per (layer, bit) | local: each layer's own output SQNR,
+    # one FP pass | fisher: gradient-weighted output error of the denoising loss, one forward+backward a batch |
+    # hybrid: an estimate everywhere, exact SQNR for the uncertain layers and exact SSIM for the content group
+    method: str = "fast"
+    estimator: str = "fisher"  # hybrid's estimate: local | fisher
+    hybrid_fraction: float = 0.25  # hybrid: the most sensitive fraction of layers by the estimate, at any bit, exact
     # dtype of the denoiser for PTQ statistics and sensitivity, whatever model.dtype generates in: in fp16/bf16,
     # quantized-vs-FP levels off at the dtype's own noise and 4-vs-8-bit scores become rounding noise (MixDQ: fp32)
     dtype: str = "fp32"  # fp32 | fp16 | bf16
@@ -420,7 +425,10 @@ def validate(cfg: DictConfig) -> None:
         if b is not None and b not in bits:
             raise MpqError(f"config key '{key}' is {b}; use one of the candidate bits {bits} or null (FP)")
     _validate_search(cfg)
-    _one_of(cfg.sensitivity.method, ("fast", "naive"), "sensitivity.method")
+    _one_of(cfg.sensitivity.method, ("fast", "naive", "local", "fisher", "hybrid"), "sensitivity.method")
+    _one_of(cfg.sensitivity.estimator, ("local", "fisher"), "sensitivity.estimator")
+    if not 0.0 <= cfg.sensitivity.hybrid_fraction <= 1.0:
+        raise MpqError("config key 'sensitivity.hybrid_fraction' must be within [0, 1]")
     _one_of(cfg.sensitivity.dtype, ("fp32", "fp16", "bf16"), "sensitivity.dtype")
     _one_of(cfg.sensitivity.ssim, ("mixdq", "gaussian"), "sensitivity.ssim")
     if cfg.select.num_images < 1:

@@ -39,9 +39,11 @@ from mpq.runner.sharded import ShardedWork, signature
 from mpq.search.mixdq_files import read_sensitivity
 from mpq.sensitivity import METRICS
 from mpq.sensitivity.costs import layer_costs
+from mpq.sensitivity.estimators import ESTIMATORS, as_ssim, count_batches, estimate_values, run_estimator
 from mpq.sensitivity.loop import LoopOptions, score_layers
 from mpq.sensitivity.scorers import SCORERS, Sqnr, make_scorer
 
+METHODS = ("fast", "naive", *ESTIMATORS, "hybrid")  # exact (fast = naive's numbers), estimates, both
 # settings that do not change a number (fast and naive agree; chunking and saving are bookkeeping)
 _NOT_IN_SIGNATURE = ("method", "save_every_s", "cache_budget_mb", "share_bits")
 
@@ -80,9 +82,15 @@ def layers_to_score(names: list[str], cfg: DictConfig, metric: str, family: str)
     return chosen
 
 
-def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[int], names: list[str]) -> str:
-    """What the numbers depend on: the checkpoint's content, the sensitivity and sampling settings, the layers."""
+def _signature(
+    cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[int], names: list[str], estimate: str = ""
+) -> str:
+    """What the numbers depend on: the checkpoint's content, the sensitivity and sampling settings, the layers, and
+    for an estimate (``estimate``: local, fisher, hybrid) the method (the exact ones agree with each other)."""
     sens = {k: v for k, v in OmegaConf.to_container(cfg.sensitivity).items() if k not in _NOT_IN_SIGNATURE}  # type: ignore[union-attr]
+    for key in ("estimator", "hybrid_fraction"):  # settings of the estimates only
+        if not estimate:
+            sens.pop(key, None)
     return signature(
         kind=kind,
         metric=metric,
@@ -91,6 +99,7 @@ def _signature(cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[
         sens=sens,
         sampling=settings(cfg, "sampling"),
         layers=names,
+        **({"estimate": estimate} if estimate else {}),
     )
 
 
@@ -127,7 +136,12 @@ def compute_sensitivity(
             )
             write_yaml(out, {})
         return {}
-    fast = (method or cfg.sensitivity.method) == "fast"
+    method = method or cfg.sensitivity.method
+    if method not in METHODS:
+        raise MpqError(f"unknown sensitivity method {method!r}; choose from {', '.join(METHODS)}")
+    if method in ESTIMATORS or (method == "hybrid" and metric == "sqnr"):
+        return _estimated(cfg, run, kind, metric, method, pipe, qm, bits, names, show, force, write)
+    fast = method != "naive"  # hybrid: the content group's SSIM exactly, by the fast path
     work = ShardedWork(
         run.sensitivity,
         f"{kind}_{metric}",
@@ -201,6 +215,162 @@ def _score(
     return result, time.perf_counter() - t0
 
 
+def _estimated(
+    cfg: DictConfig,
+    run: RunDir,
+    kind: str,
+    metric: str,
+    method: str,
+    pipe: Any,
+    qm: QuantModel,
+    bits: list[int],
+    names: list[str],
+    show: bool,
+    force: bool,
+    write: bool,
+) -> dict[str, list[float]]:
+    """An estimator's file (``local``, ``fisher``), or ``hybrid``'s SQNR file: the estimate for every layer, the
+    exact SQNR for the uncertain ones (:func:`uncertain_layers`), the estimate mapped onto the exact scale by a
+    per-bit affine fit on them elsewhere; ``sensitivity/hybrid_<kind>_sqnr.json`` says which and the fit."""
+    out = run.sensitivity_file(kind, metric)
+    key = f"{kind}_{metric}"
+    d_main = distributed.current().is_main
+    outer = ShardedWork(
+        run.sensitivity, key, _signature(cfg, run, kind, metric, bits, names, method), names, persist=write
+    )
+    if not force and outer.finished(out):
+        if d_main:
+            print(f"[sensitivity] {kind} {metric}: already made with these settings ({out})", flush=True)
+        return read_sensitivity(out, len(bits))
+    estimator = method if method in ESTIMATORS else cfg.sensitivity.estimator
+    t0 = time.perf_counter()
+    every = layers_to_score(qm.names, cfg, "sqnr", family_of(qm.denoiser).name)  # one estimate serves both files
+    est = _estimate(cfg, run, kind, estimator, pipe, qm, bits, every, show, write, force)
+    est = {n: est[n] for n in names}
+    seconds = {"estimate": time.perf_counter() - t0}
+    if method == "hybrid":
+        from mpq.sensitivity.hybrid import calibrate, uncertain_layers
+
+        chosen = uncertain_layers(est, cfg.sensitivity.hybrid_fraction)
+        t1 = time.perf_counter()
+        exact = _exact_subset(cfg, run, kind, metric, pipe, qm, bits, chosen, show, write, force)
+        seconds["exact"] = time.perf_counter() - t1
+        result, fit = calibrate(est, exact, len(bits))
+        report = {
+            "estimator": estimator,
+            "layers": len(names),
+            "recomputed": chosen,
+            "fraction_recomputed": len(chosen) / max(1, len(names)),
+            "fit": fit,
+            "seconds": seconds,
+        }
+        if d_main and write:
+            write_json(run.sensitivity / f"hybrid_{kind}_{metric}.json", report)
+            print(
+                f"[sensitivity] {kind} {metric} (hybrid, {estimator}): {len(chosen)} of {len(names)} layers "
+                f"({report['fraction_recomputed']:.0%}) recomputed exactly",
+                flush=True,
+            )
+    else:
+        result = est if metric == "sqnr" else {n: [as_ssim(v) for v in vals] for n, vals in est.items()}
+    # an estimated SSIM is 1 - S/L: 6 decimals (MixDQ's files) would round the 8-bit ones all to 1.0
+    digits = 12 if metric == "ssim" and method in ESTIMATORS else 6
+    result = {n: read_back(result[n], digits) for n in names}
+    if d_main and write:
+        write_yaml(out, result)
+    outer.finish(out)
+    return result
+
+
+def _estimate(
+    cfg: DictConfig,
+    run: RunDir,
+    kind: str,
+    estimator: str,
+    pipe: Any,
+    qm: QuantModel,
+    bits: list[int],
+    names: list[str],
+    show: bool,
+    write: bool,
+    force: bool,
+) -> dict[str, list[float]]:
+    """Every layer of ``names`` estimated (dB), sharded by layer, resumable; on every rank. Kept as
+    ``sensitivity/estimate/<kind>.<estimator>.yaml`` (the SQNR and the SSIM file read the same estimate)."""
+    path = run.sensitivity / "estimate" / f"{kind}.{estimator}.yaml"
+    work = ShardedWork(
+        path.parent,
+        path.stem,
+        _signature(cfg, run, kind, "estimate", bits, names, estimator),
+        names,
+        progress=lambda s: len(s["batches"]),
+        save_every_s=cfg.sensitivity.save_every_s,
+        persist=write,
+    )
+    if not force and work.finished(path):
+        return read_sensitivity(path, len(bits))
+    work.resume()
+    n = count_batches(cfg, run)
+    bar = progress(total=n, unit="batch", disable=not show, desc=f"{work.d.tag()}sensitivity {kind} ({estimator})")
+    t0 = time.perf_counter()
+    try:
+        for _ in run_estimator(estimator, pipe, qm, cfg, run, work.mine, bits, kind, work.state):
+            bar.update(1)
+            work.save()
+    finally:
+        bar.close()
+        qm.set_fp()
+    mine = {name: estimate_values(work.state[name]["sums"]) for name in work.mine}
+    result = work.collect(mine, time.perf_counter() - t0, "layers", f"[sensitivity] {kind} ({estimator})")
+    if work.d.is_main and write:
+        write_yaml(path, {n: [round(v, 6) if math.isfinite(v) else v for v in result[n]] for n in names})
+    work.finish(path)
+    return {n: read_back(result[n]) for n in names}
+
+
+def _exact_subset(
+    cfg: DictConfig,
+    run: RunDir,
+    kind: str,
+    metric: str,
+    pipe: Any,
+    qm: QuantModel,
+    bits: list[int],
+    names: list[str],
+    show: bool,
+    write: bool,
+    force: bool,
+) -> dict[str, list[float]]:
+    """The exact metric (fast path) for ``names`` only: the same numbers the exact file holds for them. Kept as
+    ``sensitivity/estimate/<kind>_<metric>.exact.yaml``."""
+    if not names:
+        return {}
+    path = run.sensitivity / "estimate" / f"{kind}_{metric}.exact.yaml"
+    work = ShardedWork(
+        path.parent,
+        path.stem,
+        _signature(cfg, run, kind, metric, bits, names, "exact-subset"),
+        names,
+        progress=lambda s: len(s["batches"]),
+        save_every_s=cfg.sensitivity.save_every_s,
+        persist=write,
+    )
+    if not force and work.finished(path):
+        return read_sensitivity(path, len(bits))
+    scorer = make_scorer(metric, pipe, qm, cfg, run, True)
+    if work.d.enabled:
+        calib = CalibData.open(run)
+        work.assign(
+            work.d.broadcast(layer_costs(qm, calib, names, metric, True, len(bits)) if work.d.is_main else None)
+        )
+    result, busy = _score(work, qm, scorer, bits, kind, cfg, True, metric, show)
+    result = work.collect(result, busy, "layers", f"[sensitivity] {kind} {metric} (hybrid, exact)")
+    if work.d.is_main and write:
+        write_yaml(path, {n: [round(v, 6) if math.isfinite(v) else v for v in result[n]] for n in names})
+    work.finish(path)
+    return {n: read_back(result[n]) for n in names}
+
+
 def _write(
     run: RunDir,
     out: Path,
@@ -227,6 +397,11 @@ def _write(
         if warning:
             print(f"[sensitivity] warning: {kind} {metric}: {warning}", flush=True)
     write_yaml(out, {n: [round(v, 6) if math.isfinite(v) else v for v in vals] for n, vals in result.items()})
+
+
+def read_back(values: list[float], digits: int = 6) -> list[float]:
+    """Values as the sensitivity files hold them (6 decimals): a result used at once equals one read back."""
+    return [round(v, digits) if math.isfinite(v) else v for v in values]
 
 
 def float_floor(cfg: DictConfig, scorer: Sqnr) -> dict[str, Any]:
