@@ -18,7 +18,7 @@ from mpq.models import load_pipeline
 from mpq.runner.config import load_config
 from mpq.runner.rundir import RunDir
 from mpq.search.mixdq_files import read_sensitivity
-from mpq.sensitivity.hybrid import affine_fit, calibrate, uncertain_layers
+from mpq.sensitivity.hybrid import calibrate, offset_fit, uncertain_layers
 from mpq.sensitivity.stage import compute_sensitivity
 
 from conftest import SMALL
@@ -75,7 +75,7 @@ def test_hybrid_recomputes_its_uncertain_layers_exactly(random_run, tmp_path):
     shutil.copytree(run.root, copy.root, ignore=shutil.ignore_patterns("sensitivity"))
     result = compute_sensitivity(cfg, copy, "weight", "sqnr", "hybrid", pipe, show=False)
     report = __import__("json").loads((copy.sensitivity / "hybrid_weight_sqnr.json").read_text())
-    estimate = read_sensitivity(copy.sensitivity / "estimate" / "weight_sqnr.fisher.yaml", 3)
+    estimate = read_sensitivity(copy.sensitivity / "estimate" / "weight.fisher.yaml", 3)
     assert report["recomputed"] == uncertain_layers(estimate, cfg.sensitivity.hybrid_fraction)
     assert 0 < report["fraction_recomputed"] < 0.7
     exact = read_sensitivity(run.sensitivity_file("weight", "sqnr"), 3)
@@ -85,16 +85,17 @@ def test_hybrid_recomputes_its_uncertain_layers_exactly(random_run, tmp_path):
         assert written[name] == exact[name]  # bit for bit, as the files hold them
     others = [n for n in written if n not in report["recomputed"]]
     assert any(written[n] != estimate[n] for n in others)  # the estimate put on the exact scale
-    assert _rho(written, exact, 1) > _rho(estimate, exact, 1) - 0.05
+    for j in range(3):  # exact where it matters, the rest on its scale: ranks at least as well as the estimate
+        assert _rho(written, exact, j) > _rho(estimate, exact, j) - 0.01
 
 
 def test_hybrid_helpers():
-    assert affine_fit([1, 2, 3, 4], [3, 5, 7, 9]) == pytest.approx((1.0, 2.0))
-    assert affine_fit([1.0], [4.0]) == (3.0, 1.0)  # one pair: an offset only
+    assert offset_fit([1, 2, 3, 4], [3, 5, 7, 19]) == 3.5  # the median difference: one outlier does not move it
+    assert offset_fit([math.inf], [4.0]) == 0.0
     est = {"a": [1.0, 2.0], "b": [5.0, 0.5], "c": [9.0, 9.0], "d": [7.0, 8.0]}
     assert uncertain_layers(est, 0.25) == ["a", "b"]  # the most sensitive at each bit, united
     out, fit = calibrate(est, {"a": [11.0, 12.0], "b": [15.0, 10.5]}, 2)
-    assert out["a"] == [11.0, 12.0] and out["c"] == pytest.approx([19.0, 19.0]) and len(fit) == 2
+    assert out["a"] == [11.0, 12.0] and out["c"] == pytest.approx([19.0, 19.0]) and len(fit) == 2  # offset 10
 
 
 def test_unknown_method_is_one_line(random_run):

@@ -130,6 +130,20 @@ def test_export_under_its_component_loads_and_draws_the_fake_quant_images(family
     assert any(not np.array_equal(a, b) for a, b in zip(ref, fp))  # the plan really quantizes
 
 
+def test_fisher_estimate_runs_on_every_family(family_run):
+    """The Fisher estimator's denoising loss in each family's layout: PixArt (epsilon, learned variance, DPM-Solver),
+    SD3 (flow), Flux (flow, packed latents, sigma as the timestep)."""
+    from mpq.sensitivity.stage import compute_sensitivity
+
+    family, cfg, run = family_run
+    for kind in ("weight", "act"):
+        est = compute_sensitivity(cfg, run, kind, "sqnr", "fisher", show=False, write=False)
+        values = [v for vals in est.values() for v in vals]
+        assert est and all(math.isfinite(v) or v == math.inf for v in values)
+        monotone = sum(vals[0] <= vals[1] <= vals[2] for vals in est.values()) / len(est)
+        assert monotone >= 0.8, (family, kind, monotone)
+
+
 def test_trace_of_an_fp32_export_equals_its_fake_quant_plan_everywhere(family_run, tmp_path):
     from mpq.trace import compare_dumps, read_trace
 

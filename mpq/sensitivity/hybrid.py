@@ -2,9 +2,11 @@
 uncertain, and the estimate put on the exact scale elsewhere (pure functions; the stage runs them).
 
 *Uncertain* layers are the ones the program fights over: the ``fraction`` most sensitive layers by the estimate at
-any candidate bit (lowest estimate first). Their exact scores replace the estimate; they also fit, per bit, an
-affine map ``exact ~ alpha + beta * estimate`` (least squares over the finite pairs) that puts every other layer's
-estimate on the exact metric's scale, so the program sums numbers of one scale.
+any candidate bit (lowest estimate first). Their exact scores replace the estimate; they also give, per bit, the
+offset ``median(exact - estimate)`` that puts every other layer's estimate on the exact metric's scale (both are
+dB), so the program sums numbers of one scale. An offset, not a least-squares line: the uncertain layers cluster at
+the sensitive end, and a line fitted there extrapolates badly (on the tiny random model its slope came out negative
+at W2 and the file ranked layers worse than the estimate alone, rho -0.41 against 0.95; the offset gives 0.97).
 """
 
 from __future__ import annotations
@@ -28,32 +30,22 @@ def uncertain_layers(estimate: Mapping[str, list[float]], fraction: float) -> li
     return [name for name in names if name in chosen]
 
 
-def affine_fit(x: list[float], y: list[float]) -> tuple[float, float]:
-    """(alpha, beta) of ``y ~ alpha + beta * x`` by least squares over the finite pairs; an offset only (beta 1)
-    when fewer than 3 pairs or no spread in ``x``; (0, 1) with no pair."""
-    pairs = [(a, b) for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
-    if not pairs:
-        return 0.0, 1.0
-    xs, ys = np.array([p[0] for p in pairs]), np.array([p[1] for p in pairs])
-    if len(pairs) < 3 or float(np.ptp(xs)) == 0.0:
-        return float(np.mean(ys - xs)), 1.0
-    beta, alpha = np.polyfit(xs, ys, 1)
-    return float(alpha), float(beta)
+def offset_fit(x: list[float], y: list[float]) -> float:
+    """``median(y - x)`` over the finite pairs; 0 with none."""
+    diffs = [b - a for a, b in zip(x, y) if math.isfinite(a) and math.isfinite(b)]
+    return float(np.median(diffs)) if diffs else 0.0
 
 
 def calibrate(
     estimate: Mapping[str, list[float]], exact: Mapping[str, list[float]], n_bits: int
 ) -> tuple[dict[str, list[float]], list[dict[str, float]]]:
-    """Every layer on the exact scale: ``exact`` where given, the fitted map of ``estimate`` elsewhere; and the fit
-    per bit."""
-    fit = []
-    for j in range(n_bits):
-        alpha, beta = affine_fit([estimate[n][j] for n in exact], [exact[n][j] for n in exact])
-        fit.append({"alpha": alpha, "beta": beta})
+    """Every layer on the exact scale: ``exact`` where given, ``estimate`` + the per-bit offset elsewhere; and the
+    offsets."""
+    fit = [{"offset": offset_fit([estimate[n][j] for n in exact], [exact[n][j] for n in exact])} for j in range(n_bits)]
     out: dict[str, list[float]] = {}
     for name, vals in estimate.items():
         if name in exact:
             out[name] = list(exact[name])
         else:
-            out[name] = [f["alpha"] + f["beta"] * v if math.isfinite(v) else v for f, v in zip(fit, vals)]
+            out[name] = [v + f["offset"] if math.isfinite(v) else v for f, v in zip(fit, vals)]
     return out, fit
