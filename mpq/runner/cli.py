@@ -93,6 +93,20 @@ def resolve_run(args: argparse.Namespace) -> tuple[Any, Any]:
     return cfg, RunDir(run_dir) if run_dir else RunDir(Path("outputs") / cfg.name)
 
 
+def add_base_path(p: argparse.ArgumentParser, required: bool, help_text: str) -> None:
+    """``--base_path`` (aliases ``--base-path``, ``--outdir``): the run directory of a tool command."""
+    p.add_argument(
+        "--base_path",
+        "--base-path",
+        "--outdir",
+        dest="run_dir",
+        required=required,
+        default=None,
+        metavar="RUN_DIR",
+        help=help_text,
+    )
+
+
 PLAN_ARGS = ("weight_bits", "act_bits", "weight_plan", "act_plan", "act_protect")
 
 
@@ -598,15 +612,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompt the calibration prompts and seeds are used and the MSE against the FP images is printed.",
     )
     add_config_args(p, required=False)
-    p.add_argument(
-        "--base_path",
-        "--base-path",
-        "--outdir",
-        dest="run_dir",
-        required=True,
-        metavar="RUN_DIR",
-        help="run directory with ckpt.safetensors",
-    )
+    add_base_path(p, True, "run directory with ckpt.safetensors")
     add_plan_args(p, " (or fp)")
     p.add_argument(
         "--num_imgs", "--num-images", type=int, default=None, help="number of images (default: infer.num_images)"
@@ -685,15 +691,7 @@ def build_parser() -> argparse.ArgumentParser:
         "other runtimes; --compare A B compares two dumps tensor by tensor (exit status 1 past the tolerance).",
     )
     add_config_args(p, required=False)
-    p.add_argument(
-        "--base_path",
-        "--base-path",
-        "--outdir",
-        dest="run_dir",
-        default=None,
-        metavar="RUN_DIR",
-        help="run directory (its FP pipeline is the reference; plans need its ckpt.safetensors)",
-    )
+    add_base_path(p, False, "run directory (its FP pipeline is the reference; plans need its ckpt.safetensors)")
     add_plan_args(p, " (or fp) instead of the selected plan")
     p.add_argument("--export", default=None, metavar="DIR", help="trace an `mpq export --format mpq` folder instead")
     p.add_argument(

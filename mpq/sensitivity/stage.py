@@ -298,15 +298,7 @@ def _estimate(
     """Every layer of ``names`` estimated (dB), sharded by layer, resumable; on every rank. Kept as
     ``sensitivity/estimate/<kind>.<estimator>.yaml`` (the SQNR and the SSIM file read the same estimate)."""
     path = run.sensitivity / "estimate" / f"{kind}.{estimator}.yaml"
-    work = ShardedWork(
-        path.parent,
-        path.stem,
-        _signature(cfg, run, kind, "estimate", bits, names, estimator),
-        names,
-        progress=lambda s: len(s["batches"]),
-        save_every_s=cfg.sensitivity.save_every_s,
-        persist=write,
-    )
+    work = _side_work(cfg, path, _signature(cfg, run, kind, "estimate", bits, names, estimator), names, write)
     if not force and work.finished(path):
         return read_sensitivity(path, len(bits))
     work.resume()
@@ -322,10 +314,7 @@ def _estimate(
         qm.set_fp()
     mine = {name: estimate_values(work.state[name]["sums"]) for name in work.mine}
     result = work.collect(mine, time.perf_counter() - t0, "layers", f"[sensitivity] {kind} ({estimator})")
-    if work.d.is_main and write:
-        write_yaml(path, {n: [round(v, 6) if math.isfinite(v) else v for v in result[n]] for n in names})
-    work.finish(path)
-    return {n: read_back(result[n]) for n in names}
+    return _keep(work, path, result, names, write)
 
 
 def _exact_subset(
@@ -346,15 +335,7 @@ def _exact_subset(
     if not names:
         return {}
     path = run.sensitivity / "estimate" / f"{kind}_{metric}.exact.yaml"
-    work = ShardedWork(
-        path.parent,
-        path.stem,
-        _signature(cfg, run, kind, metric, bits, names, "exact-subset"),
-        names,
-        progress=lambda s: len(s["batches"]),
-        save_every_s=cfg.sensitivity.save_every_s,
-        persist=write,
-    )
+    work = _side_work(cfg, path, _signature(cfg, run, kind, metric, bits, names, "exact-subset"), names, write)
     if not force and work.finished(path):
         return read_sensitivity(path, len(bits))
     scorer = make_scorer(metric, pipe, qm, cfg, run, True)
@@ -365,10 +346,31 @@ def _exact_subset(
         )
     result, busy = _score(work, qm, scorer, bits, kind, cfg, True, metric, show)
     result = work.collect(result, busy, "layers", f"[sensitivity] {kind} {metric} (hybrid, exact)")
+    return _keep(work, path, result, names, write)
+
+
+def _side_work(cfg: DictConfig, path: Path, sig: str, names: list[str], write: bool) -> ShardedWork:
+    """The resumable, sharded work behind one of hybrid's or an estimator's kept files (``sensitivity/estimate/``)."""
+    return ShardedWork(
+        path.parent,
+        path.stem,
+        sig,
+        names,
+        progress=lambda s: len(s["batches"]),
+        save_every_s=cfg.sensitivity.save_every_s,
+        persist=write,
+    )
+
+
+def _keep(
+    work: ShardedWork, path: Path, result: dict[str, list[float]], names: list[str], write: bool
+) -> dict[str, list[float]]:
+    """Rank 0 writes ``path`` (as the sensitivity files round); done marked; the values as read back."""
+    values = {n: read_back(result[n]) for n in names}
     if work.d.is_main and write:
-        write_yaml(path, {n: [round(v, 6) if math.isfinite(v) else v for v in result[n]] for n in names})
+        write_yaml(path, values)
     work.finish(path)
-    return {n: read_back(result[n]) for n in names}
+    return values
 
 
 def _write(
