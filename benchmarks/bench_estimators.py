@@ -95,6 +95,7 @@ def main() -> None:
             }
             timing[method] = time.perf_counter() - t0
         if method == "fast":
+
             def capped(v: list[float]) -> list[float]:  # the files' reader caps +inf (a dead layer) at MAX_SQNR_DB
                 return [min(x, MAX_SQNR_DB) for x in read_back(v)]
 
