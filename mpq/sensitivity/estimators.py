@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig
 from torch import nn
 
-from mpq.calibration.record import OUTPUT_KEY, CalibData, fp_image_paths, unflatten
+from mpq.calibration.record import CalibData, fp_image_paths
 from mpq.errors import MpqError
 from mpq.families import family_of
 from mpq.images import load_images, to_array
@@ -58,37 +58,18 @@ def _drop_big_cache(layer: Any) -> None:
         layer._wcache.clear()
 
 
-class Batches:
-    """The calibration batches (``sensitivity.batch_size`` rows of one step) with, per batch, the rows' FP-image
-    index (for the Fisher objective)."""
-
-    def __init__(self, calib: CalibData, batch_size: int, gen_batch: int) -> None:
-        self.calib, self.batch_size = calib, batch_size
-        n = calib.num_samples
-        self.items: list[tuple[int, int, int]] = []  # (step, first row, rows)
-        self.images: list[list[int]] = []
-        for k, step in enumerate(calib.steps):
-            rows = calib.rows(step)
-            if rows % n:
-                raise MpqError(f"calibration step {k} holds {rows} rows for {n} prompts; re-run `mpq calib --force`")
-            per_row = _row_images(n, rows // n, gen_batch)
-            for i in range(0, rows, batch_size):
-                m = min(batch_size, rows - i)
-                self.items.append((k, i, m))
-                self.images.append(per_row[i : i + m])
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def kwargs(self, j: int, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
-        k, i, m = self.items[j]
-        step = self.calib.steps[k]
-        flat = {key: (v if key in self.calib.shared else v[i : i + m]) for key, v in step.items() if key != OUTPUT_KEY}
-        flat = {
-            key: v.to(device, dtype) if v.is_floating_point() and key != "timestep" else v.to(device)
-            for key, v in flat.items()
-        }
-        return unflatten(flat)
+def row_images(calib: CalibData, batch_size: int, gen_batch: int) -> list[list[int]]:
+    """Per batch of :meth:`CalibData.batches` (``batch_size`` rows of one step, in its order), the rows' FP-image
+    index (the Fisher objective's x0)."""
+    n = calib.num_samples
+    out: list[list[int]] = []
+    for k, step in enumerate(calib.steps):
+        rows = calib.rows(step)
+        if rows % n:
+            raise MpqError(f"calibration step {k} holds {rows} rows for {n} prompts; re-run `mpq calib --force`")
+        per_row = _row_images(n, rows // n, gen_batch)
+        out += [per_row[i : i + batch_size] for i in range(0, rows, batch_size)]
+    return out
 
 
 def _row_images(n: int, halves: int, gen_batch: int) -> list[int]:
@@ -174,11 +155,11 @@ class FisherObjective:
         vae = self.pipe.vae
         images = torch.from_numpy(to_array(load_images(paths))).permute(0, 3, 1, 2)
         p = next(vae.parameters())
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
         out = []
         with torch.no_grad():
             for i in range(0, len(images), 8):
                 z = vae.encode(images[i : i + 8].to(p.device, p.dtype) * 2 - 1).latent_dist.mode()
-                shift = getattr(vae.config, "shift_factor", None) or 0.0
                 out.append(((z - shift) * vae.config.scaling_factor).float().cpu())
         return torch.cat(out)
 
@@ -261,34 +242,33 @@ def run_estimator(
     qm: QuantModel,
     cfg: DictConfig,
     run: RunDir,
+    calib: CalibData,
     names: list[str],
     bits: list[int],
     kind: str,
     state: dict[str, dict[str, Any]],
-    after_batch: Callable[[int], None] | None = None,
 ) -> Iterator[int]:
     """Continue ``state`` (per layer: batches done, (a, c) sums per bit; :func:`mpq.sensitivity.loop.new_state`)
-    over every calibration batch not yet done; yields each batch index done (for progress and saving)."""
+    over every calibration batch (``calib.batches``) not yet done; yields each batch index done (for progress and
+    saving)."""
     from mpq.sensitivity.loop import new_state
 
     if method not in ESTIMATORS:
         raise MpqError(f"unknown estimator {method!r}; choose from {', '.join(ESTIMATORS)}")
-    calib = CalibData.open(run)
-    batches = Batches(calib, cfg.sensitivity.batch_size, cfg.sampling.batch_size)
+    images = row_images(calib, cfg.sensitivity.batch_size, cfg.sampling.batch_size)
     p = next(qm.denoiser.parameters())
     objective = FisherObjective(pipe, qm, run, calib, int(cfg.sampling.seed)) if method == "fisher" else None
     qm.set_fp()
     for name in names:
         state.setdefault(name, new_state(len(bits)))
-    for j in range(len(batches)):
+    for j, (kwargs, _) in enumerate(calib.batches(cfg.sensitivity.batch_size, p.device, p.dtype)):
         todo = [n for n in names if j not in state[n]["batches"]]
         if not todo:
             continue
-        kwargs = batches.kwargs(j, p.device, p.dtype)
         if objective is None:
             res = local_batch(qm, kwargs, todo, kind, bits)
         else:
-            res = fisher_batch(qm, objective, kwargs, batches.images[j], j, todo, kind, bits)
+            res = fisher_batch(qm, objective, kwargs, images[j], j, todo, kind, bits)
         for name in todo:
             st = state[name]
             for acc, (a, c) in zip(st["sums"], res.get(name, [(0.0, 0.0)] * len(bits))):
@@ -296,8 +276,3 @@ def run_estimator(
                 acc[1] += c
             st["batches"] = sorted(st["batches"] + [j])
         yield j
-
-
-def count_batches(cfg: DictConfig, run: RunDir) -> int:
-    calib = CalibData.open(run)
-    return len(Batches(calib, cfg.sensitivity.batch_size, cfg.sampling.batch_size))

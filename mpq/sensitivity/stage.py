@@ -39,7 +39,7 @@ from mpq.runner.sharded import ShardedWork, signature
 from mpq.search.mixdq_files import read_sensitivity
 from mpq.sensitivity import METRICS
 from mpq.sensitivity.costs import layer_costs
-from mpq.sensitivity.estimators import ESTIMATORS, as_ssim, count_batches, estimate_values, run_estimator
+from mpq.sensitivity.estimators import ESTIMATORS, as_ssim, estimate_values, run_estimator
 from mpq.sensitivity.loop import LoopOptions, score_layers
 from mpq.sensitivity.scorers import SCORERS, Sqnr, make_scorer
 
@@ -88,8 +88,8 @@ def _signature(
     """What the numbers depend on: the checkpoint's content, the sensitivity and sampling settings, the layers, and
     for an estimate (``estimate``: local, fisher, hybrid) the method (the exact ones agree with each other)."""
     sens = {k: v for k, v in OmegaConf.to_container(cfg.sensitivity).items() if k not in _NOT_IN_SIGNATURE}  # type: ignore[union-attr]
-    for key in ("estimator", "hybrid_fraction"):  # settings of the estimates only
-        if not estimate:
+    if not estimate:  # settings of the estimates only: exact signatures stay what they were
+        for key in ("estimator", "hybrid_fraction"):
             sens.pop(key, None)
     return signature(
         kind=kind,
@@ -156,18 +156,23 @@ def compute_sensitivity(
             print(f"[sensitivity] {kind} {metric}: already made with these settings ({out})", flush=True)
         return read_sensitivity(out, len(bits))
     scorer = make_scorer(metric, pipe, qm, cfg, run, fast)
-    if work.d.enabled:  # this rank's layers, by estimated cost (a layer's numbers do not depend on which rank runs it)
-        work.assign(
-            work.d.broadcast(
-                layer_costs(qm, CalibData.open(run), names, metric, fast, len(bits)) if work.d.is_main else None
-            )
-        )
+    _assign_by_cost(work, qm, run, names, metric, fast, len(bits))
     result, busy = _score(work, qm, scorer, bits, kind, cfg, fast, metric, show)
     result = work.collect(result, busy, "layers", f"[sensitivity] {kind} {metric}")
     if work.d.is_main and write:
         _write(run, out, {n: result[n] for n in names}, scorer, cfg, kind, metric, work.report)
     work.finish(out)
     return {n: result[n] for n in names}
+
+
+def _assign_by_cost(
+    work: ShardedWork, qm: QuantModel, run: RunDir, names: list[str], metric: str, fast: bool, n_bits: int
+) -> None:
+    """Sharded: this rank's layers, by estimated cost (rank 0 estimates; a layer's numbers do not depend on which
+    rank runs it)."""
+    if work.d.enabled:
+        costs = layer_costs(qm, CalibData.open(run), names, metric, fast, n_bits) if work.d.is_main else None
+        work.assign(work.d.broadcast(costs))
 
 
 def _score(
@@ -230,8 +235,8 @@ def _estimated(
     write: bool,
 ) -> dict[str, list[float]]:
     """An estimator's file (``local``, ``fisher``), or ``hybrid``'s SQNR file: the estimate for every layer, the
-    exact SQNR for the uncertain ones (:func:`uncertain_layers`), the estimate mapped onto the exact scale by a
-    per-bit affine fit on them elsewhere; ``sensitivity/hybrid_<kind>_sqnr.json`` says which and the fit."""
+    exact SQNR for the uncertain ones (:func:`uncertain_layers`), the estimate moved onto the exact scale by the
+    per-bit median offset on them elsewhere; ``sensitivity/hybrid_<kind>_sqnr.json`` says which and the offsets."""
     out = run.sensitivity_file(kind, metric)
     key = f"{kind}_{metric}"
     d_main = distributed.current().is_main
@@ -302,11 +307,15 @@ def _estimate(
     if not force and work.finished(path):
         return read_sensitivity(path, len(bits))
     work.resume()
-    n = count_batches(cfg, run)
-    bar = progress(total=n, unit="batch", disable=not show, desc=f"{work.d.tag()}sensitivity {kind} ({estimator})")
+    calib = CalibData.open(run)
+    bar = progress(
+        total=calib.num_batches(cfg.sensitivity.batch_size),
+        disable=not show,
+        desc=f"{work.d.tag()}sensitivity {kind} ({estimator})",
+    )
     t0 = time.perf_counter()
     try:
-        for _ in run_estimator(estimator, pipe, qm, cfg, run, work.mine, bits, kind, work.state):
+        for _ in run_estimator(estimator, pipe, qm, cfg, run, calib, work.mine, bits, kind, work.state):
             bar.update(1)
             work.save()
     finally:
@@ -339,11 +348,7 @@ def _exact_subset(
     if not force and work.finished(path):
         return read_sensitivity(path, len(bits))
     scorer = make_scorer(metric, pipe, qm, cfg, run, True)
-    if work.d.enabled:
-        calib = CalibData.open(run)
-        work.assign(
-            work.d.broadcast(layer_costs(qm, calib, names, metric, True, len(bits)) if work.d.is_main else None)
-        )
+    _assign_by_cost(work, qm, run, names, metric, True, len(bits))
     result, busy = _score(work, qm, scorer, bits, kind, cfg, True, metric, show)
     result = work.collect(result, busy, "layers", f"[sensitivity] {kind} {metric} (hybrid, exact)")
     return _keep(work, path, result, names, write)
@@ -398,7 +403,7 @@ def _write(
         warning = inseparable(result, floor["sensitivity_floor_db"])
         if warning:
             print(f"[sensitivity] warning: {kind} {metric}: {warning}", flush=True)
-    write_yaml(out, {n: [round(v, 6) if math.isfinite(v) else v for v in vals] for n, vals in result.items()})
+    write_yaml(out, {n: read_back(vals) for n, vals in result.items()})
 
 
 def read_back(values: list[float], digits: int = 6) -> list[float]:
