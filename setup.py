@@ -21,7 +21,7 @@ setup(
     },
     install_requires=[
         "torch>=2.1,<2.14",
-        "diffusers>=0.30",
+        "diffusers>=0.39,<0.43",  # mpq.export.diffusers_hub: the quantizer hooks it uses (0.39), tested to 0.42
         "transformers>=4.44",
         "accelerate>=0.30",
         "safetensors>=0.4",

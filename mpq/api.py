@@ -8,6 +8,7 @@
     qm = mpq.quantize_(pipe, plan, "outputs/sdxl-turbo/ckpt.safetensors")
     image = pipe("a red fox in the snow", num_inference_steps=1, guidance_scale=0.0).images[0]
     qm.apply(mpq.BitPlan.uniform(qm.names, 8, 8))  # switch plans without reloading
+    qm.apply(mpq.BitPlan.uniform(qm.names, "nf12", None))  # a weight format the checkpoint calibrated
 
 The denoiser's Linear/Conv2d layers are replaced in place by quantized twins
 whose quant params are registered buffers: the model keeps working with

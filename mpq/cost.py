@@ -17,17 +17,18 @@ from typing import Any
 
 from mpq.layers import GROUPS, LayerInfo
 from mpq.plan import BitPlan
+from mpq.quant.formats import Key, nominal_bits, parse_format
 from mpq.quant.quantizer import WeightQuant
 
 
-def average_bits(items: Iterable[tuple[float, int | None]]) -> float:
-    """Size-weighted average bits over the ``(size, bits)`` items that are quantized (``bits`` not None);
-    NaN when none is."""
+def average_bits(items: Iterable[tuple[float, Key | None]]) -> float:
+    """Size-weighted average bits over the ``(size, bits)`` items that are quantized (``bits`` not None; a
+    format counts its code bits, :func:`~mpq.quant.formats.nominal_bits`: ``nf12`` 3.585); NaN when none is."""
     total = weighted = 0.0
     for size, bits in items:
         if bits is not None:
             total += size
-            weighted += size * bits
+            weighted += size * nominal_bits(bits)
     return weighted / total if total else math.nan
 
 
@@ -99,14 +100,18 @@ class CostModel:
         """Stored weight-quantizer parameters of a quantized layer (the export's ``w_scale`` and ``w_offset``)."""
         return self.wq.n_params(info.shape, info.in_split)
 
-    def weight_bytes(self, info: LayerInfo, bits: int | None) -> float:
+    def weight_bytes(self, info: LayerInfo, bits: Key | None) -> float:
+        """Bytes of the layer's weight at ``bits`` (or in the format it names: codes and parameters, exactly as
+        export stores them)."""
+        if isinstance(bits, str):
+            return parse_format(bits).stored_bytes(info.shape, info.in_split, self.scale_bytes)
         return weight_bytes(info.weight_numel, self.weight_params(info), bits, self.scale_bytes, self.fp_bytes)
 
     def act_bytes(self, info: LayerInfo, bits: int | None) -> float:
         return act_bytes(info.act_numel, bits, self.scale_bytes, self.fp_bytes, info.n_parts, info.bos_numel)
 
     def plan_cost(self, plan: BitPlan, infos: Sequence[LayerInfo]) -> PlanCost:
-        def avg(bits: Mapping[str, int], kind: str, group: str | None = None) -> float:
+        def avg(bits: Mapping[str, Key], kind: str, group: str | None = None) -> float:
             return average_bits(
                 (i.act_numel if kind == "act" else i.weight_numel, bits.get(i.name))
                 for i in infos

@@ -10,7 +10,7 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from mpq.calibration.checkpoint import quantized_pipeline, read_manifest
+from mpq.calibration.checkpoint import manifest_formats, quantized_pipeline, read_manifest
 from mpq.calibration.record import calib_prompts
 from mpq.images import generate, load_images, save_images, to_array
 from mpq.metrics import image_mse
@@ -32,7 +32,9 @@ def run_infer(
     MSE vs FP when the prompts are the calibration ones."""
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
     if plan is None:
-        plan = plan_from_args(qm.names, manifest["bits"], cfg.infer.weight_bits, cfg.infer.act_bits)
+        plan = plan_from_args(
+            qm.names, manifest["bits"], cfg.infer.weight_bits, cfg.infer.act_bits, formats=manifest_formats(manifest)
+        )
     qm.apply(plan)
     if prompts:
         chosen = [prompts[i % len(prompts)] for i in range(num_images)]
@@ -67,5 +69,9 @@ def plan_from_options(cfg: DictConfig, run: RunDir, options: dict[str, Any] | No
         return None
     manifest = read_manifest(run.require(run.ckpt, f"run `mpq ptq --base_path {run.root}` first"))
     return plan_from_args(
-        [e["name"] for e in manifest["layers"]], manifest["bits"], **options, protect_weights=cfg.search.protect_weights
+        [e["name"] for e in manifest["layers"]],
+        manifest["bits"],
+        **options,
+        protect_weights=cfg.search.protect_weights,
+        formats=manifest_formats(manifest),
     )

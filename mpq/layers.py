@@ -148,7 +148,15 @@ def meta_layers(cfg: DictConfig) -> list[LayerInfo]:
     st = trace(qm.denoiser, inputs, family.first_token_constant).enabled(
         cfg.quant.split_shortcut, cfg.quant.act.bos_aware
     )
-    qm.prepare(list(cfg.quant.bits), cfg.quant.act.symmetric, st, WeightQuant.from_config(cfg.quant.weight))
+    from mpq.runner.config import weight_formats
+
+    qm.prepare(
+        list(cfg.quant.bits),
+        cfg.quant.act.symmetric,
+        st,
+        WeightQuant.from_config(cfg.quant.weight),
+        weight_formats(cfg),
+    )
     return describe(qm, content_patterns(cfg, family.name))
 
 

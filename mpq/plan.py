@@ -9,6 +9,13 @@ MixDQ's files: a plan maps layer name -> bits (``weight_<avg>_<K>.yaml``,
 ``act_<avg>_<K>.yaml``; an activation plan omits layers whose inputs stay
 FP); an act-protect list names layers whose activations stay FP (MixDQ
 stores it with ``torch.save``; mpq also reads YAML/JSON/text lists).
+
+A weight plan may also name formats (``nf12``, ``fp8``, ``int4-asym-g64``:
+:mod:`mpq.quant.formats`). Such a plan is written as ``<name>.formats.yaml``
+(layer -> bits or format name), never under the ``.yaml`` name MixDQ's
+scripts build (``weight_<avg>_<K>.yaml``, ``final_weight.yaml``): MixDQ's
+reader, which takes every value as a bit-width, never opens it. Integer-only
+plans are written exactly as before.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import TYPE_CHECKING
 import yaml
 
 from mpq.errors import MpqError
+from mpq.quant.formats import KNOWN, Key, weight_key
 from mpq.runner.files import read_yaml, write_layer_list, write_yaml
 
 if TYPE_CHECKING:
@@ -31,19 +39,20 @@ if TYPE_CHECKING:
 # ----------------------------------------------------------------------------- the plan
 @dataclass(frozen=True)
 class BitPlan:
-    """Bits per layer for weights and activations (absent: FP) and the act-protected layers."""
+    """Bits (or a weight format) per layer for weights, bits for activations (absent: FP), and the act-protected
+    layers."""
 
-    weight: Mapping[str, int] = field(default_factory=dict)
+    weight: Mapping[str, Key] = field(default_factory=dict)
     act: Mapping[str, int] = field(default_factory=dict)
     protected: frozenset[str] = frozenset()  # activations FP whatever ``act`` says (MixDQ's act_protect)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "weight", {str(k): int(v) for k, v in self.weight.items()})
+        object.__setattr__(self, "weight", {str(k): weight_key(v) for k, v in self.weight.items()})
         object.__setattr__(self, "act", {str(k): int(v) for k, v in self.act.items() if k not in self.protected})
         object.__setattr__(self, "protected", frozenset(self.protected))
 
     @classmethod
-    def uniform(cls, names: Iterable[str], w_bits: int | None, a_bits: int | None) -> BitPlan:
+    def uniform(cls, names: Iterable[str], w_bits: Key | None, a_bits: int | None) -> BitPlan:
         names = list(names)
         return cls({n: w_bits for n in names} if w_bits else {}, {n: a_bits for n in names} if a_bits else {})
 
@@ -80,10 +89,17 @@ class BitPlan:
         write_plan(folder / act, self.act)
         write_layer_list(folder / protect, sorted(self.protected))
 
-    def validate(self, layer_names: Iterable[str], bits: Iterable[int], source: str = "plan") -> BitPlan:
-        """One-line errors for a layer the model lacks or a bit-width not calibrated; returns the plan."""
+    @property
+    def formats(self) -> list[str]:
+        """The weight formats the plan uses besides integer bits (sorted)."""
+        return sorted({v for v in self.weight.values() if isinstance(v, str)})
+
+    def validate(
+        self, layer_names: Iterable[str], bits: Iterable[int], source: str = "plan", formats: Iterable[str] = ()
+    ) -> BitPlan:
+        """One-line errors for a layer the model lacks, or a bit-width or format not calibrated; returns the plan."""
         names = list(layer_names)
-        validate_plan(self.weight, names, bits, f"{source} (weights)")
+        validate_plan(self.weight, names, [*bits, *formats], f"{source} (weights)")
         validate_plan(self.act, names, bits, f"{source} (activations)")
         unknown = sorted(self.protected - set(names))
         if unknown:
@@ -98,58 +114,101 @@ def final_plan(run: RunDir) -> BitPlan:
     """The selected plan of a run (MixDQ's files ``selection/final_{weight,act}.yaml``, ``final_act_protect.pt``),
     exactly as selection ran it."""
     hint = f"run `mpq select --base_path {run.root}` first"
-    plan = BitPlan(read_plan(run.require(run.final_weight, hint)), read_plan(run.require(run.final_act, hint)))
+    weight = run.final_weight if run.final_weight.is_file() else formats_path(run.final_weight)
+    plan = BitPlan(read_plan(run.require(weight, hint)), read_plan(run.require(run.final_act, hint)))
     return plan.protect(read_layer_list(run.final_protect)) if run.final_protect.is_file() else plan
 
 
 def plan_from_args(
     names: Sequence[str],
     bits: Sequence[int],
-    weight_bits: int | None = None,
+    weight_bits: Key | None = None,
     act_bits: int | None = None,
     weight_plan: str | Path | None = None,
     act_plan: str | Path | None = None,
     act_protect: str | Path | None = None,
     protect_weights: bool = False,
+    formats: Sequence[str] = (),
 ) -> BitPlan:
-    """A plan from command-line options: plan files win over uniform bits; ``protect_weights`` keeps the act-protected
-    layers' weights FP too. Validated against the layer ``names`` and calibrated ``bits``."""
-    for kind, b in (("weight", weight_bits), ("activation", act_bits)):
-        if b is not None and b not in bits:
-            raise MpqError(f"uniform {kind} bits {b} were not calibrated (checkpoint has {list(bits)})")
+    """A plan from command-line options: plan files win over uniform bits (or a uniform weight format);
+    ``protect_weights`` keeps the act-protected layers' weights FP too. Validated against the layer ``names``,
+    calibrated ``bits`` and ``formats``."""
+    weight_bits = None if weight_bits is None else weight_key(weight_bits)
+    for kind, b, known in (("weight", weight_bits, [*bits, *formats]), ("activation", act_bits, list(bits))):
+        if b is not None and b not in known:
+            raise MpqError(
+                f"uniform {kind} bits {b} were not calibrated (checkpoint has {known}); re-run ptq with quant.bits "
+                "or quant.weight_formats including it"
+            )
     uniform = BitPlan.uniform(names, weight_bits, act_bits)
     files = BitPlan.load(weight_plan, act_plan)
     plan = BitPlan(files.weight if weight_plan else uniform.weight, files.act if act_plan else uniform.act)
     if act_protect:
         plan = plan.protect(read_layer_list(act_protect), protect_weights)
-    return plan.validate(names, bits, str(weight_plan or act_plan or act_protect or "plan"))
+    return plan.validate(names, bits, str(weight_plan or act_plan or act_protect or "plan"), formats)
 
 
 # ----------------------------------------------------------------------------- MixDQ plan files
-def read_plan(path: str | Path) -> dict[str, int]:
-    """Read a MixDQ plan yaml: {layer: int bits}."""
-    data = read_yaml(path)
+FORMATS_SUFFIX = ".formats.yaml"
+
+
+def formats_path(path: str | Path) -> Path:
+    """Where a plan with formats is written instead of ``path`` (``x.yaml`` -> ``x.formats.yaml``)."""
+    p = Path(path)
+    return p if p.name.endswith(FORMATS_SUFFIX) else p.with_name(p.name.removesuffix(".yaml") + FORMATS_SUFFIX)
+
+
+def plan_file_name(stem: str, plan: Mapping[str, Key]) -> str:
+    """A plan's file name: ``<stem>.yaml`` (MixDQ's) for integer bits only, ``<stem>.formats.yaml`` with formats."""
+    return stem + (FORMATS_SUFFIX if any(isinstance(v, str) for v in plan.values()) else ".yaml")
+
+
+def read_plan(path: str | Path) -> dict[str, Key]:
+    """Read a plan yaml: {layer: bits} (MixDQ's), or with format names (``.formats.yaml``; read in its place when
+    ``path`` is missing)."""
+    p = Path(path)
+    if not p.is_file() and formats_path(p).is_file():
+        p = formats_path(p)
+    data = read_yaml(p)
     if not isinstance(data, dict) or not data:
         raise MpqError(
-            f"{path}: a plan is a YAML mapping 'layer name: bits'; this file is {type(data).__name__}: fix or delete it"
+            f"{p}: a plan is a YAML mapping 'layer name: bits'; this file is {type(data).__name__}: fix or delete it"
         )
-    bad = [k for k, v in data.items() if not isinstance(v, int) or isinstance(v, bool)]
-    if bad:
-        raise MpqError(
-            f"{path}: layer '{bad[0]}' has bits {data[bad[0]]!r}; bits must be integers: fix the file, or delete it "
-            "and re-run the stage that wrote it"
-        )
-    return {str(k): int(v) for k, v in data.items()}
+    out: dict[str, Key] = {}
+    for k, v in data.items():
+        ok = isinstance(v, int) and not isinstance(v, bool)
+        if not ok and isinstance(v, str) and p.name.endswith(FORMATS_SUFFIX):
+            try:
+                v, ok = weight_key(v), True
+            except MpqError:
+                ok = False
+        if not ok:
+            what = f"integers or weight formats ({KNOWN})" if p.name.endswith(FORMATS_SUFFIX) else "integers"
+            raise MpqError(
+                f"{p}: layer '{k}' has bits {v!r}; bits must be {what}: fix the file, or delete it and re-run the "
+                "stage that wrote it"
+            )
+        out[str(k)] = v
+    return out
 
 
-def write_plan(path: str | Path, plan: Mapping[str, int]) -> None:
-    write_yaml(path, {k: int(v) for k, v in plan.items()})
+def write_plan(path: str | Path, plan: Mapping[str, Key]) -> Path:
+    """Write a plan: at ``path`` with integer bits only (MixDQ's file), else at :func:`formats_path`; the other
+    variant of the name is removed (no stale twin). Returns the path written."""
+    p = Path(path)
+    has_formats = any(isinstance(v, str) for v in plan.values())
+    mixdq = p.with_name(p.name[: -len(FORMATS_SUFFIX)] + ".yaml") if p.name.endswith(FORMATS_SUFFIX) else p
+    target, other = (formats_path(p), mixdq) if has_formats else (mixdq, formats_path(p))
+    write_yaml(target, {k: v if isinstance(v, str) else int(v) for k, v in plan.items()})
+    if other != target and other.is_file():
+        other.unlink()
+    return target
 
 
-def validate_plan(plan: Mapping[str, int], layer_names: Iterable[str], bits: Iterable[int], source: str) -> None:
-    """One-line errors for a layer the model lacks or a bit-width not calibrated."""
+def validate_plan(plan: Mapping[str, Key], layer_names: Iterable[str], bits: Iterable[Key], source: str) -> None:
+    """One-line errors for a layer the model lacks or a bit-width (format) not calibrated."""
     known = set(layer_names)
-    allowed = sorted(set(bits))
+    allowed = list(dict.fromkeys(bits))
     for name, b in plan.items():
         if name not in known:
             raise MpqError(
@@ -157,9 +216,10 @@ def validate_plan(plan: Mapping[str, int], layer_names: Iterable[str], bits: Ite
                 "the names"
             )
         if b not in allowed:
+            key = "quant.weight_formats" if isinstance(b, str) else "quant.bits"
             raise MpqError(
                 f"{source}: layer '{name}' asks for {b} bits, but the checkpoint calibrated only {allowed}; re-run ptq "
-                f"with quant.bits including {b}"
+                f"with {key} including {b}"
             )
 
 

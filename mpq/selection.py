@@ -252,7 +252,7 @@ def run_selection(
             if not plans:
                 raise MpqError(f"{table} lists no {kind} plans; re-run the search with a feasible budget")
             for f, plan in plans.items():
-                plan.validate(qm.names, qm.bits, f)
+                plan.validate(qm.names, qm.bits, f, qm.formats)
             # what the scores depend on: every input above, and the plans themselves (as they will run)
             plan_sig = {
                 f: [sorted(p.weight.items()), sorted(p.act.items()), sorted(p.protected)] for f, p in plans.items()

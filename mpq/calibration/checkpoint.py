@@ -36,6 +36,7 @@ FORMAT = "mpq-ckpt/4"
 
 
 def manifest_for(qm: QuantModel, cfg: DictConfig) -> dict[str, Any]:
+    extra = {"weight_formats": qm.formats} if qm.formats else {}  # absent: integer bits only (as before formats)
     return {
         "format": FORMAT,
         "model_id": cfg.model.id,
@@ -47,6 +48,7 @@ def manifest_for(qm: QuantModel, cfg: DictConfig) -> dict[str, Any]:
         "act_quant": OmegaConf.to_container(cfg.quant.act),
         "split_shortcut": bool(cfg.quant.split_shortcut),
         "layers": [info.manifest_entry() for info in describe(qm, [], warn=False)],
+        **extra,
     }
 
 
@@ -71,6 +73,22 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
             "re-run `mpq ptq --force`"
         )
     return manifest
+
+
+def manifest_formats(manifest: dict[str, Any], path: str | Path = "checkpoint") -> list[str]:
+    """The weight formats a checkpoint calibrated besides its integer bits ([] when none)."""
+    from mpq.quant.formats import parse_format
+
+    names = manifest.get("weight_formats", [])
+    try:
+        return [parse_format(n).name for n in names]
+    except MpqError as err:
+        raise MpqError(f"{path}: {err}; re-run `mpq ptq --force`") from None
+
+
+def weight_candidates(manifest: dict[str, Any]) -> list[Any]:
+    """Every weight candidate of a checkpoint: its integer bits, then its formats."""
+    return [*manifest["bits"], *manifest_formats(manifest)]
 
 
 def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
@@ -98,6 +116,7 @@ def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
             {i.name for i in layers if i.bos_aware},
         ),
         WeightQuant.from_config(manifest["weight_quant"]),
+        manifest_formats(manifest, path),
     )
     tensors = load_tensors(path)
     expected = set(qm.quant_state())

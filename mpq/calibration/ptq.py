@@ -25,6 +25,7 @@ from mpq.models import denoiser_of, pipeline_in, torch_dtype
 from mpq.quant.model import QuantModel, same_weights, weights_sample
 from mpq.quant.quantizer import WeightQuant
 from mpq.quant.structure import constant_first_token, trace
+from mpq.runner.config import weight_formats
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
 
@@ -45,6 +46,7 @@ def prepare(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int] |
         cfg.quant.act.symmetric,
         st,
         WeightQuant.from_config(cfg.quant.weight),
+        weight_formats(cfg),
     )
 
 
@@ -59,7 +61,7 @@ def calibrate(
     dtype = next(qm.denoiser.parameters()).dtype
     t0 = time.perf_counter()
     for layer in progress(
-        qm.layers.values(), desc=f"ptq: weight scales {bits}", unit="layer", disable=not show, leave=False
+        qm.layers.values(), desc=f"ptq: weight scales {qm.weight_keys}", unit="layer", disable=not show, leave=False
     ):
         layer.calibrate_weight()
     t1 = time.perf_counter()

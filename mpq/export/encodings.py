@@ -55,6 +55,11 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
             excluded.append(path)
         if layer.n_parts > 1:
             splits[path] = list(layer.in_split)
+        if isinstance(w, str):
+            raise MpqError(
+                f"the encodings format holds integer weight scales; layer {name} is planned in {w}; export with "
+                "--format mpq"
+            )
         if w is not None:
             if layer.wq.asymmetric or layer.wq.granularity not in ("channel", "tensor"):
                 raise MpqError(

@@ -84,6 +84,11 @@ def packed_tensors(
     out: dict[str, torch.Tensor] = {}
     if spec.w_bits is None:
         out["weight"] = layer.weight.detach().to(fp_dtype)
+    elif isinstance(spec.w_bits, str):  # a weight format: its packed codes and its own parameters (``wf_*``)
+        fmt = layer.formats[spec.w_bits]
+        params = layer.format_params(fmt)
+        out["qweight"] = fmt.pack(fmt.codes(layer.weight.detach(), params, layer.in_split))
+        out.update({f"wf_{k}": t.detach().clone() for k, t in params.items()})
     else:
         k = layer.bits.index(spec.w_bits)
         scale, offset = layer.weight_params(spec.w_bits)
@@ -94,10 +99,10 @@ def packed_tensors(
         out["w_scale"] = layer.w_scale[k].detach().float().clone()
         if layer.wq.asymmetric:
             out["w_offset"] = layer.w_offset[k].detach().float().clone()
-        if spec.bos_cached:
-            if bos is None:
-                raise ValueError("a BOS-cached layer needs its (bos_in, bos_out)")
-            out["bos_in"], out["bos_out"] = bos[0].float(), bos[1].float()
+    if spec.bos_cached:
+        if bos is None:
+            raise ValueError("a BOS-cached layer needs its (bos_in, bos_out)")
+        out["bos_in"], out["bos_out"] = bos[0].float(), bos[1].float()
     if layer.bias is not None:
         out["bias"] = layer.bias.detach().to(fp_dtype)
     if spec.a_bits is not None:
@@ -136,8 +141,8 @@ def denoiser_export(
     for key, t in qm.denoiser.state_dict().items():
         owner, _, leaf = key.rpartition(".")
         if owner in specs or (
-            owner in layer_paths and leaf in BUFFERS
-        ):  # exported above / the PTQ checkpoint's buffers
+            owner in layer_paths and (leaf in BUFFERS or leaf.startswith("wf_"))
+        ):  # exported above / the PTQ checkpoint's buffers (weight formats' included)
             continue
         tensors[key] = (t.detach().to(fp_dtype) if t.is_floating_point() else t.detach()).contiguous()
     for key, t in non_persistent_buffers(qm.denoiser).items():  # e.g. PixArt's position table: made at init
@@ -188,7 +193,7 @@ def weight_bytes_of(tensors: Mapping[str, torch.Tensor], layer_paths: list[str])
     quantity the cost model prices."""
     total = 0
     for path in layer_paths:
-        for leaf in ("qweight", "w_scale", "w_offset", "weight"):
+        for leaf in ("qweight", "w_scale", "w_offset", "weight", "wf_ratio", "wf_smax", "wf_scale", "wf_offset"):
             t = tensors.get(f"{path}.{leaf}")
             if t is not None:
                 total += t.numel() * t.element_size()
@@ -328,20 +333,9 @@ def verify(weights: Path, cfg_path: Path, tensors: Mapping[str, torch.Tensor], l
 
 
 # ----------------------------------------------------------------------------- loading
-def load_denoiser(
-    folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
-) -> nn.Module:
-    """The exported denoiser (``folder`` is the denoiser folder): packed layers stay packed in memory."""
-    import diffusers
-
-    folder = Path(folder)
-    cfg_path, weights = folder / "config.json", folder / WEIGHTS_NAME
-    if not cfg_path.is_file() or not weights.is_file():
-        raise MpqError(
-            f"{folder} is not an mpq export (needs config.json and {WEIGHTS_NAME}); write one with `mpq export`"
-        )
-    config = json.loads(cfg_path.read_text())
-    qconfig = config.pop("quantization_config", None)
+def check_qconfig(qconfig: Any, cfg_path: Path) -> None:
+    """One-line errors for a ``quantization_config`` this mpq cannot load (none or not mpq's, an older packing of
+    odd widths, an unknown format)."""
     if not qconfig or qconfig.get("quant_method") != "mpq":
         raise MpqError(f"{cfg_path} has no mpq quantization_config; it is not an `mpq export --format mpq` folder")
     odd = [
@@ -359,9 +353,13 @@ def load_denoiser(
             f"{cfg_path}: export format {qconfig.get('format')!r}, this mpq reads {FORMAT!r}; re-export with `mpq "
             "export`"
         )
-    cls = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
-    with torch.device("meta"):
-        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+
+
+def install_packed_layers(model: nn.Module, qconfig: Mapping[str, Any], cfg_path: Path, weights: Path) -> None:
+    """Swap ``model``'s quantized layers (``qconfig``'s, checked with :func:`check_qconfig`) for
+    :class:`~mpq.export.packed.PackedLayer` modules and assign every tensor of ``weights`` (checksums verified
+    first; strict). ``model`` is built without weights (on the meta device); its floating tensors keep the file's
+    dtypes (:func:`_cast` sets the compute dtype)."""
     tensors = load_tensors(weights)
     verify(weights, cfg_path, tensors, qconfig["layers"])
     if qconfig.get("format") in OLDER:  # per-channel scales were stored (n_parts, C_out): now (rows, groups)
@@ -373,7 +371,7 @@ def load_denoiser(
             owner = model.get_submodule(parent) if parent else model
         except AttributeError:
             raise MpqError(
-                f"{cfg_path}: layer '{path}' is not a module of {cls.__name__}; re-export with `mpq export`"
+                f"{cfg_path}: layer '{path}' is not a module of {type(model).__name__}; re-export with `mpq export`"
             ) from None
         with torch.device("meta"):
             layer = PackedLayer(spec)
@@ -390,6 +388,27 @@ def load_denoiser(
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise MpqError(f"{weights} lacks tensor {left[0]}; re-export with `mpq export`")
+
+
+def load_denoiser(
+    folder: str | Path, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"
+) -> nn.Module:
+    """The exported denoiser (``folder`` is the denoiser folder): packed layers stay packed in memory."""
+    import diffusers
+
+    folder = Path(folder)
+    cfg_path, weights = folder / "config.json", folder / WEIGHTS_NAME
+    if not cfg_path.is_file() or not weights.is_file():
+        raise MpqError(
+            f"{folder} is not an mpq export (needs config.json and {WEIGHTS_NAME}); write one with `mpq export`"
+        )
+    config = json.loads(cfg_path.read_text())
+    qconfig = config.pop("quantization_config", None)
+    check_qconfig(qconfig, cfg_path)
+    cls = getattr(diffusers, config.get("_class_name", "UNet2DConditionModel"))
+    with torch.device("meta"):
+        model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")})
+    install_packed_layers(model, qconfig, cfg_path, weights)
     _cast(model, dtype)
     model.to(device)
     model.eval().requires_grad_(False)
@@ -400,6 +419,9 @@ def load_denoiser(
 KEEP_FP32 = (
     "w_scale",
     "w_offset",
+    "wf_smax",
+    "wf_scale",
+    "wf_offset",
     "a_scale",
     "a_zero",
     "bos_in",

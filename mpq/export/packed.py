@@ -1,7 +1,9 @@
 """PackedLayer: a Linear/Conv2d of an exported model, its quantized weight kept packed in memory.
 
 The weight is a uint8 buffer (``qweight``: 2-bit four a byte, 4-bit two a
-byte, 8-bit one a byte, see :mod:`mpq.export.pack`) with fp32 scales (and,
+byte, 8-bit one a byte, see :mod:`mpq.export.pack`; a weight format's codes
+as the format packs them, ``nf<k>`` base-k about log2(k) bits a code, with its
+parameters ``wf_*``, :mod:`mpq.quant.formats`) with fp32 scales (and,
 for asymmetric levels, offsets) per row and group of input columns
 (``w_scale`` / ``w_offset``, (rows, groups); the layout of the spec's
 ``weight_quant``, :class:`~mpq.quant.quantizer.WeightQuant`); each call
@@ -30,6 +32,7 @@ from torch import nn
 
 from mpq.errors import MpqError
 from mpq.export.pack import MAX_BITS, packed_numel, unpack
+from mpq.quant.formats import parse_format
 from mpq.quant.layers import fake_quant_input
 from mpq.quant.quantizer import WeightQuant, dequantize_codes, expand_params
 
@@ -40,7 +43,7 @@ class PackedSpec:
 
     kind: str  # linear | conv
     shape: tuple[int, ...]  # weight shape
-    w_bits: int | None
+    w_bits: int | str | None  # bits of the weight quantizer ``weight_quant``, or a weight format (``nf12``)
     a_bits: int | None
     in_split: tuple[int, ...]
     bos_aware: bool = False
@@ -87,8 +90,18 @@ class PackedSpec:
             raise bad("shape", "it must be the weight's positive dimensions (2 for linear, 4 for conv)")
         for key in ("w_bits", "a_bits"):
             b = d[key]
-            if b is not None and not (isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BITS):
-                raise bad(key, f"it must be null (FP) or an integer 1..{MAX_BITS}")
+            if key == "w_bits" and isinstance(b, str):
+                try:
+                    if parse_format(b).name != b:
+                        raise MpqError(f"not the canonical name {parse_format(b).name!r}")
+                except MpqError as err:
+                    raise bad(key, f"not a weight format ({err})") from None
+            elif b is not None and not (isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BITS):
+                raise bad(
+                    key,
+                    f"it must be null (FP), an integer 1..{MAX_BITS}"
+                    + (" or a weight format" if key == "w_bits" else ""),
+                )
         split = d["in_split"]
         if not (
             isinstance(split, list)
@@ -130,16 +143,20 @@ class PackedLayer(nn.Module):
         if spec.w_bits is None:
             self.weight = nn.Parameter(torch.empty(s, **f32), requires_grad=False)
         else:
-            numel = 1
-            for d in s:
-                numel *= d
-            self.register_buffer(
-                "qweight", torch.empty(packed_numel(numel, spec.w_bits), dtype=torch.uint8, device=device)
-            )
-            rows, groups = wq.rows(s), wq.n_groups(s, spec.in_split)
-            self.register_buffer("w_scale", torch.empty(rows, groups, **f32))
-            if wq.asymmetric:
-                self.register_buffer("w_offset", torch.empty(rows, groups, **f32))
+            numel = math.prod(s)
+            if isinstance(spec.w_bits, str):  # a weight format: its packed codes and parameters ``wf_*``
+                fmt = parse_format(spec.w_bits)
+                self.register_buffer("qweight", torch.empty(fmt.packed_bytes(numel), dtype=torch.uint8, device=device))
+                for param, (pshape, dtype) in fmt.param_shapes(s, spec.in_split).items():
+                    self.register_buffer(f"wf_{param}", torch.empty(pshape, dtype=dtype, device=device))
+            else:
+                self.register_buffer(
+                    "qweight", torch.empty(packed_numel(numel, spec.w_bits), dtype=torch.uint8, device=device)
+                )
+                rows, groups = wq.rows(s), wq.n_groups(s, spec.in_split)
+                self.register_buffer("w_scale", torch.empty(rows, groups, **f32))
+                if wq.asymmetric:
+                    self.register_buffer("w_offset", torch.empty(rows, groups, **f32))
             if spec.bos_cached:
                 self.register_buffer("bos_in", torch.empty(s[1], **f32))
                 self.register_buffer("bos_out", torch.empty(s[0], **f32))
@@ -162,6 +179,11 @@ class PackedLayer(nn.Module):
         if spec.w_bits is None:
             return self._parameters["weight"]  # type: ignore[return-value]
         numel, wq = math.prod(spec.shape), spec.wq
+        if isinstance(spec.w_bits, str):
+            fmt = parse_format(spec.w_bits)
+            params = {k[3:]: t for k, t in self._buffers.items() if k.startswith("wf_") and t is not None}
+            codes = fmt.unpack(self.qweight, numel).reshape(spec.shape)
+            return fmt.decode(codes, params, spec.shape, spec.in_split).to(dtype)
         q = unpack(self.qweight, spec.w_bits, numel).reshape(spec.shape).float()
         groups = wq.column_groups(spec.shape, spec.in_split).to(q.device)
         scale = expand_params(self.w_scale.float(), groups, spec.shape)

@@ -39,7 +39,7 @@ def export_plan(
     check_target(out, fmt, run.root, overwrite)  # before the pipeline loads
     pipe, qm, _ = quantized_pipeline(cfg, run, dtype=torch.float32)
     plan = plan if plan is not None else final_plan(run)
-    plan.validate(qm.names, qm.bits)
+    plan.validate(qm.names, qm.bits, formats=qm.formats)
     with export_folder(out, fmt, run.root, overwrite) as folder:
         if fmt == "mpq":
             info = export_mpq(pipe, qm, plan, folder, cfg, DTYPES[fp_dtype], denoiser_name(pipe.components))

@@ -11,6 +11,14 @@ Per layer (names are the denoiser's module paths):
 What torchao could not take as planned is listed per layer and summed per layer kind: activation bits
 dropped, W8A8 convolutions run weight-only, split inputs (one scale per channel over the whole input,
 mpq has one per part). torchao is an optional dependency (``pip install mpq[torchao]``).
+
+``torchao_config.json`` also records the denoiser's pipeline component and the ``torch_dtype`` to load with (the
+dtype the export's model computed in). Two ways to apply it: :func:`load_torchao` (``quantize_`` on a loaded
+pipeline: Linear and Conv2d), or ``DiffusionPipeline.from_pretrained(<the FP model>, **from_pretrained_kwargs(DIR))``
+(diffusers' ``TorchAoConfig`` through ``PipelineQuantizationConfig``: its quantizer converts ``nn.Linear`` weights
+only, so Conv2d layers stay FP; ``torch_dtype`` must be passed, diffusers' torchao default is bfloat16 for the
+denoiser alone and the fp32 components then fail with a dtype mismatch). ``from_pretrained_layers`` in the json
+counts what that path quantizes.
 """
 
 from __future__ import annotations
@@ -24,6 +32,7 @@ from torch import nn
 
 from mpq.errors import MpqError
 from mpq.plan import BitPlan
+from mpq.quant.formats import parse_format
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.runner.files import write_csv, write_json
 
@@ -51,8 +60,13 @@ def torchao_plan(qm: QuantModel, plan: BitPlan) -> tuple[Any, list[dict[str, Any
     for name, layer in qm.layers.items():
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
         w, a = plan.weight.get(name), plan.act.get(name)
-        notes = []
-        if w is None:
+        key, notes = w, []
+        if isinstance(w, str) and not w.startswith("int"):
+            choice = "FP"
+            notes.append(f"{w} kept FP: no torchao config stores it (`mpq export --format mpq` packs it)")
+            if a is not None:
+                notes.append(f"A{a} dropped: torchao has no activation-only config")
+        elif w is None:
             choice = "FP"
             if a is not None:
                 notes.append(f"A{a} dropped: torchao has no activation-only config")
@@ -62,6 +76,9 @@ def torchao_plan(qm: QuantModel, plan: BitPlan) -> tuple[Any, list[dict[str, Any
             notes.append("activations per token, dynamic (mpq: per tensor, static)")
         else:
             wq = layer.wq
+            if isinstance(w, str):  # an integer format with its own scales: int<b>-<sym|asym>-<granularity>
+                fmt = parse_format(w)
+                w, wq = fmt.bits, fmt.wq  # type: ignore[attr-defined]
             grouped = wq.granularity == "group" and kind == "linear" and layer.weight.shape[1] % wq.group_size == 0
             configs[name[len(PREFIX) :]] = tq.IntxWeightOnlyConfig(
                 weight_dtype=getattr(torch, f"int{w}"),
@@ -82,7 +99,7 @@ def torchao_plan(qm: QuantModel, plan: BitPlan) -> tuple[Any, list[dict[str, Any
             {
                 "layer": name,
                 "kind": kind,
-                "w_bits": w or "",
+                "w_bits": key or "",
                 "a_bits": a or "",
                 "torchao": choice,
                 "note": "; ".join(notes),
@@ -108,26 +125,87 @@ def apply_torchao(denoiser: nn.Module, fqn_config: Any) -> None:
     tq.quantize_(denoiser, fqn_config, filter_fn=None)
 
 
-def export_torchao(qm: QuantModel, plan: BitPlan, out: Path, model_id: str) -> dict[str, Any]:
-    """Write ``torchao_config.json`` (the serialized ``FqnToConfig``), ``torchao_layers.csv`` and
+def from_pretrained_counts(rows: list[dict[str, Any]]) -> dict[str, int]:
+    """Layers per torchao config as diffusers' ``TorchAoConfig`` path applies the plan (it converts ``nn.Linear``
+    weights only: Conv2d layers stay FP whatever the plan), and ``FP`` for those left as they are."""
+    out: Counter[str] = Counter()
+    for r in rows:
+        out[r["torchao"].split("(")[0] if r["kind"] == "linear" else "FP"] += 1
+    return dict(sorted(out.items()))
+
+
+def export_torchao(
+    qm: QuantModel, plan: BitPlan, out: Path, model_id: str, torch_dtype: torch.dtype | None = None
+) -> dict[str, Any]:
+    """Write ``torchao_config.json`` (the serialized ``FqnToConfig``, the denoiser's component and the
+    ``torch_dtype`` to load with: ``torch_dtype``, default the denoiser's), ``torchao_layers.csv`` and
     ``torchao_summary.json`` into ``out``; :func:`load_torchao` applies them to the FP pipeline."""
     from torchao.core.config import config_to_dict
 
+    from mpq.families import family_of
+
     fqn, rows = torchao_plan(qm, plan)
-    write_json(out / "torchao_config.json", {"model_id": model_id, "fqn_to_config": config_to_dict(fqn)})
+    dtype = torch_dtype or next(qm.denoiser.parameters()).dtype
+    diffusers_counts = from_pretrained_counts(rows)
+    write_json(
+        out / "torchao_config.json",
+        {
+            "model_id": model_id,
+            "component": family_of(qm.denoiser).component,
+            "torch_dtype": str(dtype).removeprefix("torch."),
+            "from_pretrained_layers": diffusers_counts,
+            "fqn_to_config": config_to_dict(fqn),
+        },
+    )
     write_csv(out / "torchao_layers.csv", rows, COLUMNS)
     summary = support_summary(rows)
     write_json(out / "torchao_summary.json", summary)
-    return {"summary": summary, "layers": len(rows)}
+    return {"summary": summary, "layers": len(rows), "from_pretrained_layers": diffusers_counts}
 
 
-def load_torchao(out: str | Path, pipe: Any) -> Any:
-    """Apply an exported ``torchao_config.json`` to ``pipe``'s denoiser (``quantize_``, in place); returns ``pipe``."""
+def _read_export(out: str | Path) -> tuple[dict[str, Any], torch.dtype | None]:
+    """(``torchao_config.json``, its ``torch_dtype``: None for an export that predates the field)."""
+    from mpq.runner.files import read_json
+
+    path = Path(out) / "torchao_config.json"
+    data = read_json(path)
+    if "torch_dtype" not in data:
+        return data, None
+    name = data["torch_dtype"]
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise MpqError(f"{path}: torch_dtype {name!r} is not a floating torch dtype; re-export with `mpq export`")
+    return data, dtype
+
+
+def load_torchao(out: str | Path, pipe: Any, dtype: torch.dtype | None = None) -> Any:
+    """Apply an exported ``torchao_config.json`` to ``pipe``'s denoiser (``quantize_``, in place); returns ``pipe``.
+    The pipeline computes in ``dtype`` (default: the export's ``torch_dtype``; an older export's: as it is): cast
+    first where it differs."""
     from torchao.core.config import config_from_dict
 
     from mpq.models import denoiser_of
-    from mpq.runner.files import read_json
 
-    data = read_json(Path(out) / "torchao_config.json")
-    apply_torchao(denoiser_of(pipe), config_from_dict(data["fqn_to_config"]))
+    data, recorded = _read_export(out)
+    dtype = dtype or recorded
+    denoiser = denoiser_of(pipe)
+    if dtype is not None and next(denoiser.parameters()).dtype != dtype:
+        pipe.to(dtype=dtype)
+    apply_torchao(denoiser, config_from_dict(data["fqn_to_config"]))
     return pipe
+
+
+def from_pretrained_kwargs(out: str | Path, torch_dtype: torch.dtype | None = None) -> dict[str, Any]:
+    """``quantization_config`` and ``torch_dtype`` for ``DiffusionPipeline.from_pretrained(<the FP model>, **...)``:
+    diffusers' ``TorchAoConfig`` with the exported ``FqnToConfig`` for the denoiser's component (``nn.Linear``
+    layers only: Conv2d stays FP), every component in the export's ``torch_dtype`` (or ``torch_dtype``)."""
+    _torchao()  # one line where torchao is missing
+    from diffusers import PipelineQuantizationConfig, TorchAoConfig
+    from torchao.core.config import config_from_dict
+
+    data, recorded = _read_export(out)
+    config = TorchAoConfig(config_from_dict(data["fqn_to_config"]))
+    return {
+        "quantization_config": PipelineQuantizationConfig(quant_mapping={data.get("component", "unet"): config}),
+        "torch_dtype": torch_dtype or recorded or torch.float32,  # older exports: computed in fp32 too
+    }

@@ -13,13 +13,17 @@ hooks treat them as any module's tensors:
 * ``a_scale``, ``a_zero`` (n_bits, n_parts): per-tensor activation scale and zero point;
 * ``a_range`` (n_parts, 2): the observed running (min, max) of the input.
 
+* ``wf_<slug>_<param>``: the parameters of the other weight formats (``formats``,
+  :mod:`mpq.quant.formats`; e.g. ``wf_nf_ratio`` / ``wf_nf_smax``, shared by every ``nf<k>``).
+
 ``n_parts`` > 1 splits a concatenated input (``in_split``, e.g. a UNet skip
 concatenation) into parts with their own weight and activation quantizers.
 ``bos_aware`` layers (cross-attention ``to_k``/``to_v``) compute the first
 (BOS) token with FP weights and activations and leave it out of the range.
 
 ``w_bits`` / ``a_bits`` select the active bit-widths (None = floating point);
-the fake-quantized weight of each bit is cached until the module is moved.
+``w_bits`` may also name a format (``"nf12"``); the fake-quantized weight of
+each candidate is cached until the module is moved.
 """
 
 from __future__ import annotations
@@ -31,6 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpq.quant.formats import Format, Key, parse_format
 from mpq.quant.quantizer import (
     WeightQuant,
     act_qparams,
@@ -92,7 +97,8 @@ class QuantLayer:
         self.momentum = 0.95
         self.observe_repeats = 1  # range updates per batch (MixDQ: one per candidate bit)
         self.observe_bits: int | None = None  # quantize W and A at these bits while observing (MixDQ: 8), else FP
-        self._wcache: dict[int, torch.Tensor] = {}
+        self._wcache: dict[Key, torch.Tensor] = {}
+        self.formats: dict[str, Format] = {}  # the weight formats calibrated besides the integer bits
         self.multi: tuple[str, list[int]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
 
     def init_quant(
@@ -103,9 +109,10 @@ class QuantLayer:
         a_symmetric: bool = False,
         act_numel: int = 0,
         wq: WeightQuant | None = None,
+        formats: Sequence[str] = (),
     ) -> None:
-        """(Re)allocate the buffers for ``bits`` and the weight quantizer ``wq`` (default: MixDQ's; zeros until
-        calibrated or loaded)."""
+        """(Re)allocate the buffers for ``bits``, the weight quantizer ``wq`` (default: MixDQ's) and the other
+        weight ``formats`` (zeros until calibrated or loaded)."""
         self.wq = wq or WeightQuant()
         self._groups = None
         self.act_numel = int(act_numel)
@@ -127,6 +134,13 @@ class QuantLayer:
         self.register_buffer("a_scale", torch.zeros(n, parts, device=dev))
         self.register_buffer("a_zero", torch.zeros(n, parts, device=dev))
         self.register_buffer("a_range", torch.zeros(parts, 2, device=dev))
+        for buf in [b for b in self._buffers if b.startswith("wf_")]:
+            del self._buffers[buf]
+        self.formats = {f.name: f for f in (parse_format(n) for n in formats)}
+        for fmt in self.formats.values():
+            for param, (pshape, dtype) in fmt.param_shapes(shape, self.in_split).items():
+                if f"wf_{fmt.slug}_{param}" not in self._buffers:
+                    self.register_buffer(f"wf_{fmt.slug}_{param}", torch.zeros(pshape, dtype=dtype, device=dev))
         self.a_observed = False
         self.w_bits = self.a_bits = None
         self._wcache = {}
@@ -144,11 +158,25 @@ class QuantLayer:
     def n_parts(self) -> int:
         return len(self.in_split) - 1
 
-    def _index(self, bits: int, kind: str) -> int:
+    @property
+    def weight_keys(self) -> list[Key]:
+        """The weight candidates: the calibrated bit-widths, then the other formats."""
+        return [*self.bits, *self.formats]
+
+    def _index(self, bits: Key, kind: str) -> int:
+        if kind == "weight" and isinstance(bits, str):
+            if bits not in self.formats:
+                raise KeyError(f"weight format {bits} was not calibrated (calibrated: {self.weight_keys})")
+            return len(self.bits) + list(self.formats).index(bits)
         cand = self.bits
         if bits not in cand:
             raise KeyError(f"{kind} bit-width {bits} was not calibrated (calibrated: {cand})")
         return cand.index(bits)
+
+    def format_params(self, fmt: Format) -> dict[str, torch.Tensor]:
+        """A format's calibrated parameters (its ``wf_`` buffers)."""
+        prefix = f"wf_{fmt.slug}_"
+        return {k[len(prefix) :]: t for k, t in self._buffers.items() if k.startswith(prefix) and t is not None}
 
     def _input_dim(self) -> int:
         return 1 if isinstance(self, nn.Conv2d) else -1
@@ -173,6 +201,9 @@ class QuantLayer:
         params = grouped_qparams(self.weight, self.bits, self.wq, self.in_split)
         for k, b in enumerate(self.bits):
             self.w_scale[k], self.w_offset[k] = params[b]
+        for fmt in self.formats.values():
+            for param, t in fmt.calibrate(self.weight, self.in_split).items():
+                self._buffers[f"wf_{fmt.slug}_{param}"].copy_(t)
         self._wcache = {}
 
     def observe(self, x: torch.Tensor) -> None:
@@ -194,13 +225,13 @@ class QuantLayer:
                 )
 
     # ------------------------------------------------------------------ activation of bits
-    def set_bits(self, w_bits: int | None, a_bits: int | None) -> None:
+    def set_bits(self, w_bits: Key | None, a_bits: int | None) -> None:
         for kind, b in (("weight", w_bits), ("activation", a_bits)):
             if b is not None:
                 self._index(b, kind)
         self.w_bits, self.a_bits = w_bits, a_bits
 
-    def set_multi(self, kind: str | None, bits: list[int] | None = None) -> None:
+    def set_multi(self, kind: str | None, bits: list[Key] | None = None) -> None:
         """Several candidate bits in one pass: the batch is ``len(bits)`` equal chunks, chunk k
         quantized (weights or input activations) at ``bits[k]``; ``kind=None`` ends it."""
         if kind is None or bits is None:
@@ -221,10 +252,14 @@ class QuantLayer:
             x, self.in_split, self._input_dim(), self.a_scale[k], self.a_zero[k], bits, self.a_symmetric
         )
 
-    def weight_at(self, bits: int | None) -> torch.Tensor:
-        """The weight fake-quantized at ``bits`` (cached), or the float weight."""
+    def weight_at(self, bits: Key | None) -> torch.Tensor:
+        """The weight fake-quantized at ``bits`` (or in the format it names; cached), or the float weight."""
         if bits is None:
             return self.weight
+        if isinstance(bits, str) and bits not in self._wcache:
+            self._index(bits, "weight")
+            fmt = self.formats[bits]
+            self._wcache[bits] = fmt.fake_quant(self.weight, self.format_params(fmt), self.in_split)
         if bits not in self._wcache:
             scale, offset = self.weight_params(bits)
             self._wcache[bits] = grouped_fake_quant(self.weight, scale, offset, bits, self.wq.asymmetric)
@@ -233,7 +268,7 @@ class QuantLayer:
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
-    def _quant_forward(self, x: torch.Tensor, w_bits: int | None, a_bits: int | None) -> torch.Tensor:
+    def _quant_forward(self, x: torch.Tensor, w_bits: Key | None, a_bits: int | None) -> torch.Tensor:
         if self.bos_aware and x.dim() == 3 and (w_bits is not None or a_bits is not None):
             head = self._op(x[:, :1], self.weight)  # the BOS token: FP weights and activations
             return torch.cat([head, self._op(self._fq_act(x[:, 1:], a_bits), self.weight_at(w_bits))], dim=1)
@@ -269,11 +304,13 @@ class QuantLayer:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
     def quant_state(self) -> dict[str, torch.Tensor]:
-        return {b: getattr(self, b) for b in BUFFERS if hasattr(self, b)}
+        state = {b: getattr(self, b) for b in BUFFERS if hasattr(self, b)}
+        return state | {k: t for k, t in self._buffers.items() if k.startswith("wf_") and t is not None}
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]
-        extra = f", bits={self.bits}, w_bits={self.w_bits}, a_bits={self.a_bits}, weight_quant={self.wq.label}"
+        formats = f", formats={list(self.formats)}" if self.formats else ""
+        extra = f", bits={self.bits}{formats}, w_bits={self.w_bits}, a_bits={self.a_bits}, weight_quant={self.wq.label}"
         if self.n_parts > 1:
             extra += f", in_split={self.in_split}"
         return base + extra + (", bos_aware=True" if self.bos_aware else "")

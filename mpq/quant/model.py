@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from mpq.plan import BitPlan
+from mpq.quant.formats import Key
 from mpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
 from mpq.quant.quantizer import WeightQuant
 from mpq.quant.structure import PREFIX, Structure, quantizable_modules
@@ -85,14 +86,31 @@ class QuantModel:
         return next(iter(self.layers.values())).bits if self.layers else []
 
     def prepare(
-        self, bits: Sequence[int], a_symmetric: bool, structure: Structure | None = None, wq: WeightQuant | None = None
+        self,
+        bits: Sequence[int],
+        a_symmetric: bool,
+        structure: Structure | None = None,
+        wq: WeightQuant | None = None,
+        formats: Sequence[str] = (),
     ) -> None:
-        """Allocate every layer's quant buffers for ``bits`` and the weight quantizer ``wq`` (default: MixDQ's),
-        with the input splits, BOS-aware layers and input sizes of ``structure``
-        (:func:`mpq.quant.structure.trace`)."""
+        """Allocate every layer's quant buffers for ``bits``, the weight quantizer ``wq`` (default: MixDQ's) and
+        the other weight ``formats`` (:mod:`mpq.quant.formats`), with the input splits, BOS-aware layers and input
+        sizes of ``structure`` (:func:`mpq.quant.structure.trace`)."""
         st = structure or Structure()
         for name, layer in self.layers.items():
-            layer.init_quant(bits, st.in_split.get(name), name in st.bos, a_symmetric, st.act_numel.get(name, 0), wq)
+            layer.init_quant(
+                bits, st.in_split.get(name), name in st.bos, a_symmetric, st.act_numel.get(name, 0), wq, formats
+            )
+
+    @property
+    def formats(self) -> list[str]:
+        """The weight formats calibrated besides the integer bits."""
+        return list(next(iter(self.layers.values())).formats) if self.layers else []
+
+    @property
+    def weight_keys(self) -> list[Key]:
+        """Every weight candidate: the integer bits, then the formats."""
+        return [*self.bits, *self.formats]
 
     @property
     def weight_quant(self) -> WeightQuant:
@@ -108,7 +126,7 @@ class QuantModel:
 
     def apply(self, plan: BitPlan) -> None:
         """Apply ``plan`` (validated against the layers and calibrated bits); a layer it does not quantize stays FP."""
-        plan.validate(self.names, self.bits)
+        plan.validate(self.names, self.bits, formats=self.formats)
         for name, layer in self.layers.items():
             layer.set_bits(plan.weight.get(name), plan.act.get(name))
 

@@ -126,6 +126,18 @@ def peer_results(cfg: DictConfig, rep: Path) -> dict[str, Any] | None:
     return {"source": str(path), "levels": data.get("levels", []), "n_images": data.get("n_images")}
 
 
+def format_shares(plan: BitPlan, infos: list[LayerInfo]) -> dict[str, dict[str, float]]:
+    """{bits or format: {layers, weight share}} of a plan's weights ("FP": the layers it keeps FP)."""
+    total = sum(i.weight_numel for i in infos) or 1
+    out: dict[str, dict[str, float]] = {}
+    for i in infos:
+        key = str(plan.weight.get(i.name, "FP"))
+        row = out.setdefault(key, {"layers": 0, "weight_share": 0.0})
+        row["layers"] += 1
+        row["weight_share"] += i.weight_numel / total
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]["weight_share"]))
+
+
 def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     """Evaluate FP, uniform and chosen plans on the evaluation prompts; plots; summary.json; index.html."""
     rep = run.report
@@ -138,6 +150,8 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     for label, wb, ab in (("W8A8", 8, 8), ("W4A8", 4, 8), ("W4A16", 4, None), ("W2A16", 2, None)):
         if wb in bits and (ab is None or ab in bits):
             plans[label] = BitPlan.uniform(qm.names, wb, ab)
+    for fmt in qm.formats:  # the calibrated weight formats, uniform, activations FP (compare with W4A16)
+        plans[f"W{fmt}A16"] = BitPlan.uniform(qm.names, fmt, None)
     w4_bytes = cost.plan_cost(BitPlan.uniform(qm.names, 4, None), infos).weight_bytes if 4 in bits else None
     scores = {k: _scores(run, k) for k in KINDS}
     mixed = mixed_weight_pick(scores["weight"], w4_bytes)
@@ -174,6 +188,7 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
             "ssim_sensitivity_spread": ssim_spread(tables, bits),
             "export": export,
             "peers": peers,
+            "weight_formats": format_shares(final, infos),
         }
     )
     write_json(run.summary, summary)
@@ -431,6 +446,14 @@ avg bits, activations {bits_text(s["act_avg_bits"], s["act_fp_layers"])} avg bit
 ({s["weight_bytes"] / fp:.1%}); final images MSE vs FP {s["final_mse"]:.6g}.
 {f"Prompt adherence on the evaluation prompts: {html.escape(adh)}." if adh else ""}</p>
 <h2>Chosen plans</h2>{_table(plan_rows, ["plan", "avg bits", "content", "quality", "bytes"])}
+<p>Chosen weight candidates: {
+        html.escape(
+            ", ".join(
+                f"{k}: {int(v['layers'])} layers ({v['weight_share']:.0%} of weights)"
+                for k, v in s.get("weight_formats", {}).items()
+            )
+        )
+    }.</p>
 <h2>Evaluation: {s["eval_prompts"]["n"]} prompts ({html.escape(str(s["eval_prompts"]["source"]))}), scored against
 FP</h2>
 <p>"{MIXED_W}": the selection's best weight plan ({html.escape(str(s["mixed_weight_plan"]))}) with no more weight

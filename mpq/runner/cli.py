@@ -115,7 +115,11 @@ def add_plan_args(p: argparse.ArgumentParser, uniform: str) -> None:
     mpq's)."""
     unset = argparse.SUPPRESS  # an option not given is absent: "--weight-bits fp" and no option at all differ
     p.add_argument(
-        "--weight-bits", "--weight_bits", type=_bits_arg, default=unset, help=f"uniform weight bits{uniform}"
+        "--weight-bits",
+        "--weight_bits",
+        type=_weight_arg,
+        default=unset,
+        help=f"uniform weight bits or format (nf12, fp8, ...){uniform}",
     )
     p.add_argument("--act-bits", "--act_bits", type=_bits_arg, default=unset, help=f"uniform activation bits{uniform}")
     p.add_argument(
@@ -161,6 +165,18 @@ def _bits_arg(value: str) -> int | None:
         raise argparse.ArgumentTypeError(
             f"'{value}' is not a bit-width (an integer, or fp for floating point)"
         ) from None
+
+
+def _weight_arg(value: str) -> Any:
+    """``--weight-bits``: bits, fp, or a weight format the checkpoint calibrated (nf12, fp8, ...)."""
+    if value.lower() in ("fp", "none") or value.strip().isdigit():
+        return _bits_arg(value)
+    from mpq.quant.formats import weight_key
+
+    try:
+        return weight_key(value)
+    except MpqError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 # --------------------------------------------------------------------------- stage commands
@@ -638,10 +654,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="write a plan (the selected one by default) as a smaller model: packed mpq folder, torchao config, or "
         "encodings",
         description="--format mpq: a diffusers pipeline folder whose denoiser stores 2/4/8-bit weights packed (four, "
-        "two, one a "
-        "byte) with fp32 scales, FP layers in --fp-dtype; load it with mpq.load_quantized(DIR). --format torchao: the "
-        "plan as "
-        "a torchao FqnToConfig (torchao_config.json) with what torchao could and could not take (torchao_layers.csv). "
+        "two, one a byte) with fp32 scales, weight formats packed as they store (nf<k>: base-k codes at ~log2(k) bits "
+        "with uint8 block ratios; fp8: e4m3 bytes), FP layers in --fp-dtype; load it with mpq.load_quantized(DIR), or "
+        "after `import mpq` with diffusers' DiffusionPipeline.from_pretrained(DIR, torch_dtype=...). --format torchao: "
+        "the plan as a torchao FqnToConfig (torchao_config.json) with what torchao could and could not take "
+        "(torchao_layers.csv). "
         "--format encodings: AIMET-style encodings JSON for every quantized weight and activation.",
     )
     add_config_args(p, required=False)

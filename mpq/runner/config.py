@@ -87,6 +87,11 @@ class QuantConfig:
     split_shortcut: bool = True
     weight: WeightQuantConfig = field(default_factory=WeightQuantConfig)
     act: ActQuantConfig = field(default_factory=ActQuantConfig)
+    # weight formats calibrated besides the integer bits, in the same pass and checkpoint (mpq/quant/formats.py):
+    # nf7 | nf12 | nf16 | nf24 | nf32 (NormalFloat codebooks, 64-element blocks), fp8 (e4m3, per-channel scale),
+    # int<b>-<sym|asym>-<tensor|channel|kernel|g<N>> (an integer grid with its own scales); the search considers a
+    # format where search.weight.bits_content / bits_quality name it
+    weight_formats: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -100,7 +105,7 @@ class GroupsConfig:
 @dataclass
 class InferConfig:
     num_images: int = 8
-    weight_bits: int | None = 8  # uniform bits when no plan file is given (None: FP)
+    weight_bits: Any = 8  # uniform bits (or a weight format, e.g. nf16) when no plan file is given (None: FP)
     act_bits: int | None = 8
 
 
@@ -136,8 +141,10 @@ class SearchKindConfig:
     # more budgets to report the best plan at (selection/<kind>_budgets.csv): average bits (4.5) or bytes with a
     # unit ("750KB", "1.5MiB"); each is also a point of a full sweep
     budgets: list[Any] = field(default_factory=list)
-    bits_content: list[int] = field(default_factory=lambda: [2, 4, 8])
-    bits_quality: list[int] = field(default_factory=lambda: [4, 8])
+    # the candidates the program may give each group's layers: bits of quant.bits, and (weights) names of
+    # quant.weight_formats (e.g. [2, 4, 8, nf12, nf24])
+    bits_content: list[Any] = field(default_factory=lambda: [2, 4, 8])
+    bits_quality: list[Any] = field(default_factory=lambda: [4, 8])
     # search.sweep=full: budgets under these groups' fewest bits are solved with every candidate bit allowed in both
     # groups, so the family reaches uniform-W2 bytes (above, the groups' bits hold: W2 on quality layers, allowed
     # everywhere, made the 3.5-4.5-bit plans 2-15x worse on the embedded model)
@@ -420,10 +427,13 @@ def validate(cfg: DictConfig) -> None:
     for key in ("sampling.batch_size", "calib.batch_size", "calib.num_samples", "infer.num_images", "eval.num_images"):
         if OmegaConf.select(cfg, key) < 1:
             raise MpqError(f"config key '{key}' must be >= 1")
-    for key in ("infer.weight_bits", "infer.act_bits"):
+    formats = weight_formats(cfg)
+    for key, known in (("infer.weight_bits", [*bits, *formats]), ("infer.act_bits", bits)):
         b = OmegaConf.select(cfg, key)
-        if b is not None and b not in bits:
-            raise MpqError(f"config key '{key}' is {b}; use one of the candidate bits {bits} or null (FP)")
+        if isinstance(b, str) and key == "infer.weight_bits":
+            b = _format_key(b, key)
+        if b is not None and b not in known:
+            raise MpqError(f"config key '{key}' is {b}; use one of the candidates {known} or null (FP)")
     _validate_search(cfg)
     _one_of(cfg.sensitivity.method, ("fast", "naive", "local", "fisher", "hybrid"), "sensitivity.method")
     _one_of(cfg.sensitivity.estimator, ("local", "fisher"), "sensitivity.estimator")
@@ -439,6 +449,28 @@ def validate(cfg: DictConfig) -> None:
             "config keys sensitivity.num_images, sensitivity.batch_size must be >= 1 and sensitivity.cache_budget_mb > "
             "0"
         )
+
+
+def _format_key(value: Any, key: str) -> Any:
+    from mpq.quant.formats import weight_key  # here: mpq.quant's package imports the config module
+
+    try:
+        return weight_key(value)
+    except MpqError as err:
+        raise MpqError(f"config key '{key}': {err}") from None
+
+
+def weight_formats(cfg: DictConfig) -> list[str]:
+    """``quant.weight_formats`` as canonical names (one-line error for an unknown one or a repeat)."""
+    names = [str(_format_key(f, "quant.weight_formats")) for f in cfg.quant.get("weight_formats", []) or []]
+    if any(n.isdigit() for n in names):
+        raise MpqError(
+            f"config key 'quant.weight_formats' is {names}; integer bit-widths belong in quant.bits, formats here "
+            "(e.g. [nf12, nf24])"
+        )
+    if len(set(names)) != len(names):
+        raise MpqError(f"config key 'quant.weight_formats' is {names}; name each format once")
+    return names
 
 
 def _validate_search(cfg: DictConfig) -> None:
@@ -468,12 +500,14 @@ def _validate_search(cfg: DictConfig) -> None:
         )
     for kind in ("weight", "act"):
         k = s[kind]
+        known = [*cfg.quant.bits, *(weight_formats(cfg) if kind == "weight" else [])]
         for key in ("bits_content", "bits_quality"):
-            bad = [b for b in k[key] if b not in cfg.quant.bits]
+            given = [_format_key(b, f"search.{kind}.{key}") if isinstance(b, str) else b for b in k[key]]
+            bad = [b for b in given if b not in known]
             if bad or not k[key]:
+                what = "quant.bits and quant.weight_formats" if kind == "weight" else "quant.bits"
                 raise MpqError(
-                    f"config key 'search.{kind}.{key}' is {list(k[key])}; use a non-empty subset of quant.bits "
-                    f"{list(cfg.quant.bits)}"
+                    f"config key 'search.{kind}.{key}' is {list(k[key])}; use a non-empty subset of {what} {known}"
                 )
         if k.k_num < 1 or k.k_min <= 0 or k.k_max < k.k_min:
             raise MpqError(f"config keys search.{kind}.k_min/k_max/k_num must give 0 < k_min <= k_max and k_num >= 1")

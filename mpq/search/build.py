@@ -21,6 +21,7 @@ from mpq.cost import CostModel, weight_bytes
 from mpq.errors import MpqError
 from mpq.layers import CONTENT, QUALITY, LayerInfo
 from mpq.plan import read_layer_list
+from mpq.quant.formats import Key, nominal_bits, weight_key
 from mpq.runner.files import write_layer_list
 from mpq.runner.rundir import RunDir
 from mpq.search.mixdq_files import read_ratio_file, read_sensitivity
@@ -34,7 +35,7 @@ class Entry:
     name: str
     group: str
     size: float
-    price: Callable[[int | None], float]  # bytes at a bit-width (None: FP)
+    price: Callable[[Key | None], float]  # bytes at a bit-width or format (None: FP)
 
 
 def run_entries(kind: str, layers: Sequence[LayerInfo], cost: CostModel) -> list[Entry]:
@@ -60,8 +61,8 @@ def build_problem(
     entries: Sequence[Entry],
     ssim: Mapping[str, list[float]],
     sqnr: Mapping[str, list[float]],
-    cand_bits: Sequence[int],
-    allowed: Mapping[str, Sequence[int]],
+    cand_bits: Sequence[Key],
+    allowed: Mapping[str, Sequence[Key]],
     protect: Sequence[str] = (),
     hint: str = "",
 ) -> Problem:
@@ -123,8 +124,24 @@ def write_protect_list(path: Path, names: Sequence[str]) -> None:
     write_text(path.with_suffix(".txt"), "".join(n + "\n" for n in names))
 
 
-def allowed_bits(kc: Any) -> dict[str, list[int]]:
-    return {CONTENT: list(kc.bits_content), QUALITY: list(kc.bits_quality)}
+def allowed_bits(kc: Any) -> dict[str, list[Key]]:
+    """Each group's allowed candidates (bits, and for weights format names as :func:`weight_key` writes them)."""
+    return {CONTENT: [weight_key(b) for b in kc.bits_content], QUALITY: [weight_key(b) for b in kc.bits_quality]}
+
+
+def every_candidate(cand: Sequence[Key], allowed: Mapping[str, Sequence[Key]]) -> dict[str, list[Key]]:
+    """Both groups allowed every integer bit, and every format either group names (a format no group names stays
+    out: an integer-only search of a checkpoint with formats stays integer-only below its fewest bits too)."""
+    named = {k for keys in allowed.values() for k in keys}
+    every = [k for k in cand if isinstance(k, int) or k in named]
+    return {CONTENT: every, QUALITY: every}
+
+
+def candidates_of(cfg: Any, kind: str) -> list[Key]:
+    """The ``kind``'s candidates in sensitivity-file order: the integer bits, then (weights) the formats."""
+    from mpq.runner.config import weight_formats
+
+    return [*cfg.quant.bits, *(weight_formats(cfg) if kind == "weight" else [])]
 
 
 def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tuple[Problem, list[str]]:
@@ -139,11 +156,9 @@ def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tu
             "layer: "
             f"set sensitivity.layers=[] and re-run `mpq sensitivity --base_path {run.root}`"
         )
-    cand = list(cfg.quant.bits)
+    cand = candidates_of(cfg, kind)
     hint = f"run `mpq sensitivity --base_path {run.root}` first"
-    ssim, sqnr = (
-        read_sensitivity(run.require(run.sensitivity_file(kind, m), hint), len(cand)) for m in ("ssim", "sqnr")
-    )
+    ssim, sqnr = (read_sensitivity(run.require(run.sensitivity_file(kind, m), hint), cand) for m in ("ssim", "sqnr"))
     entries = run_entries(kind, run_layers(cfg, run), CostModel.from_config(cfg))
     s = cfg.search
     protect = (
@@ -155,7 +170,7 @@ def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tu
         ssim,
         sqnr,
         cand,
-        {CONTENT: cand, QUALITY: cand} if every_bit else allowed_bits(s[kind]),
+        every_candidate(cand, allowed_bits(s[kind])) if every_bit else allowed_bits(s[kind]),
         protect,
         f"delete it and re-run `mpq sensitivity --force --base_path {run.root}`",
     ), protect
@@ -168,7 +183,12 @@ def ratio_entries(path: str | Path, ssim: Mapping[str, list[float]], sqnr: Mappi
     names = list(sqnr) + [n for n in ssim if n not in sqnr]
     ratios = read_ratio_file(path, names)
     return [
-        Entry(n, CONTENT if n in ssim else QUALITY, ratios[n], lambda b, r=ratios[n]: weight_bytes(r, 0, b, 0, 2))
+        Entry(
+            n,
+            CONTENT if n in ssim else QUALITY,
+            ratios[n],
+            lambda b, r=ratios[n]: weight_bytes(r, 0, None if b is None else nominal_bits(b), 0, 2),
+        )  # type: ignore[arg-type]
         for n in names
     ]
 
@@ -184,8 +204,8 @@ def reference_problem(
 ) -> Problem:
     """A problem from MixDQ files: sizes are the ratio file's (so bytes are in ratio units). For activations
     without ``protect_path``, the act-protect list is derived by MixDQ's rule and written to ``protect_out``."""
-    cand = list(cfg.quant.bits)
-    ssim, sqnr = read_sensitivity(ssim_path, len(cand)), read_sensitivity(sqnr_path, len(cand))
+    cand = candidates_of(cfg, kind)
+    ssim, sqnr = read_sensitivity(ssim_path, cand), read_sensitivity(sqnr_path, cand)
     entries = ratio_entries(ratio_path, ssim, sqnr)
     if protect_path:
         protect = read_layer_list(protect_path)
@@ -205,7 +225,7 @@ def budget_for_avg(problem: Problem, avg_bits: float) -> float:
     total = problem.fixed_bytes
     for i in range(len(problem.names)):
         if problem.bits[i]:
-            overhead = problem.bytes[i][0] - problem.sizes[i] * problem.bits[i][0] / 8.0
+            overhead = problem.bytes[i][0] - problem.sizes[i] * nominal_bits(problem.bits[i][0]) / 8.0
             total += problem.sizes[i] * avg_bits / 8.0 + max(overhead, 0.0)
     return total
 

@@ -1,6 +1,9 @@
 """MixDQ's search inputs: sensitivity files and tensor-size ("ratio") files.
 
-A sensitivity file maps layer -> [metric at each candidate bit]; a ratio file
+A sensitivity file maps layer -> [metric at each candidate bit]; the scores of
+weight formats (``nf12`` ...) are kept beside it in ``<file>.formats.yaml``
+(layer -> {format: metric}), so MixDQ's reader only ever sees its integer
+bits' lists. A ratio file
 maps layer -> its tensor size relative to ``conv_in``. In MixDQ-file mode the
 layers come from these files alone: content = the layers of the SSIM file,
 sizes = the ratios (so "bytes" are in ratio units).
@@ -9,16 +12,66 @@ sizes = the ratios (so "bytes" are in ratio units).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 from mpq.errors import MpqError
-from mpq.runner.files import read_yaml
+from mpq.runner.files import read_yaml, write_yaml
 
 MAX_SQNR_DB = 150.0  # +inf SQNR (a bit-exact layer) is clipped here: fp32 carries ~150 dB
 
 
-def read_sensitivity(path: str | Path, n_bits: int) -> dict[str, list[float]]:
+def formats_file(path: str | Path) -> Path:
+    """Where the weight formats' scores of sensitivity file ``path`` live."""
+    p = Path(path)
+    return p.with_name(p.name.removesuffix(".yaml") + ".formats.yaml")
+
+
+def read_sensitivity(path: str | Path, cands: int | Sequence[Any]) -> dict[str, list[float]]:
+    """A sensitivity file: {layer: [metric at each candidate]}. ``cands``: the candidates (integer bits first, then
+    format names, read from :func:`formats_file`), or just how many integer bits (MixDQ's file alone)."""
+    if isinstance(cands, int):
+        return _read_mixdq(path, cands)
+    ints = [c for c in cands if isinstance(c, int)]
+    names = [c for c in cands if not isinstance(c, int)]
+    out = _read_mixdq(path, len(ints))
+    if not names or not out:
+        return out
+    side = formats_file(path)
+    fix = f"delete {path} and re-run `mpq sensitivity`"
+    data = read_yaml(side) if side.is_file() else None
+    if not isinstance(data, dict):
+        raise MpqError(f"{side} is missing or not a mapping (the scores of formats {names}); {fix}")
+    for name in out:
+        row = data.get(name)
+        if not isinstance(row, dict) or any(f not in row for f in names):
+            missing = next((f for f in names if not isinstance(row, dict) or f not in row), names[0])
+            raise MpqError(f"{side}: layer '{name}' has no score for format {missing}; {fix}")
+        try:
+            vals = [float(row[f]) for f in names]
+        except (TypeError, ValueError):
+            raise MpqError(f"{side}: layer '{name}' has non-numeric values {row!r}; {fix}") from None
+        if any(math.isnan(v) or v == -math.inf for v in vals):
+            raise MpqError(f"{side}: layer '{name}' has values {row!r}; {fix}")
+        out[name] = out[name] + [min(v, MAX_SQNR_DB) for v in vals]
+    return out
+
+
+def write_sensitivity(path: str | Path, values: Mapping[str, list[float]], cands: Sequence[Any]) -> None:
+    """Write scores of ``cands`` (integer bits first, then formats): MixDQ's file for the bits, the formats' scores in
+    :func:`formats_file` (removed when there are none)."""
+    n = sum(isinstance(c, int) for c in cands)
+    names = [str(c) for c in cands[n:]]
+    write_yaml(path, {k: list(v[:n]) for k, v in values.items()})
+    side = formats_file(path)
+    if names:
+        write_yaml(side, {k: dict(zip(names, v[n:])) for k, v in values.items()})
+    elif side.is_file():
+        side.unlink()
+
+
+def _read_mixdq(path: str | Path, n_bits: int) -> dict[str, list[float]]:
     """A MixDQ sensitivity yaml: {layer: [metric at each candidate bit]}."""
     data = read_yaml(path)
     if not isinstance(data, dict) or not data:

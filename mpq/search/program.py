@@ -34,6 +34,7 @@ import numpy as np
 from mpq.cost import average_bits
 from mpq.errors import MpqError
 from mpq.layers import CONTENT, GROUPS, QUALITY
+from mpq.quant.formats import Key, nominal_bits
 
 DEFAULT_SOLVER = "CBC"
 
@@ -43,7 +44,7 @@ class Problem:
     names: list[str]
     groups: list[str]  # content | quality per layer
     sizes: np.ndarray  # elements per layer (weights or input activations): the average-bits weights
-    bits: list[list[int]]  # allowed bits per layer (empty: the layer stays FP and is not in the plan)
+    bits: list[list[Key]]  # allowed bits (or weight formats) per layer (empty: the layer stays FP, not in the plan)
     scores: list[list[float]]  # sensitivity score per allowed bit (higher is better)
     bytes: list[list[float]]  # storage bytes per allowed bit
     fixed_bytes: float = 0.0  # bytes of layers that stay FP
@@ -97,8 +98,8 @@ class Problem:
         idx = [i for i in range(len(self.names)) if self.bits[i] and (group is None or self.groups[i] == group)]
         total = sum(self.sizes[i] for i in idx)
         return (
-            sum(self.sizes[i] * min(self.bits[i]) for i in idx) / total,
-            sum(self.sizes[i] * max(self.bits[i]) for i in idx) / total,
+            sum(self.sizes[i] * min(map(nominal_bits, self.bits[i])) for i in idx) / total,
+            sum(self.sizes[i] * max(map(nominal_bits, self.bits[i])) for i in idx) / total,
         )
 
 
@@ -230,7 +231,7 @@ def split_target(problem: Problem, target: float, k: float) -> dict[str, float]:
 def _group_program(problem: Problem, group: str, lo_avg: float, hi_avg: float, solver: str, time_limit_s: float):
     m = problem.members(group)
     size = problem.group_size(group)
-    coefs = {i: [problem.sizes[i] * b / size for b in problem.bits[i]] for i in m}
+    coefs = {i: [problem.sizes[i] * nominal_bits(b) / size for b in problem.bits[i]] for i in m}
     return _solve_mip(
         m,
         problem,
@@ -309,8 +310,15 @@ def solve_mpq(
     constraints = [({i: problem.bytes[i] for i in layers}, 0.0, budget_bytes - problem.fixed_bytes)]
     s_c, s_q = problem.group_size(CONTENT), problem.group_size(QUALITY)
     if s_c and s_q and math.isfinite(k):  # avg_content - K avg_quality in [-band, band]
-        ratio = {i: [problem.sizes[i] * b / s_c for b in problem.bits[i]] for i in problem.members(CONTENT)}
-        ratio.update({i: [-k * problem.sizes[i] * b / s_q for b in problem.bits[i]] for i in problem.members(QUALITY)})
+        ratio = {
+            i: [problem.sizes[i] * nominal_bits(b) / s_c for b in problem.bits[i]] for i in problem.members(CONTENT)
+        }
+        ratio.update(
+            {
+                i: [-k * problem.sizes[i] * nominal_bits(b) / s_q for b in problem.bits[i]]
+                for i in problem.members(QUALITY)
+            }
+        )
         constraints.append((ratio, -band, band))
     part = _solve_mip(
         layers, problem, weights, {i: problem.scores[i] for i in layers}, constraints, solver, time_limit_s

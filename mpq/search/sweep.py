@@ -17,7 +17,7 @@ import numpy as np
 
 from mpq.errors import MpqError
 from mpq.layers import KINDS
-from mpq.plan import write_plan
+from mpq.plan import plan_file_name, write_plan
 from mpq.runner.config import parse_bytes
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
@@ -123,7 +123,7 @@ def run_sweep(
         if sol.plan:
             key = plan_key(sol.plan)
             if key not in written:
-                written[key] = f"{kind}_{t:.2f}_{k:.2f}.yaml"
+                written[key] = plan_file_name(f"{kind}_{t:.2f}_{k:.2f}", sol.plan)  # .formats.yaml with formats
                 plans[written[key]] = sol.plan
             row.plan_file = written[key]
         rows.append(row)

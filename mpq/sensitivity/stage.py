@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from mpq.calibration.checkpoint import quantized_pipeline
+from mpq.calibration.checkpoint import quantized_pipeline, weight_candidates
 from mpq.calibration.record import CalibData
 from mpq.errors import MpqError
 from mpq.families import Family, family_of
@@ -36,7 +36,7 @@ from mpq.runner.files import file_digest, read_json, write_json, write_yaml
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
 from mpq.runner.sharded import ShardedWork, signature
-from mpq.search.mixdq_files import read_sensitivity
+from mpq.search.mixdq_files import read_sensitivity, write_sensitivity
 from mpq.sensitivity import METRICS
 from mpq.sensitivity.costs import layer_costs
 from mpq.sensitivity.estimators import ESTIMATORS, as_ssim, estimate_values, run_estimator
@@ -83,7 +83,7 @@ def layers_to_score(names: list[str], cfg: DictConfig, metric: str, family: str)
 
 
 def _signature(
-    cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[int], names: list[str], estimate: str = ""
+    cfg: DictConfig, run: RunDir, kind: str, metric: str, bits: list[Any], names: list[str], estimate: str = ""
 ) -> str:
     """What the numbers depend on: the checkpoint's content, the sensitivity and sampling settings, the layers, and
     for an estimate (``estimate``: local, fisher, hybrid) the method (the exact ones agree with each other)."""
@@ -122,7 +122,7 @@ def compute_sensitivity(
             f"sensitivity type must be {'|'.join(KINDS)} and metric {'|'.join(SCORERS)} (got {kind}, {metric})"
         )
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe, dtype=torch_dtype(cfg.sensitivity.dtype))
-    bits: list[int] = list(manifest["bits"])
+    bits: list[Any] = weight_candidates(manifest) if kind == "weight" else list(manifest["bits"])
     out = run.sensitivity_file(kind, metric)
     names = layers_to_score(qm.names, cfg, metric, manifest.get("family", "unet"))
     d_main = distributed.current().is_main
@@ -154,13 +154,13 @@ def compute_sensitivity(
     if not force and work.finished(out):
         if d_main:
             print(f"[sensitivity] {kind} {metric}: already made with these settings ({out})", flush=True)
-        return read_sensitivity(out, len(bits))
+        return read_sensitivity(out, bits)
     scorer = make_scorer(metric, pipe, qm, cfg, run, fast)
     _assign_by_cost(work, qm, run, names, metric, fast, len(bits))
     result, busy = _score(work, qm, scorer, bits, kind, cfg, fast, metric, show)
     result = work.collect(result, busy, "layers", f"[sensitivity] {kind} {metric}")
     if work.d.is_main and write:
-        _write(run, out, {n: result[n] for n in names}, scorer, cfg, kind, metric, work.report)
+        _write(run, out, {n: result[n] for n in names}, scorer, cfg, kind, metric, work.report, bits)
     work.finish(out)
     return {n: result[n] for n in names}
 
@@ -179,7 +179,7 @@ def _score(
     work: ShardedWork,
     qm: QuantModel,
     scorer: Any,
-    bits: list[int],
+    bits: list[Any],
     kind: str,
     cfg: DictConfig,
     fast: bool,
@@ -228,7 +228,7 @@ def _estimated(
     method: str,
     pipe: Any,
     qm: QuantModel,
-    bits: list[int],
+    bits: list[Any],
     names: list[str],
     show: bool,
     force: bool,
@@ -246,7 +246,7 @@ def _estimated(
     if not force and outer.finished(out):
         if d_main:
             print(f"[sensitivity] {kind} {metric}: already made with these settings ({out})", flush=True)
-        return read_sensitivity(out, len(bits))
+        return read_sensitivity(out, bits)
     estimator = method if method in ESTIMATORS else cfg.sensitivity.estimator
     t0 = time.perf_counter()
     every = layers_to_score(qm.names, cfg, "sqnr", family_of(qm.denoiser).name)  # one estimate serves both files
@@ -282,7 +282,7 @@ def _estimated(
     digits = 12 if metric == "ssim" and method in ESTIMATORS else 6
     result = {n: read_back(result[n], digits) for n in names}
     if d_main and write:
-        write_yaml(out, result)
+        write_sensitivity(out, result, bits)
     outer.finish(out)
     return result
 
@@ -294,7 +294,7 @@ def _estimate(
     estimator: str,
     pipe: Any,
     qm: QuantModel,
-    bits: list[int],
+    bits: list[Any],
     names: list[str],
     show: bool,
     write: bool,
@@ -305,7 +305,7 @@ def _estimate(
     path = run.sensitivity / "estimate" / f"{kind}.{estimator}.yaml"
     work = _side_work(cfg, path, _signature(cfg, run, kind, "estimate", bits, names, estimator), names, write)
     if not force and work.finished(path):
-        return read_sensitivity(path, len(bits))
+        return read_sensitivity(path, bits)
     work.resume()
     calib = CalibData.open(run)
     bar = progress(
@@ -323,7 +323,7 @@ def _estimate(
         qm.set_fp()
     mine = {name: estimate_values(work.state[name]["sums"]) for name in work.mine}
     result = work.collect(mine, time.perf_counter() - t0, "layers", f"[sensitivity] {kind} ({estimator})")
-    return _keep(work, path, result, names, write)
+    return _keep(work, path, result, names, write, bits)
 
 
 def _exact_subset(
@@ -333,7 +333,7 @@ def _exact_subset(
     metric: str,
     pipe: Any,
     qm: QuantModel,
-    bits: list[int],
+    bits: list[Any],
     names: list[str],
     show: bool,
     write: bool,
@@ -346,12 +346,12 @@ def _exact_subset(
     path = run.sensitivity / "estimate" / f"{kind}_{metric}.exact.yaml"
     work = _side_work(cfg, path, _signature(cfg, run, kind, metric, bits, names, "exact-subset"), names, write)
     if not force and work.finished(path):
-        return read_sensitivity(path, len(bits))
+        return read_sensitivity(path, bits)
     scorer = make_scorer(metric, pipe, qm, cfg, run, True)
     _assign_by_cost(work, qm, run, names, metric, True, len(bits))
     result, busy = _score(work, qm, scorer, bits, kind, cfg, True, metric, show)
     result = work.collect(result, busy, "layers", f"[sensitivity] {kind} {metric} (hybrid, exact)")
-    return _keep(work, path, result, names, write)
+    return _keep(work, path, result, names, write, bits)
 
 
 def _side_work(cfg: DictConfig, path: Path, sig: str, names: list[str], write: bool) -> ShardedWork:
@@ -368,12 +368,12 @@ def _side_work(cfg: DictConfig, path: Path, sig: str, names: list[str], write: b
 
 
 def _keep(
-    work: ShardedWork, path: Path, result: dict[str, list[float]], names: list[str], write: bool
+    work: ShardedWork, path: Path, result: dict[str, list[float]], names: list[str], write: bool, bits: list[Any]
 ) -> dict[str, list[float]]:
     """Rank 0 writes ``path`` (as the sensitivity files round); done marked; the values as read back."""
     values = {n: read_back(result[n]) for n in names}
     if work.d.is_main and write:
-        write_yaml(path, values)
+        write_sensitivity(path, values, bits)
     work.finish(path)
     return values
 
@@ -387,8 +387,10 @@ def _write(
     kind: str,
     metric: str,
     report: list[dict[str, float]] | None,
+    bits: list[Any],
 ) -> None:
-    """Rank 0: the MixDQ-format file, the float floor (SQNR), the ranks' load (sharded)."""
+    """Rank 0: the MixDQ-format file (and the formats' scores beside it), the float floor (SQNR), the ranks' load
+    (sharded)."""
     if report is not None:
         path = run.sensitivity / "distributed.json"
         try:
@@ -403,7 +405,7 @@ def _write(
         warning = inseparable(result, floor["sensitivity_floor_db"])
         if warning:
             print(f"[sensitivity] warning: {kind} {metric}: {warning}", flush=True)
-    write_yaml(out, {n: read_back(vals) for n, vals in result.items()})
+    write_sensitivity(out, {n: read_back(vals) for n, vals in result.items()}, bits)
 
 
 def read_back(values: list[float], digits: int = 6) -> list[float]:

@@ -60,7 +60,7 @@ def plan_sides(cfg: DictConfig, run: Any, plan: BitPlan, label: str) -> Sides:
     from mpq.calibration.checkpoint import quantized_pipeline
 
     pipe, qm, _ = quantized_pipeline(cfg, run)
-    plan.validate(qm.names, qm.bits)
+    plan.validate(qm.names, qm.bits, formats=qm.formats)
 
     def quant_layer(name: str, x: torch.Tensor) -> torch.Tensor:
         return qm.layers[name]._quant_forward(x, plan.weight.get(name), plan.act.get(name))
