@@ -93,13 +93,17 @@ class ImageBench:
     # -------------------------------------------------------------- any other tool
     def with_denoiser(self, make: Callable[[torch.nn.Module], torch.nn.Module]) -> np.ndarray:
         """Per-image MSE with the denoiser replaced by ``make(fresh FP copy)`` (restored after)."""
+        return image_mse(self.images_with(make), self.refs)
+
+    def images_with(self, make: Callable[[torch.nn.Module], torch.nn.Module]) -> np.ndarray:
+        """The held-out images with the denoiser replaced by ``make(fresh FP copy)`` (restored after)."""
         from mpq.families import family_of
 
         name = family_of(self.pipe).component
         keep = getattr(self.pipe, name)
         setattr(self.pipe, name, make(copy.deepcopy(self.fp_denoiser)))
         try:
-            return self.mse()
+            return self.images()
         finally:
             setattr(self.pipe, name, keep)
 

@@ -90,21 +90,6 @@ def budget_plans(run: RunDir) -> dict[float, BitPlan]:
     return {r.budget_bytes: BitPlan(read_plan(run.candidates / "weight" / r.plan_file)) for r in rows if r.plan_file}
 
 
-def with_denoiser_images(bench: ImageBench, make: Any) -> np.ndarray:
-    """The held-out images with the denoiser replaced by ``make(fresh FP copy)`` (restored after)."""
-    import copy
-
-    from mpq.families import family_of
-
-    name = family_of(bench.pipe).component
-    keep = getattr(bench.pipe, name)
-    setattr(bench.pipe, name, make(copy.deepcopy(bench.fp_denoiser)))
-    try:
-        return bench.images()
-    finally:
-        setattr(bench.pipe, name, keep)
-
-
 def score(bench: ImageBench, images: np.ndarray) -> dict[str, Any]:
     mse = ((images - bench.refs) ** 2).reshape(len(images), -1).mean(axis=1)
     adh = adherence(images, bench.prompts)
@@ -229,7 +214,7 @@ def main() -> None:
                 return q
 
             try:
-                s = score(bench, with_denoiser_images(bench, make))
+                s = score(bench, bench.images_with(make))
             except Exception as err:  # noqa: BLE001 - a peer type this SDNQ lacks: skipped, said
                 print(f"{conf['label']}: skipped ({type(err).__name__}: {err})", flush=True)
                 continue

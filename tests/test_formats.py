@@ -38,6 +38,7 @@ from mpq.quant.model import PREFIX
 from mpq.runner.cli import main
 from mpq.runner.config import load_config
 from mpq.runner.rundir import RunDir
+from mpq.runner.stages import STAGES
 from mpq.search.mixdq_files import formats_file, read_sensitivity
 from mpq.search.program import Problem, solve_mpq
 
@@ -221,6 +222,9 @@ def test_one_ptq_pass_scores_searches_and_selects_formats(format_run):
             assert all(isinstance(v, int) for v in read_plan(f).values())
     final = (run.selection / "final_weight.formats.yaml", run.selection / "final_weight.yaml")
     assert sum(p.is_file() for p in final) == 1
+    cfg = run.load_config()
+    for name in ("sensitivity", "search", "select"):  # a plan or scores under .formats.yaml count as the outputs
+        assert run.stage_state(STAGES[name], cfg) == "fresh", name
 
 
 def test_format_plans_export_bit_exact_and_cost_what_they_store(tiny_run, tiny_cfg, tmp_path):

@@ -184,7 +184,9 @@ class RunDir:
         for rel in stage.outputs:
             path = self.root / rel
             found = (
-                sorted(f for f in path.rglob("*") if f.is_file()) if path.is_dir() else [path] if path.is_file() else []
+                sorted(f for f in path.rglob("*") if f.is_file())
+                if path.is_dir()
+                else [f for f in (path, _formats_twin(path)) if f.is_file()]
             )
             files += [f for f in found if not f.name.startswith(".")]  # temp and partial files are not outputs
         return files
@@ -207,7 +209,7 @@ class RunDir:
         no stage of this run made them: put there by hand); ``stale`` (its config keys or an upstream stage changed
         since, or the stamp is from an older mpq); ``changed`` (an output's content differs from what it wrote)."""
         p = self._stamp_path(stage.name)
-        if not all((self.root / o).exists() for o in stage.outputs):
+        if not all((self.root / o).exists() or _formats_twin(self.root / o).is_file() for o in stage.outputs):
             return "missing"
         if not p.is_file():
             return "unstamped"
@@ -297,3 +299,9 @@ class RunDir:
             yield
         finally:
             f.close()  # closing releases the lock
+
+
+def _formats_twin(path: Path) -> Path:
+    """``x.formats.yaml`` beside an output ``x.yaml``: a plan with weight formats is written there instead, and the
+    formats' sensitivity scores beside the file (:mod:`mpq.plan`, :mod:`mpq.search.mixdq_files`)."""
+    return path.with_name(path.name.removesuffix(".yaml") + ".formats.yaml") if path.suffix == ".yaml" else path
