@@ -36,13 +36,13 @@ from mpq.quant.formats import (
 )
 from mpq.quant.model import PREFIX
 from mpq.runner.cli import main
-from mpq.runner.config import load_config
+from mpq.runner.config import load_config, settings
 from mpq.runner.rundir import RunDir
 from mpq.runner.stages import STAGES
 from mpq.search.mixdq_files import formats_file, read_sensitivity
 from mpq.search.program import Problem, solve_mpq
 
-FORMATS = ["nf7", "nf12", "nf16", "nf24", "nf32", "fp8", "int4-asym-g64"]
+FORMATS = ["nf7", "nf12", "nf16", "nf24", "nf32", "fp8", "int4-asym-g64", "int3-sym-channel"]
 PROMPTS = [
     "a small red circle at the top left on a white background",
     "a large blue triangle in the center on a black background",
@@ -120,11 +120,15 @@ def test_nf_beats_the_integer_grid_on_gaussian_weights_at_equal_bits(k):
 def test_names_errors_and_costs():
     assert [parse_format(n).name for n in ("NF12", "fp8", "int4-asym-g64")] == ["nf12", "fp8", "int4-asym-g64"]
     assert nominal_bits("nf12") == pytest.approx(math.log2(12)) and nominal_bits(4) == 4
-    for bad, needle in (("nf10", "nf7|nf12|nf16|nf24|nf32"), ("mx4", "unknown weight format"), ("int9-sym-g64", "")):
+    bad_names = (("nf10", "nf7|nf12|nf16|nf24|nf32"), ("mx4", "unknown"), ("int9-sym-g64", ""), ("int4-sym-g0", ""))
+    for bad, needle in bad_names:
         with pytest.raises(MpqError, match=needle):
             parse_format(bad)
     with pytest.raises(MpqError, match="quant.weight_formats"):
         load_config("tiny-sdxl", ["quant.weight_formats=[nf10]"])
+    # runs stamped before formats existed stay fresh: no formats is no key in the stamps' quant section
+    assert "weight_formats" not in settings(load_config("tiny-sdxl"), "quant")
+    assert settings(load_config("tiny-sdxl", ["quant.weight_formats=[nf12]"]), "quant")["weight_formats"] == ["nf12"]
     with pytest.raises(MpqError, match="search.weight.bits_content"):
         load_config("tiny-sdxl", ["search.weight.bits_content=[4,nf12]"])  # not calibrated
     with pytest.raises(MpqError, match="nf12"):

@@ -88,7 +88,12 @@ def packed_tensors(
         fmt = layer.formats[spec.w_bits]
         params = layer.format_params(fmt)
         out["qweight"] = fmt.pack(fmt.codes(layer.weight.detach(), params, layer.in_split))
-        out.update({f"wf_{k}": t.detach().clone() for k, t in params.items()})
+        out.update(
+            {
+                f"wf_{k}": t.detach().float().clone() if t.is_floating_point() else t.detach().clone()
+                for k, t in params.items()
+            }
+        )
     else:
         k = layer.bits.index(spec.w_bits)
         scale, offset = layer.weight_params(spec.w_bits)

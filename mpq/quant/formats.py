@@ -91,30 +91,33 @@ def pack_base(codes: torch.Tensor, k: int, chunk: int = 1 << 16) -> torch.Tensor
     if flat.numel() and (int(flat.min()) < 0 or int(flat.max()) >= k):
         raise ValueError(f"codes outside [0, {k})")
     flat = torch.cat([flat, flat.new_zeros((-flat.numel()) % n)]).reshape(-1, n)
-    powers = torch.tensor([k**j for j in range(n)], dtype=torch.int64)
+    powers = torch.tensor([k**j for j in range(n)], dtype=torch.int64, device=flat.device)
     words = (flat * powers).sum(dim=1)
-    shifts = torch.arange(b, dtype=torch.int64)
+    shifts = torch.arange(b, dtype=torch.int64, device=flat.device)
     out = []
     for w in words.split(chunk):  # bounded memory: a chunk's bits at a time (chunk * b is a multiple of 8)
         out.append(((w.unsqueeze(1) >> shifts) & 1).reshape(-1).to(torch.uint8))
-    bits = torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
+    bits = torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8, device=flat.device)
     bits = torch.cat([bits, bits.new_zeros((-bits.numel()) % 8)]).reshape(-1, 8)
-    return (bits << torch.arange(8, dtype=torch.uint8)).sum(dim=1, dtype=torch.uint8)
+    return (bits << torch.arange(8, dtype=torch.uint8, device=bits.device)).sum(dim=1, dtype=torch.uint8)
 
 
 def unpack_base(packed: torch.Tensor, k: int, numel: int, chunk: int = 1 << 16) -> torch.Tensor:
     """Flat uint8 from :func:`pack_base` -> the first ``numel`` codes (int64, flat)."""
     n, b = base_word(k)
     n_words = -(-numel // n)
-    bits = ((packed.unsqueeze(1) >> torch.arange(8, dtype=torch.uint8, device=packed.device)) & 1).reshape(-1)
-    bits = bits[: n_words * b].to(torch.int64).reshape(n_words, b)
-    shifts = torch.arange(b, dtype=torch.int64, device=packed.device)
-    powers = torch.tensor([k**j for j in range(n)], dtype=torch.int64, device=packed.device)
+    dev = packed.device
+    byte_shifts = torch.arange(8, dtype=torch.uint8, device=dev)
+    shifts = torch.arange(b, dtype=torch.int64, device=dev)
+    powers = torch.tensor([k**j for j in range(n)], dtype=torch.int64, device=dev)
     out = []
-    for rows in bits.split(chunk):
-        words = (rows << shifts).sum(dim=1)
+    for w0 in range(0, n_words, chunk):  # a chunk of words at a time: ``chunk * b`` bits (whole bytes) each
+        w1 = min(w0 + chunk, n_words)
+        raw = packed[w0 * b // 8 : -(-w1 * b // 8)]
+        bits = ((raw.unsqueeze(1) >> byte_shifts) & 1).reshape(-1)[: (w1 - w0) * b].to(torch.int64)
+        words = (bits.reshape(w1 - w0, b) << shifts).sum(dim=1)
         out.append(((words.unsqueeze(1) // powers) % k).reshape(-1))
-    codes = torch.cat(out) if out else torch.zeros(0, dtype=torch.int64)
+    codes = torch.cat(out) if out else torch.zeros(0, dtype=torch.int64, device=dev)
     return codes[:numel]
 
 
@@ -287,15 +290,20 @@ class IntFormat(Format):
 
     def param_shapes(self, shape, in_split):  # type: ignore[no-untyped-def]
         rows, groups = self.wq.rows(shape), self.wq.n_groups(shape, in_split)
-        return {"scale": ((rows, groups), torch.float32), "offset": ((rows, groups), torch.float32)}
+        out = {"scale": ((rows, groups), torch.float32)}
+        if self.wq.asymmetric:  # symmetric levels store no offset (as the integer quantizer's export)
+            out["offset"] = ((rows, groups), torch.float32)
+        return out
 
     def calibrate(self, w, in_split):  # type: ignore[no-untyped-def]
         scale, offset = grouped_qparams(w, [self.bits], self.wq, in_split)[self.bits]
-        return {"scale": scale, "offset": offset}
+        return {"scale": scale, "offset": offset} if self.wq.asymmetric else {"scale": scale}
 
     def _expanded(self, p: Params, shape: Sequence[int], in_split: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         groups = self.wq.column_groups(tuple(shape), tuple(in_split))
-        return expand_params(p["scale"].float(), groups, shape), expand_params(p["offset"].float(), groups, shape)
+        scale = expand_params(p["scale"].float(), groups, shape)
+        offset = expand_params(p["offset"].float(), groups, shape) if "offset" in p else torch.zeros_like(scale)
+        return scale, offset
 
     def codes(self, w, p, in_split):  # type: ignore[no-untyped-def]
         scale, offset = self._expanded(p, w.shape, in_split)
@@ -327,7 +335,7 @@ class IntFormat(Format):
 
 
 # ----------------------------------------------------------------------------- names and keys
-_INT = re.compile(r"int([2-8])-(sym|asym)-(tensor|channel|kernel|g(\d+))")
+_INT = re.compile(r"int([2-8])-(sym|asym)-(tensor|channel|kernel|g([1-9]\d*))")
 
 
 @cache

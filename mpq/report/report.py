@@ -25,6 +25,7 @@ from mpq.images import load_images, to_array
 from mpq.layers import KINDS, LayerInfo
 from mpq.metrics import image_mse
 from mpq.plan import BitPlan, final_plan, read_plan
+from mpq.quant.formats import parse_format
 from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, eval_set, evaluate_plans, slug
 from mpq.report.plots import plot_pareto, plot_peers, plot_selection, plot_sensitivity
@@ -188,9 +189,10 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
             "ssim_sensitivity_spread": ssim_spread(tables, bits),
             "export": export,
             "peers": peers,
-            "weight_formats": format_shares(final, infos),
         }
     )
+    if qm.formats:
+        summary["weight_formats"] = format_shares(final, infos)
     write_json(run.summary, summary)
     write_text(rep / "index.html", _html(cfg, run, data.prompts, summary, scores["weight"]))
     return rep / "index.html"
@@ -220,11 +222,16 @@ def exported_sizes(
         res["export_file_bytes"] = serialized_bytes(tensors)
         res["export_weight_bytes"] = weight_bytes_of(tensors, paths)
         # where the stored bytes differ from the priced ones: the scales (stored fp32) and the FP weights (stored fp16)
-        quantized = [layer for name, layer in qm.layers.items() if name in plan.weight]
-        stored = sum(4 * layer.w_scale[0].numel() * (2 if layer.wq.asymmetric else 1) for layer in quantized)  # fp32
-        priced = sum(
-            cost.scale_bytes * cost.wq.n_params(tuple(layer.weight.shape), layer.in_split) for layer in quantized
-        )
+        stored = priced = 0.0
+        for name, layer in qm.layers.items():
+            key, shape = plan.weight.get(name), tuple(layer.weight.shape)
+            if isinstance(key, str):  # a weight format: its parameters as stored (fp32) and as priced
+                fmt = parse_format(key)
+                stored += fmt.param_bytes(shape, layer.in_split, 4)
+                priced += fmt.param_bytes(shape, layer.in_split, cost.scale_bytes)
+            elif key is not None:
+                stored += 4 * layer.w_scale[0].numel() * (2 if layer.wq.asymmetric else 1)  # fp32
+                priced += cost.scale_bytes * cost.wq.n_params(shape, layer.in_split)
         n_fp = sum(layer.weight.numel() for name, layer in qm.layers.items() if name not in plan.weight)
         res["export_scale_extra_bytes"] = stored - priced
         res["export_fp_weight_extra_bytes"] = n_fp * (2 - cost.fp_bytes)
@@ -386,6 +393,15 @@ def _image_grid(s: dict[str, Any], prompts: list[str]) -> str:
     return f"<table class=imgs>{''.join(rows)}</table>"
 
 
+def _formats_line(s: dict[str, Any]) -> str:
+    """The chosen plan's weight candidates (layers, share of weights), for a run with weight formats."""
+    shares = s.get("weight_formats")
+    if not shares:
+        return ""
+    text = ", ".join(f"{k}: {int(v['layers'])} layers ({v['weight_share']:.0%} of weights)" for k, v in shares.items())
+    return f"<p>Chosen weight candidates: {html.escape(text)}.</p>"
+
+
 def _html(cfg: DictConfig, run: RunDir, prompts: list[str], s: dict[str, Any], weight_rows: list[Score]) -> str:
     chosen = s["chosen"]
     fp, fpb = s["fp_weight_bytes"], 8 * s["fp_dtype_bytes"]
@@ -446,14 +462,7 @@ avg bits, activations {bits_text(s["act_avg_bits"], s["act_fp_layers"])} avg bit
 ({s["weight_bytes"] / fp:.1%}); final images MSE vs FP {s["final_mse"]:.6g}.
 {f"Prompt adherence on the evaluation prompts: {html.escape(adh)}." if adh else ""}</p>
 <h2>Chosen plans</h2>{_table(plan_rows, ["plan", "avg bits", "content", "quality", "bytes"])}
-<p>Chosen weight candidates: {
-        html.escape(
-            ", ".join(
-                f"{k}: {int(v['layers'])} layers ({v['weight_share']:.0%} of weights)"
-                for k, v in s.get("weight_formats", {}).items()
-            )
-        )
-    }.</p>
+{_formats_line(s)}
 <h2>Evaluation: {s["eval_prompts"]["n"]} prompts ({html.escape(str(s["eval_prompts"]["source"]))}), scored against
 FP</h2>
 <p>"{MIXED_W}": the selection's best weight plan ({html.escape(str(s["mixed_weight_plan"]))}) with no more weight

@@ -515,7 +515,7 @@ def _validate_search(cfg: DictConfig) -> None:
 
 # keys added after runs were stamped, whose unset value (null) means what mpq did before they existed: left out of
 # stamps and signatures while unset, so a run made before them stays up to date
-ADDED_UNSET = ("sampling.max_sequence_length", "eval.peers")
+ADDED_UNSET = ("sampling.max_sequence_length", "eval.peers", "quant.weight_formats")
 
 
 def settings(cfg: DictConfig, key: str) -> Any:
@@ -523,7 +523,7 @@ def settings(cfg: DictConfig, key: str) -> Any:
     value = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}), resolve=True)["v"]
     for added in ADDED_UNSET:
         section, _, leaf = added.rpartition(".")
-        if section == key and isinstance(value, dict) and value.get(leaf, 0) is None:
+        if section == key and isinstance(value, dict) and leaf in value and value[leaf] in (None, []):
             value.pop(leaf)
         elif added == key and value is None:
             return None

@@ -186,7 +186,7 @@ class RunDir:
             found = (
                 sorted(f for f in path.rglob("*") if f.is_file())
                 if path.is_dir()
-                else [f for f in (path, _formats_twin(path)) if f.is_file()]
+                else [f for f in dict.fromkeys((path, _formats_twin(path))) if f.is_file()]
             )
             files += [f for f in found if not f.name.startswith(".")]  # temp and partial files are not outputs
         return files

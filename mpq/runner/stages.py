@@ -143,7 +143,6 @@ STAGES: dict[str, Stage] = {
                 "search",
                 "quant.bits",
                 "quant.weight",
-                "quant.weight_formats",
                 "quant.split_shortcut",
                 "quant.act.bos_aware",
                 "groups",

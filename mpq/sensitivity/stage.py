@@ -32,7 +32,7 @@ from mpq.models import torch_dtype
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.runner import distributed
 from mpq.runner.config import settings
-from mpq.runner.files import file_digest, read_json, write_json, write_yaml
+from mpq.runner.files import file_digest, read_json, write_json
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
 from mpq.runner.sharded import ShardedWork, signature
@@ -134,7 +134,7 @@ def compute_sensitivity(
                 f"({out} left empty; the search needs every layer: leave sensitivity.layers empty for a real run)",
                 flush=True,
             )
-            write_yaml(out, {})
+            write_sensitivity(out, {}, bits)
         return {}
     method = method or cfg.sensitivity.method
     if method not in METHODS:
