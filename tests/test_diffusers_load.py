@@ -185,6 +185,7 @@ def test_bad_folders_fail_as_load_denoiser_does(sdxl_export, tmp_path):
         "written by an older mpq": dict(edit_config=lambda q: (q.update(format="mpq-packed/1"), set_w_bits(q, 3))),
         f"layer '{layer}' field 'w_bits' was changed after export": dict(edit_config=set_w_bits),
         "checksum mismatch": dict(edit_tensors=flip),
+        "no 'layers' mapping": dict(edit_config=lambda q: q.pop("layers")),
     }
     for i, (message, edit) in enumerate(cases.items()):
         folder = tmp_path / str(i)

@@ -343,6 +343,11 @@ def check_qconfig(qconfig: Any, cfg_path: Path) -> None:
     odd widths, an unknown format)."""
     if not qconfig or qconfig.get("quant_method") != "mpq":
         raise MpqError(f"{cfg_path} has no mpq quantization_config; it is not an `mpq export --format mpq` folder")
+    if not isinstance(qconfig.get("layers"), dict):
+        raise MpqError(
+            f"{cfg_path}: quantization_config has no 'layers' mapping (each quantized layer's spec); restore it or "
+            "re-export with `mpq export`"
+        )
     odd = [
         p
         for p, spec in qconfig.get("layers", {}).items()
