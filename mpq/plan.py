@@ -30,7 +30,7 @@ import yaml
 
 from mpq.errors import MpqError
 from mpq.quant.formats import KNOWN, Key, weight_key
-from mpq.runner.files import read_yaml, write_layer_list, write_yaml
+from mpq.runner.files import FORMATS_SUFFIX, formats_twin, read_yaml, write_layer_list, write_yaml
 
 if TYPE_CHECKING:
     from mpq.runner.rundir import RunDir
@@ -114,7 +114,7 @@ def final_plan(run: RunDir) -> BitPlan:
     """The selected plan of a run (MixDQ's files ``selection/final_{weight,act}.yaml``, ``final_act_protect.pt``),
     exactly as selection ran it."""
     hint = f"run `mpq select --base_path {run.root}` first"
-    weight = run.final_weight if run.final_weight.is_file() else formats_path(run.final_weight)
+    weight = run.final_weight if run.final_weight.is_file() else formats_twin(run.final_weight)
     plan = BitPlan(read_plan(run.require(weight, hint)), read_plan(run.require(run.final_act, hint)))
     return plan.protect(read_layer_list(run.final_protect)) if run.final_protect.is_file() else plan
 
@@ -149,26 +149,21 @@ def plan_from_args(
 
 
 # ----------------------------------------------------------------------------- MixDQ plan files
-FORMATS_SUFFIX = ".formats.yaml"
-
-
-def formats_path(path: str | Path) -> Path:
-    """Where a plan with formats is written instead of ``path`` (``x.yaml`` -> ``x.formats.yaml``)."""
-    p = Path(path)
-    return p if p.name.endswith(FORMATS_SUFFIX) else p.with_name(p.name.removesuffix(".yaml") + FORMATS_SUFFIX)
+def _has_formats(plan: Mapping[str, Key]) -> bool:
+    return any(isinstance(v, str) for v in plan.values())
 
 
 def plan_file_name(stem: str, plan: Mapping[str, Key]) -> str:
     """A plan's file name: ``<stem>.yaml`` (MixDQ's) for integer bits only, ``<stem>.formats.yaml`` with formats."""
-    return stem + (FORMATS_SUFFIX if any(isinstance(v, str) for v in plan.values()) else ".yaml")
+    return stem + (FORMATS_SUFFIX if _has_formats(plan) else ".yaml")
 
 
 def read_plan(path: str | Path) -> dict[str, Key]:
     """Read a plan yaml: {layer: bits} (MixDQ's), or with format names (``.formats.yaml``; read in its place when
     ``path`` is missing)."""
     p = Path(path)
-    if not p.is_file() and formats_path(p).is_file():
-        p = formats_path(p)
+    if not p.is_file() and formats_twin(p).is_file():
+        p = formats_twin(p)
     data = read_yaml(p)
     if not isinstance(data, dict) or not data:
         raise MpqError(
@@ -193,12 +188,11 @@ def read_plan(path: str | Path) -> dict[str, Key]:
 
 
 def write_plan(path: str | Path, plan: Mapping[str, Key]) -> Path:
-    """Write a plan: at ``path`` with integer bits only (MixDQ's file), else at :func:`formats_path`; the other
+    """Write a plan: at ``path`` with integer bits only (MixDQ's file), else at its ``.formats.yaml`` twin; the other
     variant of the name is removed (no stale twin). Returns the path written."""
     p = Path(path)
-    has_formats = any(isinstance(v, str) for v in plan.values())
     mixdq = p.with_name(p.name[: -len(FORMATS_SUFFIX)] + ".yaml") if p.name.endswith(FORMATS_SUFFIX) else p
-    target, other = (formats_path(p), mixdq) if has_formats else (mixdq, formats_path(p))
+    target, other = (formats_twin(p), mixdq) if _has_formats(plan) else (mixdq, formats_twin(p))
     write_yaml(target, {k: v if isinstance(v, str) else int(v) for k, v in plan.items()})
     if other != target and other.is_file():
         other.unlink()

@@ -37,9 +37,10 @@ from mpq.quant.formats import (
 from mpq.quant.model import PREFIX
 from mpq.runner.cli import main
 from mpq.runner.config import load_config, settings
+from mpq.runner.files import formats_twin
 from mpq.runner.rundir import RunDir
 from mpq.runner.stages import STAGES
-from mpq.search.mixdq_files import formats_file, read_sensitivity
+from mpq.search.mixdq_files import read_sensitivity
 from mpq.search.program import Problem, solve_mpq
 
 FORMATS = ["nf7", "nf12", "nf16", "nf24", "nf32", "fp8", "int4-asym-g64", "int3-sym-channel"]
@@ -212,8 +213,8 @@ def test_one_ptq_pass_scores_searches_and_selects_formats(format_run):
     mixdq = read_sensitivity(run.sensitivity_file("weight", "sqnr"), 2)  # MixDQ's file: two integers a layer
     cands = [4, 8, "nf12", "nf24"]
     full = read_sensitivity(run.sensitivity_file("weight", "sqnr"), cands)
-    assert formats_file(run.sensitivity_file("weight", "sqnr")).is_file()
-    assert not formats_file(run.sensitivity_file("act", "sqnr")).exists()
+    assert formats_twin(run.sensitivity_file("weight", "sqnr")).is_file()
+    assert not formats_twin(run.sensitivity_file("act", "sqnr")).exists()
     for name, row in full.items():
         assert row[:2] == mixdq[name]
     # more levels, less error: the scores order as the formats' precision (summed over layers: robust to noise)

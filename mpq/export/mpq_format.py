@@ -195,13 +195,13 @@ _ST_DTYPES = {
 
 def weight_bytes_of(tensors: Mapping[str, torch.Tensor], layer_paths: list[str]) -> int:
     """Bytes of the quantizable layers' weights in an export (packed ints + scales, or the FP weight): the
-    quantity the cost model prices."""
+    quantity the cost model prices; a weight format's parameters are its ``wf_*`` tensors."""
+    paths = set(layer_paths)
     total = 0
-    for path in layer_paths:
-        for leaf in ("qweight", "w_scale", "w_offset", "weight", "wf_ratio", "wf_smax", "wf_scale", "wf_offset"):
-            t = tensors.get(f"{path}.{leaf}")
-            if t is not None:
-                total += t.numel() * t.element_size()
+    for key, t in tensors.items():
+        owner, _, leaf = key.rpartition(".")
+        if owner in paths and (leaf in ("qweight", "w_scale", "w_offset", "weight") or leaf.startswith("wf_")):
+            total += t.numel() * t.element_size()
     return total
 
 
@@ -429,23 +429,22 @@ def load_denoiser(
 KEEP_FP32 = (
     "w_scale",
     "w_offset",
-    "wf_smax",
-    "wf_scale",
-    "wf_offset",
     "a_scale",
     "a_zero",
     "bos_in",
     "bos_out",
-)  # quant params: exact dequantization in any dtype
+)  # quant params (and every weight format's ``wf_*``): exact dequantization in any dtype
 
 
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:
     """Floating tensors to ``dtype``, except the packed layers' quant params."""
     for module in model.modules():
-        keep = KEEP_FP32 if isinstance(module, PackedLayer) else ()
+        packed = isinstance(module, PackedLayer)
         for store in (module._parameters, module._buffers):
             for leaf, t in store.items():
-                if t is not None and t.is_floating_point() and t.dtype != dtype and leaf not in keep:
+                if packed and (leaf in KEEP_FP32 or leaf.startswith("wf_")):
+                    continue
+                if t is not None and t.is_floating_point() and t.dtype != dtype:
                     store[leaf] = (
                         nn.Parameter(t.to(dtype), requires_grad=False) if isinstance(t, nn.Parameter) else t.to(dtype)
                     )

@@ -92,10 +92,11 @@ class PackedSpec:
             b = d[key]
             if key == "w_bits" and isinstance(b, str):
                 try:
-                    if parse_format(b).name != b:
-                        raise MpqError(f"not the canonical name {parse_format(b).name!r}")
+                    canonical = parse_format(b).name
                 except MpqError as err:
                     raise bad(key, f"not a weight format ({err})") from None
+                if canonical != b:
+                    raise bad(key, f"not a weight format (not the canonical name {canonical!r})")
             elif b is not None and not (isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BITS):
                 raise bad(
                     key,

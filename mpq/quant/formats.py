@@ -379,13 +379,3 @@ def weight_key(value: object) -> Key:
 def nominal_bits(key: Key) -> float:
     """The code bits a weight of ``key`` (what average bits count): the width of an int, log2(k) of ``nf<k>``."""
     return float(key) if isinstance(key, int) else parse_format(key).nominal_bits
-
-
-def key_label(key: Key | None) -> str:
-    """How tables show a key: ``4``, ``nf12``, ``FP``."""
-    return "FP" if key is None else str(key)
-
-
-def sort_keys(keys: Sequence[Key]) -> list[Key]:
-    """Keys by nominal bits, integers first at a tie."""
-    return sorted(keys, key=lambda k: (nominal_bits(k), isinstance(k, str), str(k)))

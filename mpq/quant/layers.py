@@ -201,9 +201,9 @@ class QuantLayer:
         params = grouped_qparams(self.weight, self.bits, self.wq, self.in_split)
         for k, b in enumerate(self.bits):
             self.w_scale[k], self.w_offset[k] = params[b]
-        for fmt in self.formats.values():
+        for slug, fmt in {f.slug: f for f in self.formats.values()}.items():  # every nf<k> shares one set
             for param, t in fmt.calibrate(self.weight, self.in_split).items():
-                self._buffers[f"wf_{fmt.slug}_{param}"].copy_(t)
+                self._buffers[f"wf_{slug}_{param}"].copy_(t)
         self._wcache = {}
 
     def observe(self, x: torch.Tensor) -> None:

@@ -65,6 +65,19 @@ def write_with(path: str | os.PathLike[str], writer: Callable[[Path], None]) -> 
         writer(tmp)
 
 
+FORMATS_SUFFIX = ".formats.yaml"
+
+
+def formats_twin(path: str | Path) -> Path:
+    """``x.formats.yaml`` for ``x.yaml``: where a plan with weight formats is written instead of ``x.yaml``, and the
+    formats' sensitivity scores beside ``x.yaml`` (``mpq.plan``, ``mpq.search.mixdq_files``); a path already so
+    named, or not a ``.yaml``, is itself."""
+    p = Path(path)
+    if p.name.endswith(FORMATS_SUFFIX) or p.suffix != ".yaml":
+        return p
+    return p.with_name(p.name.removesuffix(".yaml") + FORMATS_SUFFIX)
+
+
 def write_yaml(path: str | os.PathLike[str], data: Any) -> None:
     write_text(path, yaml.safe_dump(data, sort_keys=False, default_flow_style=False))
 

@@ -22,7 +22,7 @@ from omegaconf import DictConfig
 
 from mpq.errors import MpqError
 from mpq.runner.config import config_from_yaml_text, load_config, to_yaml
-from mpq.runner.files import file_digest, write_json, write_text
+from mpq.runner.files import file_digest, formats_twin, write_json, write_text
 
 
 @dataclass(frozen=True)
@@ -186,7 +186,7 @@ class RunDir:
             found = (
                 sorted(f for f in path.rglob("*") if f.is_file())
                 if path.is_dir()
-                else [f for f in dict.fromkeys((path, _formats_twin(path))) if f.is_file()]
+                else [f for f in dict.fromkeys((path, formats_twin(path))) if f.is_file()]
             )
             files += [f for f in found if not f.name.startswith(".")]  # temp and partial files are not outputs
         return files
@@ -209,7 +209,7 @@ class RunDir:
         no stage of this run made them: put there by hand); ``stale`` (its config keys or an upstream stage changed
         since, or the stamp is from an older mpq); ``changed`` (an output's content differs from what it wrote)."""
         p = self._stamp_path(stage.name)
-        if not all((self.root / o).exists() or _formats_twin(self.root / o).is_file() for o in stage.outputs):
+        if not all((self.root / o).exists() or formats_twin(self.root / o).is_file() for o in stage.outputs):
             return "missing"
         if not p.is_file():
             return "unstamped"
@@ -299,9 +299,3 @@ class RunDir:
             yield
         finally:
             f.close()  # closing releases the lock
-
-
-def _formats_twin(path: Path) -> Path:
-    """``x.formats.yaml`` beside an output ``x.yaml``: a plan with weight formats is written there instead, and the
-    formats' sensitivity scores beside the file (:mod:`mpq.plan`, :mod:`mpq.search.mixdq_files`)."""
-    return path.with_name(path.name.removesuffix(".yaml") + ".formats.yaml") if path.suffix == ".yaml" else path

@@ -17,20 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from mpq.errors import MpqError
-from mpq.runner.files import read_yaml, write_yaml
+from mpq.runner.files import formats_twin, read_yaml, write_yaml
 
 MAX_SQNR_DB = 150.0  # +inf SQNR (a bit-exact layer) is clipped here: fp32 carries ~150 dB
 
 
-def formats_file(path: str | Path) -> Path:
-    """Where the weight formats' scores of sensitivity file ``path`` live."""
-    p = Path(path)
-    return p.with_name(p.name.removesuffix(".yaml") + ".formats.yaml")
-
-
 def read_sensitivity(path: str | Path, cands: int | Sequence[Any]) -> dict[str, list[float]]:
     """A sensitivity file: {layer: [metric at each candidate]}. ``cands``: the candidates (integer bits first, then
-    format names, read from :func:`formats_file`), or just how many integer bits (MixDQ's file alone)."""
+    format names, read from its ``.formats.yaml`` twin), or just how many integer bits (MixDQ's file alone)."""
     if isinstance(cands, int):
         return _read_mixdq(path, cands)
     ints = [c for c in cands if isinstance(c, int)]
@@ -38,7 +32,7 @@ def read_sensitivity(path: str | Path, cands: int | Sequence[Any]) -> dict[str, 
     out = _read_mixdq(path, len(ints))
     if not names or not out:
         return out
-    side = formats_file(path)
+    side = formats_twin(path)
     fix = f"delete {path} and re-run `mpq sensitivity`"
     data = read_yaml(side) if side.is_file() else None
     if not isinstance(data, dict):
@@ -48,23 +42,17 @@ def read_sensitivity(path: str | Path, cands: int | Sequence[Any]) -> dict[str, 
         if not isinstance(row, dict) or any(f not in row for f in names):
             missing = next((f for f in names if not isinstance(row, dict) or f not in row), names[0])
             raise MpqError(f"{side}: layer '{name}' has no score for format {missing}; {fix}")
-        try:
-            vals = [float(row[f]) for f in names]
-        except (TypeError, ValueError):
-            raise MpqError(f"{side}: layer '{name}' has non-numeric values {row!r}; {fix}") from None
-        if any(math.isnan(v) or v == -math.inf for v in vals):
-            raise MpqError(f"{side}: layer '{name}' has values {row!r}; {fix}")
-        out[name] = out[name] + [min(v, MAX_SQNR_DB) for v in vals]
+        out[name] = out[name] + _scores([row[f] for f in names], f"{side}: layer '{name}'", row, fix, fix)
     return out
 
 
 def write_sensitivity(path: str | Path, values: Mapping[str, list[float]], cands: Sequence[Any]) -> None:
     """Write scores of ``cands`` (integer bits first, then formats): MixDQ's file for the bits, the formats' scores in
-    :func:`formats_file` (removed when there are none)."""
+    its ``.formats.yaml`` twin (removed when there are none)."""
     n = sum(isinstance(c, int) for c in cands)
     names = [str(c) for c in cands[n:]]
     write_yaml(path, {k: list(v[:n]) for k, v in values.items()})
-    side = formats_file(path)
+    side = formats_twin(path)
     if names:
         write_yaml(side, {k: dict(zip(names, v[n:])) for k, v in values.items()})
     elif side.is_file():
@@ -86,17 +74,26 @@ def _read_mixdq(path: str | Path, n_bits: int) -> dict[str, list[float]]:
                 f"{path}: layer '{name}' has {values!r}; expected a list of {n_bits} values (one per candidate bit); "
                 "fix it, or delete it and re-run `mpq sensitivity`"
             )
-        try:
-            vals = [float(v) for v in values]
-        except (TypeError, ValueError):
-            raise MpqError(
-                f"{path}: layer '{name}' has non-numeric values {values!r}; fix it, or delete it and re-run `mpq "
-                "sensitivity`"
-            ) from None
-        if any(math.isnan(v) or v == -math.inf for v in vals):
-            raise MpqError(f"{path}: layer '{name}' has values {values!r}; re-run the sensitivity stage")
-        out[str(name)] = [min(v, MAX_SQNR_DB) for v in vals]
+        out[str(name)] = _scores(
+            values,
+            f"{path}: layer '{name}'",
+            values,
+            "fix it, or delete it and re-run `mpq sensitivity`",
+            "re-run the sensitivity stage",
+        )
     return out
+
+
+def _scores(raw: list[Any], where: str, shown: Any, fix_type: str, fix_value: str) -> list[float]:
+    """Scores as numbers, +inf SQNR clipped to :data:`MAX_SQNR_DB`; a non-numeric, NaN or -inf one is a one-line
+    error (``where`` has ``shown``; ``fix_type`` / ``fix_value`` say what to do)."""
+    try:
+        vals = [float(v) for v in raw]
+    except (TypeError, ValueError):
+        raise MpqError(f"{where} has non-numeric values {shown!r}; {fix_type}") from None
+    if any(math.isnan(v) or v == -math.inf for v in vals):
+        raise MpqError(f"{where} has values {shown!r}; {fix_value}")
+    return [min(v, MAX_SQNR_DB) for v in vals]
 
 
 def read_ratio_file(path: str | Path, names: Iterable[str]) -> dict[str, float]:
