@@ -41,5 +41,5 @@ setup(
         "test": ["pytest>=7", "torchao>=0.14,<0.19", "ruff>=0.6"],
         "peers": ["sdnq==0.2.8"],  # benchmarks/bench_peers.py (depends on torch unpinned: keeps the installed one)
     },
-    entry_points={"console_scripts": ["mpq=mpq.runner.cli:main_entry"]},
+    entry_points={"console_scripts": ["mpq=mpq.commands.main:main_entry"]},
 )

@@ -20,6 +20,7 @@ import torch
 
 from mpq.calibration.ptq import prepare
 from mpq.calibration.record import CalibData
+from mpq.commands.main import main as mpq_main
 from mpq.cost import CostModel
 from mpq.images import PromptEmbeddings, generate, to_array
 from mpq.layers import describe
@@ -29,7 +30,6 @@ from mpq.plan import BitPlan
 from mpq.prompts import read_prompts
 from mpq.quant.model import QuantModel
 from mpq.quant.quantizer import WeightQuant
-from mpq.runner.cli import main as mpq_main
 from mpq.runner.config import load_config
 from mpq.runner.rundir import RunDir
 

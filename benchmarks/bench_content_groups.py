@@ -20,12 +20,12 @@ from typing import Any
 import numpy as np
 
 from mpq.calibration.checkpoint import quantized_pipeline
+from mpq.commands.main import main as mpq_main
 from mpq.images import generate, to_array
 from mpq.layers import CONTENT, assign_groups
 from mpq.metrics import image_mse
 from mpq.plan import BitPlan, read_plan
 from mpq.report.evaluate import eval_set, score_images
-from mpq.runner.cli import main as mpq_main
 from mpq.runner.files import read_records, write_with
 from mpq.runner.rundir import RunDir
 from mpq.selection import BudgetBest

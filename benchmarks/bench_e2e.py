@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from mpq.runner.cli import main as mpq_main
+from mpq.commands.main import main as mpq_main
 
 STAGES = ("calib", "ptq", "sensitivity", "search", "select", "final", "report")
 

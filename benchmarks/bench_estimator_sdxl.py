@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
+from mpq.commands.main import _quiet_libraries
 from mpq.layers import CONTENT, assign_groups
 from mpq.models import load_arch
 from mpq.quant.model import QuantModel
 from mpq.quant.quantizer import WeightQuant
-from mpq.runner.cli import _quiet_libraries
 from mpq.runner.config import load_config
 from mpq.sensitivity.estimators import fisher_batch
 

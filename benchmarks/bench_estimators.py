@@ -31,18 +31,17 @@ import numpy as np
 from scipy.stats import kendalltau, spearmanr
 
 from mpq.calibration.checkpoint import quantized_pipeline, read_manifest
+from mpq.commands.main import _quiet_libraries
+from mpq.commands.main import main as mpq_main
 from mpq.images import PromptEmbeddings, generate, to_array
-from mpq.layers import KINDS
 from mpq.metrics import image_mse, paired_bootstrap_ratio
 from mpq.plan import BitPlan, final_plan, read_plan
 from mpq.prompts import cycle, read_prompts
-from mpq.runner.cli import _quiet_libraries
-from mpq.runner.cli import main as mpq_main
+from mpq.runner.choices import KINDS, METRICS
 from mpq.runner.config import load_config
 from mpq.runner.files import read_csv, write_json
 from mpq.runner.rundir import RunDir
 from mpq.search.mixdq_files import MAX_SQNR_DB, read_sensitivity
-from mpq.sensitivity import METRICS
 from mpq.sensitivity.stage import compute_sensitivity, read_back
 from mpq.shapes.judge import adherence
 

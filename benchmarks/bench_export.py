@@ -59,10 +59,10 @@ def file_bytes(tensors: dict[str, torch.Tensor], folder: Path, name: str) -> int
 # ----------------------------------------------------------------------------- embedded model
 def tiny_tables(base_path: str | None, repeats: int) -> None:
     from mpq.calibration.checkpoint import quantized_pipeline
+    from mpq.commands.stages import Context, run_through
     from mpq.export.torchao_format import apply_torchao, torchao_plan
     from mpq.plan import final_plan
     from mpq.runner.rundir import RunDir
-    from mpq.runner.stages import Context, run_through
 
     cfg = load_config("tiny-sdxl", ["model.device=cpu"])
     run = RunDir(base_path or Path("outputs") / cfg.name)

@@ -30,7 +30,7 @@ TINY = ("tiny-sdxl-random", "tiny-pixart-random", "tiny-sd3-random", "tiny-flux-
 REAL = ("sd15", "sdxl-base", "sdxl-turbo", "pixart-sigma", "sd35-medium", "flux-schnell")
 CHILD = (
     "import resource, sys\n"
-    "from mpq.runner.cli import main\n"
+    "from mpq.commands.main import main\n"
     "rc = main(sys.argv[1:])\n"
     "print('PEAK_RSS_KB', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, file=sys.stderr)\n"
     "sys.exit(rc)\n"

@@ -46,12 +46,12 @@ from _imagebench import ImageBench  # noqa: E402
 from bench_peers import sdnq_bytes, sdnq_quantize  # noqa: E402
 
 from mpq.calibration.checkpoint import load_checkpoint  # noqa: E402
+from mpq.commands.main import main as mpq_main  # noqa: E402
 from mpq.cost import CostModel  # noqa: E402
 from mpq.metrics import paired_bootstrap_ratio  # noqa: E402
 from mpq.plan import BitPlan, read_plan  # noqa: E402
 from mpq.quant.formats import parse_format  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
-from mpq.runner.cli import main as mpq_main  # noqa: E402
 from mpq.runner.files import read_records  # noqa: E402
 from mpq.runner.rundir import RunDir  # noqa: E402
 from mpq.selection import BudgetBest  # noqa: E402

@@ -48,11 +48,11 @@ os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 from _imagebench import ImageBench  # noqa: E402
 
 from mpq.calibration.checkpoint import load_checkpoint  # noqa: E402
+from mpq.commands.main import main as mpq_main  # noqa: E402
 from mpq.metrics import paired_bootstrap_ratio  # noqa: E402
 from mpq.plan import BitPlan, read_plan  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
 from mpq.report.plots import plot_peers  # noqa: E402
-from mpq.runner.cli import main as mpq_main  # noqa: E402
 from mpq.runner.rundir import RunDir  # noqa: E402
 from mpq.selection import read_scores  # noqa: E402
 

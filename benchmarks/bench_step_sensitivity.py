@@ -20,8 +20,8 @@ import torch
 
 from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.calibration.record import CalibData
+from mpq.commands.main import main as mpq_main
 from mpq.models import torch_dtype
-from mpq.runner.cli import main as mpq_main
 from mpq.runner.files import write_with
 from mpq.runner.rundir import RunDir
 from mpq.sensitivity.per_step import per_step_sqnr, step_agreement

@@ -21,11 +21,11 @@ from typing import Any
 import numpy as np
 
 from mpq.calibration.checkpoint import read_manifest
+from mpq.commands.main import _quiet_libraries
+from mpq.commands.main import main as mpq_main
 from mpq.plan import BitPlan, final_plan
 from mpq.prompts import cycle, read_prompts
 from mpq.report.plots import plot_trace_components, plot_trace_layers
-from mpq.runner.cli import _quiet_libraries
-from mpq.runner.cli import main as mpq_main
 from mpq.runner.config import load_config
 from mpq.runner.files import write_json
 from mpq.runner.rundir import RunDir

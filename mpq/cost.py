@@ -17,7 +17,7 @@ from typing import Any
 
 from mpq.layers import GROUPS, LayerInfo
 from mpq.plan import BitPlan
-from mpq.quant.formats import Key, nominal_bits, parse_format
+from mpq.quant.formats import Format, Key, nominal_bits, resolve
 from mpq.quant.quantizer import WeightQuant
 
 
@@ -96,16 +96,16 @@ class CostModel:
         fp = cfg.search.fp_bytes or torch_dtype(cfg.model.dtype).itemsize
         return cls(int(cfg.search.scale_bytes), int(fp), WeightQuant.from_config(cfg.quant.weight))
 
-    def weight_params(self, info: LayerInfo) -> int:
-        """Stored weight-quantizer parameters of a quantized layer (the export's ``w_scale`` and ``w_offset``)."""
-        return self.wq.n_params(info.shape, info.in_split)
+    def format(self, key: Key) -> Format:
+        """The format a weight key stands for here (a width: this cost model's weight quantizer ``wq``)."""
+        return resolve(key, self.wq)
 
     def weight_bytes(self, info: LayerInfo, bits: Key | None) -> float:
-        """Bytes of the layer's weight at ``bits`` (or in the format it names: codes and parameters, exactly as
-        export stores them)."""
-        if isinstance(bits, str):
-            return parse_format(bits).stored_bytes(info.shape, info.in_split, self.scale_bytes)
-        return weight_bytes(info.weight_numel, self.weight_params(info), bits, self.scale_bytes, self.fp_bytes)
+        """Bytes of the layer's weight at ``bits`` (a width or a format: codes and parameters, exactly as export
+        stores them; scales at ``scale_bytes``), or FP (``bits`` None, ``fp_bytes`` an element)."""
+        if bits is None:
+            return weight_bytes(info.weight_numel, 0, None, self.scale_bytes, self.fp_bytes)
+        return self.format(bits).stored_bytes(info.shape, info.in_split, self.scale_bytes)
 
     def act_bytes(self, info: LayerInfo, bits: int | None) -> float:
         return act_bytes(info.act_numel, bits, self.scale_bytes, self.fp_bytes, info.n_parts, info.bos_numel)

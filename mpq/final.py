@@ -1,8 +1,9 @@
-"""The final stage and ``mpq infer``: a run's pipeline with a plan applied (fake-quant), images out."""
+"""The final stage and ``mpq infer``'s work: a run's pipeline with a plan applied (fake-quant), images out."""
 
 from __future__ import annotations
 
 import shutil
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,8 +11,8 @@ import numpy as np
 from omegaconf import DictConfig
 from PIL import Image
 
-from mpq.calibration.checkpoint import manifest_formats, quantized_pipeline, read_manifest
-from mpq.calibration.record import calib_prompts
+from mpq.calibration.checkpoint import manifest_formats, quantized_pipeline
+from mpq.calibration.record import calib_prompts, read_meta, reference_mismatch
 from mpq.images import generate, load_images, save_images, to_array
 from mpq.metrics import image_mse
 from mpq.plan import BitPlan, final_plan, plan_from_args
@@ -36,20 +37,27 @@ def run_infer(
             qm.names, manifest["bits"], cfg.infer.weight_bits, cfg.infer.act_bits, formats=manifest_formats(manifest)
         )
     qm.apply(plan)
+    mismatch: list[str] = []
     if prompts:
         chosen = [prompts[i % len(prompts)] for i in range(num_images)]
         seeds = [cfg.sampling.seed + i for i in range(num_images)]
     else:
-        all_prompts, all_seeds = calib_prompts(run)
-        chosen, seeds = all_prompts[:num_images], all_seeds[:num_images]
+        chosen, seeds = calib_prompts(run, num_images, "the number of images (--num_imgs / infer.num_images)")
+        mismatch = reference_mismatch(read_meta(run), cfg)
     try:
         images: list[Image.Image] = generate(pipe, chosen, seeds, cfg, desc="generating")
     finally:
         qm.set_fp()
     paths = save_images(images, outdir)
     result: dict[str, Any] = {"images": paths, "outdir": outdir, "plan": plan, "mse": None}
-    if not prompts:
-        refs = [run.fp_images / f"{i:04d}.png" for i in range(len(images))]
+    if mismatch:
+        print(
+            f"mpq: note: no MSE against the FP images: they were made with other sampling ({'; '.join(mismatch)}); "
+            f"`mpq calib --base_path {run.root} --force` with these settings re-makes them",
+            file=sys.stderr,
+        )
+    elif not prompts:
+        refs = [run.fp_image(i) for i in range(len(images))]
         if all(p.is_file() for p in refs):
             result["mse"] = float(np.mean(image_mse(to_array(images), to_array(load_images(refs)))))
     return result
@@ -60,18 +68,3 @@ def run_final(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str
     plan = final_plan(run)
     shutil.rmtree(run.generated_images, ignore_errors=True)
     return run_infer(cfg, run, plan, run.generated_images, cfg.infer.num_images, pipe=pipe)
-
-
-def plan_from_options(cfg: DictConfig, run: RunDir, options: dict[str, Any] | None) -> BitPlan | None:
-    """The plan given on the command line (``mpq infer``, ``mpq export``: uniform bits or MixDQ files), validated
-    against the run's checkpoint; ``None`` when no plan option is given (``options`` None)."""
-    if options is None:
-        return None
-    manifest = read_manifest(run.require(run.ckpt, f"run `mpq ptq --base_path {run.root}` first"))
-    return plan_from_args(
-        [e["name"] for e in manifest["layers"]],
-        manifest["bits"],
-        **options,
-        protect_weights=cfg.search.protect_weights,
-        formats=manifest_formats(manifest),
-    )

@@ -64,8 +64,11 @@ def generate(
     """Generate one image per (prompt, seed). ``output_type='np'`` gives float arrays in [0, 1]; ``text``: reuse
     prompt embeddings encoded once (same images)."""
     from mpq.families import family_of
+    from mpq.prompts import note_truncated
 
     batch_size = batch_size or cfg.sampling.batch_size
+    if text is None:
+        note_truncated(pipe, prompts, cfg.sampling.max_sequence_length)
     extra = family_of(pipe).call_kwargs(pipe, cfg.sampling.max_sequence_length)
     out: list[Any] = []
     starts = range(0, len(prompts), batch_size)

@@ -16,11 +16,12 @@ from __future__ import annotations
 import csv
 import io
 import math
-import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
+
+from mpq.runner.patterns import compile_pattern, deadline
 
 if TYPE_CHECKING:
     from omegaconf import DictConfig
@@ -30,14 +31,13 @@ if TYPE_CHECKING:
 CONTENT = "content"
 QUALITY = "quality"
 GROUPS = (CONTENT, QUALITY)
-KINDS = ("weight", "act")  # what a plan quantizes: a layer's weights, or its input activations
 
 
 # ----------------------------------------------------------------------------- groups
 def pattern_matches(pattern: str, name: str) -> bool:
     """``re:<regex>`` searches the name; a plain pattern must equal one dotted part."""
     if pattern.startswith("re:"):
-        return re.search(pattern[3:], name) is not None
+        return compile_pattern(pattern[3:], "groups.content pattern").search(name) is not None
     return pattern in name.split(".")
 
 
@@ -55,11 +55,11 @@ def group_of(name: str, content_patterns: Sequence[str]) -> str:
 def assign_groups(names: Iterable[str], content_patterns: Sequence[str], warn: bool = True) -> dict[str, str]:
     """{layer: group}; warns once for each pattern that matches no layer."""
     names = list(names)
-    groups = {n: group_of(n, content_patterns) for n in names}
-    if warn:
-        for p in content_patterns:
-            if not any(pattern_matches(p, n) for n in names):
-                warnings.warn(f"content-group pattern '{p}' matches no layer of this model", stacklevel=2)
+    with deadline(f"groups.content {list(content_patterns)}"):
+        groups = {n: group_of(n, content_patterns) for n in names}
+        unmatched = [p for p in content_patterns if not any(pattern_matches(p, n) for n in names)] if warn else []
+    for p in unmatched:
+        warnings.warn(f"content-group pattern '{p}' matches no layer of this model", stacklevel=2)
     return groups
 
 

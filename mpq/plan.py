@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING
 import yaml
 
 from mpq.errors import MpqError
-from mpq.quant.formats import KNOWN, Key, weight_key
+from mpq.quant.formats import FORMATS_KEY, Key, known_formats, resolve, weight_key
+from mpq.runner.choices import MAX_BITS, MIN_BITS
 from mpq.runner.files import FORMATS_SUFFIX, formats_twin, read_yaml, write_layer_list, write_yaml
 
 if TYPE_CHECKING:
@@ -91,8 +92,8 @@ class BitPlan:
 
     @property
     def formats(self) -> list[str]:
-        """The weight formats the plan uses besides integer bits (sorted)."""
-        return sorted({v for v in self.weight.values() if isinstance(v, str)})
+        """The weight formats the plan uses besides the checkpoint's integer bits (``quant.weight_formats``; sorted)."""
+        return sorted({str(v) for v in self.weight.values() if resolve(v).config_key == FORMATS_KEY})
 
     def validate(
         self, layer_names: Iterable[str], bits: Iterable[int], source: str = "plan", formats: Iterable[str] = ()
@@ -114,8 +115,8 @@ def final_plan(run: RunDir) -> BitPlan:
     """The selected plan of a run (MixDQ's files ``selection/final_{weight,act}.yaml``, ``final_act_protect.pt``),
     exactly as selection ran it."""
     hint = f"run `mpq select --base_path {run.root}` first"
-    weight = run.final_weight if run.final_weight.is_file() else formats_twin(run.final_weight)
-    plan = BitPlan(read_plan(run.require(weight, hint)), read_plan(run.require(run.final_act, hint)))
+    weight, act = (run.require(plan_file(p), hint) for p in (run.final_weight, run.final_act))
+    plan = BitPlan(read_plan(weight), read_plan(act))
     return plan.protect(read_layer_list(run.final_protect)) if run.final_protect.is_file() else plan
 
 
@@ -137,8 +138,8 @@ def plan_from_args(
     for kind, b, known in (("weight", weight_bits, [*bits, *formats]), ("activation", act_bits, list(bits))):
         if b is not None and b not in known:
             raise MpqError(
-                f"uniform {kind} bits {b} were not calibrated (checkpoint has {known}); re-run ptq with quant.bits "
-                "or quant.weight_formats including it"
+                f"uniform {kind} bits {b} were not calibrated (checkpoint has {known}); "
+                + _calibrate_hint(b, f"--{kind.removesuffix('ivation')}-bits fp")
             )
     uniform = BitPlan.uniform(names, weight_bits, act_bits)
     files = BitPlan.load(weight_plan, act_plan)
@@ -161,9 +162,7 @@ def plan_file_name(stem: str, plan: Mapping[str, Key]) -> str:
 def read_plan(path: str | Path) -> dict[str, Key]:
     """Read a plan yaml: {layer: bits} (MixDQ's), or with format names (``.formats.yaml``; read in its place when
     ``path`` is missing)."""
-    p = Path(path)
-    if not p.is_file() and formats_twin(p).is_file():
-        p = formats_twin(p)
+    p = plan_file(path)
     data = read_yaml(p)
     if not isinstance(data, dict) or not data:
         raise MpqError(
@@ -178,13 +177,20 @@ def read_plan(path: str | Path) -> dict[str, Key]:
             except MpqError:
                 ok = False
         if not ok:
-            what = f"integers or weight formats ({KNOWN})" if p.name.endswith(FORMATS_SUFFIX) else "integers"
+            what = f"integers or weight formats ({known_formats()})" if p.name.endswith(FORMATS_SUFFIX) else "integers"
             raise MpqError(
                 f"{p}: layer '{k}' has bits {v!r}; bits must be {what}: fix the file, or delete it and re-run the "
                 "stage that wrote it"
             )
         out[str(k)] = v
     return out
+
+
+def plan_file(path: str | Path) -> Path:
+    """The file a plan written at ``path`` (by :func:`write_plan`) is in: MixDQ's name, or its ``.formats.yaml``
+    twin when only that exists (a missing plan keeps MixDQ's name, for the message)."""
+    p = Path(path)
+    return formats_twin(p) if not p.is_file() and formats_twin(p).is_file() else p
 
 
 def write_plan(path: str | Path, plan: Mapping[str, Key]) -> Path:
@@ -210,11 +216,18 @@ def validate_plan(plan: Mapping[str, Key], layer_names: Iterable[str], bits: Ite
                 "the names"
             )
         if b not in allowed:
-            key = "quant.weight_formats" if isinstance(b, str) else "quant.bits"
             raise MpqError(
-                f"{source}: layer '{name}' asks for {b} bits, but the checkpoint calibrated only {allowed}; re-run ptq "
-                f"with {key} including {b}"
+                f"{source}: layer '{name}' asks for {b} bits, but the checkpoint calibrated only {allowed}; "
+                + _calibrate_hint(b, "leave the layer out of the plan file")
             )
+
+
+def _calibrate_hint(b: Key, keep_fp: str) -> str:
+    """How to get ``b``: a width outside what the quantizer stores cannot be calibrated, floating point is asked
+    for otherwise; anything else is calibrated by PTQ with its config key."""
+    if isinstance(b, int) and not MIN_BITS <= b <= MAX_BITS:
+        return f"integer widths are {MIN_BITS}..{MAX_BITS}; to keep layers floating point, {keep_fp}"
+    return f"re-run ptq with {resolve(b).config_key} including {b}"
 
 
 def read_layer_list(path: str | Path) -> list[str]:

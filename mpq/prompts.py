@@ -10,8 +10,11 @@ Shipped lists:
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Sequence
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 from mpq.errors import MpqError
 
@@ -60,3 +63,35 @@ def read_prompts(spec: str | None, key: str = "calib.prompts_file") -> list[str]
 def cycle(prompts: list[str], n: int, seed: int) -> tuple[list[str], list[int]]:
     """``n`` prompts (cycled if the list is shorter) and their seeds ``seed + i``."""
     return [prompts[i % len(prompts)] for i in range(n)], [seed + i for i in range(n)]
+
+
+_NOTED: set[tuple[str, int]] = set()
+
+
+def note_truncated(pipe: Any, prompts: Sequence[str], max_sequence_length: int | None = None) -> list[str]:
+    """A note (stderr, once per prompt and limit in a process) for each prompt longer than a text encoder of
+    ``pipe`` reads: the tokenizer cuts it, and the image follows only its first tokens. Returns the notes."""
+    notes = []
+    for name in ("tokenizer", "tokenizer_2", "tokenizer_3"):
+        tok = getattr(pipe, name, None)
+        if tok is None or not callable(tok):
+            continue
+        limit = int(getattr(tok, "model_max_length", 0) or 0)
+        if name == "tokenizer_3" and max_sequence_length:
+            limit = int(max_sequence_length)
+        if not 0 < limit < 100_000:
+            continue
+        for prompt in prompts:
+            if (prompt, limit) in _NOTED:
+                continue
+            n = len(tok(prompt, truncation=False, add_special_tokens=True)["input_ids"])
+            if n > limit:
+                _NOTED.add((prompt, limit))
+                short = prompt if len(prompt) <= 40 else prompt[:37] + "..."
+                notes.append(
+                    f"mpq: note: the prompt '{short}' is {n:,} tokens; {name} reads the first {limit} and ignores "
+                    "the rest"
+                )
+    for note in notes:
+        print(note, file=sys.stderr)
+    return notes

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 import shutil
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,16 +30,16 @@ from omegaconf import DictConfig
 from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.errors import MpqError
 from mpq.images import PromptEmbeddings, generate, save_images
-from mpq.layers import KINDS
 from mpq.plan import BitPlan, write_plan
 from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, score_images
 from mpq.runner import distributed
-from mpq.runner.config import settings
+from mpq.runner.choices import KINDS
 from mpq.runner.files import file_digest, read_records, write_layer_list, write_records
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
-from mpq.runner.sharded import ShardedWork, signature
+from mpq.runner.sharded import ShardedWork, run_sharded, stage_signature
+from mpq.runner.specs import SELECT
 from mpq.search.candidates import Candidate, candidate_plans, read_candidates
 
 
@@ -157,7 +156,7 @@ def _as_data(plan: BitPlan | None) -> list[Any] | None:
 def _score_one(s: _Session, kind: str, name: str, plan: BitPlan) -> dict[str, float]:
     s.qm.apply(plan)
     generated = generate(s.pipe, s.prompts, s.seeds, s.cfg, text=s.text)
-    folder = s.run.selection / "images" / kind / Path(name).stem
+    folder = s.run.selection_images(kind, name)
     shutil.rmtree(folder, ignore_errors=True)
     save_images(generated, folder)
     scored = score_images(generated, s.refs, s.prompts)
@@ -179,22 +178,38 @@ def _score_kind(
     """Every ``kind`` candidate scored (this rank's share, resumed from partial files), merged, ranked best first, the
     best within ``limit`` bytes marked chosen; a score table finished with the same signature is read back unless
     ``force``."""
-    work = ShardedWork(
-        s.run.selection, f"{kind}_scores", sig, list(plans)
-    )  # every plan costs the same (the same images)
-    if not force and work.finished(s.run.scores(kind)):
-        done = read_scores(s.run.scores(kind))
-        if {r.plan_file for r in done} == set(plans):
-            return done
-    saved = work.resume()
-    if saved and work.d.is_main:
-        print(f"[select] {kind}: resuming, {len(saved)} of {len(plans)} plans already scored", flush=True)
-    todo = [f for f in work.mine if f not in work.state]
-    t0 = time.perf_counter()
-    for f in progress(todo, desc=f"select: {kind} candidates", unit="plan", disable=not show):
-        work.state[f] = _score_one(s, kind, f, _trial(kind, plans[f], weight, s.cfg.search.protect_weights))
-        work.save()
-    merged = work.collect(work.state, time.perf_counter() - t0, "plans", f"[select] {kind}")
+    table = s.run.scores(kind)
+    work = ShardedWork.of(table, sig, list(plans))  # every plan costs the same (the same images)
+
+    def compute() -> dict[str, dict[str, float]]:
+        todo = [f for f in work.mine if f not in work.state]
+        for f in progress(todo, desc=f"select: {kind} candidates", unit="plan", disable=not show):
+            work.state[f] = _score_one(s, kind, f, _trial(kind, plans[f], weight, s.cfg.search.protect_weights))
+            work.save()
+        return work.state
+
+    def read() -> list[Score] | None:
+        done = read_scores(table)
+        return done if {r.plan_file for r in done} == set(plans) else None
+
+    return run_sharded(
+        work,
+        table,
+        compute=compute,
+        result=lambda merged: ranked_scores(kind, list(plans), merged, rows, limit),
+        write=lambda ranked: write_scores(table, ranked),
+        read=read,
+        force=force,
+        resumed=lambda saved: f"[select] {kind}: resuming, {len(saved)} of {len(plans)} plans already scored",
+        label=f"[select] {kind}",
+        unit="plans",
+    )
+
+
+def ranked_scores(
+    kind: str, plan_files: list[str], merged: dict[str, dict[str, float]], rows: dict[str, Candidate], limit: float
+) -> list[Score]:
+    """The scores of ``plan_files`` ranked best first, the best within ``limit`` bytes marked chosen (pure)."""
     ranked = rank(
         [
             Score(
@@ -207,7 +222,7 @@ def _score_kind(
                 rows[f].avg_bits,
                 rows[f].bytes,
             )
-            for f in plans
+            for f in plan_files
         ]
     )
     chosen = best_within(ranked, limit)
@@ -218,9 +233,6 @@ def _score_kind(
             f"search.{kind}.target_bitwidth or re-run the search"
         )
     chosen.chosen = True
-    if work.d.is_main:
-        write_scores(s.run.scores(kind), ranked)
-    work.finish(s.run.scores(kind))
     return ranked
 
 
@@ -230,20 +242,14 @@ def run_selection(
     """Score every weight candidate (activations FP), then every act candidate on top of the chosen weight plan;
     write the final plan exactly as it ran."""
     pipe, qm, _ = quantized_pipeline(cfg, run, pipe)
-    images = calibration_set(run, cfg.select.num_images)
+    images = calibration_set(run, cfg.select.num_images, "select.num_images")
     n = len(images.prompts)
     table = run.require(run.candidate_table, f"run `mpq search --base_path {run.root}` first")
     rows = read_candidates(table)
     by_file = {r.plan_file: r for r in rows if r.feasible}
     session = _Session(cfg, run, pipe, qm, images.prompts, images.seeds, images.refs, PromptEmbeddings(pipe, cfg))
-    base = {
-        "n": n,
-        "seeds": images.seeds,
-        "ckpt": file_digest(run.ckpt),
-        "candidates": file_digest(table),
-        "protect_weights": cfg.search.protect_weights,
-        "sampling": settings(cfg, "sampling"),
-    }
+    # the inputs the scores depend on besides the stage's config keys (protect_weights, sampling, ...: SELECT's)
+    base = {"n": n, "seeds": images.seeds, "ckpt": file_digest(run.ckpt), "candidates": file_digest(table)}
     chosen: dict[str, Score] = {}
     final: BitPlan | None = None
     try:
@@ -258,12 +264,14 @@ def run_selection(
                 f: [sorted(p.weight.items()), sorted(p.act.items()), sorted(p.protected)] for f, p in plans.items()
             }
             budgets = named_budgets(cfg, run, kind)
-            sig = signature(**base, kind=kind, plans=plan_sig, weight=repr(final), limit=budgets[0][1])
+            sig = stage_signature(
+                SELECT, cfg, **base, kind=kind, plans=plan_sig, weight=repr(final), limit=budgets[0][1]
+            )
             ranked = _score_kind(session, kind, plans, by_file, final, sig, show, force, budgets[0][1])
             chosen[kind] = next(r for r in ranked if r.chosen)
             final = _trial(kind, plans[chosen[kind].plan_file], final, cfg.search.protect_weights)
             if distributed.current().is_main:
-                write_records(run.selection / f"{kind}_budgets.csv", budget_table(kind, ranked, budgets), BudgetBest)
+                write_records(run.budgets(kind), budget_table(kind, ranked, budgets), BudgetBest)
     finally:
         qm.set_fp()
     if final is not None and distributed.current().is_main:

@@ -3,7 +3,7 @@
 python scripts/gen_calib_data.py --config tiny-sdxl --outdir outputs/tiny-sdxl
 """
 
-from mpq.runner.cli import script_main
+from mpq.commands.main import script_main
 
 if __name__ == "__main__":
     script_main("calib")

@@ -4,7 +4,7 @@ python scripts/get_sensitivity.py --config tiny-sdxl --base_path outputs/tiny-sd
 sqnr
 """
 
-from mpq.runner.cli import script_main
+from mpq.commands.main import script_main
 
 if __name__ == "__main__":
     script_main("sensitivity")

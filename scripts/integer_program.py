@@ -8,7 +8,7 @@ and the mpq form: python scripts/integer_program.py --base_path outputs/<run> [-
 --K 1.0]
 """
 
-from mpq.runner.cli import script_main
+from mpq.commands.main import script_main
 
 if __name__ == "__main__":
     script_main("search")

@@ -3,7 +3,7 @@
 python scripts/mixed_precision_infer.py --base_path outputs/tiny-sdxl
 """
 
-from mpq.runner.cli import script_main
+from mpq.commands.main import script_main
 
 if __name__ == "__main__":
     script_main("select")

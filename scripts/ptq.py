@@ -3,7 +3,7 @@
 python scripts/ptq.py --config sdxl-turbo.yaml --outdir outputs/sdxl-turbo --seed 42
 """
 
-from mpq.runner.cli import script_main
+from mpq.commands.main import script_main
 
 if __name__ == "__main__":
     script_main("ptq")

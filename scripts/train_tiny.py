@@ -3,7 +3,7 @@
 python scripts/train_tiny.py --outdir DIR [--device cuda] [--seed 0] [--unet-steps N ...]
 """
 
-from mpq.runner.cli import script_main
+from mpq.commands.main import script_main
 
 if __name__ == "__main__":
     script_main("train-tiny")

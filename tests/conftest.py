@@ -82,7 +82,7 @@ def full_run(tmp_path_factory) -> tuple[RunDir, str]:
     import contextlib
     import io
 
-    from mpq.runner.cli import main
+    from mpq.commands.main import main
 
     run = RunDir(tmp_path_factory.mktemp("full") / "run")
     out = io.StringIO()

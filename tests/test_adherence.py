@@ -5,10 +5,10 @@ import pytest
 import torch
 from PIL import Image
 
+from mpq.commands.main import main
 from mpq.images import generate
 from mpq.models import load_pipeline
 from mpq.models.loader import WEIGHTS_DIR
-from mpq.runner.cli import main
 from mpq.runner.config import load_config
 from mpq.shapes.data import (
     ATTRIBUTES,

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
+from mpq.commands.main import main
 from mpq.errors import MpqError
-from mpq.runner.cli import main
 
 # (artifact, how it is damaged, the command that reads it)
 CASES = [

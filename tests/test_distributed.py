@@ -88,7 +88,7 @@ def stop_after(path, data):
     if ".act_sqnr.partial.rank" in str(path):
         os.kill(os.getpid(), signal.SIGSTOP)
 s.write_json = stop_after
-from mpq.runner.cli import main
+from mpq.commands.main import main
 sys.exit(main(sys.argv[1:]))
 """
 

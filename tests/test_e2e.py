@@ -10,8 +10,8 @@ import torch
 import yaml
 from PIL import Image
 
+from mpq.commands.main import main
 from mpq.plan import read_layer_list, read_plan
-from mpq.runner.cli import main
 from mpq.runner.files import read_records
 from mpq.search.candidates import read_candidates
 from mpq.selection import BudgetBest, read_scores
@@ -173,7 +173,7 @@ def test_selection_resumes_after_a_kill(full_run, tmp_path):
         "def stop_after(path, data):\n    save(path, data)\n"
         "    if '.weight_scores.partial' in str(path) and len(data['items']) >= 2:\n"
         "        os.kill(os.getpid(), signal.SIGSTOP)\n"
-        "s.write_json = stop_after\nfrom mpq.runner.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        "s.write_json = stop_after\nfrom mpq.commands.main import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", child, "select", "--base_path", str(d)],
@@ -195,6 +195,45 @@ def test_selection_resumes_after_a_kill(full_run, tmp_path):
     for f in ("weight_scores.csv", "act_scores.csv", "final_weight.yaml", "final_act.yaml", "final_act_protect.pt"):
         assert (d / "selection" / f).read_bytes() == (ref / "selection" / f).read_bytes(), f
     assert not list((d / "selection").glob(".*partial*"))
+
+
+def test_the_sensitivity_method_keys_remake_sensitivity_and_what_follows(full_run, tmp_path, capsys):
+    """sensitivity.method, .estimator and .hybrid_fraction are in the stage's one declaration: changing one makes
+    the finished exact run's sensitivity stale, and `mpq run` re-makes it and every stage after it (never
+    "up to date, skipped" with the other method's files); a bookkeeping key (how often progress is saved, the
+    prefix cache's memory) changes nothing. Inside the stage each file's signature holds what its computation used:
+    hybrid re-makes the SQNR files and keeps the exact SSIM files (its SSIM is the fast path's)."""
+    from mpq.commands.stages import STAGES as REGISTRY
+    from mpq.runner.rundir import RunDir
+
+    ref, d = full_run[0], RunDir(tmp_path / "run")
+    shutil.copytree(ref.root, d.root)
+    for key in ("sensitivity.save_every_s=1", "sensitivity.cache_budget_mb=64"):
+        assert d.stage_state(REGISTRY["sensitivity"], d.load_config(None, [key])) == "fresh", key
+    for key in (
+        "sensitivity.method=local",
+        "sensitivity.method=naive",
+        "sensitivity.estimator=local",
+        "sensitivity.hybrid_fraction=0.5",
+        "sensitivity.share_bits=never",
+    ):
+        assert d.stage_state(REGISTRY["sensitivity"], d.load_config(None, [key])) == "stale", key
+
+    hybrid = ["sensitivity.method=hybrid", "sensitivity.estimator=local", "sensitivity.hybrid_fraction=0.02"]
+    assert main(["run", "--config", "tiny-sdxl", "--outdir", str(d.root), *FULL_SMALL, *hybrid]) == 0
+    out = capsys.readouterr().out
+    assert stage_states(out) == dict.fromkeys(STAGES[:2], "skipped") | dict.fromkeys(STAGES[2:], "ran")
+    assert "[sensitivity] up to date" not in out and "(hybrid, local)" in out
+    for kind in ("weight", "act"):
+        assert f"[sensitivity] {kind} sqnr: already made" not in out
+        assert f"[sensitivity] {kind} ssim: already made" in out
+        assert d.sensitivity_file(kind, "ssim").read_bytes() == ref.sensitivity_file(kind, "ssim").read_bytes()
+        assert d.sensitivity_file(kind, "sqnr").read_bytes() != ref.sensitivity_file(kind, "sqnr").read_bytes()
+        assert d.hybrid_report(kind, "sqnr").is_file()
+    cfg = d.load_config(None, [*FULL_SMALL, *hybrid])
+    assert all(d.stage_state(REGISTRY[s], cfg) == "fresh" for s in STAGES)
+    # back to the exact method: stale again (the run would re-make the SQNR files)
+    assert d.stage_state(REGISTRY["sensitivity"], d.load_config(None, ["sensitivity.method=fast"])) == "stale"
 
 
 def test_every_quantizer_and_search_option_end_to_end(full_run, tmp_path, capsys):

@@ -2,8 +2,8 @@
 
 import pytest
 
+from mpq.commands.main import main
 from mpq.errors import MpqError
-from mpq.runner.cli import main
 from mpq.runner.config import load_config
 
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from mpq.calibration.checkpoint import quantized_pipeline
+from mpq.commands.main import main
 from mpq.cost import CostModel
 from mpq.errors import MpqError
 from mpq.export.folder import export_folder
@@ -27,7 +28,6 @@ from mpq.images import generate
 from mpq.layers import describe
 from mpq.plan import BitPlan
 from mpq.quant.model import PREFIX
-from mpq.runner.cli import main
 from mpq.runner.rundir import RunDir
 
 PROMPTS = [

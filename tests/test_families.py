@@ -18,6 +18,7 @@ from torch import nn
 import mpq
 from mpq.calibration.checkpoint import run_layers
 from mpq.calibration.record import CalibData
+from mpq.commands.main import main
 from mpq.errors import MpqError
 from mpq.families import FAMILIES, family_of
 from mpq.images import generate
@@ -25,7 +26,6 @@ from mpq.layers import meta_layers
 from mpq.models import load_pipeline
 from mpq.models.loader import ARCH_DIR
 from mpq.plan import final_plan
-from mpq.runner.cli import main
 from mpq.runner.config import load_config
 from mpq.runner.rundir import RunDir
 from mpq.search.mixdq_files import read_sensitivity

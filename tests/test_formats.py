@@ -12,6 +12,8 @@ import pytest
 import torch
 
 from mpq.calibration.checkpoint import quantized_pipeline, read_manifest
+from mpq.commands.main import main
+from mpq.commands.stages import STAGES
 from mpq.cost import CostModel
 from mpq.errors import MpqError
 from mpq.export.folder import export_folder
@@ -35,11 +37,9 @@ from mpq.quant.formats import (
     unpack_base,
 )
 from mpq.quant.model import PREFIX
-from mpq.runner.cli import main
 from mpq.runner.config import load_config, settings
 from mpq.runner.files import formats_twin
 from mpq.runner.rundir import RunDir
-from mpq.runner.stages import STAGES
 from mpq.search.mixdq_files import read_sensitivity
 from mpq.search.program import Problem, solve_mpq
 

@@ -2,8 +2,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mpq.commands.main import main
 from mpq.plan import write_layer_list, write_plan
-from mpq.runner.cli import main
 
 
 def test_mixdq_plan_files_drive_generation(tiny_run, tmp_path, capsys):

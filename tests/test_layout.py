@@ -1,4 +1,5 @@
-"""The package layout: no import cycle, every module says what it owns, README's layout names every package."""
+"""The package layout: layers that only import downward, no import cycle, every module says what it owns, the
+layout page names every package and module."""
 
 import ast
 import re
@@ -78,6 +79,86 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
+# Top to bottom. A module belongs to the layer of its longest matching prefix; it may import its own layer and the
+# layers below it, never one above (imports inside functions count the same as at module level).
+LAYERS: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("entry", ("mpq", "mpq.__main__", "mpq.api", "mpq.commands")),
+    (
+        "stages",
+        (
+            "mpq.calibration",
+            "mpq.sensitivity",
+            "mpq.search",
+            "mpq.selection",
+            "mpq.final",
+            "mpq.report",
+            "mpq.trace",
+            "mpq.export",
+            "mpq.shapes.train",
+        ),
+    ),
+    (
+        "model",
+        (
+            "mpq.families",
+            "mpq.models",
+            "mpq.quant",
+            "mpq.layers",
+            "mpq.plan",
+            "mpq.cost",
+            "mpq.metrics",
+            "mpq.images",
+            "mpq.prompts",
+            "mpq.data",
+            "mpq.shapes",
+        ),
+    ),
+    ("infra", ("mpq.runner", "mpq.errors")),
+)
+# The upward imports that remain, each with why (at most five; each must still exist, so the list cannot rot).
+UPWARD_ALLOWED = {
+    ("mpq.runner.config", "mpq.quant.formats"): "weight-format names are a registry of classes: the config asks it",
+}
+
+
+def layer_of(module: str) -> int:
+    best = None
+    for i, (_, prefixes) in enumerate(LAYERS):
+        for p in prefixes:
+            if (module == p or module.startswith(p + ".")) and (best is None or len(p) > best[1]):
+                best = (i, len(p))
+    assert best is not None, f"{module} belongs to no layer: add it to LAYERS"
+    return best[0]
+
+
+def upward_imports(graph: dict[str, set[str]]) -> set[tuple[str, str]]:
+    """(importer, imported) pairs where the imported module sits in a higher layer than the importer."""
+    return {(m, t) for m, targets in graph.items() for t in targets if layer_of(t) < layer_of(m)}
+
+
+def test_layers_import_only_downward():
+    found = upward_imports(import_graph())
+    assert found <= set(UPWARD_ALLOWED), (
+        f"imports from a lower layer to a higher one: {sorted(found - set(UPWARD_ALLOWED))}"
+    )
+    assert set(UPWARD_ALLOWED) <= found, (
+        f"allowed upward imports that no longer exist: {sorted(set(UPWARD_ALLOWED) - found)}"
+    )
+    assert len(UPWARD_ALLOWED) <= 5
+    # the checker finds one: the run directory (infra) asking a stage, and a function-level import of a command
+    planted = {"mpq.runner.rundir": {"mpq.selection"}, "mpq.selection": {"mpq.commands.main"}, "mpq.plan": set()}
+    assert upward_imports(planted) == {("mpq.runner.rundir", "mpq.selection"), ("mpq.selection", "mpq.commands.main")}
+
+
+def test_import_graph_sees_function_level_imports():
+    # mpq.commands.export imports the exporter only inside its handler (to keep `mpq --help` fast)
+    top_level = {
+        n.module for n in ast.parse((PKG / "commands" / "export.py").read_text()).body if isinstance(n, ast.ImportFrom)
+    }
+    assert "mpq.export.run" not in top_level
+    assert "mpq.export.run" in import_graph()["mpq.commands.export"]
+
+
 def test_no_import_cycle_in_mpq():
     assert cycles(import_graph()) == []
     assert cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": set()}) == [["a", "b", "c"]]  # the checker finds one
@@ -89,9 +170,8 @@ def test_every_module_says_what_it_owns():
         assert doc and len(doc.split()) >= 3, f"{name} has no docstring saying what it owns"
 
 
-def test_readme_layout_names_every_package_and_module():
-    readme = (repo_root() / "README.md").read_text()
-    layout = readme[readme.index("## Layout") :]
+def test_layout_page_names_every_package_and_module():
+    layout = (repo_root() / "docs" / "layout.md").read_text()
     for name in _modules():
         if name == "mpq" or name.startswith(("mpq.data", "mpq.models.weights")):
             continue

@@ -10,10 +10,10 @@ import yaml
 from torch import nn
 
 from mpq.calibration.record import CalibData
+from mpq.commands.main import main
 from mpq.errors import MpqError
 from mpq.metrics import image_ssim, mixdq_window, sqnr
 from mpq.quant.layers import QuantConv2d, QuantLinear
-from mpq.runner.cli import main
 from mpq.runner.rundir import RunDir
 from mpq.search.build import Entry, act_protect_list
 

@@ -8,8 +8,8 @@ import shutil
 import pytest
 import torch
 
+from mpq.commands.main import main
 from mpq.errors import MpqError
-from mpq.runner.cli import main
 from mpq.runner.rundir import RunDir
 
 from conftest import FULL_SMALL, SMALL
@@ -55,6 +55,7 @@ def test_export_refuses_folders_it_did_not_make_and_replaces_its_own(tiny_run, t
     # --overwrite: the user's explicit choice for a foreign folder (never for a file or the run)
     assert main([*base, "--out", str(precious), "--overwrite"]) == 0
     assert (precious / "torchao_config.json").is_file() and not (precious / "thesis.txt").exists()
+    assert (tmp_path / "precious.replaced-1" / "thesis.txt").read_text() == "my thesis"  # set aside, never deleted
     assert main([*base, "--out", str(afile), "--overwrite"]) == 2 and afile.read_text() == "notes"
     capsys.readouterr()
 
@@ -64,8 +65,8 @@ def test_a_checkpoint_of_other_weights_is_refused_and_makes_ptq_stale(tiny_run, 
     """Same architecture, other weights (the random tiny model): the checkpoint is not silently reused."""
     from mpq.calibration.ptq import run_ptq
     from mpq.calibration.record import run_calibration
+    from mpq.commands.stages import STAGES
     from mpq.runner.config import load_config
-    from mpq.runner.stages import STAGES
 
     other = RunDir(tmp_path / "random")
     cfg_random = load_config("tiny-sdxl-random", SMALL)
@@ -204,7 +205,7 @@ def test_bad_inputs_are_one_line(tiny_run, tmp_path, capsys):
         "16 were not calibrated",
         "--nproc 0",
         "far above",
-        "stage's output folder",
+        "lies inside the run directory",
         "--kind",
     ]
     for argv, word in zip(cases, words, strict=True):

@@ -8,11 +8,11 @@ import pytest
 import torch
 import yaml
 
+from mpq.commands.main import main
 from mpq.cost import CostModel, act_bytes, weight_bytes
 from mpq.errors import MpqError
 from mpq.layers import CONTENT, QUALITY, meta_layers
 from mpq.plan import read_plan
-from mpq.runner.cli import main
 from mpq.runner.config import load_config
 from mpq.search.build import Entry, budget_for_avg, build_problem, run_entries
 from mpq.search.program import solve_compare, solve_mpq, solve_reference, split_target

@@ -10,8 +10,8 @@ import sys
 import pytest
 import yaml
 
+from mpq.commands.main import main
 from mpq.layers import meta_layers
-from mpq.runner.cli import main
 from mpq.runner.rundir import RunDir
 from mpq.sensitivity.stage import compute_sensitivity
 
@@ -155,7 +155,7 @@ def test_kill_and_resume_gives_identical_file(sens_run, tmp_path):
         "def stop_after(path, data):\n    save(path, data)\n"
         "    if sum(len(v['batches']) for v in data.get('items', {}).values()) >= 40: os.kill(os.getpid(), "
         "signal.SIGSTOP)\n"
-        "s.write_json = stop_after\nfrom mpq.runner.cli import main\nsys.exit(main(sys.argv[1:]))\n"
+        "s.write_json = stop_after\nfrom mpq.commands.main import main\nsys.exit(main(sys.argv[1:]))\n"
     )
     proc = subprocess.Popen(
         [sys.executable, "-c", child, *cmd[3:]], cwd=repo_root(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL

@@ -128,7 +128,7 @@ def test_train_tiny_runs_two_steps_of_every_component(tmp_path):
     assert res.returncode == 0, res.stderr[-2000:]
     for part in ("unet", "vae", "text_encoder", "text_encoder_2", "tokenizer", "scheduler"):
         assert (out / part).is_dir(), part
-    state = {k: torch.load(out / ".train" / f"{k}.pt", weights_only=False) for k in ("vae", "unet", "judge")}
+    state = {k: torch.load(out / ".train" / f"{k}.pt", weights_only=True) for k in ("vae", "unet", "judge")}
     assert all(s["step"] == 2 for s in state.values())
     pool = torch.load(out / ".train" / "pool.pt", weights_only=True)
     held = set(heldout_scenes())

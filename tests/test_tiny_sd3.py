@@ -12,10 +12,10 @@ import sys
 import pytest
 import torch
 
+from mpq.commands.main import main
 from mpq.images import generate
 from mpq.models import load_pipeline
 from mpq.models.loader import WEIGHTS_DIR, is_shipped
-from mpq.runner.cli import main
 from mpq.runner.config import load_config
 from mpq.runner.rundir import RunDir
 from mpq.shapes.data import HELDOUT_CAPTIONS

@@ -14,10 +14,10 @@ from pathlib import Path
 import pytest
 
 from mpq.calibration.checkpoint import read_manifest
+from mpq.commands.main import main
 from mpq.errors import MpqError
 from mpq.final import run_infer
 from mpq.plan import BitPlan
-from mpq.runner.cli import main
 from mpq.trace import compare_dumps, read_trace, trace
 
 

@@ -19,18 +19,20 @@ not batch-major: stored once, given whole to every batch.
 from __future__ import annotations
 
 import inspect
+import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
 from mpq.errors import MpqError
 from mpq.families import family_of
 from mpq.images import generate, save_images
-from mpq.models import denoiser_of, load_pipeline
+from mpq.models import denoiser_of, load_pipeline, torch_dtype
 from mpq.prompts import cycle, read_prompts
 from mpq.quant.model import fingerprint, weights_sample
 from mpq.runner.files import load_tensors, read_json, save_tensors, write_json
@@ -106,7 +108,7 @@ class CalibData:
         key, rows = meta.get("sample_key", "sample"), meta.get("rows", meta["num_samples"])
         steps = []
         for k in range(meta["steps"]):
-            path = run.calib / f"step_{k:03d}.safetensors"
+            path = run.calib_step(k)
             step = load_tensors(path)
             if OUTPUT_KEY not in step or key not in step or step[key].shape[0] != rows:
                 raise MpqError(f"{path} does not hold {rows} recorded denoiser rows (damaged calibration data); {fix}")
@@ -159,8 +161,48 @@ def _merge(key: str, parts: list[torch.Tensor], shared: bool) -> torch.Tensor:
     return parts[0]
 
 
+PLAUSIBLE_SAMPLES = 2048  # MixDQ calibrates on 1,024 prompts at most; far more is a typo more often than a plan
+
+
+def recorded_bytes(cfg: DictConfig) -> int:
+    """About how many bytes the calibration holds in memory until it ends: per sample, every denoiser call's latent
+    input and output and its text states (from the architecture, before any model call)."""
+    from mpq.models.loader import load_arch
+
+    arch = load_arch(cfg)
+    den = arch["denoiser"]
+    side = cfg.sampling.resolution // int(arch["vae_scale_factor"])
+    latent = int(den.get("in_channels") or 4) * side * side
+    if int(den.get("in_channels") or 4) == 64:  # Flux packs 2x2 patches of 16 channels into 64
+        latent //= 4
+    text_dim = den.get("joint_attention_dim") or den.get("caption_channels") or den.get("cross_attention_dim") or 0
+    rows = 2 if cfg.sampling.guidance_scale > 1 else 1  # classifier-free guidance batches both halves
+    per_call = rows * (2 * latent + int(arch["text_max_length"]) * int(text_dim))
+    return int(cfg.calib.num_samples) * cfg.sampling.steps * per_call * torch_dtype(cfg.model.dtype).itemsize
+
+
+def warn_implausible(cfg: DictConfig) -> str | None:
+    """A warning (stderr) before calibration when ``calib.num_samples`` is far above what calibration needs or its
+    recordings would not fit in memory: the expected memory, the batches, and the fix."""
+    n = int(cfg.calib.num_samples)
+    need = recorded_bytes(cfg)
+    ram = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 0
+    if n <= PLAUSIBLE_SAMPLES and not (ram and need > ram // 2):
+        return None
+    batches = -(-n // cfg.sampling.batch_size)
+    msg = (
+        f"mpq: warning: calib.num_samples={n:,} holds about {need / 2**30:,.1f} GiB of denoiser inputs in memory until "
+        f"the stage ends{f' (this machine has {ram / 2**30:,.0f} GiB)' if ram else ''} and generates {batches:,} "
+        f"batches (the progress bar gives the time after the first); MixDQ calibrates on at most 1,024: lower it "
+        "unless you mean it"
+    )
+    print(msg, file=sys.stderr)
+    return msg
+
+
 def run_calibration(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str, Any]:
     """Run the FP pipeline on the calibration prompts; write calib/ and fp_images/."""
+    warn_implausible(cfg)  # before the model loads or runs
     pipe = pipe if pipe is not None else load_pipeline(cfg)
     n = cfg.calib.num_samples
     prompts, seeds = load_prompts(cfg, n)
@@ -189,7 +231,7 @@ def run_calibration(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> di
     for k, calls in enumerate(per_step):
         merged = {key: _merge(key, [c[key] for c in calls], key in shared) for key in calls[0]}
         fields = list(merged)
-        save_tensors(run.calib / f"step_{k:03d}.safetensors", merged)
+        save_tensors(run.calib_step(k), merged)
     meta = {
         "model_id": cfg.model.id,
         "fingerprint": fingerprint(denoiser),
@@ -202,12 +244,39 @@ def run_calibration(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> di
         "steps": len(per_step),  # denoiser calls a generation (sampling.steps for a first-order sampler)
         "sampling_steps": cfg.sampling.steps,
         "guidance_scale": float(cfg.sampling.guidance_scale),
+        "sampling": reference_sampling(cfg),
         "fields": fields,
         "prompts": prompts,
         "seeds": seeds,
     }
-    write_json(run.calib / "meta.json", meta)
+    write_json(run.calib_meta, meta)
     return meta
+
+
+REFERENCE_KEYS = ("steps", "guidance_scale", "resolution", "scheduler", "timestep_spacing", "max_sequence_length")
+
+
+def reference_sampling(cfg: DictConfig) -> dict[str, Any]:
+    """The sampling settings an FP reference image depends on (the seed is recorded per image)."""
+    sampling = OmegaConf.to_container(cfg.sampling, resolve=True)
+    assert isinstance(sampling, dict)
+    return {k: sampling[k] for k in REFERENCE_KEYS}
+
+
+def reference_mismatch(meta: dict[str, Any], cfg: DictConfig) -> list[str]:
+    """``key: references' value -> cfg's value`` for every sampling setting where the run's FP references were
+    made otherwise than ``cfg`` samples (older runs recorded steps and guidance only)."""
+    now = reference_sampling(cfg)
+    made = meta.get("sampling") or {"steps": meta.get("sampling_steps"), "guidance_scale": meta.get("guidance_scale")}
+    return [
+        f"sampling.{k}: {made[k]} -> {now[k]}"
+        for k in REFERENCE_KEYS
+        if k in made and made[k] is not None and made[k] != now[k] and not _same_number(made[k], now[k])
+    ]
+
+
+def _same_number(a: Any, b: Any) -> bool:
+    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)
 
 
 META_FIELDS: dict[str, type] = {
@@ -223,7 +292,7 @@ META_FIELDS: dict[str, type] = {
 
 def read_meta(run: RunDir) -> dict[str, Any]:
     """``calib/meta.json``, checked: a damaged file is a one-line error naming it and the fix."""
-    path = run.require("calib/meta.json", f"run `mpq calib --base_path {run.root}` first")
+    path = run.require(run.calib_meta, f"run `mpq calib --base_path {run.root}` first")
     meta = read_json(path)
     fix = f"delete {run.calib} or re-run `mpq calib --force --base_path {run.root}`"
     if not isinstance(meta, dict):
@@ -236,13 +305,24 @@ def read_meta(run: RunDir) -> dict[str, Any]:
     return meta
 
 
-def calib_prompts(run: RunDir) -> tuple[list[str], list[int]]:
+def calib_prompts(run: RunDir, n: int | None = None, asked: str = "") -> tuple[list[str], list[int]]:
+    """The run's calibration prompts and seeds (those with FP references); the first ``n`` when given, with a note
+    naming ``asked`` (the setting that wanted them) when the run has fewer."""
     meta = read_meta(run)
-    return list(meta["prompts"]), list(meta["seeds"])
+    prompts, seeds = list(meta["prompts"]), list(meta["seeds"])
+    if n is None:
+        return prompts, seeds
+    if n > len(prompts):
+        print(
+            f"mpq: note: {asked or 'the images asked'} = {n}, but the run has {len(prompts)} calibration prompts with "
+            f"FP references: using {len(prompts)} (raise calib.num_samples and re-run calib for more)",
+            file=sys.stderr,
+        )
+    return prompts[:n], seeds[:n]
 
 
 def fp_image_paths(run: RunDir, n: int) -> list[Path]:
-    paths = [run.fp_images / f"{i:04d}.png" for i in range(n)]
+    paths = [run.fp_image(i) for i in range(n)]
     missing = [p for p in paths if not p.is_file()]
     if missing:
         raise MpqError(f"{missing[0]} is missing; re-run `mpq calib --force --base_path {run.root}`")

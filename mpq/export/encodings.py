@@ -21,6 +21,7 @@ from typing import Any
 
 from mpq.errors import MpqError
 from mpq.plan import BitPlan
+from mpq.quant.formats import Format, IntGrid
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.quant.quantizer import qrange
 from mpq.runner.files import write_json
@@ -43,6 +44,23 @@ def encoding(scale: float, zero_point: float, bits: int, symmetric: bool) -> dic
     }
 
 
+def aimet_grid(fmt: Format, layer: str) -> IntGrid:
+    """The integer grid of ``layer``'s weight format, when AIMET's weight encodings (symmetric integer scales per
+    output channel) hold it; else a one-line error saying what to do."""
+    grid = fmt.grid
+    if grid is None:
+        raise MpqError(
+            f"the encodings format holds integer weight scales; layer {layer} is planned in {fmt.name}; export with "
+            "--format mpq"
+        )
+    if not grid.symmetric_channel:
+        raise MpqError(
+            f"the encodings format holds symmetric per-channel weight scales; layer {layer}'s weights, planned at "
+            f"{fmt.name}, have {grid.wq.label} scales; export with --format mpq, or {grid.remedy}"
+        )
+    return grid
+
+
 def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
     acts: dict[str, list[dict[str, Any]]] = {}
     params: dict[str, list[dict[str, Any]]] = {}
@@ -55,21 +73,12 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
             excluded.append(path)
         if layer.n_parts > 1:
             splits[path] = list(layer.in_split)
-        if isinstance(w, str):
-            raise MpqError(
-                f"the encodings format holds integer weight scales; layer {name} is planned in {w}; export with "
-                "--format mpq"
-            )
         if w is not None:
-            if layer.wq.asymmetric or layer.wq.granularity not in ("channel", "tensor"):
-                raise MpqError(
-                    f"the encodings format holds symmetric per-channel weight scales; this run's weights are "
-                    f"{layer.wq.label} ({name}); export with --format mpq, or calibrate with "
-                    "quant.weight.levels=symmetric quant.weight.granularity=channel"
-                )
-            k = layer.bits.index(w)
+            fmt = layer.weight_format(w)
+            grid = aimet_grid(fmt, name)
+            scale = layer.format_params(fmt)["scale"]  # (rows, groups): one group per input part, per channel
             params[f"{path}.weight"] = [
-                encoding(float(s), 0.0, w, True) for part in layer.w_scale[k].t().tolist() for s in part
+                encoding(float(s), 0.0, grid.bits, True) for part in scale.t().tolist() for s in part
             ]
         if a is not None:
             k = layer.bits.index(a)

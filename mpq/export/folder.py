@@ -1,9 +1,11 @@
 """The output folder of ``mpq export``: checked before anything is written, filled in a temp folder, renamed into place.
 
 An export never deletes what it did not make: ``--out`` may be a new folder, an empty one, or an earlier export of
-the same format (its ``mpq_export.json`` says so); anything else needs ``--overwrite``, and a regular file, the run
-directory, a folder that contains it, or a folder inside it never qualifies. Leftovers of a killed export (the
-hidden temp and old folders beside ``--out``, recognised by their marker) are removed by the next export.
+the same format (its ``mpq_export.json`` says so) holding only the files an export writes; anything else needs
+``--overwrite``, which sets the old folder aside (``<out>.replaced-<n>``) instead of deleting it. A regular file, a
+run directory, a folder that contains one, or a folder inside one never qualifies (:mod:`mpq.runner.outputs`).
+Leftovers of a killed export (the hidden temp and old folders beside ``--out``, recognised by their marker) are
+removed by the next export.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import json
 import os
 import shutil
 import socket
+import sys
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -19,6 +22,7 @@ from pathlib import Path
 
 from mpq.errors import MpqError
 from mpq.runner.files import current_umask
+from mpq.runner.outputs import OutputKind, check_output_folder, is_replaceable, set_aside
 
 MARKER = "mpq_export.json"
 
@@ -44,26 +48,34 @@ def export_format(folder: Path) -> str | None:
     return None
 
 
+def export_kind(fmt: str) -> OutputKind:
+    """What a ``fmt`` export leaves in its folder: the marker, a pipeline's files (its index and component
+    folders), torchao's config and tables, encodings files."""
+    return OutputKind(
+        f"mpq {fmt} export",
+        (
+            MARKER,
+            "model_index.json",
+            "*/*",  # the pipeline's component folders, as save_pretrained writes them
+            "torchao_config.json",
+            "torchao_layers.csv",
+            "torchao_summary.json",
+            "*.encodings",
+        ),
+        lambda f: export_format(f) == fmt,
+    )
+
+
 def check_target(out: Path, fmt: str, run_root: Path, overwrite: bool) -> None:
     """A one-line error unless ``out`` may receive a ``fmt`` export (see the module)."""
-    from mpq.runner.rundir import RunDir
-
-    target, run = out.resolve(), run_root.resolve()
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
-        raise MpqError(f"--out {out} is a file or a link, not a folder; give a new folder for the export")
-    if target == run or run.is_relative_to(target):
-        raise MpqError(f"--out {out} is or contains the run directory {run_root}; give a new folder for the export")
-    if RunDir(run_root).stage_owned(out) or (
-        target.is_relative_to(run) and out.exists() and export_format(out) is None
-    ):
-        raise MpqError(f"--out {out} is a folder of the run directory {run_root}; give a new folder for the export")
-    if not out.exists() or not any(out.iterdir()) or export_format(out) == fmt or overwrite:
-        return
-    held = sorted(p.name for p in out.iterdir())
-    shown = ", ".join(held[:3]) + (", ..." if len(held) > 3 else "")
-    kind = export_format(out)
-    what = f"an mpq {kind} export, not {fmt}" if kind else f"not an mpq export (it holds {shown})"
-    raise MpqError(f"--out {out} exists and is {what}; give a new folder, or --overwrite to replace it")
+    kind = export_format(out) if out.is_dir() and not out.is_symlink() else None
+    if kind not in (None, fmt) and not overwrite:
+        raise MpqError(
+            f"--out {out} exists and is an mpq {kind} export, not {fmt}; give a new folder, or --overwrite to replace "
+            "it (the old one is set aside)"
+        )
+    hint = " (or --overwrite: the old folder is set aside, never deleted)"
+    check_output_folder(out, "--out", export_kind(fmt), run_root, overwrite=overwrite, hint=hint)
 
 
 def _alive(marker: Path) -> bool:
@@ -108,6 +120,9 @@ def export_folder(out: str | Path, fmt: str, run_root: Path, overwrite: bool = F
         (tmp / MARKER).write_text(json.dumps({"format": fmt, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
         yield tmp
         try:
+            if out.exists() and not is_replaceable(out, export_kind(fmt)):  # --overwrite of a folder mpq did not make
+                kept = set_aside(out)
+                print(f"mpq: the earlier content of {out} was moved to {kept}", file=sys.stderr)
             if out.exists():
                 old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
                 os.replace(out, old / out.name)

@@ -32,23 +32,23 @@ from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
 from mpq.errors import MpqError
-from mpq.export.pack import pack
-from mpq.export.packed import PackedLayer, PackedSpec
+from mpq.export.packed import NON_WEIGHT, PackedLayer, PackedSpec
 from mpq.models import denoiser_name
 from mpq.plan import BitPlan
-from mpq.quant.layers import BUFFERS, QuantLayer
+from mpq.quant.formats import Key
+from mpq.quant.layers import QuantLayer
 from mpq.quant.model import PREFIX, QuantModel
-from mpq.quant.quantizer import grouped_codes
 from mpq.runner.files import load_tensors, read_tensor_metadata, save_tensors, write_json
 
 # 2: 3/5/6/7-bit codes in a dense bit stream (1 stored them one a byte); 3: grouped scales, asymmetric levels
 FORMAT = "mpq-packed/3"
-OLDER = ("mpq-packed/1", "mpq-packed/2")  # readable: MixDQ's symmetric per-channel scales only
+# readable through :func:`older_tensors` (MixDQ's symmetric per-channel scales only): the shim is removed in mpq 0.3
+OLDER = ("mpq-packed/1", "mpq-packed/2")
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
 # ----------------------------------------------------------------------------- denoiser tensors (pure)
-def layer_spec(layer: QuantLayer, w_bits: int | None, a_bits: int | None, bos_cached: bool) -> PackedSpec:
+def layer_spec(layer: QuantLayer, w_bits: Key | None, a_bits: int | None, bos_cached: bool) -> PackedSpec:
     conv = {}
     if isinstance(layer, nn.Conv2d):
         if layer.padding_mode != "zeros" or isinstance(layer.padding, str):
@@ -84,26 +84,11 @@ def packed_tensors(
     out: dict[str, torch.Tensor] = {}
     if spec.w_bits is None:
         out["weight"] = layer.weight.detach().to(fp_dtype)
-    elif isinstance(spec.w_bits, str):  # a weight format: its packed codes and its own parameters (``wf_*``)
-        fmt = layer.formats[spec.w_bits]
+    else:  # its format's packed codes and parameters (``w_scale`` / ``w_offset``, ``wf_*``: the format names them)
+        fmt = layer.weight_format(spec.w_bits)
         params = layer.format_params(fmt)
         out["qweight"] = fmt.pack(fmt.codes(layer.weight.detach(), params, layer.in_split))
-        out.update(
-            {
-                f"wf_{k}": t.detach().float().clone() if t.is_floating_point() else t.detach().clone()
-                for k, t in params.items()
-            }
-        )
-    else:
-        k = layer.bits.index(spec.w_bits)
-        scale, offset = layer.weight_params(spec.w_bits)
-        q = grouped_codes(layer.weight.detach(), scale, offset, spec.w_bits, layer.wq.asymmetric)
-        if layer.wq.asymmetric:  # [0, 2^b - 1] stored as the signed range the packer takes
-            q = q - 2 ** (spec.w_bits - 1)
-        out["qweight"] = pack(q.to(torch.int16), spec.w_bits)
-        out["w_scale"] = layer.w_scale[k].detach().float().clone()
-        if layer.wq.asymmetric:
-            out["w_offset"] = layer.w_offset[k].detach().float().clone()
+        out.update(fmt.export_params(params))
     if spec.bos_cached:
         if bos is None:
             raise ValueError("a BOS-cached layer needs its (bos_in, bos_out)")
@@ -142,12 +127,9 @@ def denoiser_export(
             row = bos_rows[name].float()
             bos = (row, layer._op(row.reshape(1, 1, -1).to(layer.weight.dtype), layer.weight).reshape(-1).detach())
         tensors.update({f"{path}.{k}": t.contiguous() for k, t in packed_tensors(layer, spec, fp_dtype, bos).items()})
-    layer_paths = {n[len(PREFIX) :] for n in qm.layers}
+    calibration = {f"{n[len(PREFIX) :]}.{k}" for n, layer in qm.layers.items() for k in layer.quant_state()}
     for key, t in qm.denoiser.state_dict().items():
-        owner, _, leaf = key.rpartition(".")
-        if owner in specs or (
-            owner in layer_paths and (leaf in BUFFERS or leaf.startswith("wf_"))
-        ):  # exported above / the PTQ checkpoint's buffers (weight formats' included)
+        if key.rpartition(".")[0] in specs or key in calibration:  # exported above / the PTQ checkpoint's buffers
             continue
         tensors[key] = (t.detach().to(fp_dtype) if t.is_floating_point() else t.detach()).contiguous()
     for key, t in non_persistent_buffers(qm.denoiser).items():  # e.g. PixArt's position table: made at init
@@ -194,13 +176,14 @@ _ST_DTYPES = {
 
 
 def weight_bytes_of(tensors: Mapping[str, torch.Tensor], layer_paths: list[str]) -> int:
-    """Bytes of the quantizable layers' weights in an export (packed ints + scales, or the FP weight): the
-    quantity the cost model prices; a weight format's parameters are its ``wf_*`` tensors."""
+    """Bytes of the quantizable layers' weights in an export (packed codes and the format's parameters, or the FP
+    weight: every tensor of the layer but its bias and activation / BOS tensors): the quantity the cost model
+    prices."""
     paths = set(layer_paths)
     total = 0
     for key, t in tensors.items():
         owner, _, leaf = key.rpartition(".")
-        if owner in paths and (leaf in ("qweight", "w_scale", "w_offset", "weight") or leaf.startswith("wf_")):
+        if owner in paths and leaf not in NON_WEIGHT:
             total += t.numel() * t.element_size()
     return total
 
@@ -365,6 +348,12 @@ def check_qconfig(qconfig: Any, cfg_path: Path) -> None:
         )
 
 
+def older_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An :data:`OLDER` export's tensors as this mpq reads them: per-channel scales were stored (n_parts, C_out), now
+    (rows, groups). The one shim for older exports; removed in mpq 0.3."""
+    return {k: t.t().contiguous() if k.endswith(".w_scale") else t for k, t in tensors.items()}
+
+
 def install_packed_layers(model: nn.Module, qconfig: Mapping[str, Any], cfg_path: Path, weights: Path) -> None:
     """Swap ``model``'s quantized layers (``qconfig``'s, checked with :func:`check_qconfig`) for
     :class:`~mpq.export.packed.PackedLayer` modules and assign every tensor of ``weights`` (checksums verified
@@ -372,8 +361,8 @@ def install_packed_layers(model: nn.Module, qconfig: Mapping[str, Any], cfg_path
     dtypes (:func:`_cast` sets the compute dtype)."""
     tensors = load_tensors(weights)
     verify(weights, cfg_path, tensors, qconfig["layers"])
-    if qconfig.get("format") in OLDER:  # per-channel scales were stored (n_parts, C_out): now (rows, groups)
-        tensors = {k: t.t().contiguous() if k.endswith(".w_scale") else t for k, t in tensors.items()}
+    if qconfig.get("format") in OLDER:
+        tensors = older_tensors(tensors)
     for path, spec_dict in qconfig["layers"].items():
         parent, _, child = path.rpartition(".")
         spec = PackedSpec.from_dict(spec_dict, f"{cfg_path}: layer '{path}'")
@@ -426,23 +415,14 @@ def load_denoiser(
     return model
 
 
-KEEP_FP32 = (
-    "w_scale",
-    "w_offset",
-    "a_scale",
-    "a_zero",
-    "bos_in",
-    "bos_out",
-)  # quant params (and every weight format's ``wf_*``): exact dequantization in any dtype
-
-
 def _cast(model: nn.Module, dtype: torch.dtype) -> None:
-    """Floating tensors to ``dtype``, except the packed layers' quant params."""
+    """Floating tensors to ``dtype``, except the packed layers' quant params (:attr:`PackedLayer.keep_fp32`: exact
+    dequantization in any dtype)."""
     for module in model.modules():
-        packed = isinstance(module, PackedLayer)
+        keep = module.keep_fp32 if isinstance(module, PackedLayer) else frozenset()
         for store in (module._parameters, module._buffers):
             for leaf, t in store.items():
-                if packed and (leaf in KEEP_FP32 or leaf.startswith("wf_")):
+                if leaf in keep:
                     continue
                 if t is not None and t.is_floating_point() and t.dtype != dtype:
                     store[leaf] = (

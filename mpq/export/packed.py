@@ -1,14 +1,16 @@
 """PackedLayer: a Linear/Conv2d of an exported model, its quantized weight kept packed in memory.
 
-The weight is a uint8 buffer (``qweight``: 2-bit four a byte, 4-bit two a
-byte, 8-bit one a byte, see :mod:`mpq.export.pack`; a weight format's codes
-as the format packs them, ``nf<k>`` base-k about log2(k) bits a code, with its
-parameters ``wf_*``, :mod:`mpq.quant.formats`) with fp32 scales (and,
-for asymmetric levels, offsets) per row and group of input columns
-(``w_scale`` / ``w_offset``, (rows, groups); the layout of the spec's
-``weight_quant``, :class:`~mpq.quant.quantizer.WeightQuant`); each call
-unpacks and dequantizes it (exactly as the fake-quant layer computes it) and
-drops it again, so resident memory holds only the packed bytes. A layer
+The weight is a uint8 buffer (``qweight``): the codes of the spec's weight
+format as the format packs them (:class:`~mpq.quant.formats.base.Format`; the
+checkpoint's integer widths 2-bit four a byte, 4-bit two a byte, 8-bit one a
+byte, ``nf<k>`` base-k about log2(k) bits a code), with the format's
+parameters as it names them in an export (the integer widths: fp32 scales,
+and for asymmetric levels offsets, per row and group of input columns,
+``w_scale`` / ``w_offset`` (rows, groups) in the layout of the spec's
+``weight_quant``, :class:`~mpq.quant.quantizer.WeightQuant`; the named formats
+``wf_*``); each call unpacks and decodes it (exactly as the fake-quant layer
+computes it) and drops it again, so resident memory holds only the packed
+bytes. A layer
 whose weight stays FP keeps ``weight``. With activation bits, the input is
 fake-quantized per part with ``a_scale``/``a_zero`` (n_parts,).
 
@@ -31,10 +33,13 @@ import torch.nn.functional as F
 from torch import nn
 
 from mpq.errors import MpqError
-from mpq.export.pack import MAX_BITS, packed_numel, unpack
-from mpq.quant.formats import parse_format
+from mpq.quant.formats import Format, Key, resolve
+from mpq.quant.formats.bitpack import MAX_BITS
 from mpq.quant.layers import fake_quant_input
-from mpq.quant.quantizer import WeightQuant, dequantize_codes, expand_params
+from mpq.quant.quantizer import WeightQuant
+
+ACT_TENSORS = ("a_scale", "a_zero", "bos_in", "bos_out")  # a packed layer's activation and BOS tensors (fp32)
+NON_WEIGHT = ("bias", *ACT_TENSORS)  # what an exported layer stores besides its weight (codes and parameters)
 
 
 @dataclass(frozen=True)
@@ -43,7 +48,7 @@ class PackedSpec:
 
     kind: str  # linear | conv
     shape: tuple[int, ...]  # weight shape
-    w_bits: int | str | None  # bits of the weight quantizer ``weight_quant``, or a weight format (``nf12``)
+    w_bits: Key | None  # bits of the weight quantizer ``weight_quant``, or a weight format (``nf12``)
     a_bits: int | None
     in_split: tuple[int, ...]
     bos_aware: bool = False
@@ -56,6 +61,13 @@ class PackedSpec:
     @property
     def wq(self) -> WeightQuant:
         return WeightQuant(**self.weight_quant)
+
+    @property
+    def format(self) -> Format:
+        """The weight's format (``w_bits`` a width: the integer quantizer ``weight_quant``); the weight is quantized."""
+        if self.w_bits is None:
+            raise ValueError("an FP weight has no format")
+        return resolve(self.w_bits, self.wq)
 
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
@@ -88,21 +100,20 @@ class PackedSpec:
             and all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in shape)
         ):
             raise bad("shape", "it must be the weight's positive dimensions (2 for linear, 4 for conv)")
-        for key in ("w_bits", "a_bits"):
-            b = d[key]
-            if key == "w_bits" and isinstance(b, str):
-                try:
-                    canonical = parse_format(b).name
-                except MpqError as err:
-                    raise bad(key, f"not a weight format ({err})") from None
-                if canonical != b:
-                    raise bad(key, f"not a weight format (not the canonical name {canonical!r})")
-            elif b is not None and not (isinstance(b, int) and not isinstance(b, bool) and 1 <= b <= MAX_BITS):
-                raise bad(
-                    key,
-                    f"it must be null (FP), an integer 1..{MAX_BITS}"
-                    + (" or a weight format" if key == "w_bits" else ""),
-                )
+        w, a = d["w_bits"], d["a_bits"]
+        if w is not None:
+            kind = f"it must be null (FP), an integer 1..{MAX_BITS} or a weight format"
+            if isinstance(w, bool) or not isinstance(w, int | str):
+                raise bad("w_bits", kind)
+            try:
+                fmt = resolve(w)
+                fmt.packed_bytes(1)  # a width the packer stores
+            except (MpqError, ValueError) as err:
+                raise bad("w_bits", f"{kind} ({err})") from None
+            if fmt.key != w:
+                raise bad("w_bits", f"not a weight format (not the canonical name {fmt.key!r})")
+        if a is not None and not (isinstance(a, int) and not isinstance(a, bool) and 1 <= a <= MAX_BITS):
+            raise bad("a_bits", f"it must be null (FP) or an integer 1..{MAX_BITS}")
         split = d["in_split"]
         if not (
             isinstance(split, list)
@@ -133,7 +144,7 @@ class PackedLayer(nn.Module):
     def __init__(self, spec: PackedSpec, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.spec = spec
-        s, parts, wq = spec.shape, len(spec.in_split) - 1, spec.wq
+        s, parts = spec.shape, len(spec.in_split) - 1
         if spec.kind == "linear":  # the attributes pipelines read off Linear/Conv2d
             self.in_features, self.out_features = s[1], s[0]
         else:
@@ -141,23 +152,18 @@ class PackedLayer(nn.Module):
             self.stride, self.padding = tuple(spec.conv["stride"]), tuple(spec.conv["padding"])
             self.dilation, self.groups = tuple(spec.conv["dilation"]), spec.conv["groups"]
         f32 = {"device": device, "dtype": torch.float32}
+        self.param_names: tuple[str, ...] = ()  # the weight format's parameters, as the export names them
         if spec.w_bits is None:
             self.weight = nn.Parameter(torch.empty(s, **f32), requires_grad=False)
         else:
-            numel = math.prod(s)
-            if isinstance(spec.w_bits, str):  # a weight format: its packed codes and parameters ``wf_*``
-                fmt = parse_format(spec.w_bits)
-                self.register_buffer("qweight", torch.empty(fmt.packed_bytes(numel), dtype=torch.uint8, device=device))
-                for param, (pshape, dtype) in fmt.param_shapes(s, spec.in_split).items():
-                    self.register_buffer(f"wf_{param}", torch.empty(pshape, dtype=dtype, device=device))
-            else:
-                self.register_buffer(
-                    "qweight", torch.empty(packed_numel(numel, spec.w_bits), dtype=torch.uint8, device=device)
-                )
-                rows, groups = wq.rows(s), wq.n_groups(s, spec.in_split)
-                self.register_buffer("w_scale", torch.empty(rows, groups, **f32))
-                if wq.asymmetric:
-                    self.register_buffer("w_offset", torch.empty(rows, groups, **f32))
+            fmt = spec.format
+            self.register_buffer(
+                "qweight", torch.empty(fmt.packed_bytes(math.prod(s)), dtype=torch.uint8, device=device)
+            )
+            shapes = fmt.export_shapes(s, spec.in_split)
+            for name, (pshape, dtype) in shapes.items():
+                self.register_buffer(name, torch.empty(pshape, dtype=dtype, device=device))
+            self.param_names = tuple(shapes)
             if spec.bos_cached:
                 self.register_buffer("bos_in", torch.empty(s[1], **f32))
                 self.register_buffer("bos_out", torch.empty(s[0], **f32))
@@ -165,6 +171,11 @@ class PackedLayer(nn.Module):
         if spec.a_bits is not None:
             self.register_buffer("a_scale", torch.empty(parts, **f32))
             self.register_buffer("a_zero", torch.empty(parts, **f32))
+
+    @property
+    def keep_fp32(self) -> frozenset[str]:
+        """The tensors a dtype cast leaves fp32: the format's parameters, activation and BOS tensors."""
+        return frozenset((*self.param_names, *ACT_TENSORS))
 
     # ------------------------------------------------------------------ compute
     @property
@@ -179,19 +190,10 @@ class PackedLayer(nn.Module):
         spec = self.spec
         if spec.w_bits is None:
             return self._parameters["weight"]  # type: ignore[return-value]
-        numel, wq = math.prod(spec.shape), spec.wq
-        if isinstance(spec.w_bits, str):
-            fmt = parse_format(spec.w_bits)
-            params = {k[3:]: t for k, t in self._buffers.items() if k.startswith("wf_") and t is not None}
-            codes = fmt.unpack(self.qweight, numel).reshape(spec.shape)
-            return fmt.decode(codes, params, spec.shape, spec.in_split).to(dtype)
-        q = unpack(self.qweight, spec.w_bits, numel).reshape(spec.shape).float()
-        groups = wq.column_groups(spec.shape, spec.in_split).to(q.device)
-        scale = expand_params(self.w_scale.float(), groups, spec.shape)
-        if not wq.asymmetric:
-            return dequantize_codes(q, scale, scale, False).to(dtype)
-        offset = expand_params(self.w_offset.float(), groups, spec.shape)
-        return dequantize_codes(q + 2 ** (spec.w_bits - 1), scale, offset, True).to(dtype)  # stored shifted
+        fmt = spec.format
+        stored = {k: t for k in self.param_names if (t := self._buffers.get(k)) is not None}
+        codes = fmt.unpack(self.qweight, math.prod(spec.shape)).reshape(spec.shape)
+        return fmt.decode(codes, fmt.import_params(stored), spec.shape, spec.in_split).to(dtype)
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.spec.kind == "linear":

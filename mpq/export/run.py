@@ -11,8 +11,9 @@ from omegaconf import DictConfig
 from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.errors import MpqError
 from mpq.export.folder import check_target, export_folder
-from mpq.models import DTYPES, denoiser_name
+from mpq.models import denoiser_name
 from mpq.plan import BitPlan, final_plan
+from mpq.runner.choices import DTYPES
 from mpq.runner.rundir import RunDir
 
 FORMATS = ("mpq", "torchao", "encodings")

@@ -2,11 +2,13 @@
 
 Per layer (names are the denoiser's module paths):
 
-* W8A8 Linear -> ``Int8DynamicActivationInt8WeightConfig`` (int8 weights, int8 activations quantized
-  dynamically per token: torchao's scales, not mpq's static per-tensor ones);
-* any other quantized weight (Linear or Conv2d) -> ``IntxWeightOnlyConfig(int<b>, PerAxis(0))``:
-  per-output-channel symmetric weights, activations FP (torchao has no static activation quantizer);
-* FP weights -> no entry.
+* W8A8 Linear (a weight format whose ``torchao_w8a8`` says so: the checkpoint's 8-bit integers) ->
+  ``Int8DynamicActivationInt8WeightConfig`` (int8 weights, int8 activations quantized dynamically per token:
+  torchao's scales, not mpq's static per-tensor ones);
+* any other weight on a uniform integer grid (a format's ``grid``; Linear or Conv2d) ->
+  ``IntxWeightOnlyConfig(int<b>, PerAxis(0) or PerGroup)``, the grid's levels, activations FP (torchao has no
+  static activation quantizer);
+* FP weights, and formats that are no integer grid (``nf<k>``, ``fp8``) -> no entry.
 
 What torchao could not take as planned is listed per layer and summed per layer kind: activation bits
 dropped, W8A8 convolutions run weight-only, split inputs (one scale per channel over the whole input,
@@ -32,7 +34,7 @@ from torch import nn
 
 from mpq.errors import MpqError
 from mpq.plan import BitPlan
-from mpq.quant.formats import parse_format
+from mpq.quant.formats import resolve
 from mpq.quant.model import PREFIX, QuantModel
 from mpq.runner.files import write_csv, write_json
 
@@ -61,37 +63,37 @@ def torchao_plan(qm: QuantModel, plan: BitPlan) -> tuple[Any, list[dict[str, Any
         kind = "linear" if isinstance(layer, nn.Linear) else "conv"
         w, a = plan.weight.get(name), plan.act.get(name)
         key, notes = w, []
-        if isinstance(w, str) and not w.startswith("int"):
+        fmt = None if w is None else resolve(w, layer.wq)
+        grid = None if fmt is None else fmt.grid
+        if fmt is None or grid is None:
             choice = "FP"
-            notes.append(f"{w} kept FP: no torchao config stores it (`mpq export --format mpq` packs it)")
+            if fmt is not None:
+                notes.append(f"{w} kept FP: no torchao config stores it (`mpq export --format mpq` packs it)")
             if a is not None:
                 notes.append(f"A{a} dropped: torchao has no activation-only config")
-        elif w is None:
-            choice = "FP"
-            if a is not None:
-                notes.append(f"A{a} dropped: torchao has no activation-only config")
-        elif w == 8 and a == 8 and kind == "linear":
+        elif fmt.torchao_w8a8 and a == 8 and kind == "linear":
             configs[name[len(PREFIX) :]] = tq.Int8DynamicActivationInt8WeightConfig()
             choice = "Int8DynamicActivationInt8WeightConfig"
             notes.append("activations per token, dynamic (mpq: per tensor, static)")
         else:
-            wq = layer.wq
-            if isinstance(w, str):  # an integer format with its own scales: int<b>-<sym|asym>-<granularity>
-                fmt = parse_format(w)
-                w, wq = fmt.bits, fmt.wq  # type: ignore[attr-defined]
+            wq = grid.wq
             grouped = wq.granularity == "group" and kind == "linear" and layer.weight.shape[1] % wq.group_size == 0
             configs[name[len(PREFIX) :]] = tq.IntxWeightOnlyConfig(
-                weight_dtype=getattr(torch, f"int{w}"),
+                weight_dtype=getattr(torch, f"int{grid.bits}"),
                 granularity=PerGroup(wq.group_size) if grouped else PerAxis(0),
                 mapping_type=MappingType.ASYMMETRIC if wq.asymmetric else MappingType.SYMMETRIC,
             )
-            choice = f"IntxWeightOnlyConfig(int{w}{f', group {wq.group_size}' if grouped else ''})"
+            choice = f"IntxWeightOnlyConfig(int{grid.bits}{f', group {wq.group_size}' if grouped else ''})"
             if (wq.granularity == "kernel" and kind == "conv") or (wq.granularity == "group" and not grouped):
                 notes.append(f"{wq.granularity} scales become per channel: torchao has no {kind} {wq.granularity}s")
             if a is not None:
                 notes.append(
                     f"A{a} dropped"
-                    + (": int8 dynamic activation has no Conv2d handler" if a == 8 and w == 8 else ": weight-only")
+                    + (
+                        ": int8 dynamic activation has no Conv2d handler"
+                        if a == 8 and fmt.torchao_w8a8
+                        else ": weight-only"
+                    )
                 )
         if w is not None and layer.n_parts > 1:
             notes.append("split input: one scale per channel over both parts")

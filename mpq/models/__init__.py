@@ -8,7 +8,6 @@ in memory, from the architecture file shipped in ``arch/``.
 """
 
 from mpq.models.loader import (
-    DTYPES,
     EMBEDDED_PREFIX,
     denoiser_name,
     denoiser_of,
@@ -21,7 +20,6 @@ from mpq.models.loader import (
 )
 
 __all__ = [
-    "DTYPES",
     "EMBEDDED_PREFIX",
     "denoiser_name",
     "denoiser_of",

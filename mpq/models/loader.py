@@ -14,6 +14,7 @@ from omegaconf import DictConfig
 
 from mpq.errors import MpqError
 from mpq.families import COMPONENTS, Family, family_of
+from mpq.runner.choices import DTYPES, SCHEDULERS
 
 EMBEDDED_PREFIX = "embedded:"
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
@@ -29,7 +30,6 @@ EMBEDDED = {
 SHIPPED = ("tiny-sdxl", "tiny-sd3")  # trained: weights in WEIGHTS_DIR, scored by the shapes judge
 RANDOM_PREFIX = "random:"  # "random:<hub id>": that model's architecture, full size, random weights (offline)
 ARCH_DIR = Path(__file__).resolve().parent / "arch"
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # the config's dtype names
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -128,23 +128,15 @@ def _source(model_id: str) -> str:
         return model_id
     p = Path(model_id).expanduser()
     if p.exists():
-        if not (p / "model_index.json").is_file():
+        if not p.is_dir():
             raise MpqError(
-                f"model.id={model_id} is a folder without model_index.json; point it at a diffusers pipeline folder"
+                f"model.id={model_id} is a file; point it at the diffusers pipeline folder holding model_index.json"
             )
+        read_model_index(p, model_id)
         return str(p)
     if model_id.startswith((".", "/", "~")) or model_id.count("/") != 1:
         raise MpqError(f"model.id={model_id}: no such folder, and not a hub id of the form owner/name")
     return model_id
-
-
-SCHEDULERS = {  # sampling.scheduler overrides: diffusers class, and whether it is a flow-matching sampler
-    "euler_ancestral": ("EulerAncestralDiscreteScheduler", False),
-    "euler": ("EulerDiscreteScheduler", False),
-    "ddim": ("DDIMScheduler", False),
-    "dpm": ("DPMSolverMultistepScheduler", False),
-    "flow_euler": ("FlowMatchEulerDiscreteScheduler", True),
-}
 
 
 def is_flow_matching(scheduler: Any) -> bool:
@@ -200,13 +192,35 @@ def is_shipped(model_id: str) -> bool:
     return model_id in tuple(EMBEDDED_PREFIX + name for name in SHIPPED)
 
 
+def read_model_index(folder: Path, model_id: str | None = None) -> dict[str, Any]:
+    """A pipeline folder's ``model_index.json``, checked: it exists and parses, and every component it lists has
+    its folder; anything else is a one-line error naming the file or the component."""
+    what = f"model.id={model_id}" if model_id is not None else str(folder)
+    index_path = folder / "model_index.json"
+    if not index_path.is_file():
+        raise MpqError(f"{what} is a folder without model_index.json; point it at a diffusers pipeline folder")
+    try:
+        index = json.loads(index_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise MpqError(f"{what}: {index_path} is not valid JSON ({err}); re-download or re-save the pipeline") from None
+    if not isinstance(index, dict):
+        raise MpqError(f"{what}: {index_path} is not a pipeline index (a JSON object); re-save the pipeline")
+    for name, entry in index.items():
+        listed = isinstance(entry, list) and len(entry) == 2 and entry[0] is not None and entry[1] is not None
+        if listed and not name.startswith("_") and not (folder / name).is_dir():
+            raise MpqError(
+                f"{what}: component '{name}' ({entry[1]}) is listed in model_index.json but {folder / name} is "
+                "missing; copy the whole pipeline folder, or set it to [null, null] there to load without it"
+            )
+    return index
+
+
 def _absent_components(source: str) -> dict[str, None]:
     """Components a local folder saved as absent (``[null, null]`` in model_index.json, e.g. SD3 without T5):
     diffusers wants them passed as ``None`` explicitly, as a user loading such a folder would."""
-    index = Path(source) / "model_index.json"
-    if not index.is_file():
+    if not (Path(source) / "model_index.json").is_file():
         return {}
-    entries = json.loads(index.read_text())
+    entries = read_model_index(Path(source))
     optional = {"safety_checker", "feature_extractor", "image_encoder"}
     return {k: None for k, v in entries.items() if v == [None, None] and k not in optional}
 
@@ -294,7 +308,7 @@ def load_arch(cfg: DictConfig) -> dict[str, Any]:
         return _normalized(_random_arch(model_id))
     p = Path(_source(model_id) if model_id.startswith(EMBEDDED_PREFIX) else model_id).expanduser()
     if p.is_dir():
-        index = json.loads((p / "model_index.json").read_text()) if (p / "model_index.json").is_file() else {}
+        index = read_model_index(p) if (p / "model_index.json").is_file() else {}
         component = next((c for c in COMPONENTS if c in index or (p / c / "config.json").is_file()), None)
         if component is None:
             raise MpqError(f"{p} has no {' or '.join(f'{c}/config.json' for c in COMPONENTS)}")

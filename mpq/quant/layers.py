@@ -6,15 +6,14 @@ are registered buffers, so ``.to()``, ``.half()``, ``state_dict()`` and offload
 hooks treat them as any module's tensors:
 
 * ``qbits`` (n_bits,): the candidate bit-widths, in order;
-* ``w_scale``, ``w_offset`` (n_bits, rows, groups): the weight quantizer's scale (and offset: asymmetric
-  levels; zero when symmetric) per output channel (row; one row at ``tensor`` granularity) and group of
-  input columns (:class:`~mpq.quant.quantizer.WeightQuant`, the layer's ``wq``: one group per input part at
-  MixDQ's ``channel`` granularity);
+* every weight candidate's parameters (its :class:`~mpq.quant.formats.base.Format`'s, in the buffers of its bank:
+  :mod:`mpq.quant.banks`): the checkpoint's integer quantizer at each bit-width (the layer's ``wq``,
+  :class:`~mpq.quant.quantizer.WeightQuant`) in ``w_scale``, ``w_offset`` (n_bits, rows, groups): scale (and
+  offset: asymmetric levels; zero when symmetric) per output channel (row; one row at ``tensor`` granularity)
+  and group of input columns (one group per input part at MixDQ's ``channel`` granularity); the other weight
+  formats (``formats``) in ``wf_<slug>_<param>`` (e.g. ``wf_nf_ratio`` / ``wf_nf_smax``, shared by every ``nf<k>``);
 * ``a_scale``, ``a_zero`` (n_bits, n_parts): per-tensor activation scale and zero point;
 * ``a_range`` (n_parts, 2): the observed running (min, max) of the input.
-
-* ``wf_<slug>_<param>``: the parameters of the other weight formats (``formats``,
-  :mod:`mpq.quant.formats`; e.g. ``wf_nf_ratio`` / ``wf_nf_smax``, shared by every ``nf<k>``).
 
 ``n_parts`` > 1 splits a concatenated input (``in_split``, e.g. a UNet skip
 concatenation) into parts with their own weight and activation quantizers.
@@ -35,19 +34,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mpq.quant.formats import Format, Key, parse_format
-from mpq.quant.quantizer import (
-    WeightQuant,
-    act_qparams,
-    expand_params,
-    fake_quant,
-    grouped_fake_quant,
-    grouped_qparams,
-    qrange,
-    running_minmax,
-)
-
-BUFFERS = ("qbits", "w_scale", "w_offset", "a_scale", "a_zero", "a_range")
+from mpq.quant.banks import Slot, calibrators, layout
+from mpq.quant.formats import Format, Key, ParamShapes, resolve
+from mpq.quant.quantizer import WeightQuant, act_qparams, fake_quant, qrange, running_minmax
 
 
 def split_input(x: torch.Tensor, in_split: Sequence[int], dim: int) -> tuple[torch.Tensor, ...]:
@@ -77,10 +66,10 @@ class QuantLayer:
 
     weight: torch.Tensor
     qbits: torch.Tensor
-    w_scale: torch.Tensor
     a_scale: torch.Tensor
     a_zero: torch.Tensor
     a_range: torch.Tensor
+    _buffers: dict[str, torch.Tensor | None]
     register_buffer: Callable[..., None]
 
     def _init_quant(self) -> None:
@@ -89,8 +78,7 @@ class QuantLayer:
         self.act_numel = 0  # input elements per sample, as traced at PTQ (the layer description's, for the cost model)
         self.a_symmetric = False
         self.wq = WeightQuant()
-        self._groups: torch.Tensor | None = None
-        self.w_bits: int | None = None
+        self.w_bits: Key | None = None
         self.a_bits: int | None = None
         self.observing = False
         self.a_observed = False
@@ -98,8 +86,11 @@ class QuantLayer:
         self.observe_repeats = 1  # range updates per batch (MixDQ: one per candidate bit)
         self.observe_bits: int | None = None  # quantize W and A at these bits while observing (MixDQ: 8), else FP
         self._wcache: dict[Key, torch.Tensor] = {}
+        self.weight_formats: dict[Key, Format] = {}  # every weight candidate: the integer bits, then ``formats``
         self.formats: dict[str, Format] = {}  # the weight formats calibrated besides the integer bits
-        self.multi: tuple[str, list[int]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
+        self._slots: dict[Key, Slot] = {}  # where each weight candidate's parameters live (:mod:`mpq.quant.banks`)
+        self._quant_buffers: tuple[str, ...] = ()  # the buffers :meth:`init_quant` registered
+        self.multi: tuple[str, list[Key]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
 
     def init_quant(
         self,
@@ -114,7 +105,6 @@ class QuantLayer:
         """(Re)allocate the buffers for ``bits``, the weight quantizer ``wq`` (default: MixDQ's) and the other
         weight ``formats`` (zeros until calibrated or loaded)."""
         self.wq = wq or WeightQuant()
-        self._groups = None
         self.act_numel = int(act_numel)
         self.in_split = tuple(in_split) if in_split else (0, self.weight.shape[1])
         if (
@@ -125,25 +115,32 @@ class QuantLayer:
             raise ValueError(f"in_split {self.in_split} does not partition the {self.weight.shape[1]} input channels")
         self.bos_aware, self.a_symmetric = bos_aware, a_symmetric
         n, parts, dev = len(bits), len(self.in_split) - 1, self.weight.device
-        self.register_buffer("qbits", torch.tensor(list(bits), dtype=torch.int64, device=dev))
-        self._bits: list[int] | None = [int(b) for b in bits]
-        shape = tuple(self.weight.shape)
-        rows, groups = self.wq.rows(shape), self.wq.n_groups(shape, self.in_split)
-        self.register_buffer("w_scale", torch.zeros(n, rows, groups, device=dev))
-        self.register_buffer("w_offset", torch.zeros(n, rows, groups, device=dev))
-        self.register_buffer("a_scale", torch.zeros(n, parts, device=dev))
-        self.register_buffer("a_zero", torch.zeros(n, parts, device=dev))
-        self.register_buffer("a_range", torch.zeros(parts, 2, device=dev))
-        for buf in [b for b in self._buffers if b.startswith("wf_")]:
-            del self._buffers[buf]
-        self.formats = {f.name: f for f in (parse_format(n) for n in formats)}
-        for fmt in self.formats.values():
-            for param, (pshape, dtype) in fmt.param_shapes(shape, self.in_split).items():
-                if f"wf_{fmt.slug}_{param}" not in self._buffers:
-                    self.register_buffer(f"wf_{fmt.slug}_{param}", torch.zeros(pshape, dtype=dtype, device=dev))
+        for name in self._quant_buffers:  # the previous layout (another format's bank would go stale)
+            self._buffers.pop(name, None)
+        widths = [int(b) for b in bits]
+        self._bits: list[int] | None = widths
+        self.formats = {f.name: f for f in (resolve(name) for name in formats)}
+        banks = self._index_formats(widths)
+        buffers = {
+            "qbits": torch.tensor(list(bits), dtype=torch.int64, device=dev),
+            **{name: torch.zeros(shape, dtype=dtype, device=dev) for name, (shape, dtype) in banks.items()},
+            "a_scale": torch.zeros(n, parts, device=dev),
+            "a_zero": torch.zeros(n, parts, device=dev),
+            "a_range": torch.zeros(parts, 2, device=dev),
+        }
+        for name, t in buffers.items():
+            self.register_buffer(name, t)
+        self._quant_buffers = tuple(buffers)
         self.a_observed = False
         self.w_bits = self.a_bits = None
         self._wcache = {}
+
+    def _index_formats(self, bits: Sequence[int]) -> ParamShapes:
+        """Every weight candidate's format (``bits`` with ``wq``, then ``formats``) and where its parameters live;
+        returns the bank buffers they need."""
+        self.weight_formats = {f.key: f for f in (*(resolve(b, self.wq) for b in bits), *self.formats.values())}
+        banks, self._slots = layout(list(self.weight_formats.values()), tuple(self.weight.shape), self.in_split)
+        return banks
 
     @property
     def bits(self) -> list[int]:
@@ -161,49 +158,44 @@ class QuantLayer:
     @property
     def weight_keys(self) -> list[Key]:
         """The weight candidates: the calibrated bit-widths, then the other formats."""
-        return [*self.bits, *self.formats]
+        return list(self.weight_formats)
 
-    def _index(self, bits: Key, kind: str) -> int:
-        if kind == "weight" and isinstance(bits, str):
-            if bits not in self.formats:
-                raise KeyError(f"weight format {bits} was not calibrated (calibrated: {self.weight_keys})")
-            return len(self.bits) + list(self.formats).index(bits)
-        cand = self.bits
-        if bits not in cand:
-            raise KeyError(f"{kind} bit-width {bits} was not calibrated (calibrated: {cand})")
-        return cand.index(bits)
+    def weight_format(self, key: Key) -> Format:
+        """The format of a calibrated weight candidate (a bit-width or a format's name)."""
+        fmt = self.weight_formats.get(key)
+        if fmt is None:
+            raise KeyError(f"weight {key} was not calibrated (calibrated: {self.weight_keys})")
+        return fmt
+
+    def _act_index(self, bits: Key) -> int:
+        for k, b in enumerate(self.bits):
+            if b == bits:
+                return k
+        raise KeyError(f"activation bit-width {bits} was not calibrated (calibrated: {self.bits})")
+
+    def _check(self, bits: Key, kind: str) -> None:
+        """A KeyError unless ``bits`` was calibrated for ``kind`` (weight or activation)."""
+        if kind == "weight":
+            self.weight_format(bits)
+        else:
+            self._act_index(bits)
 
     def format_params(self, fmt: Format) -> dict[str, torch.Tensor]:
-        """A format's calibrated parameters (its ``wf_`` buffers)."""
-        prefix = f"wf_{fmt.slug}_"
-        return {k[len(prefix) :]: t for k, t in self._buffers.items() if k.startswith(prefix) and t is not None}
+        """A weight candidate's calibrated parameters (views of its bank's buffers)."""
+        return self._slots[fmt.key].view(self._buffers)
 
     def _input_dim(self) -> int:
         return 1 if isinstance(self, nn.Conv2d) else -1
 
     # ------------------------------------------------------------------ calibration
-    @property
-    def column_groups(self) -> torch.Tensor:
-        """The weight quantizer's group of every input column (cached; see :class:`WeightQuant`)."""
-        if self._groups is None or self._groups.device != self.weight.device:
-            self._groups = self.wq.column_groups(tuple(self.weight.shape), self.in_split).to(self.weight.device)
-        return self._groups
-
-    def weight_params(self, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, offset) at ``bits``, spread to broadcast over the weight."""
-        k = self._index(bits, "weight")
-        shape = tuple(self.weight.shape)
-        g = self.column_groups
-        return expand_params(self.w_scale[k], g, shape), expand_params(self.w_offset[k], g, shape)
-
     def calibrate_weight(self) -> None:
-        """Every candidate bit's weight scale (and offset) from the weight, as ``wq`` says."""
-        params = grouped_qparams(self.weight, self.bits, self.wq, self.in_split)
-        for k, b in enumerate(self.bits):
-            self.w_scale[k], self.w_offset[k] = params[b]
-        for slug, fmt in {f.slug: f for f in self.formats.values()}.items():  # every nf<k> shares one set
+        """Every weight candidate's parameters from the weight (each bank filled once: every ``nf<k>`` shares one)."""
+        for fmt in calibrators(list(self.weight_formats.values())):
+            slot = self._slots[fmt.key]
             for param, t in fmt.calibrate(self.weight, self.in_split).items():
-                self._buffers[f"wf_{slug}_{param}"].copy_(t)
+                buf = self._buffers[slot.bank + param]
+                assert buf is not None
+                (buf if slot.row is None else buf[slot.row]).copy_(t)
         self._wcache = {}
 
     def observe(self, x: torch.Tensor) -> None:
@@ -228,7 +220,7 @@ class QuantLayer:
     def set_bits(self, w_bits: Key | None, a_bits: int | None) -> None:
         for kind, b in (("weight", w_bits), ("activation", a_bits)):
             if b is not None:
-                self._index(b, kind)
+                self._check(b, kind)
         self.w_bits, self.a_bits = w_bits, a_bits
 
     def set_multi(self, kind: str | None, bits: list[Key] | None = None) -> None:
@@ -238,7 +230,7 @@ class QuantLayer:
             self.multi = None
             return
         for b in bits:
-            self._index(b, kind)
+            self._check(b, kind)
         self.multi = (kind, list(bits))
 
     def _parts(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -247,7 +239,7 @@ class QuantLayer:
     def _fq_act(self, x: torch.Tensor, bits: int | None) -> torch.Tensor:
         if bits is None:
             return x
-        k = self._index(bits, "activation")
+        k = self._act_index(bits)
         return fake_quant_input(
             x, self.in_split, self._input_dim(), self.a_scale[k], self.a_zero[k], bits, self.a_symmetric
         )
@@ -256,13 +248,9 @@ class QuantLayer:
         """The weight fake-quantized at ``bits`` (or in the format it names; cached), or the float weight."""
         if bits is None:
             return self.weight
-        if isinstance(bits, str) and bits not in self._wcache:
-            self._index(bits, "weight")
-            fmt = self.formats[bits]
-            self._wcache[bits] = fmt.fake_quant(self.weight, self.format_params(fmt), self.in_split)
         if bits not in self._wcache:
-            scale, offset = self.weight_params(bits)
-            self._wcache[bits] = grouped_fake_quant(self.weight, scale, offset, bits, self.wq.asymmetric)
+            fmt = self.weight_format(bits)
+            self._wcache[bits] = fmt.fake_quant(self.weight, self.format_params(fmt), self.in_split)
         return self._wcache[bits]
 
     def _op(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -295,17 +283,18 @@ class QuantLayer:
     # ------------------------------------------------------------------ torch plumbing
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         self._wcache = {}  # moved or cast: the cached quantized weights are stale
-        self._groups = None
         return super()._apply(fn, recurse)  # type: ignore[misc]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._wcache = {}
         self._bits = None  # re-read from the loaded qbits
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
+        if self._quant_buffers and not self.qbits.is_meta:
+            self._index_formats(self.bits)  # the loaded bit-widths are the weight candidates
 
     def quant_state(self) -> dict[str, torch.Tensor]:
-        state = {b: getattr(self, b) for b in BUFFERS if hasattr(self, b)}
-        return state | {k: t for k, t in self._buffers.items() if k.startswith("wf_") and t is not None}
+        """The quant buffers (the PTQ checkpoint's tensors): ``qbits``, every weight candidate's bank, ``a_*``."""
+        return {k: t for k in self._quant_buffers if (t := self._buffers.get(k)) is not None}
 
     def extra_repr(self) -> str:
         base = super().extra_repr()  # type: ignore[misc]

@@ -27,6 +27,8 @@ from typing import Any
 
 import torch
 
+from mpq.runner.choices import GRANULARITIES, LEVELS, SCALE_METHODS
+
 EPS = 1e-8
 
 
@@ -81,8 +83,6 @@ def running_minmax(
 
 
 # ----------------------------------------------------------------------------- grouped weight quantizer
-LEVELS = ("symmetric", "asymmetric")
-GRANULARITIES = ("tensor", "channel", "kernel", "group")
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ class WeightQuant:
             raise ValueError(f"unknown weight levels {self.levels!r} (known: {', '.join(LEVELS)})")
         if self.granularity not in GRANULARITIES:
             raise ValueError(f"unknown weight granularity {self.granularity!r} (known: {', '.join(GRANULARITIES)})")
-        if self.method not in ("minmax", "mse"):
+        if self.method not in SCALE_METHODS:
             raise ValueError(f"unknown weight scale method {self.method!r}")
         if self.group_size < 1:
             raise ValueError(f"group_size must be positive, not {self.group_size}")

@@ -12,6 +12,7 @@ calibration prompts when it is null; then their FP images are the run's
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,10 +58,11 @@ class EvalSet:
         return to_array(self.fp_images)
 
 
-def calibration_set(run: RunDir, n: int) -> EvalSet:
-    """The first ``n`` calibration prompts, their seeds and the run's FP images of them (selection, the report)."""
-    prompts, seeds = calib_prompts(run)
-    n = min(n, len(prompts))
+def calibration_set(run: RunDir, n: int, asked: str) -> EvalSet:
+    """The first ``n`` calibration prompts, their seeds and the run's FP images of them (selection, the report);
+    ``asked``: the setting that wants ``n`` (named in the note when the run has fewer)."""
+    prompts, seeds = calib_prompts(run, n, asked)
+    n = len(prompts)
     fix = f"re-run `mpq calib --force --base_path {run.root}`"
     return EvalSet(prompts[:n], seeds[:n], load_images(fp_image_paths(run, n), fix))
 
@@ -68,8 +70,14 @@ def calibration_set(run: RunDir, n: int) -> EvalSet:
 def eval_set(cfg: DictConfig, run: RunDir, pipe: Any, folder: Path) -> EvalSet:
     """The evaluation prompts, seeds and FP images (generated into ``folder`` unless they are the calibration ones)."""
     if cfg.eval.prompts_file is None:
-        return calibration_set(run, cfg.eval.num_images)
+        return calibration_set(run, cfg.eval.num_images, "eval.num_images")
     listed = read_prompts(cfg.eval.prompts_file, "eval.prompts_file")
+    if cfg.eval.num_images > len(listed):
+        print(
+            f"mpq: note: eval.num_images = {cfg.eval.num_images}, but {cfg.eval.prompts_file} lists {len(listed)} "
+            f"prompts: evaluating on {len(listed)}",
+            file=sys.stderr,
+        )
     prompts, seeds = cycle(listed, min(cfg.eval.num_images, len(listed)), cfg.sampling.seed)
     images = generate(pipe, prompts, seeds, cfg, desc="eval: FP images")
     save_images(images, folder)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from mpq.layers import KINDS
+from mpq.runner.choices import KINDS
 from mpq.runner.files import write_with
 from mpq.search.candidates import Candidate
 from mpq.search.mixdq_files import MAX_SQNR_DB

@@ -22,19 +22,18 @@ from mpq.calibration.checkpoint import quantized_pipeline, run_layers
 from mpq.cost import CostModel
 from mpq.errors import MpqError
 from mpq.images import load_images, to_array
-from mpq.layers import KINDS, LayerInfo
+from mpq.layers import LayerInfo
 from mpq.metrics import image_mse
-from mpq.plan import BitPlan, final_plan, read_plan
-from mpq.quant.formats import parse_format
+from mpq.plan import BitPlan, final_plan, plan_file, read_plan
 from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, eval_set, evaluate_plans, slug
 from mpq.report.plots import plot_pareto, plot_peers, plot_selection, plot_sensitivity
+from mpq.runner.choices import KINDS, METRICS
 from mpq.runner.files import write_json, write_text, write_with
 from mpq.runner.rundir import RunDir
 from mpq.search.candidates import read_candidates
 from mpq.search.mixdq_files import read_sensitivity
 from mpq.selection import Score, read_scores
-from mpq.sensitivity import METRICS
 from mpq.shapes.data import ATTRIBUTES
 
 MIXED_W = "mixed W, A16"  # the best mixed weight plan with no more bytes than uniform W4, activations FP
@@ -44,7 +43,7 @@ SHOWN_IMAGES = 8
 
 def final_mse(run: RunDir, n: int) -> float:
     gen = sorted(run.generated_images.glob("*.png"))[:n]
-    refs = [run.fp_images / p.name for p in gen]
+    refs = [run.fp_image(p.name) for p in gen]
     return float(np.mean(image_mse(to_array(load_images(gen)), to_array(load_images(refs)))))
 
 
@@ -88,7 +87,7 @@ def uniform_selection_points(
 ) -> dict[str, list[dict[str, Any]]]:
     """Uniform reference plans scored like the candidates, on the selection images: W8/W4/W2 (activations FP) for the
     weight plot, A8/A4 on top of the chosen weight plan for the act plot. {kind: [{label, bytes, mse}]}"""
-    data = calibration_set(run, cfg.select.num_images)
+    data = calibration_set(run, cfg.select.num_images, "select.num_images")
     plans: dict[str, tuple[str, BitPlan]] = {}
     for b in (8, 4, 2):
         if b in qm.bits:
@@ -106,9 +105,9 @@ def uniform_selection_points(
     return out
 
 
-def peer_results(cfg: DictConfig, rep: Path) -> dict[str, Any] | None:
-    """``eval.peers`` (a peer benchmark's ``peers.json``) drawn into ``rep/peers.png``: its byte levels and tools, or
-    None when not given."""
+def peer_results(cfg: DictConfig, run: RunDir) -> dict[str, Any] | None:
+    """``eval.peers`` (a peer benchmark's ``peers.json``) drawn into ``report/peers.png``: its byte levels and tools,
+    or None when not given."""
     if not cfg.eval.peers:
         return None
     from mpq.runner.files import read_json
@@ -123,7 +122,7 @@ def peer_results(cfg: DictConfig, rep: Path) -> dict[str, Any] | None:
         isinstance(p, dict) and {"tool", "bytes", "mean_mse"} <= set(p) for p in points
     ):
         raise MpqError(f"{path} is not a peer benchmark's peers.json (no points with tool, bytes, mean_mse); re-run it")
-    plot_peers(points, rep / "peers.png", f"{data.get('config', '')}: peers, weight-only ({path.name})")
+    plot_peers(points, run.peers_plot, f"{data.get('config', '')}: peers, weight-only ({path.name})")
     return {"source": str(path), "levels": data.get("levels", []), "n_images": data.get("n_images")}
 
 
@@ -141,7 +140,6 @@ def format_shares(plan: BitPlan, infos: list[LayerInfo]) -> dict[str, dict[str, 
 
 def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     """Evaluate FP, uniform and chosen plans on the evaluation prompts; plots; summary.json; index.html."""
-    rep = run.report
     pipe, qm, manifest = quantized_pipeline(cfg, run, pipe)
     bits = list(manifest["bits"])
     infos = run_layers(cfg, run)
@@ -157,10 +155,10 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     scores = {k: _scores(run, k) for k in KINDS}
     mixed = mixed_weight_pick(scores["weight"], w4_bytes)
     if mixed:
-        plans[MIXED_W] = BitPlan(read_plan(run.candidates / "weight" / mixed))
+        plans[MIXED_W] = BitPlan(read_plan(run.candidate_plan("weight", mixed)))
     plans[CHOSEN] = final
-    data = eval_set(cfg, run, pipe, rep / "images" / "fp")
-    results = evaluate_plans(cfg, pipe, qm, plans, data, rep / "images")
+    data = eval_set(cfg, run, pipe, run.report_images / slug("FP"))  # beside each plan's: report_images/<slug>
+    results = evaluate_plans(cfg, pipe, qm, plans, data, run.report_images)
     for label, res in results.items():
         res.update(cost.plan_cost(plans.get(label, BitPlan()), infos).as_dict())
     export = exported_sizes(cfg, pipe, qm, plans, results, cost)
@@ -168,13 +166,13 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     groups = {i.name: i.group for i in infos}
     for key, values in tables.items():
         kind, metric = key.split("_")
-        plot_sensitivity(rep / f"sensitivity_{key}.png", kind, metric, values, bits, groups)
+        plot_sensitivity(run.sensitivity_plot(kind, metric), kind, metric, values, bits, groups)
     chosen = {k: next((r.plan_file for r in scores[k] if r.chosen), "") for k in KINDS}
     candidates = read_candidates(run.require(run.candidate_table, f"run `mpq search --base_path {run.root}` first"))
-    plot_pareto(candidates, rep / "pareto.png", chosen)
+    plot_pareto(candidates, run.pareto_plot, chosen)
     uniform = uniform_selection_points(cfg, run, pipe, qm, infos, cost, final)
-    plot_selection(scores, uniform, rep / "selection.png")
-    peers = peer_results(cfg, rep)
+    plot_selection(scores, uniform, run.selection_plot)
+    peers = peer_results(cfg, run)
     summary: dict[str, Any] = cost.plan_cost(final, infos).as_dict()
     summary.update(
         {
@@ -194,8 +192,8 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     if qm.formats:
         summary["weight_formats"] = format_shares(final, infos)
     write_json(run.summary, summary)
-    write_text(rep / "index.html", _html(cfg, run, data.prompts, summary, scores["weight"]))
-    return rep / "index.html"
+    write_text(run.report_page, _html(cfg, run, data.prompts, summary, scores["weight"]))
+    return run.report_page
 
 
 def exported_sizes(
@@ -225,13 +223,9 @@ def exported_sizes(
         stored = priced = 0.0
         for name, layer in qm.layers.items():
             key, shape = plan.weight.get(name), tuple(layer.weight.shape)
-            if isinstance(key, str):  # a weight format: its parameters as stored (fp32) and as priced
-                fmt = parse_format(key)
-                stored += fmt.param_bytes(shape, layer.in_split, 4)
-                priced += fmt.param_bytes(shape, layer.in_split, cost.scale_bytes)
-            elif key is not None:
-                stored += 4 * layer.w_scale[0].numel() * (2 if layer.wq.asymmetric else 1)  # fp32
-                priced += cost.scale_bytes * cost.wq.n_params(shape, layer.in_split)
+            if key is not None:  # the weight's parameters as stored (fp32) and as priced
+                stored += layer.weight_format(key).param_bytes(shape, layer.in_split, 4)
+                priced += cost.format(key).param_bytes(shape, layer.in_split, cost.scale_bytes)
         n_fp = sum(layer.weight.numel() for name, layer in qm.layers.items() if name not in plan.weight)
         res["export_scale_extra_bytes"] = stored - priced
         res["export_fp_weight_extra_bytes"] = n_fp * (2 - cost.fp_bytes)
@@ -284,10 +278,11 @@ def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:
     """The headline numbers of a finished run, as ``mpq run`` prints them."""
     lines = [
         f"run directory: {run.root}",
-        f"  final plans: {run.final_weight}, {run.final_act} (+ {s['act_protected']} act-protected layers)",
+        f"  final plans: {plan_file(run.final_weight)}, {plan_file(run.final_act)} (+ {s['act_protected']} "
+        "act-protected layers)",
         f"  images:      {run.generated_images}  (FP references: {run.fp_images})",
         f"  checkpoint:  {run.ckpt}",
-        f"  report:      {run.report / 'index.html'}",
+        f"  report:      {run.report_page}",
         f"  weights {bits_text(s['weight_avg_bits'], s['weight_fp_layers'])} avg bits, activations "
         f"{bits_text(s['act_avg_bits'], s['act_fp_layers'])} avg bits (averages over the quantized layers)",
         f"  weight bytes {s['weight_bytes']:,.0f} vs FP {s['fp_weight_bytes']:,.0f} "
@@ -437,10 +432,10 @@ def _html(cfg: DictConfig, run: RunDir, prompts: list[str], s: dict[str, Any], w
     eval_rows, eval_cols = _eval_rows(s)
     adh = adherence_line(s)
     sens = "".join(
-        f"<figure class=plot><img src='sensitivity_{k}_{m}.png'><figcaption>{k} {m}</figcaption></figure>"
+        f"<figure class=plot><img src='{run.sensitivity_plot(k, m).name}'><figcaption>{k} {m}</figcaption></figure>"
         for k in KINDS
         for m in METRICS
-        if (run.report / f"sensitivity_{k}_{m}.png").is_file()
+        if run.sensitivity_plot(k, m).is_file()
     )
     spread = "".join(
         f"<li>{k}: " + ", ".join(f"{b} bit {v[0]:.4f} / {v[1]:.4f} / {v[2]:.4f}" for b, v in bits.items()) + "</li>"
@@ -477,11 +472,11 @@ denoiser file (norms, biases, BOS caches, activation params included; FP16 denoi
 <h2>Images (prompts under the
 images{"; ✓ / ✗: every attribute read back right or not" if adh else ""})</h2>{_image_grid(s, prompts)}
 <h2>Candidates: the program's Pareto front</h2><p>The integer program's objective against bytes; the line is the
-front (no other candidate has fewer bytes and a higher objective).</p><img src='pareto.png'>
+front (no other candidate has fewer bytes and a higher objective).</p><img src='{run.pareto_plot.name}'>
 <h2>Candidates as selection scored them</h2><p>Every candidate's selection-image MSE against FP (log scale) against
 its bytes;
 uniform plans on the same images for reference (weights: W8/W4/W2 with FP activations; activations: A8/A4 on the chosen
-weight plan); the chosen plans starred.</p><img src='selection.png'>
+weight plan); the chosen plans starred.</p><img src='{run.selection_plot.name}'>
 {_peers_html(s.get("peers"))}
 {trace_html(run)}
 <h2>Weight candidates scored (selection
@@ -496,7 +491,7 @@ def trace_html(run: RunDir) -> str:
     report folder and the worst components of each mode."""
     from mpq.trace.files import PLOTS, TRACE_JSON, read_trace
 
-    folder = run.root / "trace"
+    folder = run.trace
     if not (folder / TRACE_JSON).is_file():
         return ""
     t = read_trace(folder / TRACE_JSON)
@@ -504,7 +499,7 @@ def trace_html(run: RunDir) -> str:
     for name in PLOTS:
         if (folder / name).is_file():
             data = (folder / name).read_bytes()
-            write_with(run.report / name, lambda tmp, d=data: tmp.write_bytes(d))
+            write_with(run.report_copy(folder / name), lambda tmp, d=data: tmp.write_bytes(d))
             figures += f"<img src='{name}'>"
     rows = []
     for mode in t["modes"]:

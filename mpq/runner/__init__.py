@@ -1,2 +1,2 @@
-"""The runner: config, run directory, stage registry, atomic files, progress, the resumable sharded-work helper,
-torchrun ranks and launcher, the CLI."""
+"""The infrastructure every stage stands on: config, run directory, atomic files, progress, the resumable
+sharded-work helper and torchrun ranks. Nothing here imports a stage or a command."""

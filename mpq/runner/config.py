@@ -19,6 +19,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from mpq.errors import MpqError
+from mpq.runner import choices
 
 
 # --------------------------------------------------------------------------- schema
@@ -278,12 +279,20 @@ def _compose(path: Path) -> DictConfig:
     from hydra import compose, initialize_config_dir
     from hydra.errors import HydraException
 
+    root = config_root()
+    shipped = sorted({p.parent for p in root.rglob("*.yaml")}) if root.is_dir() else []
+    # a config's defaults are looked up beside it first, then among mpq's configs (a user config can build on them)
+    search = [f"file://{d}" for d in shipped if d != path.parent]
     try:
         with initialize_config_dir(config_dir=str(path.parent), version_base=None):
-            return compose(config_name=path.stem)
+            return compose(
+                config_name=path.stem, overrides=[f"hydra.searchpath=[{','.join(search)}]"] if search else []
+            )
     except HydraException as err:
         first = str(err).strip().splitlines()[0]
-        raise MpqError(f"config {path}: {first}") from None
+        where = ", ".join([str(path.parent), *(str(d) for d in shipped if d != path.parent)])
+        hint = f" (defaults are looked up in {where})" if "Could not" in first or "not found" in first else ""
+        raise MpqError(f"config {path}: {first}{hint}") from None
     except yaml.YAMLError as err:
         raise MpqError(f"config {path}: not valid YAML{_where(err)}; fix the file") from None
     except UnicodeDecodeError:
@@ -390,13 +399,11 @@ def _one_of(value: Any, allowed: tuple[Any, ...], key: str) -> None:
 
 
 def validate(cfg: DictConfig) -> None:
-    _one_of(cfg.model.dtype, ("fp32", "fp16", "bf16"), "model.dtype")
+    _one_of(cfg.model.dtype, tuple(choices.DTYPES), "model.dtype")
     if not (cfg.model.device in ("auto", "cpu", "cuda", "mps") or str(cfg.model.device).startswith("cuda:")):
         raise MpqError(f"config key 'model.device' is '{cfg.model.device}'; use auto, cpu, cuda, cuda:N or mps")
-    _one_of(
-        cfg.sampling.scheduler, ("keep", "euler_ancestral", "euler", "ddim", "dpm", "flow_euler"), "sampling.scheduler"
-    )
-    _one_of(cfg.sampling.timestep_spacing, ("trailing", "leading", "linspace"), "sampling.timestep_spacing")
+    _one_of(cfg.sampling.scheduler, ("keep", *choices.SCHEDULERS), "sampling.scheduler")
+    _one_of(cfg.sampling.timestep_spacing, choices.TIMESTEP_SPACINGS, "sampling.timestep_spacing")
     if cfg.sampling.guidance_scale < 0:
         raise MpqError(f"config key 'sampling.guidance_scale' is {cfg.sampling.guidance_scale}; use a value >= 0")
     msl = cfg.sampling.max_sequence_length
@@ -407,19 +414,18 @@ def validate(cfg: DictConfig) -> None:
     if cfg.sampling.resolution % 8 or cfg.sampling.resolution < 32:
         raise MpqError(f"config key 'sampling.resolution' is {cfg.sampling.resolution}; use a multiple of 8, >= 32")
     bits = list(cfg.quant.bits)
-    if not bits or any(b < 2 or b > 8 for b in bits) or bits != sorted(set(bits)):
+    if not bits or any(b < choices.MIN_BITS or b > choices.MAX_BITS for b in bits) or bits != sorted(set(bits)):
         raise MpqError(
-            f"config key 'quant.bits' is {bits}; give distinct increasing bit-widths in 2..8 (what the packed export "
+            f"config key 'quant.bits' is {bits}; give distinct increasing bit-widths in "
+            f"{choices.MIN_BITS}..{choices.MAX_BITS} (what the packed export "
             "stores), e.g. [2,4,8]"
         )
-    from mpq.quant.quantizer import GRANULARITIES, LEVELS  # here: mpq.quant's package imports the config module
-
-    _one_of(cfg.quant.weight.levels, LEVELS, "quant.weight.levels")
-    _one_of(cfg.quant.weight.granularity, GRANULARITIES, "quant.weight.granularity")
+    _one_of(cfg.quant.weight.levels, choices.LEVELS, "quant.weight.levels")
+    _one_of(cfg.quant.weight.granularity, choices.GRANULARITIES, "quant.weight.granularity")
     if cfg.quant.weight.group_size < 1:
         raise MpqError(f"config key 'quant.weight.group_size' is {cfg.quant.weight.group_size}; use e.g. 32, 64 or 128")
-    _one_of(cfg.quant.weight.scale_method, ("minmax", "mse"), "quant.weight.scale_method")
-    _one_of(cfg.quant.act.calibration, ("mpq", "mixdq"), "quant.act.calibration")
+    _one_of(cfg.quant.weight.scale_method, choices.SCALE_METHODS, "quant.weight.scale_method")
+    _one_of(cfg.quant.act.calibration, choices.ACT_CALIBRATIONS, "quant.act.calibration")
     if not 0.0 <= cfg.quant.act.momentum < 1.0:
         raise MpqError("config key 'quant.act.momentum' must be in [0, 1)")
     if not 0.0 < cfg.quant.weight.mse_min_ratio <= 1.0:
@@ -435,15 +441,15 @@ def validate(cfg: DictConfig) -> None:
         if b is not None and b not in known:
             raise MpqError(f"config key '{key}' is {b}; use one of the candidates {known} or null (FP)")
     _validate_search(cfg)
-    _one_of(cfg.sensitivity.method, ("fast", "naive", "local", "fisher", "hybrid"), "sensitivity.method")
-    _one_of(cfg.sensitivity.estimator, ("local", "fisher"), "sensitivity.estimator")
+    _one_of(cfg.sensitivity.method, choices.METHODS, "sensitivity.method")
+    _one_of(cfg.sensitivity.estimator, choices.ESTIMATORS, "sensitivity.estimator")
     if not 0.0 <= cfg.sensitivity.hybrid_fraction <= 1.0:
         raise MpqError("config key 'sensitivity.hybrid_fraction' must be within [0, 1]")
-    _one_of(cfg.sensitivity.dtype, ("fp32", "fp16", "bf16"), "sensitivity.dtype")
-    _one_of(cfg.sensitivity.ssim, ("mixdq", "gaussian"), "sensitivity.ssim")
+    _one_of(cfg.sensitivity.dtype, tuple(choices.DTYPES), "sensitivity.dtype")
+    _one_of(cfg.sensitivity.ssim, choices.SSIM_KINDS, "sensitivity.ssim")
     if cfg.select.num_images < 1:
         raise MpqError("config key 'select.num_images' must be >= 1")
-    _one_of(cfg.sensitivity.share_bits, ("auto", "always", "never"), "sensitivity.share_bits")
+    _one_of(cfg.sensitivity.share_bits, choices.SHARE_BITS, "sensitivity.share_bits")
     if cfg.sensitivity.num_images < 1 or cfg.sensitivity.batch_size < 1 or cfg.sensitivity.cache_budget_mb <= 0:
         raise MpqError(
             "config keys sensitivity.num_images, sensitivity.batch_size must be >= 1 and sensitivity.cache_budget_mb > "
@@ -452,7 +458,8 @@ def validate(cfg: DictConfig) -> None:
 
 
 def _format_key(value: Any, key: str) -> Any:
-    from mpq.quant.formats import weight_key  # here: mpq.quant's package imports the config module
+    # upward on purpose: weight-format names are a registry of classes in the model layer, asked, not copied
+    from mpq.quant.formats import weight_key
 
     try:
         return weight_key(value)

@@ -1,10 +1,11 @@
 """The run directory: every stage reads and writes files here.
 
-A stage leaves a stamp (``.stamps/<stage>.json``) holding a hash of the
-config keys it depends on and of its upstream stamps. It is up to date when
-its stamp matches and all its outputs exist; then it is skipped. Deleting an
-artifact, or changing a config key it reads, re-runs that stage and, through
-the stamp chain, everything downstream.
+A stage leaves a stamp (``.stamps/<stage>.json``) holding the values of the
+config keys it depends on (its :class:`StageSpec`, less the bookkeeping keys)
+and hashes of its upstream stamps. It is up to date when its stamp matches and
+all its outputs exist; then it is skipped. Deleting an artifact, or changing a
+config key it reads, re-runs that stage and, through the stamp chain,
+everything downstream. Every path of a run is spelled here, and only here.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,16 +22,50 @@ from typing import Any
 from omegaconf import DictConfig
 
 from mpq.errors import MpqError
-from mpq.runner.config import config_from_yaml_text, load_config, to_yaml
+from mpq.runner.config import config_from_yaml_text, load_config, settings, to_yaml
 from mpq.runner.files import file_digest, formats_twin, write_json, write_text
 
 
 @dataclass(frozen=True)
 class StageSpec:
+    """One stage's declaration: the config keys its outputs depend on, the stages it reads, and its outputs. The
+    stamp (:meth:`RunDir.stage_state`), the stage's signatures and its done markers (:mod:`mpq.runner.sharded`) all
+    read the keys from here, through :meth:`values`; the declarations themselves are :mod:`mpq.runner.specs`."""
+
     name: str
-    config_keys: tuple[str, ...]  # dotted config keys whose values the stage's outputs depend on
+    config_keys: tuple[str, ...]  # dotted config keys (a section: all of it) whose values the stage's outputs depend on
     upstream: tuple[str, ...]  # stages whose outputs it reads
-    outputs: tuple[str, ...]  # paths relative to the run directory
+    outputs: Callable[[RunDir], tuple[Path, ...]]  # its files and folders, as the run directory names them
+    # keys within ``config_keys`` that change no number (how often progress is saved, memory chunking): in no stamp
+    # and no signature
+    bookkeeping: tuple[str, ...] = ()
+    # keys within ``config_keys`` that choose how each output is computed (sensitivity.method, ...): the stamp holds
+    # them as set, so changing one re-runs the stage; each output's signature holds what its computation used instead
+    # (an exact file does not depend on the estimator), so the stage re-makes only the outputs they change
+    variants: tuple[str, ...] = ()
+
+    def values(self, cfg: DictConfig, leave_out: Sequence[str] = ()) -> dict[str, Any]:
+        """{key: resolved value} of ``config_keys`` as stamps and signatures record them: the bookkeeping keys, and
+        ``leave_out``, dropped (a dropped key inside a section is dropped from the section's value)."""
+        dropped = (*self.bookkeeping, *leave_out)
+        out: dict[str, Any] = {}
+        for key in self.config_keys:
+            if key in dropped:
+                continue
+            value = settings(cfg, key)
+            for d in dropped:
+                if d.startswith(key + "."):
+                    _drop(value, d[len(key) + 1 :].split("."))
+            out[key] = value
+        return out
+
+
+def _drop(value: Any, path: list[str]) -> None:
+    """Remove the nested key ``path`` from a dict of dicts (nothing when absent)."""
+    for part in path[:-1]:
+        value = value.get(part) if isinstance(value, dict) else None
+    if isinstance(value, dict):
+        value.pop(path[-1], None)
 
 
 class RunDir:
@@ -47,18 +82,33 @@ class RunDir:
     def config_path(self) -> Path:
         return self.root / "config.yaml"
 
+    # calib: the FP run
     @property
     def calib(self) -> Path:
         return self.root / "calib"
 
     @property
+    def calib_meta(self) -> Path:
+        return self.calib / "meta.json"
+
+    def calib_step(self, k: int) -> Path:
+        """The recorded denoiser inputs and outputs of step ``k``."""
+        return self.calib / f"step_{k:03d}.safetensors"
+
+    @property
     def fp_images(self) -> Path:
         return self.root / "fp_images"
 
+    def fp_image(self, image: int | str) -> Path:
+        """FP image number ``image``, or the FP image named like a generated one (``0003.png``)."""
+        return self.fp_images / (image if isinstance(image, str) else f"{image:04d}.png")
+
+    # ptq
     @property
     def ckpt(self) -> Path:
         return self.root / "ckpt.safetensors"
 
+    # sensitivity
     @property
     def sensitivity(self) -> Path:
         return self.root / "sensitivity"
@@ -71,6 +121,24 @@ class RunDir:
         return self.sensitivity / "float_floor.json"
 
     @property
+    def sensitivity_load(self) -> Path:
+        """Each file's load per rank, of the sharded runs that made them."""
+        return self.sensitivity / "distributed.json"
+
+    def estimate_file(self, kind: str, estimator: str) -> Path:
+        """An estimator's numbers for every layer (the SQNR and the SSIM file of ``kind`` read the same)."""
+        return self.sensitivity / "estimate" / f"{kind}.{estimator}.yaml"
+
+    def exact_subset_file(self, kind: str, metric: str) -> Path:
+        """Hybrid: the exact metric of the layers it recomputed."""
+        return self.sensitivity / "estimate" / f"{kind}_{metric}.exact.yaml"
+
+    def hybrid_report(self, kind: str, metric: str) -> Path:
+        """Hybrid: which layers were recomputed exactly, and the offsets onto the exact scale."""
+        return self.sensitivity / f"hybrid_{kind}_{metric}.json"
+
+    # search
+    @property
     def candidates(self) -> Path:
         return self.root / "candidates"
 
@@ -78,17 +146,38 @@ class RunDir:
     def candidate_table(self) -> Path:
         return self.candidates / "pareto.csv"
 
+    def candidate_folder(self, kind: str) -> Path:
+        """The sweep's plan files of ``kind`` (exactly the table's)."""
+        return self.candidates / kind
+
+    def candidate_plan(self, kind: str, plan_file: str) -> Path:
+        return self.candidate_folder(kind) / plan_file
+
+    @property
+    def manual_plans(self) -> Path:
+        """Plans of single solves (``mpq search --K/--budget_mb``), beside the sweep's."""
+        return self.candidates / "manual"
+
     @property
     def act_protect(self) -> Path:
         """The search's act-protect list (MixDQ: ``act_protect.pt``; a ``.txt`` copy beside it)."""
         return self.candidates / "act_protect.pt"
 
+    # select
     @property
     def selection(self) -> Path:
         return self.root / "selection"
 
     def scores(self, kind: str) -> Path:
         return self.selection / f"{kind}_scores.csv"
+
+    def budgets(self, kind: str) -> Path:
+        """The best scored plan at each named budget."""
+        return self.selection / f"{kind}_budgets.csv"
+
+    def selection_images(self, kind: str, plan_file: str) -> Path:
+        """The images a candidate plan generated for selection."""
+        return self.selection / "images" / kind / Path(plan_file).stem
 
     @property
     def final_weight(self) -> Path:
@@ -102,6 +191,7 @@ class RunDir:
     def final_protect(self) -> Path:
         return self.selection / "final_act_protect.pt"
 
+    # final
     @property
     def generated_images(self) -> Path:
         return self.root / "generated_images"
@@ -112,28 +202,46 @@ class RunDir:
         return self.root / "infer_images"
 
     @property
+    def trace(self) -> Path:
+        """``mpq trace``'s default folder (never a stage's output; the report shows it)."""
+        return self.root / "trace"
+
+    # report
+    @property
     def report(self) -> Path:
         return self.root / "report"
 
-    def stage_owned(self, path: str | Path) -> bool:
-        """Whether ``path`` is the run directory itself or lies in a folder a stage writes (images there belong to
-        it)."""
-        target = Path(path).resolve()
-        owned = (
-            self.calib,
-            self.fp_images,
-            self.sensitivity,
-            self.candidates,
-            self.selection,
-            self.generated_images,
-            self.report,
-            self.stamps,
-        )
-        return target == self.root.resolve() or any(target.is_relative_to(d.resolve()) for d in owned)
+    @property
+    def report_page(self) -> Path:
+        return self.report / "index.html"
 
     @property
     def summary(self) -> Path:
         return self.report / "summary.json"
+
+    @property
+    def report_images(self) -> Path:
+        """The evaluation images, one folder a plan (and FP's)."""
+        return self.report / "images"
+
+    def sensitivity_plot(self, kind: str, metric: str) -> Path:
+        return self.report / f"sensitivity_{kind}_{metric}.png"
+
+    @property
+    def pareto_plot(self) -> Path:
+        return self.report / "pareto.png"
+
+    @property
+    def selection_plot(self) -> Path:
+        return self.report / "selection.png"
+
+    @property
+    def peers_plot(self) -> Path:
+        return self.report / "peers.png"
+
+    def report_copy(self, source: Path) -> Path:
+        """Where the report page keeps a copy of a file it shows from elsewhere (a trace's plots): its name."""
+        return self.report / source.name
 
     @property
     def stamps(self) -> Path:
@@ -169,9 +277,7 @@ class RunDir:
         return self.stamps / f"{stage}.json"
 
     def _expected(self, stage: StageSpec, cfg: DictConfig) -> dict[str, object]:
-        from mpq.runner.config import settings
-
-        values = {k: settings(cfg, k) for k in stage.config_keys}
+        values = stage.values(cfg)
         upstream = {}
         for up in stage.upstream:
             p = self._stamp_path(up)
@@ -181,8 +287,7 @@ class RunDir:
     def output_files(self, stage: StageSpec) -> list[Path]:
         """The stage's output files: each output file, or every file under an output folder (hidden ones excepted)."""
         files: list[Path] = []
-        for rel in stage.outputs:
-            path = self.root / rel
+        for path in stage.outputs(self):
             found = (
                 sorted(f for f in path.rglob("*") if f.is_file())
                 if path.is_dir()
@@ -209,7 +314,7 @@ class RunDir:
         no stage of this run made them: put there by hand); ``stale`` (its config keys or an upstream stage changed
         since, or the stamp is from an older mpq); ``changed`` (an output's content differs from what it wrote)."""
         p = self._stamp_path(stage.name)
-        if not all((self.root / o).exists() or formats_twin(self.root / o).is_file() for o in stage.outputs):
+        if not all(o.exists() or formats_twin(o).is_file() for o in stage.outputs(self)):
             return "missing"
         if not p.is_file():
             return "unstamped"

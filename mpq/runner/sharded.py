@@ -8,6 +8,9 @@ selection (items: candidate plans) both run through :class:`ShardedWork`.
   any number of ranks merges them, per item the state that got furthest (``progress``).
 * **Done marker**: ``.<key>.done.json`` beside a finished artifact records the signature it was made with and the
   artifact's content hash, so a resumed stage does not compute it again, and an edited artifact is not trusted.
+* **One sequence**: :func:`run_sharded` is the only place that strings these together (finished? read back; else
+  share out, resume, compute this rank's items, save as it goes, collect, write, mark done); the stages give it
+  their steps.
 """
 
 from __future__ import annotations
@@ -17,11 +20,16 @@ import json
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
+
+from omegaconf import DictConfig
 
 from mpq.errors import MpqError
 from mpq.runner import distributed
 from mpq.runner.files import file_digest, read_json, write_json
+from mpq.runner.rundir import StageSpec
+
+T = TypeVar("T")
 
 
 def signature(**parts: Any) -> str:
@@ -29,8 +37,20 @@ def signature(**parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def stage_signature(spec: StageSpec, cfg: DictConfig, leave_out: Sequence[str] = (), **inputs: Any) -> str:
+    """The signature of one of ``spec``'s artifacts: the stage's config values as its stamp records them (less
+    ``leave_out``: variant keys the artifact records as it resolved them, in ``inputs``) and ``inputs`` (the input
+    files' digests, the items, what else the numbers depend on)."""
+    return signature(config=spec.values(cfg, leave_out), **inputs)
+
+
 class ShardedWork:
     """The items of one artifact (``key``) in ``folder``: which are this rank's, their saved state, saving, merging."""
+
+    @classmethod
+    def of(cls, artifact: Path, sig: str, items: Sequence[str], **options: Any) -> ShardedWork:
+        """The work behind ``artifact``: its partial files and done marker beside it, named by its stem."""
+        return cls(artifact.parent, artifact.stem, sig, items, **options)
 
     def __init__(
         self,
@@ -140,3 +160,51 @@ class ShardedWork:
             for f in self._partial_files():
                 f.unlink(missing_ok=True)
         self.d.barrier()
+
+
+def run_sharded(
+    work: ShardedWork,
+    artifact: Path,
+    compute: Callable[[], Any],
+    result: Callable[[Any], T],
+    write: Callable[[T], None],
+    read: Callable[[], T | None],
+    *,
+    force: bool = False,
+    costs: Callable[[], Mapping[str, float]] | None = None,
+    resumed: Callable[[dict[str, Any]], str | None] | None = None,
+    label: str | None = None,
+    unit: str = "items",
+) -> T:
+    """Make ``artifact`` by ``work``, or read it back: the one sequence of resumable, sharded work.
+
+    1. ``artifact`` finished with this signature (and unchanged since): ``read()`` it back, unless ``force`` or it
+       says ``None`` (not what is asked for: made again).
+    2. Sharded: the items shared out by ``costs()`` (rank 0 estimates; every rank gets its share).
+    3. The saved state resumed; ``resumed(saved)`` says what was already done (rank 0 prints it; None: nothing).
+    4. ``compute()``: this rank's items ({item: result}), continuing ``work.state`` and calling ``work.save()`` as
+       it goes.
+    5. Every rank's results merged (``label``: the ranks' load line). ``label=None``: the work is not split by item
+       (each rank computes the whole from sharded work of its own), and what ``compute()`` returns is taken as is.
+    6. ``result(merged)`` on every rank is the value; rank 0 ``write``s it (unless ``work.persist`` is off), the
+       artifact is marked done, the partial files dropped.
+    """
+    if not force and work.finished(artifact):
+        done = read()
+        if done is not None:
+            return done
+    if costs is not None and work.d.enabled:
+        work.assign(work.d.broadcast(costs() if work.d.is_main else None))
+    saved = work.resume()
+    note = resumed(saved) if saved and resumed is not None else None
+    if note and work.d.is_main:
+        print(note, flush=True)
+    t0 = time.perf_counter()
+    mine = compute()
+    busy = time.perf_counter() - t0
+    merged = work.collect(mine, busy, unit, label) if label is not None else mine
+    value = result(merged)
+    if work.d.is_main and work.persist:
+        write(value)
+    work.finish(artifact)
+    return value

@@ -21,7 +21,7 @@ from mpq.cost import CostModel, weight_bytes
 from mpq.errors import MpqError
 from mpq.layers import CONTENT, QUALITY, LayerInfo
 from mpq.plan import read_layer_list
-from mpq.quant.formats import Key, nominal_bits, weight_key
+from mpq.quant.formats import BITS_KEY, Key, nominal_bits, resolve, weight_key
 from mpq.runner.files import write_layer_list
 from mpq.runner.rundir import RunDir
 from mpq.search.mixdq_files import read_ratio_file, read_sensitivity
@@ -133,7 +133,7 @@ def every_candidate(cand: Sequence[Key], allowed: Mapping[str, Sequence[Key]]) -
     """Both groups allowed every integer bit, and every format either group names (a format no group names stays
     out: an integer-only search of a checkpoint with formats stays integer-only below its fewest bits too)."""
     named = {k for keys in allowed.values() for k in keys}
-    every = [k for k in cand if isinstance(k, int) or k in named]
+    every = [k for k in cand if resolve(k).config_key == BITS_KEY or k in named]
     return {CONTENT: every, QUALITY: every}
 
 

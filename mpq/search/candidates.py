@@ -67,6 +67,6 @@ def candidate_plans(run: RunDir, rows: list[Candidate], kind: str, pareto_only: 
     protected = read_layer_list(run.act_protect) if kind == "act" and run.act_protect.is_file() else []
     plans = {}
     for f in files:
-        mapping = read_plan(run.candidates / kind / f)
+        mapping = read_plan(run.candidate_plan(kind, f))
         plans[f] = BitPlan(mapping) if kind == "weight" else BitPlan({}, mapping, frozenset(protected))
     return plans

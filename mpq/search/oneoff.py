@@ -15,8 +15,8 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from mpq.errors import MpqError
-from mpq.layers import KINDS
 from mpq.plan import read_plan, write_plan
+from mpq.runner.choices import KINDS
 from mpq.runner.rundir import RunDir
 from mpq.search.build import compare_report, feasible_error, reference_problem, run_problem
 from mpq.search.candidates import Candidate, write_candidates
@@ -68,16 +68,16 @@ def solve(cfg: DictConfig, run: RunDir | None, req: SolveRequest, log: Callable[
         best = solve_compare(problem, given, s.solver, s.time_limit_s)
         if not best.plan:
             raise MpqError(f"the solver found no plan ({best.status}) within the given plan's average bits")
-        write_plan(req.out, best.plan)
+        written = write_plan(req.out, best.plan)
         log(compare_report(problem, given, best))
-        log(f"optimal plan: {req.out}")
+        log(f"optimal plan: {written}")
         return
     kinds = [req.kind] if req.kind else (["weight"] if req.mixdq else list(KINDS))
     for k in kinds:
         problem = problem_for(k)
         target = req.target if req.target is not None else s[k].target_bitwidth
         # in a run, single solves go beside the sweep folders: candidates/<kind>/ holds exactly the sweep's plans
-        outdir = req.outdir or ((run.candidates / ("manual" if req.single else k)) if run else None)
+        outdir = req.outdir or ((run.manual_plans if req.single else run.candidate_folder(k)) if run else None)
         if outdir is None:
             raise MpqError("give --mixed_precision_config DIR for the plan files")
         if not req.single:
@@ -99,10 +99,11 @@ def solve(cfg: DictConfig, run: RunDir | None, req: SolveRequest, log: Callable[
         if not sol.plan:
             raise feasible_error(problem, s.mode, target, kk, s.band, budget)
         path = outdir / f"{k}_{sol.details['avg_bits']:.2f}_{kk:.2f}.yaml"
-        write_plan(path, sol.plan)
+        written = write_plan(path, sol.plan)
         d = sol.details
         log(
-            f"{k} plan: {path}\n  avg bits {d['avg_bits']:.3f} (content {d.get('content_avg_bits', float('nan')):.3f}, "
+            f"{k} plan: {written}\n  avg bits {d['avg_bits']:.3f} "
+            f"(content {d.get('content_avg_bits', float('nan')):.3f}, "
             f"quality {d.get('quality_avg_bits', float('nan')):.3f}), {d['bytes']:,.0f} bytes; solver {sol.status}, "
             f"gap {sol.gap:.1e}, {sol.seconds:.2f} s"
         )

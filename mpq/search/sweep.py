@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from mpq.errors import MpqError
-from mpq.layers import KINDS
 from mpq.plan import plan_file_name, write_plan
+from mpq.runner.choices import KINDS
 from mpq.runner.config import parse_bytes
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
@@ -194,6 +194,6 @@ def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool =
     if "act" in kinds:
         write_protect_list(run.act_protect, protected)
     for kind, plans in found.items():
-        write_sweep(run.candidates / kind, plans, prune=True)
+        write_sweep(run.candidate_folder(kind), plans, prune=True)
     write_candidates(run.candidate_table, rows)
     return rows

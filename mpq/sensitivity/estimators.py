@@ -34,9 +34,8 @@ from mpq.images import load_images, to_array
 from mpq.metrics import sqnr_db
 from mpq.models.loader import is_flow_matching
 from mpq.quant.model import QuantModel
+from mpq.runner.choices import ESTIMATORS
 from mpq.runner.rundir import RunDir
-
-ESTIMATORS = ("local", "fisher")
 
 
 def as_ssim(v: float) -> float:

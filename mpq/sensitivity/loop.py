@@ -42,7 +42,8 @@ def score_layers(
 ) -> dict[str, list[float]]:
     """{layer: [metric at each of ``bits``]} with each layer of ``names`` quantized alone (``kind``: its weights or its
     input activations). ``state`` (:func:`new_state` per layer) is continued and updated in place: a resumed loop ends
-    with the same numbers; ``after_layer(name, n_batches)`` is called after each layer's batches."""
+    with the same numbers; ``after_layer(name, n_batches)`` is called after each layer's batches (the caller's
+    progress and saving: nothing here writes or prints)."""
     state = {} if state is None else state
     cache = PrefixCache(qm.denoiser) if opts.fast else None
     # one pass per bit, or (share) every bit in one pass: batch copy j at bits[j]
@@ -55,25 +56,7 @@ def score_layers(
                 todo = [k for k in chunk if k not in st["batches"]]
                 if not todo:
                     continue
-                layer = qm.layers[name]
-                for pass_bits in passes:
-                    if len(pass_bits) > 1:
-                        layer.set_multi(kind, pass_bits)
-                    else:
-                        layer.set_bits(
-                            pass_bits[0] if kind == "weight" else None, pass_bits[0] if kind == "act" else None
-                        )
-                    if cache is not None:
-                        cache.replay(name[len(PREFIX) :], tile=len(pass_bits))
-                    for k in todo:
-                        for b, (a, c) in zip(pass_bits, scorer.scores(k, len(pass_bits))):
-                            acc = st["sums"][bits.index(b)]
-                            acc[0] += a
-                            acc[1] += c
-                    if cache is not None:
-                        cache.off()
-                    layer.set_multi(None)
-                    layer.set_bits(None, None)
+                score_layer(qm, scorer, cache, name, bits, kind, passes, todo, st["sums"])
                 st["batches"] = sorted(st["batches"] + todo)
                 if after_layer is not None:
                     after_layer(name, len(todo))
@@ -83,7 +66,47 @@ def score_layers(
             layer.set_multi(None)
         if cache is not None:
             cache.close()
-    return {name: [scorer.value(*state[name]["sums"][i]) for i in range(len(bits))] for name in names if name in state}
+    return layer_values(scorer, state, names, len(bits))
+
+
+def score_layer(
+    qm: QuantModel,
+    scorer: Scorer,
+    cache: PrefixCache | None,
+    name: str,
+    bits: list[int],
+    kind: str,
+    passes: list[list[int]],
+    batches: list[int],
+    sums: list[list[float]],
+) -> None:
+    """One layer: ``name`` quantized alone (``kind``) in each of ``passes`` (bits run together), scored on
+    ``batches`` (their FP references already run; ``cache``: replayed from the recorded FP prefix); the float64 sums
+    (a, b) of each bit added to ``sums[bits.index(b)]`` in place, batches in order."""
+    layer = qm.layers[name]
+    for pass_bits in passes:
+        if len(pass_bits) > 1:
+            layer.set_multi(kind, pass_bits)
+        else:
+            layer.set_bits(pass_bits[0] if kind == "weight" else None, pass_bits[0] if kind == "act" else None)
+        if cache is not None:
+            cache.replay(name[len(PREFIX) :], tile=len(pass_bits))
+        for k in batches:
+            for b, (a, c) in zip(pass_bits, scorer.scores(k, len(pass_bits))):
+                acc = sums[bits.index(b)]
+                acc[0] += a
+                acc[1] += c
+        if cache is not None:
+            cache.off()
+        layer.set_multi(None)
+        layer.set_bits(None, None)
+
+
+def layer_values(
+    scorer: Scorer, state: dict[str, dict[str, Any]], names: list[str], n_bits: int
+) -> dict[str, list[float]]:
+    """{layer: [the metric at each bit]} from the sums of the layers of ``names`` in ``state``."""
+    return {name: [scorer.value(*state[name]["sums"][i]) for i in range(n_bits)] for name in names if name in state}
 
 
 def _chunks(

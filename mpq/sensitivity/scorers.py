@@ -23,8 +23,8 @@ from mpq.images import PromptEmbeddings, generators, to_array
 from mpq.layers import CONTENT
 from mpq.metrics import SqnrAccumulator, image_ssim, sqnr_db
 from mpq.quant.model import QuantModel
+from mpq.runner.choices import METRICS
 from mpq.runner.rundir import RunDir
-from mpq.sensitivity import METRICS
 from mpq.sensitivity.prefix_cache import repeat_batch
 
 
@@ -99,8 +99,8 @@ class Ssim(Scorer):
 
     def __init__(self, pipe: Any, qm: QuantModel, cfg: DictConfig, run: RunDir, cache_text: bool) -> None:
         super().__init__(pipe, qm, cfg)
-        prompts, seeds = calib_prompts(run)
-        n = min(cfg.sensitivity.num_images, len(prompts))
+        prompts, seeds = calib_prompts(run, cfg.sensitivity.num_images, "sensitivity.num_images")
+        n = len(prompts)
         bs = cfg.sampling.batch_size
         self.batches = [(prompts[i : i + bs], seeds[i : i + bs]) for i in range(0, n, bs)]
         self.family = family_of(qm.denoiser)

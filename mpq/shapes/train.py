@@ -53,6 +53,21 @@ from mpq.shapes.judge import ShapeJudge, save_judge
 TRAIN_TIMESTEPS = (999, 749, 499, 249)  # what trailing spacing visits with 1, 2 and 4 steps
 
 
+def load_state(path: Path) -> dict[str, Any]:
+    """A training state written by :meth:`_Phase.save` (or the latent pool), read as tensors and plain containers
+    only: a file that needs anything else to unpickle (code, classes) is refused in one line, never run."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unpickling failure is a file this trainer did not write
+        raise MpqError(
+            f"{path} is not a training state this trainer wrote ({type(err).__name__}); delete it (training restarts "
+            "that phase) or give another --outdir"
+        ) from None
+    if not isinstance(state, dict):
+        raise MpqError(f"{path} is not a training state this trainer wrote; delete it or give another --outdir")
+    return state
+
+
 @dataclass
 class TrainConfig:
     seed: int = 0
@@ -121,7 +136,7 @@ class _Phase:
         self.elapsed_s = 0.0  # wall time spent in this phase, summed over resumed runs
         self._t0 = time.perf_counter()
         if self.path.is_file():
-            state = torch.load(self.path, map_location="cpu", weights_only=False)
+            state = load_state(self.path)
             # a cosine schedule depends on the total; a constant one does not, so such a phase may be extended
             # (or finished early at a saved step): its first N steps are the same whatever the total
             if (cosine and state.get("steps") != steps) or state["step"] > steps:
@@ -218,7 +233,7 @@ def encode_pool(pipe: Any, cfg: TrainConfig, root: Path) -> dict[str, torch.Tens
     """``pool_size`` jittered training renders: their scene index, latent mean and std (unscaled)."""
     path = root / "pool.pt"
     if path.is_file():
-        pool = torch.load(path, map_location="cpu", weights_only=True)
+        pool = load_state(path)
         if len(pool["scene"]) == cfg.pool_size:
             return pool
     gen = torch.Generator().manual_seed(cfg.seed + 2)

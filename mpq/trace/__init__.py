@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 
 from mpq.errors import MpqError
 from mpq.plan import BitPlan
+from mpq.runner.outputs import DUMP, TRACE, check_output_folder
 from mpq.trace.dump import Comparison, compare_dumps, write_dump
 from mpq.trace.files import read_trace, write_trace
 from mpq.trace.run import MODES, Sides, TraceRequest, export_sides, plan_sides, run_trace, summary_lines
@@ -29,7 +30,7 @@ def trace_prompt(run: Any, prompt: str | None, seed: int | None, cfg: DictConfig
         return prompt, int(cfg.sampling.seed if seed is None else seed)
     from mpq.calibration.record import calib_prompts
 
-    if not (run.calib / "meta.json").is_file():
+    if not run.calib_meta.is_file():
         raise MpqError(f"give --prompt, or run `mpq calib --base_path {run.root}` first (its first prompt is traced)")
     prompts, seeds = calib_prompts(run)
     return prompts[0], int(seeds[0] if seed is None else seed)
@@ -54,10 +55,12 @@ def trace(
     trace (``"files"``: what was written)."""
     if (plan is None) == (export is None):
         raise MpqError("trace a plan or an export folder (one of them)")
+    own = run.trace
+    out = check_output_folder(out if out is not None else own, "--out", TRACE, run.root, own_folder=own)
+    dump = check_output_folder(dump, "--dump", DUMP, run.root) if dump is not None else None
     p, s = trace_prompt(run, prompt, seed, cfg)
     sides: Sides = export_sides(cfg, export, export_dtype) if export is not None else plan_sides(cfg, run, plan, label)
     t = run_trace(cfg, sides, TraceRequest(p, s, tuple(modes), layers, Path(dump) if dump else None))
-    out = Path(out) if out is not None else run.root / "trace"
     files = write_trace(out, t)
     if dump is not None:
         meta = {k: t[k] for k in ("config", "model", "prompt", "seed", "steps", "guidance_scale", "quantized")}

@@ -30,17 +30,11 @@ import torch
 from mpq.errors import MpqError
 from mpq.metrics import ErrorStats
 from mpq.runner.files import current_umask, read_json, save_tensors, write_json
+from mpq.runner.outputs import DUMP, check_output_folder
 from mpq.trace.capture import CallId
 
 FORMAT = "mpq-trace-dump/1"
 MANIFEST = "manifest.json"
-
-
-def is_dump(folder: Path) -> bool:
-    try:
-        return (folder / MANIFEST).is_file() and read_json(folder / MANIFEST).get("format") == FORMAT
-    except (MpqError, AttributeError):
-        return False
 
 
 def write_dump(
@@ -49,10 +43,9 @@ def write_dump(
     meta: dict[str, Any],
 ) -> Path:
     """Write ``calls`` into ``folder``, built in a temp folder beside it and renamed into place. ``folder`` may be
-    new, empty or an earlier dump (replaced); anything else is refused."""
-    folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not is_dump(folder))):
-        raise MpqError(f"--dump {folder} exists and is not a trace dump; give a new or empty folder")
+    new, empty or an earlier dump holding only a dump's files (replaced); anything else is refused
+    (:func:`mpq.runner.outputs.check_output_folder`)."""
+    folder = check_output_folder(folder, "--dump", DUMP)
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.", suffix=".tmp", dir=folder.parent))
     try:
@@ -109,7 +102,12 @@ class _Files:
     def get(self, entry: dict[str, Any]) -> torch.Tensor:
         from safetensors import SafetensorError, safe_open
 
-        path = self.folder / entry["file"]
+        path = self.folder / str(entry["file"])
+        if not path.resolve().is_relative_to(self.folder.resolve()):
+            raise MpqError(
+                f"{self.folder / MANIFEST}: tensor {entry.get('key')} names a file outside the dump ({entry['file']}); "
+                "re-write the dump"
+            )
         try:
             if entry["file"] not in self.open:
                 self.open[entry["file"]] = safe_open(str(path), framework="pt")

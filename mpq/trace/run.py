@@ -16,7 +16,6 @@ initial latents and the same per-step noise, drawn in the same order), the same 
 from __future__ import annotations
 
 import math
-import re
 import sys
 import time
 from collections.abc import Callable, Mapping
@@ -34,6 +33,7 @@ from mpq.metrics import ErrorStats, image_mse
 from mpq.models import denoiser_name
 from mpq.plan import BitPlan
 from mpq.quant.structure import quantizable_modules
+from mpq.runner.patterns import search_names
 from mpq.trace.capture import CallId, replace_tensors, tracing
 
 MODES = ("end_to_end", "isolated")
@@ -248,11 +248,7 @@ def run_trace(cfg: DictConfig, sides: Sides, req: TraceRequest) -> dict[str, Any
             raise MpqError(f"unknown trace mode {m!r}; choose from {', '.join(MODES)}")
     layers: list[str] = []
     if req.layers is not None:
-        try:
-            pattern = re.compile(req.layers)
-        except re.error as err:
-            raise MpqError(f"--layers {req.layers!r} is not a regular expression ({err})") from None
-        layers = [n for n in sides.fp_layers if pattern.search(n)]
+        layers = search_names(req.layers, sides.fp_layers, "--layers")
         if not layers:
             raise MpqError(f"--layers {req.layers!r} matches no layer (names look like {next(iter(sides.fp_layers))})")
     _say(f"FP pass ({len(layers)} layers traced)")

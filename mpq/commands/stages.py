@@ -1,7 +1,8 @@
 """The stages of a run, as one registry, and the runner that skips what is up to date.
 
-Each :class:`Stage` declares the config keys its outputs depend on, the stages
-whose outputs it reads, the files it owns, and ``run(ctx)``. The CLI
+Each :class:`Stage` is a stage's one declaration (:mod:`mpq.runner.specs`: the
+config keys its outputs depend on, the stages whose outputs it reads, the files
+it owns) with ``run(ctx)`` and its help. The CLI
 (``mpq <stage>``, ``mpq run``) and the freshness stamps are derived from it.
 A stage is up to date when its stamp matches (config keys + upstream stamps)
 and its outputs exist; running a stage first runs its upstream stages that
@@ -12,17 +13,15 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from mpq.errors import MpqError
-from mpq.layers import KINDS
-from mpq.runner import distributed
+from mpq.runner import distributed, specs
 from mpq.runner.rundir import RunDir, StageSpec
-from mpq.sensitivity import METRICS
 
 
 class Context:
@@ -53,8 +52,14 @@ class Context:
 
 @dataclass(frozen=True)
 class Stage(StageSpec):
+    """A stage's declaration (:mod:`mpq.runner.specs`) with its help and how it runs."""
+
     help: str = ""
     run: Callable[[Context], Any] = lambda ctx: None
+
+    @classmethod
+    def of(cls, spec: StageSpec, help: str, run: Callable[[Context], Any]) -> Stage:
+        return cls(**{f.name: getattr(spec, f.name) for f in fields(StageSpec)}, help=help, run=run)
 
 
 def _calib(ctx: Context) -> Any:
@@ -99,105 +104,28 @@ def _report(ctx: Context) -> Any:
     return build_report(ctx.cfg, ctx.run, ctx.pipe())
 
 
-MODEL = ("model.id", "model.variant")
+# the declarations (config keys, upstream, outputs) are mpq.runner.specs'; here: how each runs, and its help
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage(
-            "calib",
-            MODEL + ("model.dtype", "sampling", "calib.num_samples", "calib.prompts_file"),
-            (),
-            ("calib/meta.json", "calib", "fp_images"),
-            "run the FP pipeline; record denoiser I/O per step and FP reference images",
-            _calib,
-        ),
-        Stage(
-            "ptq",
-            MODEL + ("sensitivity.dtype", "quant", "calib.batch_size"),
-            ("calib",),
-            ("ckpt.safetensors",),
-            "calibrate W and A quant params for every candidate bit in one pass",
-            _ptq,
-        ),
-        Stage(
-            "sensitivity",
-            MODEL
-            + (
-                "sensitivity.dtype",
-                "sensitivity.ssim",
-                "sensitivity.num_images",
-                "sensitivity.batch_size",
-                "sensitivity.layers",
-                "groups",
-                "quant",
-            ),
-            ("ptq",),
-            tuple(f"sensitivity/{k}_{m}.yaml" for k in KINDS for m in METRICS),
+        Stage.of(specs.CALIB, "run the FP pipeline; record denoiser I/O per step and FP reference images", _calib),
+        Stage.of(specs.PTQ, "calibrate W and A quant params for every candidate bit in one pass", _ptq),
+        Stage.of(
+            specs.SENSITIVITY,
             "each layer quantized alone: SQNR (all layers) and SSIM (content group), W and A",
             _sensitivity,
         ),
-        Stage(
-            "search",
-            MODEL
-            + (
-                "search",
-                "quant.bits",
-                "quant.weight",
-                "quant.split_shortcut",
-                "quant.act.bos_aware",
-                "groups",
-                "sampling.resolution",
-                "model.dtype",
-            ),
-            ("sensitivity",),
-            ("candidates/pareto.csv", "candidates/weight", "candidates/act", "candidates/act_protect.pt"),
-            "integer program: candidate plans over budgets x K",
-            _search,
-        ),
-        Stage(
-            "select",
-            MODEL
-            + (
-                "select",
-                "sampling",
-                "model.dtype",
-                "search.protect_weights",
-                "search.weight.target_bitwidth",
-                "search.weight.budgets",
-                "search.act.target_bitwidth",
-                "search.act.budgets",
-            ),
-            ("search",),
-            (
-                "selection/final_weight.yaml",
-                "selection/final_act.yaml",
-                "selection/final_act_protect.pt",
-                "selection/weight_scores.csv",
-                "selection/act_scores.csv",
-                "selection/weight_budgets.csv",
-                "selection/act_budgets.csv",
-            ),
+        Stage.of(specs.SEARCH, "integer program: candidate plans over budgets x K", _search),
+        Stage.of(
+            specs.SELECT,
             "score every candidate plan by image MSE vs FP; choose the weight plan, then the act plan on top of it",
             _select,
         ),
-        Stage(
-            "final",
-            MODEL + ("infer.num_images", "sampling", "model.dtype"),
-            ("select",),
-            ("generated_images",),
-            "generate RUN/generated_images with the selected plans",
-            _final,
-        ),
-        Stage(
-            "report",
-            MODEL + ("eval", "select.num_images", "sampling", "model.dtype"),
-            ("sensitivity", "search", "select", "final"),
-            ("report/index.html", "report/summary.json"),
-            "RUN/report: evaluation (MSE, adherence), plots, index.html, summary.json",
-            _report,
-        ),
+        Stage.of(specs.FINAL, "generate RUN/generated_images with the selected plans", _final),
+        Stage.of(specs.REPORT, "RUN/report: evaluation (MSE, adherence), plots, index.html, summary.json", _report),
     )
 }
+assert tuple(STAGES) == tuple(specs.SPECS)
 
 
 # stages whose work is sharded over the ranks of a torchrun job; the others run on rank 0 while the rest wait

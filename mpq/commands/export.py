@@ -1,0 +1,85 @@
+"""``mpq export``: a plan written as a smaller model (packed mpq folder), a torchao config, or encodings."""
+
+from __future__ import annotations
+
+import argparse
+
+from mpq.commands.options import add_config_args, add_plan_args, plan_args, plan_from_options, resolve_run
+from mpq.commands.registry import Command
+
+
+def handle(args: argparse.Namespace) -> None:
+    from mpq.export.run import export_plan
+
+    cfg, run = resolve_run(args)
+    with run.lock("mpq export", write=False):
+        plan = plan_from_options(cfg, run, plan_args(args))
+        info = export_plan(cfg, run, args.out, args.format, plan, args.fp_dtype, args.overwrite)
+    if args.format == "mpq":
+        print(
+            f"exported to {info['out']}: {info['layers']} quantized layers, denoiser weights "
+            f"{info['denoiser_bytes']:,} bytes on disk; "
+            f"load it with `mpq.load_quantized('{info['out']}')`"
+        )
+    elif args.format == "torchao":
+        print(
+            f"torchao plan in {info['out']}/torchao_config.json ({info['layers']} layers; per layer kind: "
+            f"{info['summary']}; "
+            "details in torchao_layers.csv)"
+        )
+    else:
+        print(
+            f"encodings in {info['out']}/{info['file']} ({info['params']} weight and {info['activations']} activation "
+            "encodings)"
+        )
+
+
+def _arguments(p: argparse.ArgumentParser) -> None:
+    add_config_args(p, required=False)
+    p.add_argument(
+        "--base_path",
+        "--base-path",
+        dest="run_dir",
+        required=True,
+        metavar="RUN_DIR",
+        help="run directory with ckpt.safetensors",
+    )
+    p.add_argument(
+        "--out",
+        required=True,
+        metavar="DIR",
+        help="output folder: new, empty, or an earlier export of the same format (replaced atomically); "
+        "anything else needs --overwrite",
+    )
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace --out even if it is not an mpq export (never a file or the run)",
+    )
+    p.add_argument("--format", choices=("mpq", "torchao", "encodings"), default="mpq", help="default: mpq")
+    p.add_argument(
+        "--fp-dtype",
+        "--fp_dtype",
+        dest="fp_dtype",
+        choices=("fp16", "bf16", "fp32"),
+        default="fp16",
+        help="dtype of everything kept floating point (mpq format; fp32 makes images bit-identical to fake-quant)",
+    )
+    add_plan_args(p, " (or fp) instead of the selected plan")
+    p.set_defaults(seed=None)
+
+
+COMMAND = Command(
+    "export",
+    help="write a plan (the selected one by default) as a smaller model: packed mpq folder, torchao config, or "
+    "encodings",
+    description="--format mpq: a diffusers pipeline folder whose denoiser stores 2/4/8-bit weights packed (four, "
+    "two, one a byte) with fp32 scales, weight formats packed as they store (nf<k>: base-k codes at ~log2(k) bits "
+    "with uint8 block ratios; fp8: e4m3 bytes), FP layers in --fp-dtype; load it with mpq.load_quantized(DIR), or "
+    "after `import mpq` with diffusers' DiffusionPipeline.from_pretrained(DIR, torch_dtype=...). --format torchao: "
+    "the plan as a torchao FqnToConfig (torchao_config.json) with what torchao could and could not take "
+    "(torchao_layers.csv). "
+    "--format encodings: AIMET-style encodings JSON for every quantized weight and activation.",
+    add_arguments=_arguments,
+    handler=handle,
+)

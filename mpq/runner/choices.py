@@ -1,0 +1,32 @@
+"""Every closed set of values a setting takes, declared once: the config validator, the command-line options and
+the code that acts on a value all read them from here (weight-format names are a registry of classes instead:
+:mod:`mpq.quant.formats`)."""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("weight", "act")  # what a plan quantizes: a layer's weights, or its input activations
+METRICS = ("sqnr", "ssim")  # SQNR of the denoiser output (every layer), SSIM of images (the content group)
+ESTIMATORS = ("local", "fisher")  # sensitivity estimates (and hybrid's estimate)
+METHODS = ("fast", "naive", *ESTIMATORS, "hybrid")  # sensitivity methods: exact (fast = naive's numbers), estimates
+SHARE_BITS = ("auto", "always", "never")  # sensitivity.share_bits
+SSIM_KINDS = ("mixdq", "gaussian")  # sensitivity.ssim: MixDQ's uniform-window SSIM, or the Gaussian one
+
+MIN_BITS, MAX_BITS = 2, 8  # quant.bits: the integer widths the quantizer calibrates and the export packs
+LEVELS = ("symmetric", "asymmetric")  # quant.weight.levels
+GRANULARITIES = ("tensor", "channel", "kernel", "group")  # quant.weight.granularity
+SCALE_METHODS = ("minmax", "mse")  # quant.weight.scale_method
+ACT_CALIBRATIONS = ("mpq", "mixdq")  # quant.act.calibration
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}  # model/sensitivity/export dtypes
+
+# sampling.scheduler: "keep" (the pipeline's own) or an override: diffusers class, and whether it samples flow matching
+SCHEDULERS = {
+    "euler_ancestral": ("EulerAncestralDiscreteScheduler", False),
+    "euler": ("EulerDiscreteScheduler", False),
+    "ddim": ("DDIMScheduler", False),
+    "dpm": ("DPMSolverMultistepScheduler", False),
+    "flow_euler": ("FlowMatchEulerDiscreteScheduler", True),
+}
+TIMESTEP_SPACINGS = ("trailing", "leading", "linspace")  # sampling.timestep_spacing
