@@ -13,6 +13,7 @@ from PIL import Image
 
 from mpq.errors import MpqError
 from mpq.runner.files import write_with
+from mpq.runner.outputs import OutputKind
 from mpq.runner.progress import progress
 
 
@@ -109,6 +110,10 @@ def load_images(paths: Sequence[Path], fix: str = "delete it and re-run the stag
         except (OSError, SyntaxError, ValueError) as err:
             raise MpqError(f"{p}: not a readable image ({type(err).__name__}); {fix}") from None
     return out
+
+
+IMAGE_NAME = "[0-9][0-9][0-9][0-9].png"  # what save_images names an image: 0000.png, 0001.png, ...
+IMAGES = OutputKind("image folder", (IMAGE_NAME,), lambda folder: any(p.match(IMAGE_NAME) for p in folder.iterdir()))
 
 
 def save_images(images: Sequence[Image.Image], folder: Path, start: int = 0) -> list[Path]:

@@ -13,9 +13,11 @@ import torch
 
 from mpq.commands.main import main
 from mpq.errors import MpqError
+from mpq.images import IMAGES
 from mpq.plan import read_layer_list
-from mpq.runner.outputs import IMAGES, TRACE, check_output_folder
+from mpq.runner.outputs import check_output_folder
 from mpq.runner.rundir import RunDir
+from mpq.trace.files import TRACE
 
 from conftest import repo_root
 

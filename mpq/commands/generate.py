@@ -6,7 +6,8 @@ import argparse
 
 from mpq.commands.options import add_config_args
 from mpq.commands.registry import Command
-from mpq.runner.outputs import IMAGES, check_output_folder
+from mpq.images import IMAGES
+from mpq.runner.outputs import check_output_folder
 
 
 def handle(args: argparse.Namespace) -> None:

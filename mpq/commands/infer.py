@@ -13,7 +13,8 @@ from mpq.commands.options import (
     resolve_run,
 )
 from mpq.commands.registry import Command
-from mpq.runner.outputs import IMAGES, check_output_folder
+from mpq.images import IMAGES
+from mpq.runner.outputs import check_output_folder
 
 
 def handle(args: argparse.Namespace) -> None:

@@ -7,13 +7,13 @@ from pathlib import Path
 
 from mpq.commands.registry import Command
 from mpq.errors import MpqError
-from mpq.runner.outputs import TRAINING, check_output_folder
+from mpq.runner.outputs import check_output_folder
 
 
 def handle(args: argparse.Namespace) -> None:
     import torch
 
-    from mpq.shapes.train import TrainConfig, train_tiny
+    from mpq.shapes.train import TRAINING, TrainConfig, train_tiny
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         raise MpqError(f"--device {args.device} but no CUDA GPU is visible; use --device cpu")

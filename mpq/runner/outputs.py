@@ -1,5 +1,7 @@
 """Where a command may write: one decision for every command that writes a folder of its own (``generate`` and
-``infer`` images, ``export``, ``trace`` and its ``--dump``, ``train-tiny``).
+``infer`` images, ``export``, ``trace`` and its ``--dump``, ``train-tiny``); each kind of output is declared beside
+the code that writes it (:data:`mpq.images.IMAGES`, :data:`mpq.trace.files.TRACE`, :data:`mpq.trace.dump.DUMP`,
+:data:`mpq.shapes.train.TRAINING`, :func:`mpq.export.folder.export_kind`).
 
 A command's output folder may be new, empty, or an earlier output of the same kind holding nothing but the files that
 kind writes; a folder holding anything else (a user's ``NOTES.txt``, another tool's images) is refused with the
@@ -18,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mpq.errors import MpqError
+from mpq.runner.rundir import RunDir
 
 
 @dataclass(frozen=True)
@@ -47,7 +50,9 @@ class OutputKind:
         return out
 
 
-def _json_field(path: Path, key: str) -> object:
+def json_field(path: Path, key: str) -> object:
+    """``key`` of the JSON object in ``path``; None when the file is missing, unreadable or not an object (for an
+    :class:`OutputKind`'s ``owns``)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -55,31 +60,10 @@ def _json_field(path: Path, key: str) -> object:
     return data.get(key) if isinstance(data, dict) else None
 
 
-def _any_image(folder: Path) -> bool:
-    return any(fnmatch.fnmatchcase(p.name, "[0-9][0-9][0-9][0-9].png") for p in folder.iterdir())
-
-
-IMAGES = OutputKind("image folder", ("[0-9][0-9][0-9][0-9].png",), _any_image)
-TRACE = OutputKind(
-    "trace folder",
-    ("trace.json", "trace_*.png", "image_*.png"),
-    lambda f: _json_field(f / "trace.json", "format") == "mpq-trace/1",
-)
-DUMP = OutputKind(
-    "trace dump",
-    ("manifest.json", "*/*.safetensors", "*.safetensors"),
-    lambda f: str(_json_field(f / "manifest.json", "format") or "").startswith("mpq-trace-dump/"),
-)
-TRAINING = OutputKind(
-    "training folder",
-    (".train/*", "training.json", "shapes-judge.safetensors", "model_index.json", "*/*"),
-    lambda f: (f / ".train").is_dir() or (f / "training.json").is_file(),
-)
-
-
 def is_run_dir(folder: Path) -> bool:
     """Whether ``folder`` is an mpq run directory (its stamps, or a saved config beside recorded calibration)."""
-    return (folder / ".stamps").is_dir() or ((folder / "config.yaml").is_file() and (folder / "calib").is_dir())
+    run = RunDir(folder)
+    return run.stamps.is_dir() or (run.config_path.is_file() and run.calib.is_dir())
 
 
 def enclosing_run(path: Path) -> Path | None:

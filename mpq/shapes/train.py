@@ -38,6 +38,7 @@ import torch.nn.functional as F
 
 from mpq.errors import MpqError
 from mpq.runner.files import write_with
+from mpq.runner.outputs import OutputKind
 from mpq.runner.progress import progress
 from mpq.shapes.data import (
     ATTRIBUTES,
@@ -50,6 +51,12 @@ from mpq.shapes.data import (
 )
 from mpq.shapes.judge import ShapeJudge, save_judge
 
+STATE_DIR, INFO, JUDGE_FILE = ".train", "training.json", "shapes-judge.safetensors"  # beside the pipeline's folders
+TRAINING = OutputKind(
+    "training folder",
+    (f"{STATE_DIR}/*", INFO, JUDGE_FILE, "model_index.json", "*/*"),
+    lambda folder: (folder / STATE_DIR).is_dir() or (folder / INFO).is_file(),
+)
 TRAIN_TIMESTEPS = (999, 749, 499, 249)  # what trailing spacing visits with 1, 2 and 4 steps
 
 
@@ -421,7 +428,7 @@ def train_tiny_sd3(outdir: str | Path, cfg: TrainConfig, log: Callable[[str], No
     from mpq.models.tiny_sd3 import build_pipeline
 
     out = Path(outdir)
-    root = out / ".train"
+    root = out / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     base = Path(cfg.base) if cfg.base else WEIGHTS_DIR / "tiny-sdxl"
@@ -453,7 +460,7 @@ def train_tiny_sd3(outdir: str | Path, cfg: TrainConfig, log: Callable[[str], No
         "reused": "VAE, text encoders and tokenizer of embedded:tiny-sdxl (frozen); judge: shapes-judge.safetensors",
         "timings_s": {k: round(v, 1) for k, v in timings.items()},
     }
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info
 
 
@@ -524,7 +531,7 @@ def train_tiny(outdir: str | Path, cfg: TrainConfig, log: Callable[[str], None] 
         raise MpqError(f"--model {cfg.model}: unknown; choose tiny-sdxl or tiny-sd3")
 
     out = Path(outdir)
-    root = out / ".train"
+    root = out / STATE_DIR
     root.mkdir(parents=True, exist_ok=True)
     (root / "config.json").write_text(json.dumps(asdict(cfg), indent=2))
     torch.manual_seed(cfg.seed)
@@ -542,7 +549,7 @@ def train_tiny(outdir: str | Path, cfg: TrainConfig, log: Callable[[str], None] 
     judge, metrics, timings["judge_s"] = train_judge(cfg, root, log)
     pipe.to("cpu")
     pipe.save_pretrained(out)
-    save_judge(judge, out / "shapes-judge.safetensors", metrics)
+    save_judge(judge, out / JUDGE_FILE, metrics)
     info = {"config": asdict(cfg), "timings_s": {k: round(v, 1) for k, v in timings.items()}, "judge": metrics}
-    (out / "training.json").write_text(json.dumps(info, indent=2) + "\n")
+    (out / INFO).write_text(json.dumps(info, indent=2) + "\n")
     return info

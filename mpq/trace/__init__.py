@@ -15,9 +15,9 @@ from omegaconf import DictConfig
 
 from mpq.errors import MpqError
 from mpq.plan import BitPlan
-from mpq.runner.outputs import DUMP, TRACE, check_output_folder
-from mpq.trace.dump import Comparison, compare_dumps, write_dump
-from mpq.trace.files import read_trace, write_trace
+from mpq.runner.outputs import check_output_folder
+from mpq.trace.dump import DUMP, Comparison, compare_dumps, write_dump
+from mpq.trace.files import TRACE, read_trace, write_trace
 from mpq.trace.run import MODES, Sides, TraceRequest, export_sides, plan_sides, run_trace, summary_lines
 
 __all__ = ["MODES", "Comparison", "compare_dumps", "read_trace", "summary_lines", "trace", "trace_prompt"]

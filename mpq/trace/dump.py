@@ -30,11 +30,16 @@ import torch
 from mpq.errors import MpqError
 from mpq.metrics import ErrorStats
 from mpq.runner.files import current_umask, read_json, save_tensors, write_json
-from mpq.runner.outputs import DUMP, check_output_folder
+from mpq.runner.outputs import OutputKind, check_output_folder, json_field
 from mpq.trace.capture import CallId
 
 FORMAT = "mpq-trace-dump/1"
 MANIFEST = "manifest.json"
+DUMP = OutputKind(
+    "trace dump",
+    (MANIFEST, "*/*.safetensors", "*.safetensors"),
+    lambda folder: json_field(folder / MANIFEST, "format") == FORMAT,
+)
 
 
 def write_dump(

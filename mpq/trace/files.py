@@ -9,9 +9,16 @@ from typing import Any
 
 from mpq.errors import MpqError
 from mpq.runner.files import read_json, write_json, write_with
+from mpq.runner.outputs import OutputKind, json_field
 
 TRACE_JSON = "trace.json"
+TRACE_FORMAT = "mpq-trace/1"
 PLOTS = ("trace_layers.png", "trace_components.png")
+TRACE = OutputKind(
+    "trace folder",
+    (TRACE_JSON, *PLOTS, "image_*.png"),
+    lambda folder: json_field(folder / TRACE_JSON, "format") == TRACE_FORMAT,
+)
 
 
 def _json_safe(v: Any) -> Any:
@@ -54,6 +61,6 @@ def write_trace(out: str | Path, trace: dict[str, Any]) -> list[Path]:
 
 def read_trace(path: str | Path) -> dict[str, Any]:
     data = read_json(path)
-    if not isinstance(data, dict) or data.get("format") != "mpq-trace/1":
+    if not isinstance(data, dict) or data.get("format") != TRACE_FORMAT:
         raise MpqError(f"{path}: not an mpq trace; re-run `mpq trace`")
     return _from_json(data)

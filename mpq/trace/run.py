@@ -35,6 +35,7 @@ from mpq.plan import BitPlan
 from mpq.quant.structure import quantizable_modules
 from mpq.runner.patterns import search_names
 from mpq.trace.capture import CallId, replace_tensors, tracing
+from mpq.trace.files import TRACE_FORMAT
 
 MODES = ("end_to_end", "isolated")
 
@@ -254,7 +255,7 @@ def run_trace(cfg: DictConfig, sides: Sides, req: TraceRequest) -> dict[str, Any
     _say(f"FP pass ({len(layers)} layers traced)")
     rec = fp_pass(sides, cfg, req.prompt, req.seed, layers, "isolated" in req.modes, "end_to_end" in req.modes)
     out: dict[str, Any] = {
-        "format": "mpq-trace/1",
+        "format": TRACE_FORMAT,
         "config": str(cfg.name),
         "model": str(cfg.model.id),
         "quantized": {"label": sides.label, **sides.describe},
