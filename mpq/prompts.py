@@ -65,7 +65,8 @@ def cycle(prompts: list[str], n: int, seed: int) -> tuple[list[str], list[int]]:
     return [prompts[i % len(prompts)] for i in range(n)], [seed + i for i in range(n)]
 
 
-_NOTED: set[tuple[str, int]] = set()
+_NOTED: set[tuple[str, int]] = set()  # (prompt, limit) noted: one note a prompt and limit
+_CHECKED: set[tuple[str, str, int]] = set()  # (prompt, tokenizer, limit) counted: generation calls repeat prompts
 
 
 def note_truncated(pipe: Any, prompts: Sequence[str], max_sequence_length: int | None = None) -> list[str]:
@@ -82,8 +83,9 @@ def note_truncated(pipe: Any, prompts: Sequence[str], max_sequence_length: int |
         if not 0 < limit < 100_000:
             continue
         for prompt in prompts:
-            if (prompt, limit) in _NOTED:
+            if (prompt, limit) in _NOTED or (prompt, name, limit) in _CHECKED:
                 continue
+            _CHECKED.add((prompt, name, limit))
             n = len(tok(prompt, truncation=False, add_special_tokens=True)["input_ids"])
             if n > limit:
                 _NOTED.add((prompt, limit))

@@ -271,12 +271,8 @@ def reference_mismatch(meta: dict[str, Any], cfg: DictConfig) -> list[str]:
     return [
         f"sampling.{k}: {made[k]} -> {now[k]}"
         for k in REFERENCE_KEYS
-        if k in made and made[k] is not None and made[k] != now[k] and not _same_number(made[k], now[k])
+        if k in made and made[k] is not None and made[k] != now[k]  # 2 == 2.0: recorded floats compare as numbers
     ]
-
-
-def _same_number(a: Any, b: Any) -> bool:
-    return isinstance(a, (int, float)) and isinstance(b, (int, float)) and float(a) == float(b)
 
 
 META_FIELDS: dict[str, type] = {
