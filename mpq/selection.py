@@ -227,13 +227,21 @@ def ranked_scores(
     )
     chosen = best_within(ranked, limit)
     if chosen is None:
-        smallest = min(r.bytes for r in ranked)
+        check_fits(kind, [r.bytes for r in ranked], limit)
+    assert chosen is not None
+    chosen.chosen = True
+    return ranked
+
+
+def check_fits(kind: str, plan_bytes: list[float], limit: float) -> None:
+    """Refuse a target budget no candidate plan meets (decidable from the candidate table, so checked before any
+    image is generated)."""
+    if not any(b <= limit * (1 + 1e-9) for b in plan_bytes):
+        smallest = min(plan_bytes)
         raise MpqError(
             f"no {kind} candidate fits the target budget ({limit:,.0f} bytes; the smallest is {smallest:,.0f}); raise "
             f"search.{kind}.target_bitwidth or re-run the search"
         )
-    chosen.chosen = True
-    return ranked
 
 
 def run_selection(
@@ -241,12 +249,19 @@ def run_selection(
 ) -> dict[str, Score]:
     """Score every weight candidate (activations FP), then every act candidate on top of the chosen weight plan;
     write the final plan exactly as it ran."""
-    pipe, qm, _ = quantized_pipeline(cfg, run, pipe)
-    images = calibration_set(run, cfg.select.num_images, "select.num_images")
-    n = len(images.prompts)
     table = run.require(run.candidate_table, f"run `mpq search --base_path {run.root}` first")
     rows = read_candidates(table)
     by_file = {r.plan_file: r for r in rows if r.feasible}
+    # every kind's plans and budgets, checked before the model is loaded or any image made
+    kind_plans = {kind: candidate_plans(run, rows, kind, cfg.select.pareto_only) for kind in KINDS}
+    kind_budgets = {kind: named_budgets(cfg, run, kind) for kind in KINDS}
+    for kind, plans in kind_plans.items():
+        if not plans:
+            raise MpqError(f"{table} lists no {kind} plans; re-run the search with a feasible budget")
+        check_fits(kind, [by_file[f].bytes for f in plans], kind_budgets[kind][0][1])
+    pipe, qm, _ = quantized_pipeline(cfg, run, pipe)
+    images = calibration_set(run, cfg.select.num_images, "select.num_images")
+    n = len(images.prompts)
     session = _Session(cfg, run, pipe, qm, images.prompts, images.seeds, images.refs, PromptEmbeddings(pipe, cfg))
     # the inputs the scores depend on besides the stage's config keys (protect_weights, sampling, ...: SELECT's)
     base = {"n": n, "seeds": images.seeds, "ckpt": file_digest(run.ckpt), "candidates": file_digest(table)}
@@ -254,16 +269,13 @@ def run_selection(
     final: BitPlan | None = None
     try:
         for kind in KINDS:
-            plans = candidate_plans(run, rows, kind, cfg.select.pareto_only)
-            if not plans:
-                raise MpqError(f"{table} lists no {kind} plans; re-run the search with a feasible budget")
+            plans, budgets = kind_plans[kind], kind_budgets[kind]
             for f, plan in plans.items():
                 plan.validate(qm.names, qm.bits, f, qm.formats)
             # what the scores depend on: every input above, and the plans themselves (as they will run)
             plan_sig = {
                 f: [sorted(p.weight.items()), sorted(p.act.items()), sorted(p.protected)] for f, p in plans.items()
             }
-            budgets = named_budgets(cfg, run, kind)
             sig = stage_signature(
                 SELECT, cfg, **base, kind=kind, plans=plan_sig, weight=repr(final), limit=budgets[0][1]
             )

@@ -203,6 +203,61 @@ def test_bad_folders_fail_as_load_denoiser_does(sdxl_export, tmp_path):
         DiffusionPipeline.from_pretrained(pipe_folder)
 
 
+def test_every_component_is_hashed_and_a_lost_hash_is_damage(sdxl_export, tiny_cfg, tmp_path):
+    """A flipped byte in the VAE, a component file gone, a denoiser re-saved without its metadata (one scale
+    tripled), hashes cut from the config: each refused by every loader in one line. An export of the version before
+    component hashes still loads."""
+    vae = "vae/diffusion_pytorch_model.safetensors"
+
+    def flip_vae(folder):
+        data = bytearray((folder / vae).read_bytes())
+        data[-3] ^= 0x10  # a weight's byte, not the header
+        (folder / vae).write_bytes(bytes(data))
+
+    def resave_without_metadata(folder):
+        weights = folder / "unet" / "diffusion_pytorch_model.safetensors"
+        tensors = load_file(str(weights))
+        key = next(k for k in sorted(tensors) if k.endswith(".w_scale"))
+        tensors[key] = tensors[key] * 3
+        save_file(tensors, str(weights))
+
+    def edit_qconfig(edit):
+        def apply(folder):
+            cfg_path = folder / "unet" / "config.json"
+            config = json.loads(cfg_path.read_text())
+            edit(config["quantization_config"])
+            cfg_path.write_text(json.dumps(config))
+
+        return apply
+
+    cases = {
+        f"{vae}: checksum mismatch": flip_vae,
+        "vae/config.json is missing from the export": lambda f: (f / "vae" / "config.json").unlink(),
+        "its metadata lacks mpq_sha256, which mpq-packed/4 writes": resave_without_metadata,
+        "no 'components' hashes, which mpq-packed/4 writes": edit_qconfig(lambda q: q.pop("components")),
+    }
+    for i, (message, damage) in enumerate(cases.items()):
+        folder = tmp_path / str(i)
+        shutil.copytree(sdxl_export, folder)
+        damage(folder)
+        loaders = [lambda: load_quantized(folder)]
+        if "is missing" not in message:  # (diffusers may reach the missing file first and say so itself)
+            loaders.append(lambda: DiffusionPipeline.from_pretrained(folder))
+        if "metadata" in message:
+            loaders.append(lambda: UNet2DConditionModel.from_pretrained(folder / "unet"))
+        for load in loaders:
+            with pytest.raises(MpqError) as err:
+                load()
+            assert message in str(err.value) and "\n" not in str(err.value), (message, str(err.value))
+    older = tmp_path / "older"  # written by the version before component hashes: loads as it did
+    shutil.copytree(sdxl_export, older)
+    edit_qconfig(lambda q: (q.pop("components"), q.update(format="mpq-packed/3")))(older)
+    assert_same_images(
+        images(load_quantized(older), tiny_cfg),
+        images(load_quantized(sdxl_export), tiny_cfg),
+    )
+
+
 def test_unsupported_uses_are_one_line_errors(sdxl_export, monkeypatch):
     from diffusers.quantizers import auto
     from diffusers.quantizers.base import DiffusersQuantizer

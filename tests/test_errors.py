@@ -106,6 +106,28 @@ def test_a_run_directory_is_used_by_one_job_at_a_time(tiny_run, tmp_path, capsys
     assert (run / ".lock").is_file()
 
 
+def test_the_lock_names_the_command_that_holds_it(tiny_run, tmp_path, capsys, monkeypatch):
+    """A second job is told which command holds the run: `mpq run` while it is in any stage, not the stage it
+    ends at (`mpq report`)."""
+    import shutil
+
+    from mpq.runner.rundir import RunDir
+
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run.root, run)
+    held: list[str] = []
+
+    def lock(self, what, write=True):  # records the holder's name and stops before any stage
+        held.append(what)
+        raise MpqError(f"held by {what}")
+
+    monkeypatch.setattr(RunDir, "lock", lock)
+    for argv, name in [(["run"], "mpq run"), (["select"], "mpq select"), (["report"], "mpq report")]:
+        code, err = run_cli(capsys, *argv, "--base_path", str(run))
+        assert code == 2 and err.strip().endswith(f"held by {name}"), (argv, err)
+    assert held == ["mpq run", "mpq select", "mpq report"]
+
+
 def test_a_layer_subset_is_skipped_with_a_note_and_the_search_names_the_key(tiny_run, tmp_path, capsys):
     """sensitivity.layers selecting no content layer: `mpq sensitivity` skips the SSIM metric with a note; a command
     that needs the search names sensitivity.layers as the cause before any stage runs (not 'delete the file and

@@ -100,6 +100,42 @@ def test_an_implausible_calibration_size_warns_before_any_model_call():
     assert warn_implausible(load_config("tiny-sdxl")) is None
 
 
+# ----------------------------------------------------------------------------- refused before the expensive work
+def test_a_budget_no_plan_can_meet_is_refused_before_any_model_call(capsys, full_run, tmp_path, monkeypatch):
+    """A target below every candidate is refused from the config alone (the candidates' fewest bits) or, when
+    candidates from an earlier search are kept (`mpq select` alone), from their bytes: before the model is loaded,
+    not after every candidate has been scored."""
+    import csv
+
+    import mpq.selection
+
+    with pytest.raises(MpqError, match=r"search.weight.target_bitwidth' is 1.5; no weight plan averages fewer than 2"):
+        load_config("tiny-sdxl", ["search.weight.target_bitwidth=1.5"])
+    with pytest.raises(MpqError, match=r"search.act.target_bitwidth' is 3.5; no act plan averages fewer than 4"):
+        load_config("tiny-sdxl", ["search.act.target_bitwidth=3.5"])
+
+    run = tmp_path / "run"
+    shutil.copytree(full_run[0].root, run)
+    table = RunDir(run).candidate_table
+    with open(table, newline="") as f:
+        rows = list(csv.DictReader(f))
+    weight = [r for r in rows if r["kind"] == "weight" and r["plan_file"]]
+    smallest = min(float(r["bytes"]) for r in weight)
+    kept = [r for r in rows if not (r["kind"] == "weight" and r["plan_file"] and float(r["bytes"]) == smallest)]
+    with open(table, "w", newline="") as f:  # as an earlier search without the all-2-bit plan would have left it
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(kept)
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the budget was checked")
+
+    monkeypatch.setattr(mpq.selection, "quantized_pipeline", no_model)
+    code, _, err = run_cli(capsys, "select", "--base_path", run, "search.weight.target_bitwidth=2.0")
+    line = one_line(err)
+    assert code == 2 and "no weight candidate fits the target budget" in line and "the smallest is" in line, line
+
+
 # ----------------------------------------------------------------------------- inputs that would hang or escape
 def test_a_regex_that_backtracks_forever_is_refused():
     names = ["down_blocks.0.attentions.0.transformer_blocks.0.attn2.to_k" + "a" * 30 + "!"]

@@ -126,10 +126,18 @@ def test_every_stage_runs_on_tiny_sd3(tmp_path):
     from mpq.trace import read_trace
 
     out = tmp_path / "export"
-    with contextlib.redirect_stdout(io.StringIO()):
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
         assert main(["export", "--base_path", str(run.root), "--out", str(out), "--fp-dtype", "fp32"]) == 0
+    with contextlib.redirect_stdout(io.StringIO()):
         assert main(["trace", "--base_path", str(run.root), "--export", str(out), "--out", str(tmp_path / "t")]) == 0
     assert load_quantized(out).text_encoder_3 is None
+    # diffusers' own loader needs the absent components named: the export says how, and that way loads
+    hint = f"DiffusionPipeline.from_pretrained('{out}', text_encoder_3=None, tokenizer_3=None)"
+    assert hint in printed.getvalue(), printed.getvalue()
+    from diffusers import DiffusionPipeline
+
+    assert DiffusionPipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None).text_encoder_3 is None
     t = read_trace(tmp_path / "t" / "trace.json")
     assert [r["step"] for r in t["components"]["end_to_end"] if r["component"] == "transformer"] == [0, 1, 2, 3]
     assert t["fed_fp"] and t["image"]["mse"] > 0

@@ -138,6 +138,12 @@ def test_fp16_export_shows_its_rounding_per_component(tiny_run, tmp_path):
     assert text_encoder["mae"] > 0 and 40 < text_encoder["sqnr_db"] < math.inf  # fp16 weights: rounding only
     assert rows["vae/0"]["mae"] > 0
     assert "worst first" in text and "fed every component the exact FP inputs: yes" in text
+    # the same export traced against another model of the same architecture (other weights): refused, not measured
+    other = ["--config", "tiny-sdxl-random", "--base_path", str(tmp_path / "other"), "--prompt", "a red circle"]
+    code, _, err = _cli("trace", *other, "--export", str(out), "--out", str(tmp_path / "t2"))
+    assert code == 2 and len(err.strip().splitlines()) == 1, err
+    assert "was exported from embedded:tiny-sdxl, not from this run's model (embedded:tiny-sdxl-random)" in err
+    assert not (tmp_path / "t2").exists()
 
 
 def test_trace_options_are_one_line_errors(tiny_run, tmp_path):

@@ -21,6 +21,12 @@ def handle(args: argparse.Namespace) -> None:
             f"{info['denoiser_bytes']:,} bytes on disk; "
             f"load it with `mpq.load_quantized('{info['out']}')`"
         )
+        if info["absent"]:  # e.g. SD3 without T5: diffusers' pipeline class requires them named
+            absent = ", ".join(f"{name}=None" for name in info["absent"])
+            print(
+                f"  the pipeline was saved without {', '.join(info['absent'])}: after `import mpq`, diffusers loads "
+                f"it with DiffusionPipeline.from_pretrained('{info['out']}', {absent})"
+            )
     elif args.format == "torchao":
         print(
             f"torchao plan in {info['out']}/torchao_config.json ({info['layers']} layers; per layer kind: "

@@ -84,7 +84,7 @@ def run_all(args: argparse.Namespace) -> None:
     from mpq.report.report import read_summary, summary_lines
 
     cfg, run = resolve_run(args)
-    run_through("report", Context(cfg, run), force=args.force)
+    run_through("report", Context(cfg, run), force=args.force, command="mpq run")
     print("\n".join(summary_lines(run, read_summary(run))))
 
 

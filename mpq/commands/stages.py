@@ -164,12 +164,18 @@ USED_AS_IS = {
 
 
 def run_through(
-    name: str, ctx: Context, force: bool = False, log: Callable[[str], None] = print, rebuild_stale: bool = True
+    name: str,
+    ctx: Context,
+    force: bool = False,
+    log: Callable[[str], None] = print,
+    rebuild_stale: bool = True,
+    command: str | None = None,
 ) -> Any:
     """Run every stage up to and including ``name`` (in registry order), skipping the up-to-date ones;
     ``force`` re-runs ``name`` itself. With ``rebuild_stale=False`` (a single-stage command) an upstream stage
     runs only when an output is missing (never made, or a file it made is gone): files put there by hand (e.g.
-    MixDQ's sensitivity yaml) are used, with a note saying why they are not up to date."""
+    MixDQ's sensitivity yaml) are used, with a note saying why they are not up to date. ``command`` is what the
+    run directory's lock names to a second job (default ``mpq <name>``)."""
     needed = _closure(name)
     if "search" in needed and list(ctx.cfg.sensitivity.layers):  # refused before any expensive stage runs
         raise MpqError(
@@ -178,7 +184,7 @@ def run_through(
         )
     result = None
     d = distributed.current()  # ranks other than 0 print to /dev/null (the CLI sets that up)
-    with ctx.run.lock(f"mpq {name}"):
+    with ctx.run.lock(command or f"mpq {name}"):
         if d.is_main:
             ctx.run.save_config(ctx.cfg)
         remade: set[str] = set()

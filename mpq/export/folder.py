@@ -19,6 +19,7 @@ import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from mpq.errors import MpqError
 from mpq.runner.files import current_umask
@@ -46,6 +47,16 @@ def export_format(folder: Path) -> str | None:
         except (json.JSONDecodeError, OSError, AttributeError):
             return None
     return None
+
+
+def export_source(folder: Path) -> dict[str, Any] | None:
+    """The model an export was made from, as its marker records it (model id, architecture fingerprint, a weights
+    sample: :func:`mpq.quant.model.same_weights`); None for an export written before it was recorded."""
+    try:
+        source = json.loads((folder / MARKER).read_text()).get("source")
+    except (json.JSONDecodeError, OSError, AttributeError):
+        return None
+    return source if isinstance(source, dict) else None
 
 
 def export_kind(fmt: str) -> OutputKind:
@@ -103,8 +114,11 @@ def _clean_leftovers(out: Path) -> None:
 
 
 @contextmanager
-def export_folder(out: str | Path, fmt: str, run_root: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temp folder to write the export into; on success it replaces ``out`` (checked first, see the module)."""
+def export_folder(
+    out: str | Path, fmt: str, run_root: Path, overwrite: bool = False, source: dict[str, Any] | None = None
+) -> Iterator[Path]:
+    """Yield a temp folder to write the export into; on success it replaces ``out`` (checked first, see the module).
+    ``source``: the model it is made from, recorded in the marker (:func:`export_source`)."""
     out = Path(os.path.abspath(out))  # "." and "dir/.." have a name to put temp folders beside
     check_target(out, fmt, run_root, overwrite)
     try:
@@ -117,7 +131,8 @@ def export_folder(out: str | Path, fmt: str, run_root: Path, overwrite: bool = F
         ) from None
     os.chmod(tmp, 0o777 & ~current_umask())  # mkdtemp makes it private; an export is an ordinary folder
     try:
-        (tmp / MARKER).write_text(json.dumps({"format": fmt, "pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        made = {"format": fmt, "pid": os.getpid(), "host": socket.gethostname(), "source": source}
+        (tmp / MARKER).write_text(json.dumps(made) + "\n")
         yield tmp
         try:
             if out.exists() and not is_replaceable(out, export_kind(fmt)):  # --overwrite of a folder mpq did not make

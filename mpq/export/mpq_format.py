@@ -12,8 +12,9 @@ Layout (what ``DiffusionPipeline.save_pretrained`` writes, the denoiser replaced
         everything else (FP layers, norms, biases, buffers made at construction) in ``fp_dtype``
 
 ``quantization_config`` (``quant_method: mpq``) lists every quantized layer's
-spec (:class:`~mpq.export.packed.PackedSpec`) and the plan's act-protected
-layers. :func:`load_quantized` builds the denoiser on the meta device, swaps
+spec (:class:`~mpq.export.packed.PackedSpec`), the plan's act-protected
+layers, the source model and a hash of every other file of the folder
+(``components``). :func:`load_quantized` builds the denoiser on the meta device, swaps
 in :class:`~mpq.export.packed.PackedLayer` modules and assigns the stored
 tensors, so only packed bytes are ever resident.
 """
@@ -38,12 +39,18 @@ from mpq.plan import BitPlan
 from mpq.quant.formats import Key
 from mpq.quant.layers import QuantLayer
 from mpq.quant.model import PREFIX, QuantModel
-from mpq.runner.files import load_tensors, read_tensor_metadata, save_tensors, write_json
+from mpq.runner.files import file_digest, load_tensors, read_tensor_metadata, save_tensors, write_json
 
-# 2: 3/5/6/7-bit codes in a dense bit stream (1 stored them one a byte); 3: grouped scales, asymmetric levels
-FORMAT = "mpq-packed/3"
+# 2: 3/5/6/7-bit codes in a dense bit stream (1 stored them one a byte); 3: grouped scales, asymmetric levels;
+# 4: every other component's files hashed too (``components`` in the quantization_config)
+FORMAT = "mpq-packed/4"
 # readable through :func:`older_tensors` (MixDQ's symmetric per-channel scales only): the shim is removed in mpq 0.3
 OLDER = ("mpq-packed/1", "mpq-packed/2")
+READABLE = (FORMAT, "mpq-packed/3", *OLDER)
+# what each version writes, so a missing one is damage, not age: the denoiser's tensor hash and layer specs (from 3),
+# the other components' file hashes (from 4)
+TENSOR_HASHED = (FORMAT, "mpq-packed/3")
+COMPONENTS_HASHED = (FORMAT,)
 WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 
 
@@ -259,8 +266,8 @@ def export_mpq(
     component: str = "unet",
 ) -> dict[str, Any]:
     """Write the ``mpq`` format into ``folder`` (:func:`mpq.export.folder.export_folder` makes it and moves it into
-    place): the pipeline's other components in ``fp_dtype``, the denoiser packed, its tensors and its layer specs
-    checksummed in the weights file's metadata."""
+    place): the pipeline's other components in ``fp_dtype`` (their files hashed in the denoiser's config), the
+    denoiser packed, its tensors and its layer specs checksummed in the weights file's metadata."""
     bos_rows = capture_bos_rows(pipe, qm, cfg)
     tensors, qconfig = denoiser_export(qm, plan, fp_dtype, bos_rows)
     qconfig["source"] = {"model_id": str(cfg.model.id), "fingerprint": qm.fingerprint}
@@ -269,16 +276,20 @@ def export_mpq(
         if name == component or module is None or not hasattr(module, "save_pretrained"):
             continue
         _save_component(module, folder / name, fp_dtype)
+    qconfig["components"] = component_hashes(folder, component)
     den = folder / component
     den.mkdir()
     config = json.loads(qm.denoiser.to_json_string())
     config["quantization_config"] = qconfig
     write_json(den / "config.json", config)
     save_tensors(den / WEIGHTS_NAME, tensors, metadata=integrity_metadata(tensors, qconfig))
+    from mpq.models.loader import absent_components
+
     return {
         "denoiser_bytes": (den / WEIGHTS_NAME).stat().st_size,
         "layers": len(qconfig["layers"]),
         "bos_cached": len(bos_rows),
+        "absent": sorted(absent_components(str(folder))),  # diffusers' from_pretrained needs them passed as None
     }
 
 
@@ -302,9 +313,50 @@ def integrity_metadata(tensors: Mapping[str, torch.Tensor], qconfig: Mapping[str
     }
 
 
-def verify(weights: Path, cfg_path: Path, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, Any]) -> None:
-    """One-line errors for a damaged weights file or a layer spec edited after export."""
+def component_hashes(folder: Path, denoiser: str) -> dict[str, str]:
+    """{path relative to the pipeline folder: content hash} of every file of the export but the denoiser's own
+    (its tensors are hashed in its weights file, its config holds this mapping) and the export's marker."""
+    from mpq.export.folder import MARKER
+
+    return {
+        p.relative_to(folder).as_posix(): file_digest(p)
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != MARKER and p.relative_to(folder).parts[0] != denoiser
+    }
+
+
+def verify_components(pipeline: Path, qconfig: Mapping[str, Any], cfg_path: Path) -> None:
+    """One-line errors for a component file of the export that is damaged, changed or gone (``pipeline``: the folder
+    holding the denoiser's folder). A denoiser folder copied out on its own (no model_index.json beside it) has only
+    itself to check."""
+    hashes = qconfig.get("components")
+    if qconfig.get("format") in COMPONENTS_HASHED and not isinstance(hashes, dict):
+        raise MpqError(
+            f"{cfg_path}: quantization_config has no 'components' hashes, which {qconfig.get('format')} writes; "
+            "restore it or re-export with `mpq export`"
+        )
+    if not hashes or not (pipeline / "model_index.json").is_file():
+        return
+    for rel, digest in hashes.items():
+        path = pipeline / rel
+        if not path.is_file():
+            raise MpqError(f"{path} is missing from the export (its hash is listed); re-export with `mpq export`")
+        if file_digest(path) != digest:
+            raise MpqError(f"{path}: checksum mismatch (changed or damaged after export); re-export with `mpq export`")
+
+
+def verify(
+    weights: Path, cfg_path: Path, tensors: Mapping[str, torch.Tensor], layers: Mapping[str, Any], version: Any
+) -> None:
+    """One-line errors for a damaged weights file or a layer spec edited after export; a hash missing from a format
+    ``version`` that writes one is damage (a re-saved file), not an older export."""
     meta = read_tensor_metadata(weights)
+    missing = [k for k in ("mpq_sha256", "mpq_layers") if k not in meta]
+    if missing and version in TENSOR_HASHED:
+        raise MpqError(
+            f"{weights}: its metadata lacks {missing[0]}, which {version} writes (re-saved without it?); re-export "
+            "with `mpq export`"
+        )
     if "mpq_sha256" not in meta:
         return  # exported before checksums: nothing to compare
     if tensors_digest(tensors) != meta["mpq_sha256"]:
@@ -341,7 +393,7 @@ def check_qconfig(qconfig: Any, cfg_path: Path) -> None:
             f"{cfg_path}: written by an older mpq, whose {len(odd)} 3/5/6/7-bit layers (first: {odd[0]}) this mpq "
             "packs differently; re-export with `mpq export`"
         )
-    if qconfig.get("format") not in (FORMAT, *OLDER):
+    if qconfig.get("format") not in READABLE:
         raise MpqError(
             f"{cfg_path}: export format {qconfig.get('format')!r}, this mpq reads {FORMAT!r}; re-export with `mpq "
             "export`"
@@ -359,8 +411,9 @@ def install_packed_layers(model: nn.Module, qconfig: Mapping[str, Any], cfg_path
     :class:`~mpq.export.packed.PackedLayer` modules and assign every tensor of ``weights`` (checksums verified
     first; strict). ``model`` is built without weights (on the meta device); its floating tensors keep the file's
     dtypes (:func:`_cast` sets the compute dtype)."""
+    verify_components(weights.parent.parent, qconfig, cfg_path)
     tensors = load_tensors(weights)
-    verify(weights, cfg_path, tensors, qconfig["layers"])
+    verify(weights, cfg_path, tensors, qconfig["layers"], qconfig.get("format"))
     if qconfig.get("format") in OLDER:
         tensors = older_tensors(tensors)
     for path, spec_dict in qconfig["layers"].items():
@@ -435,7 +488,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     in memory and unpack on the fly. ``dtype``: the compute dtype of everything else."""
     from diffusers import DiffusionPipeline
 
-    from mpq.models.loader import _absent_components, quiet_loading
+    from mpq.models.loader import absent_components, quiet_loading
 
     folder = Path(folder)
     if not (folder / "model_index.json").is_file():
@@ -446,7 +499,7 @@ def load_quantized(folder: str | Path, dtype: torch.dtype = torch.float32, devic
     name = denoiser_name(json.loads((folder / "model_index.json").read_text()))
     denoiser = load_denoiser(folder / name, dtype, device)
     quiet_loading()
-    absent = _absent_components(str(folder))  # components saved as absent (SD3 without T5)
+    absent = absent_components(str(folder))  # components saved as absent (SD3 without T5)
     pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=dtype, **absent, **{name: denoiser})
     pipe.to(device)
     pipe.set_progress_bar_config(disable=True)

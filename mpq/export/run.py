@@ -13,6 +13,7 @@ from mpq.errors import MpqError
 from mpq.export.folder import check_target, export_folder
 from mpq.models import denoiser_name
 from mpq.plan import BitPlan, final_plan
+from mpq.quant.model import weights_sample
 from mpq.runner.choices import DTYPES
 from mpq.runner.rundir import RunDir
 
@@ -41,7 +42,12 @@ def export_plan(
     pipe, qm, _ = quantized_pipeline(cfg, run, dtype=torch.float32)
     plan = plan if plan is not None else final_plan(run)
     plan.validate(qm.names, qm.bits, formats=qm.formats)
-    with export_folder(out, fmt, run.root, overwrite) as folder:
+    source = {
+        "model_id": str(cfg.model.id),
+        "fingerprint": qm.fingerprint,
+        "weights_sample": weights_sample(qm.denoiser),
+    }
+    with export_folder(out, fmt, run.root, overwrite, source) as folder:
         if fmt == "mpq":
             info = export_mpq(pipe, qm, plan, folder, cfg, DTYPES[fp_dtype], denoiser_name(pipe.components))
         elif fmt == "torchao":

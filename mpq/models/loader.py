@@ -215,7 +215,7 @@ def read_model_index(folder: Path, model_id: str | None = None) -> dict[str, Any
     return index
 
 
-def _absent_components(source: str) -> dict[str, None]:
+def absent_components(source: str) -> dict[str, None]:
     """Components a local folder saved as absent (``[null, null]`` in model_index.json, e.g. SD3 without T5):
     diffusers wants them passed as ``None`` explicitly, as a user loading such a folder would."""
     if not (Path(source) / "model_index.json").is_file():
@@ -245,7 +245,7 @@ def load_pipeline(cfg: DictConfig, device: torch.device | None = None, dtype: to
         kwargs: dict[str, Any] = {"torch_dtype": dtype, "safety_checker": None, "requires_safety_checker": False}
         if cfg.model.variant and not cfg.model.id.startswith(EMBEDDED_PREFIX):
             kwargs["variant"] = cfg.model.variant
-        kwargs.update(_absent_components(source))
+        kwargs.update(absent_components(source))
         try:
             pipe = DiffusionPipeline.from_pretrained(source, **kwargs)
         except Exception as err:  # noqa: BLE001 - any load failure becomes one actionable line

@@ -467,6 +467,12 @@ def _format_key(value: Any, key: str) -> Any:
         raise MpqError(f"config key '{key}': {err}") from None
 
 
+def _nominal_bits(key: Any) -> float:
+    from mpq.quant.formats import nominal_bits  # upward on purpose, as in _format_key
+
+    return nominal_bits(key)
+
+
 def weight_formats(cfg: DictConfig) -> list[str]:
     """``quant.weight_formats`` as canonical names (one-line error for an unknown one or a repeat)."""
     names = [str(_format_key(f, "quant.weight_formats")) for f in cfg.quant.get("weight_formats", []) or []]
@@ -518,6 +524,18 @@ def _validate_search(cfg: DictConfig) -> None:
                 )
         if k.k_num < 1 or k.k_min <= 0 or k.k_max < k.k_min:
             raise MpqError(f"config keys search.{kind}.k_min/k_max/k_num must give 0 < k_min <= k_max and k_num >= 1")
+        # no plan averages fewer bits than the fewest candidate it may use: the groups' own, or below them every
+        # integer bit (a full sweep with every_bit_below)
+        named = [*k.bits_content, *k.bits_quality]
+        pool = [*cfg.quant.bits, *named] if s.sweep == "full" and k.every_bit_below else named
+        fewest = min(_nominal_bits(b) for b in pool)
+        slack = float(s.band) if s.mode == "reference" else 0.0  # MixDQ's budget holds within the band
+        if k.target_bitwidth + slack < fewest - 1e-9:
+            raise MpqError(
+                f"config key 'search.{kind}.target_bitwidth' is {k.target_bitwidth}; no {kind} plan averages fewer "
+                f"than {fewest:g} bits (the fewest of its candidates {sorted(set(map(str, pool)))}): use a value >= "
+                f"{fewest:g}"
+            )
 
 
 # keys added after runs were stamped, whose unset value (null) means what mpq did before they existed: left out of

@@ -86,6 +86,7 @@ def export_sides(cfg: DictConfig, folder: str | Path, dtype: torch.dtype) -> Sid
     from mpq.models import denoiser_of, load_pipeline
 
     fp = load_pipeline(cfg, dtype=torch.float32)
+    check_export_source(Path(folder), cfg, denoiser_of(fp))
     quant = load_quantized(folder, dtype=dtype, device=fp.device)
     qden = denoiser_of(quant)
     fp_layers = quantizable_modules(denoiser_of(fp))
@@ -102,6 +103,30 @@ def export_sides(cfg: DictConfig, folder: str | Path, dtype: torch.dtype) -> Sid
         return quant_layers[name](x.to(dtype))
 
     return Sides(str(folder), fp, quant, fp_layers, quant_layers, quant_layer, describe={"kind": "export"})
+
+
+def check_export_source(folder: Path, cfg: DictConfig, denoiser: nn.Module) -> None:
+    """Refuse an export made from another model than the run's (another architecture, or other weights of the same
+    one): its departures from this FP pipeline would measure the two models' difference, not the quantization. An
+    export written before its source was recorded gets a note."""
+    from mpq.export.folder import export_source
+    from mpq.quant.model import fingerprint, same_weights, weights_sample
+
+    source = export_source(folder)
+    if source is None:
+        print(
+            f"mpq: note: {folder} does not record the model it was exported from (an older export); the trace assumes "
+            f"it is {cfg.model.id}",
+            file=sys.stderr,
+        )
+        return
+    if source.get("fingerprint") != fingerprint(denoiser) or not same_weights(
+        source.get("weights_sample"), weights_sample(denoiser)
+    ):
+        raise MpqError(
+            f"{folder} was exported from {source.get('model_id')}, not from this run's model ({cfg.model.id}): its "
+            "weights differ; trace it against the run it was exported from (--base_path)"
+        )
 
 
 # ----------------------------------------------------------------------------- one pass
