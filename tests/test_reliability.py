@@ -159,9 +159,11 @@ def test_an_infeasible_sweep_keeps_the_candidates_and_names_the_range(full_run, 
         main(
             [
                 "search",
-                *("--base_path", str(run.root), "--kind", "weight", "--target_bitwidth", "1.0"),
+                *("--base_path", str(run.root), "--kind", "weight", "--target_bitwidth", "2.0"),
                 *FULL_SMALL,
                 "search.sweep=target",  # a full sweep always has plans: MixDQ's sweep below every plan does not
+                # (at 2 bits every layer is at its fewest, so content averages as many bits as quality: K 1, not 3)
+                *("search.weight.k_min=3.0", "search.weight.k_max=3.0", "search.weight.k_num=1"),
             ]
         )
         == 2

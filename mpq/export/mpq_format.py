@@ -329,15 +329,15 @@ def verify_components(pipeline: Path, qconfig: Mapping[str, Any], cfg_path: Path
     """One-line errors for a component file of the export that is damaged, changed or gone (``pipeline``: the folder
     holding the denoiser's folder). A denoiser folder copied out on its own (no model_index.json beside it) has only
     itself to check."""
+    if not (pipeline / "model_index.json").is_file():
+        return  # a denoiser folder on its own: its weights file's hash covers it
     hashes = qconfig.get("components")
     if qconfig.get("format") in COMPONENTS_HASHED and not isinstance(hashes, dict):
         raise MpqError(
             f"{cfg_path}: quantization_config has no 'components' hashes, which {qconfig.get('format')} writes; "
             "restore it or re-export with `mpq export`"
         )
-    if not hashes or not (pipeline / "model_index.json").is_file():
-        return
-    for rel, digest in hashes.items():
+    for rel, digest in (hashes or {}).items():
         path = pipeline / rel
         if not path.is_file():
             raise MpqError(f"{path} is missing from the export (its hash is listed); re-export with `mpq export`")

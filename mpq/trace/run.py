@@ -112,6 +112,8 @@ def check_export_source(folder: Path, cfg: DictConfig, denoiser: nn.Module) -> N
     from mpq.export.folder import export_source
     from mpq.quant.model import fingerprint, same_weights, weights_sample
 
+    if not (folder / "model_index.json").is_file():
+        return  # not an export at all: loading it says so
     source = export_source(folder)
     if source is None:
         print(
