@@ -38,8 +38,11 @@ setup(
     ],
     extras_require={
         "torchao": ["torchao>=0.14,<0.19"],
-        "test": ["pytest>=7", "torchao>=0.14,<0.19", "ruff>=0.6"],
-        "peers": ["sdnq==0.2.8"],  # benchmarks/bench_peers.py (depends on torch unpinned: keeps the installed one)
+        # sdnq: SDNQ's dtypes as weight candidates and `mpq export --format sdnq` (its torch requirement is unpinned:
+        # pip keeps the installed torch)
+        "sdnq": ["sdnq==0.2.8"],
+        "test": ["pytest>=7", "torchao>=0.14,<0.19", "ruff>=0.6", "sdnq==0.2.8"],
+        "peers": ["sdnq==0.2.8"],  # benchmarks/bench_peers.py
     },
     entry_points={"console_scripts": ["mpq=mpq.commands.main:main_entry"]},
 )

@@ -100,7 +100,7 @@ class BitPlan:
     ) -> BitPlan:
         """One-line errors for a layer the model lacks, or a bit-width or format not calibrated; returns the plan."""
         names = list(layer_names)
-        validate_plan(self.weight, names, [*bits, *formats], f"{source} (weights)")
+        validate_plan(self.weight, names, [*bits, *formats], f"{source} (weights)", data_free=True)
         validate_plan(self.act, names, bits, f"{source} (activations)")
         unknown = sorted(self.protected - set(names))
         if unknown:
@@ -205,8 +205,11 @@ def write_plan(path: str | Path, plan: Mapping[str, Key]) -> Path:
     return target
 
 
-def validate_plan(plan: Mapping[str, Key], layer_names: Iterable[str], bits: Iterable[Key], source: str) -> None:
-    """One-line errors for a layer the model lacks or a bit-width (format) not calibrated."""
+def validate_plan(
+    plan: Mapping[str, Key], layer_names: Iterable[str], bits: Iterable[Key], source: str, data_free: bool = False
+) -> None:
+    """One-line errors for a layer the model lacks or a bit-width (format) not calibrated; with ``data_free`` (weight
+    plans) a format with nothing to calibrate (SDNQ's) needs no checkpoint entry."""
     known = set(layer_names)
     allowed = list(dict.fromkeys(bits))
     for name, b in plan.items():
@@ -215,7 +218,7 @@ def validate_plan(plan: Mapping[str, Key], layer_names: Iterable[str], bits: Ite
                 f"{source}: layer '{name}' is not a quantizable layer of this model; see `mpq layers --config ...` for "
                 "the names"
             )
-        if b not in allowed:
+        if b not in allowed and not (data_free and resolve(b).data_free):
             raise MpqError(
                 f"{source}: layer '{name}' asks for {b} bits, but the checkpoint calibrated only {allowed}; "
                 + _calibrate_hint(b, "leave the layer out of the plan file")

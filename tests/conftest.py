@@ -89,3 +89,67 @@ def full_run(tmp_path_factory) -> tuple[RunDir, str]:
     with contextlib.redirect_stdout(out):
         assert main(["run", "--config", "tiny-sdxl", "--outdir", str(run.root), *FULL_SMALL]) == 0
     return run, out.getvalue()
+
+
+# ----------------------------------------------------------------------------- an SDNQ export, loaded without mpq
+SDNQ_PROMPTS = ["a small red circle at the top left on a white background", "a large blue square in the center"]
+_SDNQ_LOAD = """
+import json, sys, torch
+from diffusers import DiffusionPipeline
+folder, call, absent, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, **{k: None for k in absent})
+pipe.set_progress_bar_config(disable=True)
+prompts = call.pop("prompts")
+images = [
+    pipe(p, generator=torch.Generator().manual_seed(i), output_type="pt", **call).images for i, p in enumerate(prompts)
+]
+den = getattr(pipe, sys.argv[5])
+torch.save({"images": torch.cat(images), "mpq_imported": "mpq" in sys.modules,
+            "sdnq_layers": sum(hasattr(m, "sdnq_dequantizer") for m in den.modules())}, out)
+"""
+
+
+def sdnq_draws_the_simulation(cfg, run, folder, plan, tmp_path) -> tuple[float, float]:
+    """Draw the prompts with mpq's fake-quant of ``plan``'s weights (the run's pipeline) and, in a fresh process
+    that never imports mpq, with the SDNQ export ``folder`` through stock diffusers; returns (max abs difference of
+    the two, max abs difference of the simulation from FP)."""
+    import json
+    import subprocess
+    import sys
+
+    from mpq.calibration.checkpoint import quantized_pipeline
+    from mpq.families import family_of
+    from mpq.models import denoiser_name
+    from mpq.models.loader import absent_components
+    from mpq.plan import BitPlan
+
+    pipe, qm, _ = quantized_pipeline(cfg, run, dtype=torch.float32)
+    pipe.set_progress_bar_config(disable=True)
+    s = cfg.sampling
+    call = {"num_inference_steps": s.steps, "guidance_scale": s.guidance_scale, "height": s.resolution}
+    call["width"] = s.resolution
+    call.update(family_of(qm.denoiser).call_kwargs(pipe, s.max_sequence_length))  # as mpq calls each family
+
+    def draw() -> torch.Tensor:
+        return torch.cat(
+            [
+                pipe(p, generator=torch.Generator().manual_seed(i), output_type="pt", **call).images
+                for i, p in enumerate(SDNQ_PROMPTS)
+            ]
+        )
+
+    qm.set_fp()
+    fp = draw()
+    qm.apply(BitPlan(plan.weight))
+    simulated = draw()
+    qm.set_fp()
+    out = tmp_path / "sdnq_images.pt"
+    absent = sorted(absent_components(str(folder)))
+    args = [json.dumps({**call, "prompts": SDNQ_PROMPTS}), json.dumps(absent), str(out), denoiser_name(pipe.components)]
+    res = subprocess.run(
+        [sys.executable, "-c", _SDNQ_LOAD, str(folder), *args], capture_output=True, text=True, cwd=tmp_path
+    )
+    assert res.returncode == 0, res.stderr[-3000:]
+    loaded = torch.load(out, weights_only=True)
+    assert not loaded["mpq_imported"] and loaded["sdnq_layers"] == len(plan.weight)
+    return float((loaded["images"] - simulated).abs().max()), float((simulated - fp).abs().max())

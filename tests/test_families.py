@@ -130,6 +130,26 @@ def test_export_under_its_component_loads_and_draws_the_fake_quant_images(family
     assert any(not np.array_equal(a, b) for a, b in zip(ref, fp))  # the plan really quantizes
 
 
+def test_an_sdnq_export_loads_without_mpq_and_draws_the_simulated_images(family_run, tmp_path):
+    """A mixed plan of SDNQ dtypes (nothing calibrated for them) exported with `--format sdnq` loads in a process
+    that never imports mpq, through stock diffusers, and draws mpq's simulation of the plan (fp32: max abs < 1e-5)."""
+    from test_sdnq import mixed_plan
+
+    from mpq.plan import write_plan
+
+    from conftest import sdnq_draws_the_simulation
+
+    family, cfg, run = family_run
+    plan = mixed_plan([i.name for i in run_layers(cfg, run)], seed=2)
+    plan_file = write_plan(tmp_path / "plan.formats.yaml", plan.weight)
+    out = tmp_path / "sdnq"
+    argv = ["export", "--base_path", str(run.root), "--out", str(out), "--format", "sdnq", "--fp-dtype", "fp32"]
+    with contextlib.redirect_stdout(io.StringIO()):
+        assert main([*argv, "--weight-plan", str(plan_file)]) == 0
+    diff, effect = sdnq_draws_the_simulation(cfg, run, out, plan, tmp_path)
+    assert diff < 1e-5 and effect > 100 * diff, (family, diff, effect)
+
+
 def test_fisher_estimate_runs_on_every_family(family_run):
     """The Fisher estimator's denoising loss in each family's layout: PixArt (epsilon, learned variance, DPM-Solver),
     SD3 (flow), Flux (flow, packed latents, sigma as the timestep)."""

@@ -22,6 +22,7 @@ from mpq.calibration.record import CalibData
 from mpq.errors import MpqError
 from mpq.families import family_of
 from mpq.models import denoiser_of, pipeline_in, torch_dtype
+from mpq.quant.formats import resolve
 from mpq.quant.model import QuantModel, same_weights, weights_sample
 from mpq.quant.quantizer import WeightQuant
 from mpq.quant.structure import constant_first_token, trace
@@ -107,6 +108,9 @@ def run_ptq(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> dict[str, 
             f"{run.calib} was recorded with another model ({calib.meta.get('model_id')}); "
             f"re-run `mpq calib --force` for {cfg.model.id}"
         )
+    free = [f for f in weight_formats(cfg) if resolve(f).data_free]
+    if free:
+        print(f"[ptq] {', '.join(free)}: nothing to calibrate (quantized from the weight alone, when a plan uses them)")
     timings = calibrate(qm, calib, cfg)
     manifest = save_checkpoint(run.ckpt, qm, cfg)
     return {"timings": timings, "layers": len(manifest["layers"]), "bits": manifest["bits"]}

@@ -27,6 +27,20 @@ def handle(args: argparse.Namespace) -> None:
                 f"  the pipeline was saved without {', '.join(info['absent'])}: after `import mpq`, diffusers loads "
                 f"it with DiffusionPipeline.from_pretrained('{info['out']}', {absent})"
             )
+    elif args.format == "sdnq":
+        print(
+            f"SDNQ pipeline in {info['out']}: {info['layers']} layers quantized by SDNQ as planned, their tensors "
+            f"{info['layer_bytes']:,} bytes ({info['priced_bytes']:,.0f} priced by the search); {info['component']} "
+            f"files {info['denoiser_bytes']:,} bytes; load it without mpq (pip install sdnq) with "
+            f"DiffusionPipeline.from_pretrained('{info['out']}'"
+            + "".join(f", {name}=None" for name in info["absent"])
+            + ")"
+        )
+        if info["act_dropped"]:
+            print(
+                f"  the plan's activation bits ({info['act_dropped']} layers) are not exported: SDNQ computes "
+                "activations in the compute dtype"
+            )
     elif args.format == "torchao":
         print(
             f"torchao plan in {info['out']}/torchao_config.json ({info['layers']} layers; per layer kind: "
@@ -62,7 +76,13 @@ def _arguments(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="replace --out even if it is not an mpq export (never a file or the run)",
     )
-    p.add_argument("--format", choices=("mpq", "torchao", "encodings"), default="mpq", help="default: mpq")
+    p.add_argument(
+        "--format",
+        choices=("mpq", "torchao", "encodings", "sdnq"),
+        default="mpq",
+        help="default: mpq; sdnq: an SDNQ pre-quantized pipeline (plans of sdnq-<dtype> candidates) that stock "
+        "diffusers loads with the sdnq package, no mpq",
+    )
     p.add_argument(
         "--fp-dtype",
         "--fp_dtype",
@@ -85,7 +105,9 @@ COMMAND = Command(
     "after `import mpq` with diffusers' DiffusionPipeline.from_pretrained(DIR, torch_dtype=...). --format torchao: "
     "the plan as a torchao FqnToConfig (torchao_config.json) with what torchao could and could not take "
     "(torchao_layers.csv). "
-    "--format encodings: AIMET-style encodings JSON for every quantized weight and activation.",
+    "--format encodings: AIMET-style encodings JSON for every quantized weight and activation. "
+    "--format sdnq: a plan of SDNQ dtypes (quant.weight_formats=[sdnq-...]) quantized by SDNQ itself and saved as "
+    "SDNQ saves pre-quantized models: DiffusionPipeline.from_pretrained(DIR) loads it with sdnq installed, no mpq.",
     add_arguments=_arguments,
     handler=handle,
 )

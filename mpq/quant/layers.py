@@ -161,8 +161,11 @@ class QuantLayer:
         return list(self.weight_formats)
 
     def weight_format(self, key: Key) -> Format:
-        """The format of a calibrated weight candidate (a bit-width or a format's name)."""
+        """The format of a calibrated weight candidate (a bit-width or a format's name), or of a data-free format
+        (nothing to calibrate) named by its key."""
         fmt = self.weight_formats.get(key)
+        if fmt is None and isinstance(key, str) and resolve(key).data_free:
+            fmt = resolve(key)
         if fmt is None:
             raise KeyError(f"weight {key} was not calibrated (calibrated: {self.weight_keys})")
         return fmt
@@ -182,7 +185,7 @@ class QuantLayer:
 
     def format_params(self, fmt: Format) -> dict[str, torch.Tensor]:
         """A weight candidate's calibrated parameters (views of its bank's buffers)."""
-        return self._slots[fmt.key].view(self._buffers)
+        return {} if fmt.data_free and fmt.key not in self._slots else self._slots[fmt.key].view(self._buffers)
 
     def _input_dim(self) -> int:
         return 1 if isinstance(self, nn.Conv2d) else -1
@@ -257,7 +260,10 @@ class QuantLayer:
         raise NotImplementedError
 
     def _quant_forward(self, x: torch.Tensor, w_bits: Key | None, a_bits: int | None) -> torch.Tensor:
-        if self.bos_aware and x.dim() == 3 and (w_bits is not None or a_bits is not None):
+        bos = self.bos_aware and x.dim() == 3 and (w_bits is not None or a_bits is not None)
+        if bos and w_bits is not None and not self.weight_format(w_bits).fp_bos_row:
+            bos = False  # a runtime's own format computes every token with the quantized weight
+        if bos:
             head = self._op(x[:, :1], self.weight)  # the BOS token: FP weights and activations
             return torch.cat([head, self._op(self._fq_act(x[:, 1:], a_bits), self.weight_at(w_bits))], dim=1)
         return self._op(self._fq_act(x, a_bits), self.weight_at(w_bits))

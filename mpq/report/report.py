@@ -216,6 +216,8 @@ def exported_sizes(
     paths = [n[len(PREFIX) :] for n in qm.names]
     for label, res in results.items():  # "FP" (no plan) is the FP16 denoiser
         plan = plans.get(label, BitPlan())
+        if not all(cost.format(k).packs for k in plan.weight.values()):  # a runtime's format (SDNQ): its own export
+            continue
         tensors = denoiser_export(qm, plan, torch.float16, bos)[0]
         res["export_file_bytes"] = serialized_bytes(tensors)
         res["export_weight_bytes"] = weight_bytes_of(tensors, paths)

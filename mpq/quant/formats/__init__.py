@@ -8,7 +8,9 @@ exactly as MixDQ's files mean it (:class:`CheckpointInt`); a ``str`` names a reg
 * ``nf<k>``, k in 7, 12, 16, 24, 32: a NormalFloat codebook of k levels (:mod:`~mpq.quant.formats.nf`);
 * ``fp8``: float8 e4m3 codes with an fp32 scale per output channel (:mod:`~mpq.quant.formats.fp8`);
 * ``int<b>-<sym|asym>-<tensor|channel|kernel|g<N>>``: the integer grid with its own level set and scale
-  granularity (:class:`IntFormat`), beside the checkpoint's.
+  granularity (:class:`IntFormat`), beside the checkpoint's;
+* ``sdnq-<dtype>[-row|-g<N>]``: a weight dtype of SDNQ, quantized by the ``sdnq`` package itself
+  (:mod:`~mpq.quant.formats.sdnq`; data-free, exported with ``mpq export --format sdnq``).
 
 A new weight-only format is one class: subclass :class:`Format` (its module beside these) and :func:`register` it
 below (``register`` is also a class decorator: a format defined elsewhere registers itself); nothing else changes
@@ -30,8 +32,9 @@ from mpq.quant.formats.registry import (
     unregister,
     weight_key,
 )
+from mpq.quant.formats.sdnq import SdnqFormat
 
-for _cls in (NFFormat, FP8Format, IntFormat):  # the built-in families, in the order names are tried
+for _cls in (NFFormat, FP8Format, IntFormat, SdnqFormat):  # the built-in families, in the order names are tried
     register(_cls)
 
 __all__ = [
@@ -49,6 +52,7 @@ __all__ = [
     "Key",
     "NFFormat",
     "ParamShapes",
+    "SdnqFormat",
     "Params",
     "base_word",
     "known_formats",

@@ -8,7 +8,14 @@ its codes (``pack`` / ``unpack``, ``packed_bytes``), the names its parameters ta
 * ``grid``: the uniform integer grid it is, if any (:class:`IntGrid`): what torchao's ``IntxWeightOnlyConfig`` and
   AIMET's encodings can hold;
 * ``torchao_w8a8``: with 8-bit activations on a Linear, torchao's dynamic W8A8 config stands for it;
-* ``config_key``: the config key that calibrates it (``quant.bits`` or ``quant.weight_formats``).
+* ``config_key``: the config key that calibrates it (``quant.bits`` or ``quant.weight_formats``);
+* ``packs``: mpq's packed export stores it (``codes`` / ``pack`` / ``decode``); a runtime's own format (SDNQ's)
+  does not, and is exported in that runtime's layout instead;
+* ``fp_bos_row``: a cross-attention ``to_k`` / ``to_v`` layer computes the constant first text token (BOS) with
+  its FP weight (PTQ's rule; mpq's export stores that row); False for a runtime's format, which runs every token
+  through its quantized weight, so the simulation must too;
+* ``data_free``: it has no parameters to calibrate (its quantizer reads the weight alone), so a plan may name it
+  whether or not the checkpoint lists it.
 
 In a quantized layer its parameters are buffers ``<bank><param>``: formats with one ``bank`` share those buffers
 (every ``nf<k>`` one set of block scales), or, ``stacked``, hold one row each (the checkpoint's integer widths:
@@ -60,6 +67,9 @@ class Format(ABC):
     choices: ClassVar[str] = ""  # how the names it answers to read (the registry's one-line error lists them)
     stacked: bool = False  # its bank holds one row per member format (in the layer's order), not one shared set
     config_key: str = FORMATS_KEY  # the config key that calibrates it
+    packs: bool = True  # mpq's packed export can store it (see the module)
+    data_free: bool = False  # nothing to calibrate: usable in a plan without a checkpoint entry (SDNQ's dtypes)
+    fp_bos_row: bool = True  # a constant first text token keeps its FP row (mpq's export stores it; see the module)
 
     # -------------------------------------------------------------- identity
     @classmethod

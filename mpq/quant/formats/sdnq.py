@@ -1,0 +1,165 @@
+"""``sdnq-<dtype>[-g<N>|-row]``: a weight dtype of SDNQ (SD.Next's quantization engine, pip ``sdnq``), quantized
+and dequantized by SDNQ itself.
+
+mpq does not re-implement SDNQ: the fake-quant weight is what ``sdnq.quantizer.sdnq_quantize_layer_weight`` stores,
+decoded by the dequantizer it returns (the weight SDNQ's own ``SDNQLinear`` / ``SDNQConv2d`` compute with), and a
+layer's price is the bytes of the tensors it stores (packed codes, scales, zero points, as SDNQ saves them). SDNQ's
+quantization is data-free: there is nothing to calibrate, so a checkpoint holds no parameters for these formats.
+
+Names: ``<dtype>`` is SDNQ's own name (:data:`DTYPES`: its integer and unsigned integer types from 1 to 8 bits, its
+float8 types and its low-bit float aliases ``fp2``..``fp7``, ``ufp2``..``ufp8``); the group is SDNQ's default rule
+when not given (``group_size=0``: 2^(bits+2) input channels for a Linear, 2^(bits+1) for a Conv2d, row-wise for
+8-bit), ``-row`` one scale per output row (``group_size=-1``), ``-g<N>`` groups of N input channels (SDNQ turns an N
+that does not divide the row into the nearest divisor, as it would in SD.Next).
+
+SDNQ's own size limits (it leaves a layer below 16,384 weights or 32 input channels unconverted by default) do not
+apply: mpq's program decides which layers pay for their scales, and ``mpq export --format sdnq`` lowers the limits
+so SDNQ converts exactly the planned layers.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import cache
+from typing import Any
+
+import torch
+
+from mpq.errors import MpqError
+from mpq.quant.formats.base import Format, Params, ParamShapes
+
+INSTALL = 'pip install -e ".[sdnq]"'
+PREFIX = "sdnq-"
+# SDNQ's weight dtypes offered as candidates (its names) and their code bits; tests check them against sdnq's own table
+DTYPES: dict[str, int] = {
+    **{f"int{b}": b for b in range(2, 9)},
+    **{f"uint{b}": b for b in range(1, 9)},
+    "float8_e4m3fn": 8,
+    "float8_e5m2": 8,
+    **{f"fp{b}": b for b in range(2, 8)},
+    **{f"ufp{b}": b for b in range(2, 9)},
+}
+_NAME = re.compile(r"sdnq-([a-z0-9_]+?)(?:-(row|g(\d+)))?")
+CHOICES = "sdnq-<int2..8|uint1..8|float8_e4m3fn|float8_e5m2|fp2..7|ufp2..8>[-row|-g<N>]"
+
+
+def sdnq_module() -> Any:
+    """The ``sdnq`` package's quantizer module (imported on first use: it is optional and slow to import); a
+    one-line error naming the install command when it is missing."""
+    try:
+        import logging
+
+        logging.getLogger("sdnq").setLevel(logging.ERROR)  # its note that OpenVINO kernels are absent, on every import
+        from sdnq import quantizer
+    except ImportError as err:
+        raise MpqError(f"SDNQ weight formats need the sdnq package ({err}); install it with {INSTALL}") from None
+    return quantizer
+
+
+def layer_class(shape: Sequence[int]) -> str:
+    """The torch class SDNQ sees for a weight of ``shape`` (its rules differ for convolutions)."""
+    if len(shape) == 4:
+        return "Conv2d"
+    if len(shape) == 2:
+        return "Linear"
+    raise MpqError(f"SDNQ formats quantize Linear and Conv2d weights, not a weight of shape {tuple(shape)}")
+
+
+@dataclass(frozen=True)
+class SdnqFormat(Format):
+    dtype: str
+    group_size: int = 0  # SDNQ's: 0 its default rule, -1 row-wise, N groups of N input channels
+
+    choices = CHOICES
+    packs = False  # no mpq packing: `mpq export --format sdnq` writes it as SDNQ stores it
+    data_free = True  # SDNQ quantizes from the weight alone: nothing in a checkpoint
+    fp_bos_row = False  # SDNQ's layer computes every token, the first included, with the quantized weight
+
+    def __post_init__(self) -> None:
+        if self.dtype not in DTYPES:
+            raise MpqError(f"SDNQ has no weight dtype {self.dtype!r} here")
+        if self.group_size < -1:
+            raise MpqError(f"SDNQ group size {self.group_size}: use -row, -g<N> (N >= 1), or nothing for its default")
+
+    @classmethod
+    def from_name(cls, name: str) -> SdnqFormat | None:
+        m = _NAME.fullmatch(name)
+        if not m:
+            return None
+        if m.group(3) is not None and int(m.group(3)) < 1:
+            raise MpqError(f"{name}: a group holds at least 1 input channel")
+        return cls(m.group(1), -1 if m.group(2) == "row" else int(m.group(3) or 0))
+
+    @property
+    def name(self) -> str:
+        group = {0: "", -1: "-row"}.get(self.group_size, f"-g{self.group_size}")
+        return f"{PREFIX}{self.dtype}{group}"
+
+    @property
+    def nominal_bits(self) -> float:
+        return float(DTYPES[self.dtype])
+
+    @property
+    def bank(self) -> str:
+        return "wf_sdnq_"  # no parameters: nothing is stored in a checkpoint
+
+    def sdnq_config(self) -> dict[str, Any]:
+        """The layer's entry in SDNQ's ``modules_quant_config`` (what its quantizer reads for this layer)."""
+        return {"weights_dtype": self.dtype, "group_size": self.group_size}
+
+    # -------------------------------------------------------------- data-free: SDNQ quantizes from the weight alone
+    def param_shapes(self, shape: Sequence[int], in_split: Sequence[int]) -> ParamShapes:
+        return {}
+
+    def calibrate(self, w: torch.Tensor, in_split: Sequence[int]) -> Params:
+        return {}
+
+    def quantize(self, w: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
+        """SDNQ's (dequantizer, stored tensors) of weight ``w`` (computing in ``w``'s dtype)."""
+        q = sdnq_module()
+        deq, tensors = q.sdnq_quantize_layer_weight(
+            w.detach(), layer_class(w.shape), torch_dtype=w.dtype, **self.sdnq_config()
+        )
+        return deq, {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
+
+    def fake_quant(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
+        deq, tensors = self.quantize(w)
+        return deq(**tensors, skip_compile=True).to(w.dtype).reshape(w.shape).clone()  # clone: a normal tensor
+
+    def stored_bytes(self, shape: Sequence[int], in_split: Sequence[int], scale_bytes: int = 2) -> float:
+        """The bytes SDNQ stores for a weight of ``shape`` (measured on SDNQ's own output; they depend on the shape
+        only). Scales are priced as SDNQ stores them (float32), whatever ``scale_bytes`` the cost model uses."""
+        return float(_sdnq_bytes(self, tuple(int(s) for s in shape)))
+
+    # -------------------------------------------------------------- mpq packing: not this format's
+    def codes(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
+        raise self._not_packed()
+
+    def decode(self, codes: torch.Tensor, p: Params, shape: Sequence[int], in_split: Sequence[int]) -> torch.Tensor:
+        raise self._not_packed()
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        raise self._not_packed()
+
+    def unpack(self, packed: torch.Tensor, numel: int) -> torch.Tensor:
+        raise self._not_packed()
+
+    def packed_bytes(self, numel: int) -> int:
+        raise self._not_packed()
+
+    def param_bytes(self, shape: Sequence[int], in_split: Sequence[int], scale_bytes: int) -> float:
+        """What SDNQ stores besides the codes (scales, zero points): its bytes less the codes' packed bits."""
+        return self.stored_bytes(shape, in_split) - math.ceil(math.prod(shape) * self.nominal_bits / 8)
+
+    def _not_packed(self) -> MpqError:
+        return MpqError(f"{self.name} is SDNQ's format: export a plan using it with `mpq export --format sdnq`")
+
+
+@cache
+def _sdnq_bytes(fmt: SdnqFormat, shape: tuple[int, ...]) -> int:
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    _, tensors = fmt.quantize(w)
+    return sum(t.numel() * t.element_size() for t in tensors.values())
