@@ -103,9 +103,10 @@ class CostModel:
     def weight_bytes(self, info: LayerInfo, bits: Key | None) -> float:
         """Bytes of the layer's weight at ``bits`` (a width or a format: codes and parameters, exactly as export
         stores them; scales at ``scale_bytes``), or FP (``bits`` None, ``fp_bytes`` an element)."""
-        if bits is None:
+        fmt = None if bits is None else self.format(bits)
+        if fmt is None or not fmt.stores(info.shape):  # FP, or a format its runtime cannot store at this shape
             return weight_bytes(info.weight_numel, 0, None, self.scale_bytes, self.fp_bytes)
-        return self.format(bits).stored_bytes(info.shape, info.in_split, self.scale_bytes)
+        return fmt.stored_bytes(info.shape, info.in_split, self.scale_bytes)
 
     def act_bytes(self, info: LayerInfo, bits: int | None) -> float:
         return act_bytes(info.act_numel, bits, self.scale_bytes, self.fp_bytes, info.n_parts, info.bos_numel)

@@ -16,7 +16,7 @@ from mpq.errors import MpqError
 from mpq.export.encodings import plan_encodings
 from mpq.export.mpq_format import denoiser_export, weight_bytes_of
 from mpq.export.packed import PackedLayer, PackedSpec
-from mpq.layers import describe
+from mpq.layers import LayerInfo, describe
 from mpq.plan import BitPlan, read_plan, write_plan
 from mpq.quant.banks import layout
 from mpq.quant.formats import (
@@ -48,6 +48,8 @@ NAMED = [
     "int4-asym-g64",
     "int5-asym-kernel",
     "int8-sym-g16",
+    "sdnq-uint3-g16",  # a runtime's own format (SDNQ's): quantized by its package, exported in its layout
+    "sdnq-float8_e4m3fn-row",
 ]
 WQS = [WeightQuant(), WeightQuant("asymmetric", "group", 4), WeightQuant("symmetric", "kernel")]
 WIDTHS = [(b, wq) for b in (2, 3, 4, 8) for wq in WQS]
@@ -73,6 +75,20 @@ def test_the_list_covers_every_registered_class():
 def test_every_format_calibrates_fake_quants_packs_and_prices_through_one_interface(fmt, shape, split):
     w = torch.randn(shape, generator=torch.Generator().manual_seed(len(fmt.name) + len(shape))) * 0.05
     p = fmt.calibrate(w, split)
+    assert weight_key(fmt.name) == fmt.key and resolve(fmt.key, getattr(fmt, "wq", None)) == fmt
+    assert 0 < nominal_bits(fmt.key) == fmt.nominal_bits <= 8
+    if not fmt.packs:  # a runtime's format: data-free, priced at what its runtime stores, no mpq packing
+        fq = fmt.fake_quant(w, p, split)
+        assert p == {} and fmt.data_free and fq.dtype == w.dtype and (fq - w).abs().max() < w.abs().max()
+        with pytest.raises(MpqError, match="--format sdnq"):
+            fmt.codes(w, p, split)
+        if not fmt.stores(shape):  # SDNQ cannot pack this size in this dtype: the layer stays FP, priced FP
+            info = LayerInfo("model.x", "linear" if len(shape) == 2 else "conv", tuple(shape), tuple(split), False, 1)
+            assert torch.equal(fq, w) and CostModel(2, 2).weight_bytes(info, fmt.key) == math.prod(shape) * 2
+            return
+        assert fmt.stored_bytes(shape, split, 4) == fmt.stored_bytes(shape, split, 2) > math.prod(shape) / 8
+        assert not torch.equal(fq, w)
+        return
     assert {k: (tuple(t.shape), t.dtype) for k, t in p.items()} == {
         k: (tuple(s), d) for k, (s, d) in fmt.param_shapes(shape, split).items()
     }
@@ -89,8 +105,6 @@ def test_every_format_calibrates_fake_quants_packs_and_prices_through_one_interf
     assert torch.equal(fmt.decode(unpacked, fmt.import_params(exported), shape, split).to(w.dtype), fq)
     assert fmt.param_bytes(shape, split, 4) == _nbytes(exported)  # priced (fp32 parameters) == stored
     assert fmt.stored_bytes(shape, split, 4) == packed.numel() + _nbytes(exported)
-    assert weight_key(fmt.name) == fmt.key and resolve(fmt.key, getattr(fmt, "wq", None)) == fmt
-    assert 0 < nominal_bits(fmt.key) == fmt.nominal_bits <= 8
     assert (fq - w).abs().max() < w.abs().max()  # it quantizes, not scrambles
 
 

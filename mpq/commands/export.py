@@ -36,6 +36,11 @@ def handle(args: argparse.Namespace) -> None:
             + "".join(f", {name}=None" for name in info["absent"])
             + ")"
         )
+        if info["kept_fp"]:
+            print(
+                f"  {len(info['kept_fp'])} planned layers stay FP, as simulated and priced: SDNQ cannot pack their "
+                f"dtype at their shape (first: {info['kept_fp'][0]})"
+            )
         if info["act_dropped"]:
             print(
                 f"  the plan's activation bits ({info['act_dropped']} layers) are not exported: SDNQ computes "

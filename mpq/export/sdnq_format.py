@@ -34,7 +34,7 @@ SDNQ_TENSORS = ("weight", "scale", "zero_point", "svd_up", "svd_down", "scale_2"
 
 def sdnq_plan(plan: Mapping[str, Key]) -> dict[str, SdnqFormat]:
     """{module path: format} of a weight plan (layer names as mpq writes them); a one-line error for a planned
-    format SDNQ does not store."""
+    format SDNQ does not store. (A layer whose shape its dtype cannot hold stays FP: see :func:`sdnq_kwargs`.)"""
     out: dict[str, SdnqFormat] = {}
     for name, key in plan.items():
         fmt = resolve(key)
@@ -51,7 +51,11 @@ def sdnq_kwargs(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> dict[s
     """``sdnq_post_load_quant``'s arguments for a plan: each planned layer's dtype and group size, every other
     weight left as it is, SDNQ's own size limits and skip keys off (pure)."""
     weights = [f"{path}.weight" for path, m in denoiser.named_modules() if getattr(m, "weight", None) is not None]
-    planned = {f"{path}.weight": fmt.sdnq_config() for path, fmt in layers.items()}
+    planned = {
+        f"{path}.weight": fmt.sdnq_config()
+        for path, fmt in layers.items()
+        if fmt.stores(tuple(denoiser.get_submodule(path).weight.shape))  # else FP, as simulated and priced
+    }
     return {
         "quant_conv": True,
         "add_skip_keys": False,
@@ -65,11 +69,20 @@ def sdnq_kwargs(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> dict[s
 def quantize_denoiser(denoiser: nn.Module, layers: Mapping[str, SdnqFormat], fp_dtype: torch.dtype) -> nn.Module:
     """``denoiser`` (float32, plain torch layers) quantized by SDNQ as planned, everything else in ``fp_dtype``."""
     q = sdnq_module()
-    kept = {path: denoiser.get_submodule(path).weight.detach().float() for path in layers}
+    kept = {
+        path: w.detach().float()
+        for path in layers
+        if layers[path].stores(tuple((w := denoiser.get_submodule(path).weight).shape))
+    }
     denoiser.to(fp_dtype)
     for path, w in kept.items():  # SDNQ quantizes the float32 weights the simulation quantized
         denoiser.get_submodule(path).weight = nn.Parameter(w, requires_grad=False)
     return q.sdnq_post_load_quant(denoiser, torch_dtype=fp_dtype, **sdnq_kwargs(denoiser, layers))
+
+
+def unstored(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> list[str]:
+    """The planned layers SDNQ cannot hold in their dtype at their shape (they stay FP, as simulated and priced)."""
+    return [p for p, fmt in layers.items() if not fmt.stores(tuple(denoiser.get_submodule(p).weight.shape))]
 
 
 def stored_layer_bytes(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> int:
@@ -102,6 +115,7 @@ def export_sdnq(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype) ->
         ) from None
     pipe = load_pipeline(cfg, dtype=torch.float32)
     component = denoiser_name(pipe.components)
+    kept_fp = unstored(denoiser_of(pipe), layers)
     den = quantize_denoiser(denoiser_of(pipe), layers, fp_dtype)
     setattr(pipe, component, den)
     for name, module in pipe.components.items():
@@ -110,7 +124,8 @@ def export_sdnq(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype) ->
     save_sdnq_model(pipe, str(folder), is_pipeline=True)
     return {
         "denoiser_bytes": sum(p.stat().st_size for p in (folder / component).glob("*.safetensors")),
-        "layers": len(layers),
+        "layers": len(layers) - len(kept_fp),
+        "kept_fp": kept_fp,
         "layer_bytes": stored_layer_bytes(den, layers),
         "act_dropped": len(plan.act),
         "absent": sorted(absent_components(str(folder))),

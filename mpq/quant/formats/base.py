@@ -147,6 +147,12 @@ class Format(ABC):
     def param_bytes(self, shape: Sequence[int], in_split: Sequence[int], scale_bytes: int) -> float:
         """Bytes of the stored parameters (``scale_bytes`` a float scale or offset: the cost model's choice)."""
 
+    def stores(self, shape: Sequence[int]) -> bool:
+        """Whether it can store a weight of ``shape``; where a runtime's format cannot (SDNQ packs some widths in
+        whole words), the layer stays FP in that candidate: the fake quant returns the weight, the cost model prices
+        FP and the export leaves the layer unconverted."""
+        return True
+
     def stored_bytes(self, shape: Sequence[int], in_split: Sequence[int], scale_bytes: int = 2) -> float:
         """Bytes of a weight of ``shape`` in this format: packed codes and parameters (what the cost model prices)."""
         return float(self.packed_bytes(math.prod(shape)) + self.param_bytes(shape, in_split, scale_bytes))

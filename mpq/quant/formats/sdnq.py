@@ -125,14 +125,24 @@ class SdnqFormat(Format):
         )
         return deq, {k: v for k, v in tensors.items() if isinstance(v, torch.Tensor)}
 
+    def stores(self, shape: Sequence[int]) -> bool:
+        """SDNQ packs sub-byte codes in whole words (e.g. eight 3-bit codes in three bytes): a weight whose size does
+        not fill them cannot be stored in this dtype (tried on SDNQ itself, once a shape)."""
+        return _sdnq_bytes(self, tuple(int(s) for s in shape)) is not None
+
     def fake_quant(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
+        if not self.stores(w.shape):
+            return w.detach().clone()  # the layer stays FP in this candidate (see :meth:`stores`)
         deq, tensors = self.quantize(w)
         return deq(**tensors, skip_compile=True).to(w.dtype).reshape(w.shape).clone()  # clone: a normal tensor
 
     def stored_bytes(self, shape: Sequence[int], in_split: Sequence[int], scale_bytes: int = 2) -> float:
         """The bytes SDNQ stores for a weight of ``shape`` (measured on SDNQ's own output; they depend on the shape
         only). Scales are priced as SDNQ stores them (float32), whatever ``scale_bytes`` the cost model uses."""
-        return float(_sdnq_bytes(self, tuple(int(s) for s in shape)))
+        nbytes = _sdnq_bytes(self, tuple(int(s) for s in shape))
+        if nbytes is None:
+            raise MpqError(f"SDNQ cannot store {self.dtype} for a weight of shape {tuple(shape)}; it stays FP")
+        return float(nbytes)
 
     # -------------------------------------------------------------- mpq packing: not this format's
     def codes(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
@@ -159,7 +169,11 @@ class SdnqFormat(Format):
 
 
 @cache
-def _sdnq_bytes(fmt: SdnqFormat, shape: tuple[int, ...]) -> int:
+def _sdnq_bytes(fmt: SdnqFormat, shape: tuple[int, ...]) -> int | None:
+    """Bytes SDNQ stores for a weight of ``shape`` in ``fmt``, None where it cannot (its packer refuses the size)."""
     w = torch.randn(shape, generator=torch.Generator().manual_seed(0))
-    _, tensors = fmt.quantize(w)
+    try:
+        _, tensors = fmt.quantize(w)
+    except RuntimeError:  # SDNQ's packer: the codes do not fill its words
+        return None
     return sum(t.numel() * t.element_size() for t in tensors.values())
