@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import io
 import random
+import re
 
 import pytest
 import torch
@@ -20,6 +21,7 @@ from mpq.plan import BitPlan, final_plan, write_plan
 from mpq.quant.formats import resolve
 from mpq.quant.formats.sdnq import DTYPES
 from mpq.quant.model import QuantModel
+from mpq.runner.choices import TARGETS
 from mpq.runner.config import load_config
 from mpq.runner.rundir import RunDir
 
@@ -93,22 +95,17 @@ def test_fake_quant_is_sdnqs_layer_and_the_price_what_sdnq_stores(tiny_cfg):
     assert {k for k, _ in seen} == set(MIXED) and {d for _, d in seen} == {2, 4}  # every kind, Linear and Conv2d
 
 
-def test_a_run_with_sdnq_candidates_goes_through_every_stage_and_exports(tmp_path):
+def test_a_run_for_sdnq_goes_through_every_stage_and_exports_sdnqs_pipeline(tmp_path):
+    """`target=sdnq` makes SDNQ's dtypes the weight candidates (nothing calibrated for them) and SDNQ's pipeline the
+    export; every stage runs; the chosen plan mixes dtypes, costs what SDNQ stores, and loads without mpq."""
     from test_families import TINY_RUN
 
-    sdnq = "[sdnq-uint2,sdnq-int4,sdnq-fp6,sdnq-int8]"
     run = RunDir(tmp_path / "run")
-    overrides = [
-        *TINY_RUN,
-        f"quant.weight_formats={sdnq}",
-        f"search.weight.bits_content={sdnq}",
-        f"search.weight.bits_quality={sdnq}",
-        "search.weight.every_bit_below=false",
-    ]
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert main(["run", "--config", "tiny-flux-random", "--outdir", str(run.root), *overrides]) == 0
-    assert "sdnq-uint2, sdnq-int4, sdnq-fp6, sdnq-int8: nothing to calibrate" in out.getvalue()
+        assert main(["run", "--config", "tiny-flux-random", "--outdir", str(run.root), *TINY_RUN, "target=sdnq"]) == 0
+    free = ", ".join(TARGETS["sdnq"]["candidates"])
+    assert f"[ptq] {free}: nothing to calibrate" in out.getvalue()
     for stage in ("calib", "ptq", "sensitivity", "search", "select", "final", "report"):
         assert (run.stamps / f"{stage}.json").is_file(), stage
     plan = final_plan(run)
@@ -116,19 +113,11 @@ def test_a_run_with_sdnq_candidates_goes_through_every_stage_and_exports(tmp_pat
     assert len(set(plan.weight.values())) > 1  # a mixed plan
     export = tmp_path / "export"
     printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        assert (
-            main(
-                ["export", "--base_path", str(run.root), "--out", str(export), "--format", "sdnq", "--fp-dtype", "fp32"]
-            )
-            == 0
-        )
-    text = printed.getvalue()
-    stored, priced = (
-        int(v.replace(",", ""))
-        for v in __import__("re").search(r"tensors ([\d,]+) bytes \(([\d,]+) priced", text).groups()
-    )
-    assert stored == priced and "not exported: SDNQ computes activations" in text
+    with contextlib.redirect_stdout(printed):  # the run's target picks the format
+        assert main(["export", "--base_path", str(run.root), "--out", str(export), "--fp-dtype", "fp32"]) == 0
+    found = re.search(r"tensors ([\d,]+) bytes \(([\d,]+) priced", printed.getvalue())
+    assert found and found.group(1) == found.group(2), printed.getvalue()  # SDNQ's bytes are the priced ones
+    assert "not exported: SDNQ computes activations" in printed.getvalue()
     cfg = load_config(str(run.root / "config.yaml"))
     diff, effect = sdnq_draws_the_simulation(cfg, run, export, plan, tmp_path)
     print(f"SDNQ export (tiny Flux, fp32) vs mpq simulation: max abs {diff:.3g}; simulation vs FP {effect:.3g}")

@@ -12,10 +12,11 @@ def handle(args: argparse.Namespace) -> None:
     from mpq.export.run import export_plan
 
     cfg, run = resolve_run(args)
+    fmt = args.format or cfg.target  # a run for SDNQ exports SDNQ's pipeline by default
     with run.lock("mpq export", write=False):
         plan = plan_from_options(cfg, run, plan_args(args))
-        info = export_plan(cfg, run, args.out, args.format, plan, args.fp_dtype, args.overwrite)
-    if args.format == "mpq":
+        info = export_plan(cfg, run, args.out, fmt, plan, args.fp_dtype, args.overwrite)
+    if fmt == "mpq":
         print(
             f"exported to {info['out']}: {info['layers']} quantized layers, denoiser weights "
             f"{info['denoiser_bytes']:,} bytes on disk; "
@@ -27,7 +28,7 @@ def handle(args: argparse.Namespace) -> None:
                 f"  the pipeline was saved without {', '.join(info['absent'])}: after `import mpq`, diffusers loads "
                 f"it with DiffusionPipeline.from_pretrained('{info['out']}', {absent})"
             )
-    elif args.format == "sdnq":
+    elif fmt == "sdnq":
         print(
             f"SDNQ pipeline in {info['out']}: {info['layers']} layers quantized by SDNQ as planned, their tensors "
             f"{info['layer_bytes']:,} bytes ({info['priced_bytes']:,.0f} priced by the search); {info['component']} "
@@ -46,7 +47,7 @@ def handle(args: argparse.Namespace) -> None:
                 f"  the plan's activation bits ({info['act_dropped']} layers) are not exported: SDNQ computes "
                 "activations in the compute dtype"
             )
-    elif args.format == "torchao":
+    elif fmt == "torchao":
         print(
             f"torchao plan in {info['out']}/torchao_config.json ({info['layers']} layers; per layer kind: "
             f"{info['summary']}; "
@@ -84,9 +85,9 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--format",
         choices=("mpq", "torchao", "encodings", "sdnq"),
-        default="mpq",
-        help="default: mpq; sdnq: an SDNQ pre-quantized pipeline (plans of sdnq-<dtype> candidates) that stock "
-        "diffusers loads with the sdnq package, no mpq",
+        default=None,
+        help="default: the run's target (mpq, or sdnq for a `target: sdnq` run); sdnq: an SDNQ pre-quantized "
+        "pipeline (plans of sdnq-<dtype> candidates) that stock diffusers loads with the sdnq package, no mpq",
     )
     p.add_argument(
         "--fp-dtype",

@@ -6,6 +6,23 @@ from __future__ import annotations
 
 import torch
 
+# target: the runtime the plan is for; each names the weight candidates it sets when a config does not (mpq: its own
+# quantizer's integer widths, quant.bits; sdnq: SDNQ's dtypes, exported with `mpq export --format sdnq`). SDNQ's
+# default groups shrink with the bits and its scales are fp32 (uint2 costs 6 bits a weight on a Linear, 10 on a
+# Conv2d), so the list fixes groups of 64 up to 4 bits (stored: 3, 4, 4.5 and 5 bits a weight) and rows above
+TARGETS: dict[str, dict[str, object]] = {
+    "mpq": {},
+    "sdnq": {
+        "candidates": [
+            "sdnq-uint2-g64",
+            "sdnq-uint3-g64",
+            "sdnq-int4-g64",
+            "sdnq-uint4-g64",
+            "sdnq-int6-row",
+            "sdnq-int8-row",
+        ],
+    },
+}
 KINDS = ("weight", "act")  # what a plan quantizes: a layer's weights, or its input activations
 METRICS = ("sqnr", "ssim")  # SQNR of the denoiser output (every layer), SSIM of images (the content group)
 ESTIMATORS = ("local", "fisher")  # sensitivity estimates (and hybrid's estimate)

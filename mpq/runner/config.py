@@ -210,6 +210,7 @@ class EvalConfig:
 @dataclass
 class MpqConfig:
     name: str = ""
+    target: str = "mpq"  # mpq | sdnq: the runtime the plan is for (sets the weight candidates: see target_preset)
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     calib: CalibConfig = field(default_factory=CalibConfig)
@@ -357,7 +358,7 @@ def build_config(
     raw = _retire(raw, source, drop=saved)
     schema = OmegaConf.structured(MpqConfig)
     try:
-        cfg = OmegaConf.merge(schema, raw)
+        cfg = OmegaConf.merge(schema, target_preset(_target_of(raw, overrides)), raw)
     except OmegaConfBaseException as err:
         raise _key_error(err, source) from None
     for item in overrides:
@@ -377,6 +378,31 @@ def build_config(
     validate(cfg)
     OmegaConf.set_readonly(cfg, False)
     return cfg
+
+
+def _target_of(raw: Any, overrides: Sequence[str]) -> str:
+    """The ``target`` a config asks for (its last override, else the file's, else mpq)."""
+    given = [o.partition("=")[2].strip() for o in overrides if o.partition("=")[0].strip() == "target"]
+    target = given[-1] if given else (raw.get("target") if isinstance(raw, DictConfig) else None) or "mpq"
+    if target not in choices.TARGETS:
+        raise MpqError(f"config key 'target' is '{target}'; use one of: {', '.join(choices.TARGETS)}")
+    return str(target)
+
+
+def target_preset(target: str) -> DictConfig:
+    """What a target sets under a config (a key the config gives wins): ``sdnq`` makes SDNQ's dtypes the weight
+    candidates of both groups (``quant.weight_formats``, ``search.weight.bits_content`` / ``bits_quality``), with
+    no sweep below them (every plan must be storable by SDNQ)."""
+    preset = choices.TARGETS[target]
+    if "candidates" not in preset:
+        return OmegaConf.create({})
+    cands = list(preset["candidates"])  # type: ignore[call-overload]
+    return OmegaConf.create(
+        {
+            "quant": {"weight_formats": cands},
+            "search": {"weight": {"bits_content": cands, "bits_quality": cands, "every_bit_below": False}},
+        }
+    )
 
 
 def config_from_yaml_text(
@@ -511,6 +537,16 @@ def _validate_search(cfg: DictConfig) -> None:
             f"config key 'search.act_protect_bit' is {s.act_protect_bit}; use one of the candidate bits "
             f"{list(cfg.quant.bits)}"
         )
+    if cfg.target == "sdnq":  # every weight plan must be one SDNQ can store
+        w = s.weight
+        bad = [b for b in [*w.bits_content, *w.bits_quality] if not str(b).startswith("sdnq-")]
+        if bad or w.every_bit_below:
+            raise MpqError(
+                "target sdnq plans only SDNQ's dtypes, but search.weight "
+                + (f"names {sorted(set(map(str, bad)))}" if bad else "sweeps every integer width below them")
+                + ": give sdnq-<dtype> candidates in search.weight.bits_content / bits_quality and "
+                "search.weight.every_bit_below=false (or leave them to the target)"
+            )
     for kind in ("weight", "act"):
         k = s[kind]
         known = [*cfg.quant.bits, *(weight_formats(cfg) if kind == "weight" else [])]

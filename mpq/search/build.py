@@ -90,7 +90,7 @@ def build_problem(
         bits.append(ok)
         scores.append(_finite([table[e.name][list(cand_bits).index(b)] for b in ok]))
         nbytes.append([e.price(b) for b in ok])
-    return Problem(names, groups, np.asarray(sizes, dtype=np.float64), bits, scores, nbytes, fixed)
+    return Problem(names, groups, np.asarray(sizes, dtype=np.float64), bits, scores, nbytes, fixed, kind)
 
 
 def act_protect_list(
@@ -221,12 +221,22 @@ def reference_problem(
 
 
 def budget_for_avg(problem: Problem, avg_bits: float) -> float:
-    """Bytes of a plan whose every quantized layer has ``avg_bits`` (fractional) bits, scales included."""
+    """Bytes of a plan whose every quantized layer has ``avg_bits`` (fractional) code bits, plus its parameter
+    bytes. Weights: the fewest parameter bytes (scales, zero points) any of the layer's candidates stores.
+    Candidates of one quantizer store the same parameters at every width (MixDQ's integers), so this is their
+    overhead; where they differ (SDNQ's default groups shrink with the bits: uint2 stores 4 bits a weight of fp32
+    scales and zero points, int8 one scale a row) the budget does not depend on which is listed first.
+    Activations: the first (fewest-bits) candidate's, as MixDQ's budgets have always counted them (their bytes
+    differ by width only in the FP BOS row and rounding)."""
     total = problem.fixed_bytes
     for i in range(len(problem.names)):
-        if problem.bits[i]:
-            overhead = problem.bytes[i][0] - problem.sizes[i] * nominal_bits(problem.bits[i][0]) / 8.0
-            total += problem.sizes[i] * avg_bits / 8.0 + max(overhead, 0.0)
+        bits, nbytes, size = problem.bits[i], problem.bytes[i], problem.sizes[i]
+        if bits:
+            # the candidate storing the fewest parameter bytes (the first of equals: MixDQ's fewest bits); its
+            # overhead includes its codes' rounding to whole bytes, so that a plan of it alone fills the budget
+            params = [b - math.ceil(size * nominal_bits(k) / 8.0) for k, b in zip(bits, nbytes)]
+            j = params.index(min(params)) if problem.kind == "weight" else 0
+            total += size * avg_bits / 8.0 + max(nbytes[j] - size * nominal_bits(bits[j]) / 8.0, 0.0)
     return total
 
 

@@ -48,6 +48,7 @@ class Problem:
     scores: list[list[float]]  # sensitivity score per allowed bit (higher is better)
     bytes: list[list[float]]  # storage bytes per allowed bit
     fixed_bytes: float = 0.0  # bytes of layers that stay FP
+    kind: str = "weight"  # weight | act (what its budgets in average bits count: see build.budget_for_avg)
 
     def __post_init__(self) -> None:
         for i, name in enumerate(self.names):
