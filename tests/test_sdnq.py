@@ -28,7 +28,16 @@ from mpq.runner.rundir import RunDir
 from conftest import sdnq_draws_the_simulation
 
 # a spread of SDNQ's kinds: signed and unsigned integers, float8 and low-bit floats; its default groups, rows, groups
-MIXED = ["sdnq-uint2", "sdnq-int3-g16", "sdnq-uint4", "sdnq-int4-row", "sdnq-fp6", "sdnq-float8_e4m3fn", "sdnq-int8"]
+MIXED = [
+    "sdnq-uint2",
+    "sdnq-int3-g16",
+    "sdnq-uint4",
+    "sdnq-int4-row",
+    "sdnq-int4-g64-had",
+    "sdnq-fp6",
+    "sdnq-float8_e4m3fn",
+    "sdnq-int8",
+]
 
 
 def mixed_plan(names, seed: int = 0) -> BitPlan:
@@ -78,9 +87,9 @@ def test_fake_quant_is_sdnqs_layer_and_the_price_what_sdnq_stores(tiny_cfg):
         assert type(module).__name__.startswith("SDNQ"), name
         w, params = layer.weight_at(key), get_sdnq_params(module)
         assert torch.equal(w, module.sdnq_dequantizer(**params, skip_compile=True).reshape(w.shape)), (name, key)
-        # the compiled dequantizer SDNQ's layer runs where torch.compile works: the same but for fp32 rounding
+        # the compiled dequantizer SDNQ's layer runs where torch.compile works: the same but for a few fp32 roundings
         compiled = module.sdnq_dequantizer(**params).reshape(w.shape)
-        assert torch.allclose(w, compiled, rtol=0, atol=1e-7 * float(w.abs().max())), (name, key)
+        assert torch.allclose(w, compiled, rtol=0, atol=4 * 1.2e-7 * float(w.abs().max())), (name, key)
         x = torch.randn((2, *layer.weight.shape[1:2], 6, 6) if w.dim() == 4 else (2, 3, w.shape[1]))
         layer.set_bits(key, None)
         assert torch.allclose(layer(x), module(x), rtol=0, atol=1e-6), (name, key)

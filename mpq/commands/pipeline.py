@@ -67,7 +67,10 @@ def _describe(name: str, run: RunDir, result: Any) -> None:
 
     if result and name in SUMMARIES:
         print(SUMMARIES[name](run, result))
-    print(f"{name}: " + ", ".join(str(o) for o in STAGES[name].outputs(run)))
+    from mpq.plan import plan_file
+
+    # a plan with weight formats is in its .formats.yaml twin: name the file that is there
+    print(f"{name}: " + ", ".join(str(plan_file(o)) for o in STAGES[name].outputs(run)))
 
 
 def run_stage_command(args: argparse.Namespace) -> None:

@@ -10,7 +10,10 @@ Names: ``<dtype>`` is SDNQ's own name (:data:`DTYPES`: its integer and unsigned 
 float8 types and its low-bit float aliases ``fp2``..``fp7``, ``ufp2``..``ufp8``); the group is SDNQ's default rule
 when not given (``group_size=0``: 2^(bits+2) input channels for a Linear, 2^(bits+1) for a Conv2d, row-wise for
 8-bit), ``-row`` one scale per output row (``group_size=-1``), ``-g<N>`` groups of N input channels (SDNQ turns an N
-that does not divide the row into the nearest divisor, as it would in SD.Next).
+that does not divide the row into the nearest divisor, as it would in SD.Next). ``-had`` adds SDNQ's Hadamard
+rotation of the input channels before quantizing (in blocks of up to 256; SDNQ skips it where the row has no block
+of 4 or more), undone when it dequantizes: no bytes added. SDNQ's SVD option is not offered: its low-rank factors
+come from a randomized SVD, so the weight SDNQ would store is not reproducible layer by layer.
 
 SDNQ's own size limits (it leaves a layer below 16,384 weights or 32 input channels unconverted by default) do not
 apply: mpq's program decides which layers pay for their scales, and ``mpq export --format sdnq`` lowers the limits
@@ -42,8 +45,8 @@ DTYPES: dict[str, int] = {
     **{f"fp{b}": b for b in range(2, 8)},
     **{f"ufp{b}": b for b in range(2, 9)},
 }
-_NAME = re.compile(r"sdnq-([a-z0-9_]+?)(?:-(row|g(\d+)))?")
-CHOICES = "sdnq-<int2..8|uint1..8|float8_e4m3fn|float8_e5m2|fp2..7|ufp2..8>[-row|-g<N>]"
+_NAME = re.compile(r"sdnq-([a-z0-9_]+?)(?:-(row|g(\d+)))?(-had)?")
+CHOICES = "sdnq-<int2..8|uint1..8|float8_e4m3fn|float8_e5m2|fp2..7|ufp2..8>[-row|-g<N>][-had]"
 
 
 def sdnq_module() -> Any:
@@ -72,6 +75,7 @@ def layer_class(shape: Sequence[int]) -> str:
 class SdnqFormat(Format):
     dtype: str
     group_size: int = 0  # SDNQ's: 0 its default rule, -1 row-wise, N groups of N input channels
+    hadamard: bool = False  # SDNQ's Hadamard rotation of the input channels before quantizing (undone on decode)
 
     choices = CHOICES
     packs = False  # no mpq packing: `mpq export --format sdnq` writes it as SDNQ stores it
@@ -91,12 +95,12 @@ class SdnqFormat(Format):
             return None
         if m.group(3) is not None and int(m.group(3)) < 1:
             raise MpqError(f"{name}: a group holds at least 1 input channel")
-        return cls(m.group(1), -1 if m.group(2) == "row" else int(m.group(3) or 0))
+        return cls(m.group(1), -1 if m.group(2) == "row" else int(m.group(3) or 0), m.group(4) is not None)
 
     @property
     def name(self) -> str:
         group = {0: "", -1: "-row"}.get(self.group_size, f"-g{self.group_size}")
-        return f"{PREFIX}{self.dtype}{group}"
+        return f"{PREFIX}{self.dtype}{group}{'-had' if self.hadamard else ''}"
 
     @property
     def nominal_bits(self) -> float:
@@ -108,7 +112,8 @@ class SdnqFormat(Format):
 
     def sdnq_config(self) -> dict[str, Any]:
         """The layer's entry in SDNQ's ``modules_quant_config`` (what its quantizer reads for this layer)."""
-        return {"weights_dtype": self.dtype, "group_size": self.group_size}
+        config: dict[str, Any] = {"weights_dtype": self.dtype, "group_size": self.group_size}
+        return {**config, "use_hadamard": True} if self.hadamard else config
 
     # -------------------------------------------------------------- data-free: SDNQ quantizes from the weight alone
     def param_shapes(self, shape: Sequence[int], in_split: Sequence[int]) -> ParamShapes:
