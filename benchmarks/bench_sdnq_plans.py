@@ -47,6 +47,7 @@ from _imagebench import ImageBench, weight_bytes  # noqa: E402
 from bench_peers import best_at, sdnq_quantize  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
+from mpq.export.sdnq_format import sdnq_tensor_bytes  # noqa: E402
 from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
 from mpq.plan import BitPlan, read_plan  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
@@ -57,7 +58,6 @@ STATIC = ["int2", "uint2", "int3", "uint3", "int4", "uint4", "int5", "uint5", "i
 GROUPS = {0: "default groups", -1: "row-wise", 64: "groups of 64", 128: "groups of 128"}
 THRESHOLDS = [0.1, 0.05, 0.025, 0.01, 0.005, 0.0025]
 LEVELS = [2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0]
-SDNQ_KEYS = ("weight", "scale", "zero_point", "svd_up", "svd_down", "scale_2", "scale_zero_point")
 
 
 def sdnq_configs() -> list[dict[str, Any]]:
@@ -83,10 +83,7 @@ def stored_bytes(model: torch.nn.Module) -> float:
     total = 0.0
     for mod in model.modules():
         if getattr(mod, "sdnq_dequantizer", None) is not None:
-            for key in SDNQ_KEYS:
-                t = getattr(mod, key, None)
-                if isinstance(t, torch.Tensor):
-                    total += t.numel() * t.element_size()
+            total += sdnq_tensor_bytes(mod)
         elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             total += 2 * mod.weight.numel()
     return total

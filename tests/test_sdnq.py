@@ -15,7 +15,7 @@ import torch
 from mpq.commands.main import main
 from mpq.cost import CostModel
 from mpq.errors import MpqError
-from mpq.export.sdnq_format import SDNQ_TENSORS, quantize_denoiser, sdnq_plan
+from mpq.export.sdnq_format import quantize_denoiser, sdnq_plan, sdnq_tensor_bytes
 from mpq.models import denoiser_of, load_pipeline
 from mpq.plan import BitPlan, final_plan, write_plan
 from mpq.quant.formats import resolve
@@ -94,11 +94,7 @@ def test_fake_quant_is_sdnqs_layer_and_the_price_what_sdnq_stores(tiny_cfg):
         layer.set_bits(key, None)
         assert torch.allclose(layer(x), module(x), rtol=0, atol=1e-6), (name, key)
         layer.set_bits(None, None)
-        stored = sum(
-            getattr(module, k).numel() * getattr(module, k).element_size()
-            for k in SDNQ_TENSORS
-            if isinstance(getattr(module, k, None), torch.Tensor)
-        )
+        stored = sdnq_tensor_bytes(module)
         assert cost.format(key).stored_bytes(tuple(layer.weight.shape), layer.in_split) == stored, (name, key)
         seen.add((key, w.dim()))
     assert {k for k, _ in seen} == set(MIXED) and {d for _, d in seen} == {2, 4}  # every kind, Linear and Conv2d

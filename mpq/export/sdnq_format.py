@@ -29,8 +29,6 @@ from mpq.quant.formats import Key, resolve
 from mpq.quant.formats.sdnq import INSTALL, SdnqFormat, sdnq_module
 from mpq.quant.structure import PREFIX
 
-SDNQ_TENSORS = ("weight", "scale", "zero_point", "svd_up", "svd_down", "scale_2", "scale_zero_point")
-
 
 def sdnq_plan(plan: Mapping[str, Key]) -> dict[str, SdnqFormat]:
     """{module path: format} of a weight plan (layer names as mpq writes them); a one-line error for a planned
@@ -85,16 +83,18 @@ def unstored(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> list[str]
     return [p for p, fmt in layers.items() if not fmt.stores(tuple(denoiser.get_submodule(p).weight.shape))]
 
 
+def sdnq_tensor_bytes(module: nn.Module) -> int:
+    """Bytes of the tensors SDNQ keeps for one of its quantized layers (its own list of them: what it saves)."""
+    from sdnq.common import sdnq_keys
+
+    tensors = [getattr(module, key, None) for key in sorted(sdnq_keys)]
+    return sum(t.numel() * t.element_size() for t in tensors if isinstance(t, torch.Tensor))
+
+
 def stored_layer_bytes(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> int:
-    """Bytes of the tensors SDNQ keeps for the planned layers (what it saves for them)."""
-    total = 0
-    for path in layers:
-        module = denoiser.get_submodule(path)
-        for key in SDNQ_TENSORS:
-            t = getattr(module, key, None)
-            if isinstance(t, torch.Tensor):
-                total += t.numel() * t.element_size()
-    return total
+    """Bytes of the tensors SDNQ keeps for the planned layers it converted."""
+    modules = [denoiser.get_submodule(path) for path in layers]
+    return sum(sdnq_tensor_bytes(m) for m in modules if getattr(m, "sdnq_dequantizer", None) is not None)
 
 
 def export_sdnq(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype) -> dict[str, Any]:
