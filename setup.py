@@ -35,6 +35,7 @@ setup(
         "matplotlib>=3.8",
         "pillow>=10",
         "numpy>=1.26",
+        "gguf>=0.17,<0.20",  # ggml's types as weight candidates (mpq.quant.formats.gguf); pure Python
     ],
     extras_require={
         "torchao": ["torchao>=0.14,<0.19"],

@@ -10,7 +10,9 @@ exactly as MixDQ's files mean it (:class:`CheckpointInt`); a ``str`` names a reg
 * ``int<b>-<sym|asym>-<tensor|channel|kernel|g<N>>``: the integer grid with its own level set and scale
   granularity (:class:`IntFormat`), beside the checkpoint's;
 * ``sdnq-<dtype>[-row|-g<N>]``: a weight dtype of SDNQ, quantized by the ``sdnq`` package itself
-  (:mod:`~mpq.quant.formats.sdnq`; data-free, exported with ``mpq export --format sdnq``).
+  (:mod:`~mpq.quant.formats.sdnq`; data-free, exported with ``mpq export --format sdnq``);
+* ``gguf-<type>``: a ggml tensor type as GGUF files store it, quantized by the ``gguf`` package
+  (:mod:`~mpq.quant.formats.gguf`; data-free).
 
 A new weight-only format is one class: subclass :class:`Format` (its module beside these) and :func:`register` it
 below (``register`` is also a class decorator: a format defined elsewhere registers itself); nothing else changes
@@ -20,6 +22,7 @@ below (``register`` is also a class decorator: a format defined elsewhere regist
 from mpq.quant.formats.base import BITS_KEY, FORMATS_KEY, Format, IntGrid, Key, Params, ParamShapes
 from mpq.quant.formats.basek import base_word, pack_base, packed_base_bytes, unpack_base
 from mpq.quant.formats.fp8 import FP8_MAX, FP8Format
+from mpq.quant.formats.gguf import GgufFormat
 from mpq.quant.formats.integer import CheckpointInt, IntFormat
 from mpq.quant.formats.nf import NF_BLOCK, NF_LEVELS, NF_SUPER_BLOCKS, NFFormat, nf_levels
 from mpq.quant.formats.registry import (
@@ -34,7 +37,13 @@ from mpq.quant.formats.registry import (
 )
 from mpq.quant.formats.sdnq import SdnqFormat
 
-for _cls in (NFFormat, FP8Format, IntFormat, SdnqFormat):  # the built-in families, in the order names are tried
+for _cls in (
+    NFFormat,
+    FP8Format,
+    IntFormat,
+    SdnqFormat,
+    GgufFormat,
+):  # the built-in families, in the order names are tried
     register(_cls)
 
 __all__ = [
@@ -46,6 +55,7 @@ __all__ = [
     "NF_SUPER_BLOCKS",
     "CheckpointInt",
     "FP8Format",
+    "GgufFormat",
     "Format",
     "IntFormat",
     "IntGrid",
