@@ -130,6 +130,8 @@ def speed(run: RunDir, plan_file: Path, uniform: dict[str, Any], cfg: Any, out: 
     from sdnq.loader import save_sdnq_model
 
     from mpq.families import family_of
+    from mpq.images import call_kwargs
+    from mpq.models.loader import absent_components
 
     pipe = load_pipeline(cfg, dtype=torch.float32)
     name = family_of(pipe).component
@@ -137,13 +139,7 @@ def speed(run: RunDir, plan_file: Path, uniform: dict[str, Any], cfg: Any, out: 
     folders[uniform["label"]] = str(out / "uniform_sdnq")
     shutil.rmtree(folders[uniform["label"]], ignore_errors=True)
     save_sdnq_model(pipe, folders[uniform["label"]], is_pipeline=True)
-    s = cfg.sampling
-    call = {"num_inference_steps": s.steps, "guidance_scale": s.guidance_scale, "height": s.resolution}
-    call["width"] = s.resolution
-    from mpq.families import family_of
-    from mpq.models.loader import absent_components
-
-    call.update(family_of(pipe).call_kwargs(pipe, s.max_sequence_length))  # as mpq calls the family
+    call = call_kwargs(pipe, cfg)  # as mpq calls the family
     absent = sorted(absent_components(folders["FP"]))
     res = subprocess.run(
         [sys.executable, "-c", _SPEED, json.dumps(folders), json.dumps(call), str(repeats), json.dumps(absent)],

@@ -52,6 +52,21 @@ class PromptEmbeddings:
         return self._cache[key]
 
 
+def call_kwargs(pipe: Any, cfg: DictConfig) -> dict[str, Any]:
+    """The pipeline call's sampling arguments as mpq generates (steps, guidance, resolution, the family's own): what
+    another process needs to draw the same images without mpq (plain JSON values)."""
+    from mpq.families import family_of
+
+    s = cfg.sampling
+    return {
+        "num_inference_steps": s.steps,
+        "guidance_scale": s.guidance_scale,
+        "height": s.resolution,
+        "width": s.resolution,
+        **family_of(pipe).call_kwargs(pipe, s.max_sequence_length),
+    }
+
+
 def generate(
     pipe: Any,
     prompts: Sequence[str],
@@ -64,13 +79,12 @@ def generate(
 ) -> list[Any]:
     """Generate one image per (prompt, seed). ``output_type='np'`` gives float arrays in [0, 1]; ``text``: reuse
     prompt embeddings encoded once (same images)."""
-    from mpq.families import family_of
     from mpq.prompts import note_truncated
 
     batch_size = batch_size or cfg.sampling.batch_size
     if text is None:
         note_truncated(pipe, prompts, cfg.sampling.max_sequence_length)
-    extra = family_of(pipe).call_kwargs(pipe, cfg.sampling.max_sequence_length)
+    call = call_kwargs(pipe, cfg)
     out: list[Any] = []
     starts = range(0, len(prompts), batch_size)
     bar = progress(starts, desc=desc, unit="batch", leave=False, disable=desc is None)
@@ -79,13 +93,9 @@ def generate(
         with torch.no_grad():
             result = pipe(
                 **(text.kwargs(p) if text is not None else {"prompt": p}),
-                num_inference_steps=cfg.sampling.steps,
-                guidance_scale=cfg.sampling.guidance_scale,
-                height=cfg.sampling.resolution,
-                width=cfg.sampling.resolution,
                 generator=generators(s),
                 output_type=output_type,
-                **extra,
+                **call,
             )
         out.extend(list(result.images))
     return out

@@ -118,17 +118,14 @@ def sdnq_draws_the_simulation(cfg, run, folder, plan, tmp_path) -> tuple[float, 
     import sys
 
     from mpq.calibration.checkpoint import quantized_pipeline
-    from mpq.families import family_of
+    from mpq.images import call_kwargs
     from mpq.models import denoiser_name
     from mpq.models.loader import absent_components
     from mpq.plan import BitPlan
 
     pipe, qm, _ = quantized_pipeline(cfg, run, dtype=torch.float32)
     pipe.set_progress_bar_config(disable=True)
-    s = cfg.sampling
-    call = {"num_inference_steps": s.steps, "guidance_scale": s.guidance_scale, "height": s.resolution}
-    call["width"] = s.resolution
-    call.update(family_of(qm.denoiser).call_kwargs(pipe, s.max_sequence_length))  # as mpq calls each family
+    call = call_kwargs(pipe, cfg)  # as mpq calls each family
 
     def draw() -> torch.Tensor:
         return torch.cat(

@@ -77,9 +77,10 @@ def test_fake_quant_is_sdnqs_layer_and_the_price_what_sdnq_stores(tiny_cfg):
     qm = QuantModel(denoiser_of(pipe))
     qm.prepare([2, 4, 8], True)
     plan = mixed_plan(qm.names)
-    sdnq = quantize_denoiser(
+    sdnq, kept_fp = quantize_denoiser(
         denoiser_of(load_pipeline(tiny_cfg, dtype=torch.float32)), sdnq_plan(plan.weight), torch.float32
     )
+    assert kept_fp == []  # every layer of the embedded UNet fills SDNQ's words
     cost = CostModel.from_config(tiny_cfg)
     seen = set()
     for name, key in plan.weight.items():
@@ -109,7 +110,7 @@ def test_a_run_for_sdnq_goes_through_every_stage_and_exports_sdnqs_pipeline(tmp_
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
         assert main(["run", "--config", "tiny-flux-random", "--outdir", str(run.root), *TINY_RUN, "target=sdnq"]) == 0
-    free = ", ".join(TARGETS["sdnq"]["candidates"])
+    free = ", ".join(TARGETS["sdnq"])
     assert f"[ptq] {free}: nothing to calibrate" in out.getvalue()
     for stage in ("calib", "ptq", "sensitivity", "search", "select", "final", "report"):
         assert (run.stamps / f"{stage}.json").is_file(), stage

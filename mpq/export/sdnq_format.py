@@ -32,7 +32,7 @@ from mpq.quant.structure import PREFIX
 
 def sdnq_plan(plan: Mapping[str, Key]) -> dict[str, SdnqFormat]:
     """{module path: format} of a weight plan (layer names as mpq writes them); a one-line error for a planned
-    format SDNQ does not store. (A layer whose shape its dtype cannot hold stays FP: see :func:`sdnq_kwargs`.)"""
+    format SDNQ does not store. (A layer whose shape its dtype cannot hold stays FP: see :func:`quantize_denoiser`.)"""
     out: dict[str, SdnqFormat] = {}
     for name, key in plan.items():
         fmt = resolve(key)
@@ -46,14 +46,10 @@ def sdnq_plan(plan: Mapping[str, Key]) -> dict[str, SdnqFormat]:
 
 
 def sdnq_kwargs(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> dict[str, Any]:
-    """``sdnq_post_load_quant``'s arguments for a plan: each planned layer's dtype and group size, every other
-    weight left as it is, SDNQ's own size limits and skip keys off (pure)."""
+    """``sdnq_post_load_quant``'s arguments to convert exactly ``layers`` (each at its dtype and group size), every
+    other weight left as it is, SDNQ's own size limits and skip keys off (pure)."""
     weights = [f"{path}.weight" for path, m in denoiser.named_modules() if getattr(m, "weight", None) is not None]
-    planned = {
-        f"{path}.weight": fmt.sdnq_config()
-        for path, fmt in layers.items()
-        if fmt.stores(tuple(denoiser.get_submodule(path).weight.shape))  # else FP, as simulated and priced
-    }
+    planned = {f"{path}.weight": fmt.sdnq_config() for path, fmt in layers.items()}
     return {
         "quant_conv": True,
         "add_skip_keys": False,
@@ -64,23 +60,19 @@ def sdnq_kwargs(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> dict[s
     }
 
 
-def quantize_denoiser(denoiser: nn.Module, layers: Mapping[str, SdnqFormat], fp_dtype: torch.dtype) -> nn.Module:
-    """``denoiser`` (float32, plain torch layers) quantized by SDNQ as planned, everything else in ``fp_dtype``."""
+def quantize_denoiser(
+    denoiser: nn.Module, layers: Mapping[str, SdnqFormat], fp_dtype: torch.dtype
+) -> tuple[nn.Module, list[str]]:
+    """``denoiser`` (float32, plain torch layers) quantized by SDNQ as planned, everything else in ``fp_dtype``; and
+    the planned layers SDNQ cannot hold in their dtype at their shape (they stay FP, as simulated and priced)."""
     q = sdnq_module()
-    kept = {
-        path: w.detach().float()
-        for path in layers
-        if layers[path].stores(tuple((w := denoiser.get_submodule(path).weight).shape))
-    }
+    weights = {path: denoiser.get_submodule(path).weight.detach().float() for path in layers}
+    convert = {path: fmt for path, fmt in layers.items() if fmt.stores(tuple(weights[path].shape))}
     denoiser.to(fp_dtype)
-    for path, w in kept.items():  # SDNQ quantizes the float32 weights the simulation quantized
-        denoiser.get_submodule(path).weight = nn.Parameter(w, requires_grad=False)
-    return q.sdnq_post_load_quant(denoiser, torch_dtype=fp_dtype, **sdnq_kwargs(denoiser, layers))
-
-
-def unstored(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> list[str]:
-    """The planned layers SDNQ cannot hold in their dtype at their shape (they stay FP, as simulated and priced)."""
-    return [p for p, fmt in layers.items() if not fmt.stores(tuple(denoiser.get_submodule(p).weight.shape))]
+    for path in convert:  # SDNQ quantizes the float32 weights the simulation quantized
+        denoiser.get_submodule(path).weight = nn.Parameter(weights[path], requires_grad=False)
+    quantized = q.sdnq_post_load_quant(denoiser, torch_dtype=fp_dtype, **sdnq_kwargs(denoiser, convert))
+    return quantized, [path for path in layers if path not in convert]
 
 
 def sdnq_tensor_bytes(module: nn.Module) -> int:
@@ -115,8 +107,7 @@ def export_sdnq(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype) ->
         ) from None
     pipe = load_pipeline(cfg, dtype=torch.float32)
     component = denoiser_name(pipe.components)
-    kept_fp = unstored(denoiser_of(pipe), layers)
-    den = quantize_denoiser(denoiser_of(pipe), layers, fp_dtype)
+    den, kept_fp = quantize_denoiser(denoiser_of(pipe), layers, fp_dtype)
     setattr(pipe, component, den)
     for name, module in pipe.components.items():
         if name != component and isinstance(module, nn.Module):

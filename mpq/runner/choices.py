@@ -6,27 +6,25 @@ from __future__ import annotations
 
 import torch
 
-# target: the runtime the plan is for; each names the weight candidates it sets when a config does not (mpq: its own
+# target: the runtime the plan is for, and the weight candidates it sets when a config does not (mpq: none, its own
 # quantizer's integer widths, quant.bits; sdnq: SDNQ's dtypes, exported with `mpq export --format sdnq`). SDNQ's
 # default groups shrink with the bits and its scales are fp32 (uint2 costs 6 bits a weight on a Linear, 10 on a
 # Conv2d), so the list holds rows and groups of 64 up to 4 bits and rows above: on tiny-sdxl SDNQ's own front at
 # equal bytes is uint2/uint3 and int4/uint4 row-wise, int5/int6/int8 row-wise (benchmarks/bench_sdnq_plans.py)
-TARGETS: dict[str, dict[str, object]] = {
-    "mpq": {},
-    "sdnq": {
-        "candidates": [
-            "sdnq-uint2-row",
-            "sdnq-uint2-g64",
-            "sdnq-uint3-row",
-            "sdnq-uint3-g64",
-            "sdnq-int4-row",
-            "sdnq-int4-g64",
-            "sdnq-uint4-row",
-            "sdnq-int5-row",
-            "sdnq-int6-row",
-            "sdnq-int8-row",
-        ],
-    },
+TARGETS: dict[str, tuple[str, ...]] = {
+    "mpq": (),
+    "sdnq": (
+        "sdnq-uint2-row",
+        "sdnq-uint2-g64",
+        "sdnq-uint3-row",
+        "sdnq-uint3-g64",
+        "sdnq-int4-row",
+        "sdnq-int4-g64",
+        "sdnq-uint4-row",
+        "sdnq-int5-row",
+        "sdnq-int6-row",
+        "sdnq-int8-row",
+    ),
 }
 KINDS = ("weight", "act")  # what a plan quantizes: a layer's weights, or its input activations
 METRICS = ("sqnr", "ssim")  # SQNR of the denoiser output (every layer), SSIM of images (the content group)

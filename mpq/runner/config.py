@@ -393,10 +393,9 @@ def target_preset(target: str) -> DictConfig:
     """What a target sets under a config (a key the config gives wins): ``sdnq`` makes SDNQ's dtypes the weight
     candidates of both groups (``quant.weight_formats``, ``search.weight.bits_content`` / ``bits_quality``), with
     no sweep below them (every plan must be storable by SDNQ)."""
-    preset = choices.TARGETS[target]
-    if "candidates" not in preset:
+    cands = list(choices.TARGETS[target])
+    if not cands:
         return OmegaConf.create({})
-    cands = list(preset["candidates"])  # type: ignore[call-overload]
     return OmegaConf.create(
         {
             "quant": {"weight_formats": cands},
@@ -493,6 +492,12 @@ def _format_key(value: Any, key: str) -> Any:
         raise MpqError(f"config key '{key}': {err}") from None
 
 
+def _format_runtime(value: Any, key: str) -> str:
+    from mpq.quant.formats import resolve  # upward on purpose, as in _format_key
+
+    return resolve(_format_key(value, key)).runtime
+
+
 def _nominal_bits(key: Any) -> float:
     from mpq.quant.formats import nominal_bits  # upward on purpose, as in _format_key
 
@@ -537,14 +542,15 @@ def _validate_search(cfg: DictConfig) -> None:
             f"config key 'search.act_protect_bit' is {s.act_protect_bit}; use one of the candidate bits "
             f"{list(cfg.quant.bits)}"
         )
-    if cfg.target == "sdnq":  # every weight plan must be one SDNQ can store
-        w = s.weight
-        bad = [b for b in [*w.bits_content, *w.bits_quality] if not str(b).startswith("sdnq-")]
+    if cfg.target != "mpq":  # every weight plan must be one the target's runtime stores
+        w, t = s.weight, cfg.target
+        named = [(b, f"search.weight.{key}") for key in ("bits_content", "bits_quality") for b in w[key]]
+        bad = [b for b, key in named if _format_runtime(b, key) != t]
         if bad or w.every_bit_below:
             raise MpqError(
-                "target sdnq plans only SDNQ's dtypes, but search.weight "
+                f"target {t} plans only {t}'s formats, but search.weight "
                 + (f"names {sorted(set(map(str, bad)))}" if bad else "sweeps every integer width below them")
-                + ": give sdnq-<dtype> candidates in search.weight.bits_content / bits_quality and "
+                + f": give {t}-<...> candidates in search.weight.bits_content / bits_quality and "
                 "search.weight.every_bit_below=false (or leave them to the target)"
             )
     for kind in ("weight", "act"):

@@ -9,8 +9,8 @@ its codes (``pack`` / ``unpack``, ``packed_bytes``), the names its parameters ta
   AIMET's encodings can hold;
 * ``torchao_w8a8``: with 8-bit activations on a Linear, torchao's dynamic W8A8 config stands for it;
 * ``config_key``: the config key that calibrates it (``quant.bits`` or ``quant.weight_formats``);
-* ``packs``: mpq's packed export stores it (``codes`` / ``pack`` / ``decode``); a runtime's own format (SDNQ's)
-  does not, and is exported in that runtime's layout instead;
+* ``runtime``: what stores it: ``mpq`` (its packed export, ``codes`` / ``pack`` / ``decode``), or a runtime whose
+  own format it is (``sdnq``, ``gguf``), exported in that runtime's layout; ``packs``: the first;
 * ``fp_bos_row``: a cross-attention ``to_k`` / ``to_v`` layer computes the constant first text token (BOS) with
   its FP weight (PTQ's rule; mpq's export stores that row); False for a runtime's format, which runs every token
   through its quantized weight, so the simulation must too;
@@ -33,6 +33,7 @@ from typing import ClassVar
 
 import torch
 
+from mpq.errors import MpqError
 from mpq.quant.quantizer import WeightQuant
 
 Key = int | str  # a weight candidate as plans hold it: the checkpoint's integer width, or a format's name
@@ -67,9 +68,14 @@ class Format(ABC):
     choices: ClassVar[str] = ""  # how the names it answers to read (the registry's one-line error lists them)
     stacked: bool = False  # its bank holds one row per member format (in the layer's order), not one shared set
     config_key: str = FORMATS_KEY  # the config key that calibrates it
-    packs: bool = True  # mpq's packed export can store it (see the module)
+    runtime: ClassVar[str] = "mpq"  # what stores it: mpq's packed export, or a runtime's own file (see the module)
     data_free: bool = False  # nothing to calibrate: usable in a plan without a checkpoint entry (SDNQ's dtypes)
     fp_bos_row: bool = True  # a constant first text token keeps its FP row (mpq's export stores it; see the module)
+
+    @property
+    def packs(self) -> bool:
+        """mpq's packed export stores it."""
+        return self.runtime == "mpq"
 
     # -------------------------------------------------------------- identity
     @classmethod
@@ -176,6 +182,50 @@ class Format(ABC):
         """{name: (shape, dtype)} of :meth:`export_params` for a weight of ``shape`` (what a loader allocates)."""
         meta = {k: torch.empty(s, dtype=d, device="meta") for k, (s, d) in self.param_shapes(shape, in_split).items()}
         return {k: (tuple(t.shape), t.dtype) for k, t in self.export_params(meta).items()}
+
+
+class RuntimeFormat(Format):
+    """A runtime's own format (SDNQ's dtypes, ggml's types): quantized from the weight alone by that runtime's
+    package (:meth:`decoded`), stored by that runtime, not by mpq's packed export. Data-free, no FP BOS row; where
+    the runtime cannot store a weight (:meth:`Format.stores`) the layer stays FP in the candidate."""
+
+    data_free = True
+    fp_bos_row = False
+    not_packed: ClassVar[str] = "{name}: mpq's packed export does not hold it"  # the one-line refusal
+
+    @abstractmethod
+    def decoded(self, w: torch.Tensor) -> torch.Tensor:
+        """``w`` quantized and dequantized by the runtime's package (a weight it stores), in ``w``'s dtype."""
+
+    def param_shapes(self, shape: Sequence[int], in_split: Sequence[int]) -> ParamShapes:
+        return {}
+
+    def calibrate(self, w: torch.Tensor, in_split: Sequence[int]) -> Params:
+        return {}
+
+    def fake_quant(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
+        if not self.stores(w.shape):
+            return w.detach().clone()  # the layer stays FP in this candidate (see :meth:`stores`)
+        return self.decoded(w)
+
+    # mpq's packing: not this format's
+    def codes(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
+        raise self._not_packed()
+
+    def decode(self, codes: torch.Tensor, p: Params, shape: Sequence[int], in_split: Sequence[int]) -> torch.Tensor:
+        raise self._not_packed()
+
+    def pack(self, codes: torch.Tensor) -> torch.Tensor:
+        raise self._not_packed()
+
+    def unpack(self, packed: torch.Tensor, numel: int) -> torch.Tensor:
+        raise self._not_packed()
+
+    def packed_bytes(self, numel: int) -> int:
+        raise self._not_packed()
+
+    def _not_packed(self) -> MpqError:
+        return MpqError(self.not_packed.format(name=self.name))
 
 
 def stored_copy(t: torch.Tensor) -> torch.Tensor:

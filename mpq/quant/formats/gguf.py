@@ -23,7 +23,7 @@ from typing import Any
 import torch
 
 from mpq.errors import MpqError
-from mpq.quant.formats.base import Format, Params, ParamShapes
+from mpq.quant.formats.base import RuntimeFormat
 
 INSTALL = "pip install -e .  (mpq depends on gguf)"
 PREFIX = "gguf-"
@@ -52,13 +52,12 @@ def gguf_quants() -> Any:
 
 
 @dataclass(frozen=True)
-class GgufFormat(Format):
+class GgufFormat(RuntimeFormat):
     qtype: str
 
     choices = CHOICES
-    packs = False  # no mpq packing: a GGUF file stores it (`mpq export --format gguf`)
-    data_free = True  # ggml's types quantize from the weight alone
-    fp_bos_row = False  # a runtime computes every token with the quantized weight
+    runtime = "gguf"
+    not_packed = "{name} is a GGUF type, stored by a GGUF file: mpq's packed export does not hold it"
 
     def __post_init__(self) -> None:
         if self.qtype in ("f16", "bf16", "f32"):
@@ -93,15 +92,7 @@ class GgufFormat(Format):
         """A Linear weight whose rows are whole blocks (a runtime keeps anything else in floating point)."""
         return len(shape) == 2 and int(shape[1]) % self.block[0] == 0
 
-    def param_shapes(self, shape: Sequence[int], in_split: Sequence[int]) -> ParamShapes:
-        return {}
-
-    def calibrate(self, w: torch.Tensor, in_split: Sequence[int]) -> Params:
-        return {}
-
-    def fake_quant(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
-        if not self.stores(w.shape):
-            return w.detach().clone()  # FP in this candidate (see :meth:`stores`)
+    def decoded(self, w: torch.Tensor) -> torch.Tensor:
         quants, types = gguf_quants()
         qtype = types[self.qtype.upper()]
         rows = w.detach().float().cpu().numpy()
@@ -114,26 +105,7 @@ class GgufFormat(Format):
         elements, nbytes = self.block
         return float(math.prod(shape) // elements * nbytes)
 
-    # -------------------------------------------------------------- mpq packing: not this format's
-    def codes(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
-        raise self._not_packed()
-
-    def decode(self, codes: torch.Tensor, p: Params, shape: Sequence[int], in_split: Sequence[int]) -> torch.Tensor:
-        raise self._not_packed()
-
-    def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        raise self._not_packed()
-
-    def unpack(self, packed: torch.Tensor, numel: int) -> torch.Tensor:
-        raise self._not_packed()
-
-    def packed_bytes(self, numel: int) -> int:
-        raise self._not_packed()
-
     def param_bytes(self, shape: Sequence[int], in_split: Sequence[int], scale_bytes: int) -> float:
         """The blocks' scales (stored as ggml stores them, whatever ``scale_bytes`` the cost model uses)."""
         elements, _, scales = TYPES[self.qtype]
         return float(math.prod(shape) // elements * scales)
-
-    def _not_packed(self) -> MpqError:
-        return MpqError(f"{self.name} is a GGUF type, stored by a GGUF file: mpq's packed export does not hold it")

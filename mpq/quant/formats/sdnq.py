@@ -32,7 +32,7 @@ from typing import Any
 import torch
 
 from mpq.errors import MpqError
-from mpq.quant.formats.base import Format, Params, ParamShapes
+from mpq.quant.formats.base import RuntimeFormat
 
 INSTALL = 'pip install -e ".[sdnq]"'
 PREFIX = "sdnq-"
@@ -72,15 +72,14 @@ def layer_class(shape: Sequence[int]) -> str:
 
 
 @dataclass(frozen=True)
-class SdnqFormat(Format):
+class SdnqFormat(RuntimeFormat):
     dtype: str
     group_size: int = 0  # SDNQ's: 0 its default rule, -1 row-wise, N groups of N input channels
     hadamard: bool = False  # SDNQ's Hadamard rotation of the input channels before quantizing (undone on decode)
 
     choices = CHOICES
-    packs = False  # no mpq packing: `mpq export --format sdnq` writes it as SDNQ stores it
-    data_free = True  # SDNQ quantizes from the weight alone: nothing in a checkpoint
-    fp_bos_row = False  # SDNQ's layer computes every token, the first included, with the quantized weight
+    runtime = "sdnq"
+    not_packed = "{name} is SDNQ's format: export a plan using it with `mpq export --format sdnq`"
 
     def __post_init__(self) -> None:
         if self.dtype not in DTYPES:
@@ -115,13 +114,6 @@ class SdnqFormat(Format):
         config: dict[str, Any] = {"weights_dtype": self.dtype, "group_size": self.group_size}
         return {**config, "use_hadamard": True} if self.hadamard else config
 
-    # -------------------------------------------------------------- data-free: SDNQ quantizes from the weight alone
-    def param_shapes(self, shape: Sequence[int], in_split: Sequence[int]) -> ParamShapes:
-        return {}
-
-    def calibrate(self, w: torch.Tensor, in_split: Sequence[int]) -> Params:
-        return {}
-
     def quantize(self, w: torch.Tensor) -> tuple[Any, dict[str, torch.Tensor]]:
         """SDNQ's (dequantizer, stored tensors) of weight ``w`` (computing in ``w``'s dtype)."""
         q = sdnq_module()
@@ -135,9 +127,7 @@ class SdnqFormat(Format):
         not fill them cannot be stored in this dtype (tried on SDNQ itself, once a shape)."""
         return _sdnq_bytes(self, tuple(int(s) for s in shape)) is not None
 
-    def fake_quant(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
-        if not self.stores(w.shape):
-            return w.detach().clone()  # the layer stays FP in this candidate (see :meth:`stores`)
+    def decoded(self, w: torch.Tensor) -> torch.Tensor:
         deq, tensors = self.quantize(w)
         return deq(**tensors, skip_compile=True).to(w.dtype).reshape(w.shape).clone()  # clone: a normal tensor
 
@@ -149,28 +139,9 @@ class SdnqFormat(Format):
             raise MpqError(f"SDNQ cannot store {self.dtype} for a weight of shape {tuple(shape)}; it stays FP")
         return float(nbytes)
 
-    # -------------------------------------------------------------- mpq packing: not this format's
-    def codes(self, w: torch.Tensor, p: Params, in_split: Sequence[int]) -> torch.Tensor:
-        raise self._not_packed()
-
-    def decode(self, codes: torch.Tensor, p: Params, shape: Sequence[int], in_split: Sequence[int]) -> torch.Tensor:
-        raise self._not_packed()
-
-    def pack(self, codes: torch.Tensor) -> torch.Tensor:
-        raise self._not_packed()
-
-    def unpack(self, packed: torch.Tensor, numel: int) -> torch.Tensor:
-        raise self._not_packed()
-
-    def packed_bytes(self, numel: int) -> int:
-        raise self._not_packed()
-
     def param_bytes(self, shape: Sequence[int], in_split: Sequence[int], scale_bytes: int) -> float:
         """What SDNQ stores besides the codes (scales, zero points): its bytes less the codes' packed bits."""
         return self.stored_bytes(shape, in_split) - math.ceil(math.prod(shape) * self.nominal_bits / 8)
-
-    def _not_packed(self) -> MpqError:
-        return MpqError(f"{self.name} is SDNQ's format: export a plan using it with `mpq export --format sdnq`")
 
 
 @cache
