@@ -44,6 +44,9 @@ setup(
         "sdnq": ["sdnq==0.2.8"],
         "test": ["pytest>=7", "torchao>=0.14,<0.19", "ruff>=0.6", "sdnq==0.2.8"],
         "peers": ["sdnq==0.2.8"],  # benchmarks/bench_peers.py
+        # stable-diffusion.cpp's Python binding (a source build: CMake and a C++ compiler, ~15 min on 2 cores), for
+        # benchmarks/bench_gguf_sdcpp.py; never needed by the tests
+        "runtimes": ["stable-diffusion-cpp-python==0.4.7"],
     },
     entry_points={"console_scripts": ["mpq=mpq.commands.main:main_entry"]},
 )

@@ -93,26 +93,52 @@ def full_run(tmp_path_factory) -> tuple[RunDir, str]:
 
 # ----------------------------------------------------------------------------- an SDNQ export, loaded without mpq
 SDNQ_PROMPTS = ["a small red circle at the top left on a white background", "a large blue square in the center"]
-_SDNQ_LOAD = """
-import json, sys, torch
-from diffusers import DiffusionPipeline
-folder, call, absent, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
-pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, **{k: None for k in absent})
+_DRAW = """
 pipe.set_progress_bar_config(disable=True)
 prompts = call.pop("prompts")
 images = [
     pipe(p, generator=torch.Generator().manual_seed(i), output_type="pt", **call).images for i, p in enumerate(prompts)
 ]
-den = getattr(pipe, sys.argv[5])
-torch.save({"images": torch.cat(images), "mpq_imported": "mpq" in sys.modules,
-            "sdnq_layers": sum(hasattr(m, "sdnq_dequantizer") for m in den.modules())}, out)
+torch.save({"images": torch.cat(images), "mpq_imported": "mpq" in sys.modules, "quantized": quantized(den)}, out)
 """
+_SDNQ_LOAD = (
+    """
+import json, sys, torch
+from diffusers import DiffusionPipeline
+folder, call, absent, out, comp = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), *sys.argv[4:6]
+pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, **{k: None for k in absent})
+den = getattr(pipe, comp)
+def quantized(den):
+    return sum(hasattr(m, "sdnq_dequantizer") for m in den.modules())
+"""
+    + _DRAW
+)
+# the GGUF file through diffusers' single-file loader: the layout converted by diffusers' own converter
+_GGUF_LOAD = (
+    """
+import json, pathlib, sys, torch, diffusers
+from diffusers import DiffusionPipeline, GGUFQuantizationConfig
+folder, call, absent, out, comp = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), *sys.argv[4:6]
+index = json.loads((pathlib.Path(folder) / "model_index.json").read_text())
+(file,) = pathlib.Path(folder).glob("*.gguf")
+den = getattr(diffusers, index[comp][1]).from_single_file(
+    str(file), config=folder, subfolder=comp, torch_dtype=torch.float32,
+    quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float32),
+)
+pipe = DiffusionPipeline.from_pretrained(folder, torch_dtype=torch.float32, **{comp: den}, **{k: None for k in absent})
+def quantized(den):
+    return sum(type(p).__name__ == "GGUFParameter" for p in den.parameters())
+"""
+    + _DRAW
+)
+LOADERS = {"sdnq": _SDNQ_LOAD, "gguf": _GGUF_LOAD}
 
 
-def sdnq_draws_the_simulation(cfg, run, folder, plan, tmp_path) -> tuple[float, float]:
+def runtime_draws_the_simulation(cfg, run, folder, plan, tmp_path, runtime: str = "sdnq") -> tuple[float, float, int]:
     """Draw the prompts with mpq's fake-quant of ``plan``'s weights (the run's pipeline) and, in a fresh process
-    that never imports mpq, with the SDNQ export ``folder`` through stock diffusers; returns (max abs difference of
-    the two, max abs difference of the simulation from FP)."""
+    that never imports mpq, with the ``runtime``'s export ``folder`` through stock diffusers; returns (max abs
+    difference of the two, max abs difference of the simulation from FP, the quantized modules or parameters the
+    runtime loaded)."""
     import json
     import subprocess
     import sys
@@ -140,13 +166,20 @@ def sdnq_draws_the_simulation(cfg, run, folder, plan, tmp_path) -> tuple[float, 
     qm.apply(BitPlan(plan.weight))
     simulated = draw()
     qm.set_fp()
-    out = tmp_path / "sdnq_images.pt"
+    out = tmp_path / f"{runtime}_images.pt"
     absent = sorted(absent_components(str(folder)))
     args = [json.dumps({**call, "prompts": SDNQ_PROMPTS}), json.dumps(absent), str(out), denoiser_name(pipe.components)]
     res = subprocess.run(
-        [sys.executable, "-c", _SDNQ_LOAD, str(folder), *args], capture_output=True, text=True, cwd=tmp_path
+        [sys.executable, "-c", LOADERS[runtime], str(folder), *args], capture_output=True, text=True, cwd=tmp_path
     )
     assert res.returncode == 0, res.stderr[-3000:]
     loaded = torch.load(out, weights_only=True)
-    assert not loaded["mpq_imported"] and loaded["sdnq_layers"] == len(plan.weight)
-    return float((loaded["images"] - simulated).abs().max()), float((simulated - fp).abs().max())
+    assert not loaded["mpq_imported"]
+    diff = float((loaded["images"] - simulated).abs().max())
+    return diff, float((simulated - fp).abs().max()), int(loaded["quantized"])
+
+
+def sdnq_draws_the_simulation(cfg, run, folder, plan, tmp_path) -> tuple[float, float]:
+    diff, effect, layers = runtime_draws_the_simulation(cfg, run, folder, plan, tmp_path, "sdnq")
+    assert layers == len(plan.weight)
+    return diff, effect

@@ -1,25 +1,18 @@
 """ggml's tensor types as weight candidates: each is the gguf package's own quantizer (a tensor written to a GGUF file
 by its writer and read back by its reader decodes to mpq's fake quant, and takes the bytes mpq prices); a Linear
-weight whose rows are not whole blocks, and any convolution, stay FP as the runtimes keep them; a run with GGUF
-candidates goes through every stage."""
+weight whose rows are not whole blocks, and any convolution, stay FP as the runtimes keep them. A run with GGUF
+candidates through every stage, and its export: tests/test_gguf_export.py."""
 
 from __future__ import annotations
-
-import contextlib
-import io
-import json
 
 import pytest
 import torch
 
-from mpq.commands.main import main
 from mpq.cost import CostModel
 from mpq.errors import MpqError
 from mpq.layers import LayerInfo
-from mpq.plan import final_plan
 from mpq.quant.formats import resolve
 from mpq.quant.formats.gguf import TYPES
-from mpq.runner.rundir import RunDir
 
 
 def test_the_types_are_the_ones_gguf_writes_with_its_block_sizes():
@@ -63,26 +56,3 @@ def test_what_the_runtimes_keep_fp_stays_fp_and_is_priced_fp():
         with pytest.raises(MpqError, match=needle) as err:
             resolve(bad)
         assert "\n" not in str(err.value)
-
-
-def test_a_run_with_gguf_candidates_goes_through_every_stage(tmp_path):
-    from test_families import TINY_RUN
-
-    gguf = "[gguf-tq2_0,gguf-q4_0,gguf-q5_1,gguf-q8_0]"
-    run = RunDir(tmp_path / "run")
-    overrides = [
-        f"quant.weight_formats={gguf}",
-        f"search.weight.bits_content={gguf}",
-        f"search.weight.bits_quality={gguf}",
-        "search.weight.every_bit_below=false",
-    ]
-    with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["run", "--config", "tiny-flux-random", "--outdir", str(run.root), *TINY_RUN, *overrides]) == 0
-    for stage in ("calib", "ptq", "sensitivity", "search", "select", "final", "report"):
-        assert (run.stamps / f"{stage}.json").is_file(), stage
-    plan = final_plan(run)
-    assert plan.weight and all(str(k).startswith("gguf-") for k in plan.weight.values())
-    assert len(set(plan.weight.values())) > 1  # a mixed plan
-    ev = json.loads((run.root / "report" / "summary.json").read_text())["eval"]
-    for key in set(plan.weight.values()):  # each chosen type is also scored alone, and it quantizes
-        assert ev[f"W{key}A16"]["mse"] > 0, key

@@ -47,6 +47,8 @@ def handle(args: argparse.Namespace) -> None:
                 f"  the plan's activation bits ({info['act_dropped']} layers) are not exported: SDNQ computes "
                 "activations in the compute dtype"
             )
+    elif fmt == "gguf":
+        _print_gguf(info)
     elif fmt == "torchao":
         print(
             f"torchao plan in {info['out']}/torchao_config.json ({info['layers']} layers; per layer kind: "
@@ -58,6 +60,33 @@ def handle(args: argparse.Namespace) -> None:
             f"encodings in {info['out']}/{info['file']} ({info['params']} weight and {info['activations']} activation "
             "encodings)"
         )
+
+
+def _print_gguf(info: dict) -> None:
+    out, comp, file = info["out"], info["component"], info["file"]
+    print(
+        f"GGUF denoiser {out}/{file} ({info['file_bytes']:,} bytes): {info['layers']} layers in their planned types, "
+        f"the planned layers' weights {info['planned_bytes']:,} bytes ({info['priced_bytes']:,.0f} priced by the "
+        f"search); original {info['family']} layout ({info['verified']})"
+    )
+    print(
+        f"  ComfyUI: copy it to models/unet and load it with the Unet Loader (GGUF); stable-diffusion.cpp: "
+        f"--diffusion-model {out}/{file}; the same types from the original checkpoint: --tensor-type-rules "
+        f'"$(cat {out}/tensor_type_rules.txt)"'
+    )
+    absent = "".join(f", {name}=None" for name in info["absent"])
+    print(
+        f"  diffusers (no mpq): {comp} = <{info['cls']}>.from_single_file('{out}/{file}', config='{out}', "
+        f"subfolder='{comp}', quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float16)); "
+        f"DiffusionPipeline.from_pretrained('{out}', {comp}={comp}{absent})"
+    )
+    if info["kept_fp"]:
+        print(
+            f"  {len(info['kept_fp'])} planned layers stay floating point, as simulated and priced: their rows are "
+            f"not whole blocks, or they are convolutions (first: {info['kept_fp'][0]})"
+        )
+    if info["act_dropped"]:
+        print(f"  the plan's activation bits ({info['act_dropped']} layers) are not exported: GGUF stores weights")
 
 
 def _arguments(p: argparse.ArgumentParser) -> None:
@@ -84,10 +113,12 @@ def _arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--format",
-        choices=("mpq", "torchao", "encodings", "sdnq"),
+        choices=("mpq", "torchao", "encodings", "sdnq", "gguf"),
         default=None,
         help="default: the run's target (mpq, or sdnq for a `target: sdnq` run); sdnq: an SDNQ pre-quantized "
-        "pipeline (plans of sdnq-<dtype> candidates) that stock diffusers loads with the sdnq package, no mpq",
+        "pipeline (plans of sdnq-<dtype> candidates) that stock diffusers loads with the sdnq package, no mpq; "
+        "gguf: the denoiser as one .gguf file in the original checkpoint layout (plans of gguf-<type> candidates) "
+        "for ComfyUI-GGUF, stable-diffusion.cpp and diffusers' from_single_file",
     )
     p.add_argument(
         "--fp-dtype",
@@ -113,7 +144,9 @@ COMMAND = Command(
     "(torchao_layers.csv). "
     "--format encodings: AIMET-style encodings JSON for every quantized weight and activation. "
     "--format sdnq: a plan of SDNQ dtypes (quant.weight_formats=[sdnq-...]) quantized by SDNQ itself and saved as "
-    "SDNQ saves pre-quantized models: DiffusionPipeline.from_pretrained(DIR) loads it with sdnq installed, no mpq.",
+    "SDNQ saves pre-quantized models: DiffusionPipeline.from_pretrained(DIR) loads it with sdnq installed, no mpq. "
+    "--format gguf: a plan of ggml types (target: gguf) as one .gguf denoiser in the original layout (UNet, SD3, "
+    "Flux), the rest of the pipeline beside it, and stable-diffusion.cpp's --tensor-type-rules for the same plan.",
     add_arguments=_arguments,
     handler=handle,
 )

@@ -17,7 +17,7 @@ from mpq.quant.model import weights_sample
 from mpq.runner.choices import DTYPES
 from mpq.runner.rundir import RunDir
 
-FORMATS = ("mpq", "torchao", "encodings", "sdnq")
+FORMATS = ("mpq", "torchao", "encodings", "sdnq", "gguf")
 
 
 def export_plan(
@@ -39,8 +39,8 @@ def export_plan(
         raise MpqError(f"unknown --fp-dtype {fp_dtype!r}; choose one of {', '.join(DTYPES)}")
     out = Path(out)
     check_target(out, fmt, run.root, overwrite)  # before the pipeline loads
-    if fmt == "sdnq":
-        return _export_sdnq(cfg, run, out, plan, fp_dtype, overwrite)
+    if fmt in ("sdnq", "gguf"):
+        return _export_runtime(cfg, run, out, fmt, plan, fp_dtype, overwrite)
     pipe, qm, _ = quantized_pipeline(cfg, run, dtype=torch.float32)
     plan = plan if plan is not None else final_plan(run)
     plan.validate(qm.names, qm.bits, formats=qm.formats)
@@ -63,22 +63,31 @@ def export_plan(
     return {**info, "out": out}
 
 
-def _export_sdnq(
-    cfg: DictConfig, run: RunDir, out: Path, plan: BitPlan | None, fp_dtype: str, overwrite: bool
+def _export_runtime(
+    cfg: DictConfig, run: RunDir, out: Path, fmt: str, plan: BitPlan | None, fp_dtype: str, overwrite: bool
 ) -> dict[str, Any]:
-    """SDNQ's own pipeline folder (:mod:`mpq.export.sdnq_format`): the plan is checked against the checkpoint's
-    layers and formats without loading the quantized model; SDNQ quantizes a fresh FP copy."""
+    """A runtime's own files (SDNQ's pipeline folder, :mod:`mpq.export.sdnq_format`; a GGUF file,
+    :mod:`mpq.export.gguf_format`): the plan is checked against the checkpoint's layers and formats without loading
+    the quantized model; the runtime's package quantizes a fresh FP copy."""
     from mpq.calibration.checkpoint import manifest_formats, read_manifest, run_layers
     from mpq.cost import CostModel
-    from mpq.export.sdnq_format import export_sdnq
 
     manifest = read_manifest(run.require(run.ckpt, f"run `mpq ptq --base_path {run.root}` first"))
     plan = plan if plan is not None else final_plan(run)
     plan.validate([e["name"] for e in manifest["layers"]], manifest["bits"], formats=manifest_formats(manifest))
     cost = CostModel.from_config(cfg)
-    priced = sum(
-        cost.weight_bytes(info, plan.weight[info.name]) for info in run_layers(cfg, run) if info.name in plan.weight
-    )
-    with export_folder(out, "sdnq", run.root, overwrite, {"model_id": str(cfg.model.id)}) as folder:
-        info = export_sdnq(cfg, plan, folder, DTYPES[fp_dtype])
-    return {**info, "priced_bytes": priced, "out": out}
+    priced = {
+        info.name: cost.weight_bytes(info, plan.weight[info.name])
+        for info in run_layers(cfg, run)
+        if info.name in plan.weight
+    }
+    with export_folder(out, fmt, run.root, overwrite, {"model_id": str(cfg.model.id)}) as folder:
+        if fmt == "sdnq":
+            from mpq.export.sdnq_format import export_sdnq
+
+            info = export_sdnq(cfg, plan, folder, DTYPES[fp_dtype])
+        else:
+            from mpq.export.gguf_format import export_gguf
+
+            info = export_gguf(cfg, plan, folder, DTYPES[fp_dtype], cost.fp_bytes)
+    return {**info, "priced_bytes": sum(priced.values()), "priced": priced, "out": out}

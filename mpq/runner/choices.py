@@ -25,6 +25,8 @@ TARGETS: dict[str, tuple[str, ...]] = {
         "sdnq-int6-row",
         "sdnq-int8-row",
     ),
+    # the ggml types the gguf package writes and every GGUF runtime reads (diffusers, ComfyUI-GGUF, sd.cpp)
+    "gguf": ("gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0"),
 }
 KINDS = ("weight", "act")  # what a plan quantizes: a layer's weights, or its input activations
 METRICS = ("sqnr", "ssim")  # SQNR of the denoiser output (every layer), SSIM of images (the content group)

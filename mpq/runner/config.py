@@ -390,18 +390,17 @@ def _target_of(raw: Any, overrides: Sequence[str]) -> str:
 
 
 def target_preset(target: str) -> DictConfig:
-    """What a target sets under a config (a key the config gives wins): ``sdnq`` makes SDNQ's dtypes the weight
-    candidates of both groups (``quant.weight_formats``, ``search.weight.bits_content`` / ``bits_quality``), with
-    no sweep below them (every plan must be storable by SDNQ)."""
+    """What a target sets under a config (a key the config gives wins): ``sdnq`` (``gguf``) makes SDNQ's dtypes
+    (ggml's types) the weight candidates of both groups (``quant.weight_formats``, ``search.weight.bits_content`` /
+    ``bits_quality``), with no sweep below them (every plan must be storable by the runtime); ``gguf`` aims at 5
+    code bits a weight."""
     cands = list(choices.TARGETS[target])
     if not cands:
         return OmegaConf.create({})
-    return OmegaConf.create(
-        {
-            "quant": {"weight_formats": cands},
-            "search": {"weight": {"bits_content": cands, "bits_quality": cands, "every_bit_below": False}},
-        }
-    )
+    weight: dict[str, Any] = {"bits_content": cands, "bits_quality": cands, "every_bit_below": False}
+    if target == "gguf":  # code bits between Q4's and Q8's (Q4_0 alone is 4): a mix, not uniform Q4_0
+        weight["target_bitwidth"] = 5.0
+    return OmegaConf.create({"quant": {"weight_formats": cands}, "search": {"weight": weight}})
 
 
 def config_from_yaml_text(

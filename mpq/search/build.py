@@ -22,6 +22,7 @@ from mpq.errors import MpqError
 from mpq.layers import CONTENT, QUALITY, LayerInfo
 from mpq.plan import read_layer_list
 from mpq.quant.formats import BITS_KEY, Key, nominal_bits, resolve, weight_key
+from mpq.quant.structure import PREFIX
 from mpq.runner.files import write_layer_list
 from mpq.runner.rundir import RunDir
 from mpq.search.mixdq_files import read_ratio_file, read_sensitivity
@@ -164,7 +165,7 @@ def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tu
     protect = (
         act_protect_list(entries, ssim, sqnr, cand, s.act_protect_percent, s.act_protect_bit) if kind == "act" else []
     )
-    return build_problem(
+    problem = build_problem(
         kind,
         entries,
         ssim,
@@ -173,7 +174,27 @@ def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tu
         every_candidate(cand, allowed_bits(s[kind])) if every_bit else allowed_bits(s[kind]),
         protect,
         f"delete it and re-run `mpq sensitivity --force --base_path {run.root}`",
-    ), protect
+    )
+    if kind == "weight" and any(resolve(b).runtime == "gguf" for b in cand):
+        problem.ties = file_ties(cfg, problem.names)
+        problem.__post_init__()  # the tied layers' candidate lists agree
+    return problem, protect
+
+
+def file_ties(cfg: Any, names: Sequence[str]) -> list[tuple[str, ...]]:
+    """Layers a GGUF file stores as one tensor (SD3's and Flux's fused qkv, ...), as the problem names them: the
+    search gives each such set one type. None for a family without a single-file layout (its export refuses)."""
+    from mpq.export.gguf_layout import LAYOUTS, fused_layers, layout
+    from mpq.models.loader import arch_family, load_arch, meta_denoiser
+
+    arch = load_arch(cfg)
+    family = arch_family(arch).name
+    if family not in LAYOUTS:
+        return []
+    den = meta_denoiser(arch)
+    known = set(names)
+    ties = [tuple(PREFIX + p for p in tie) for tie in fused_layers(layout(family, list(den.state_dict()), den.config))]
+    return [tie for tie in ties if all(n in known for n in tie)]
 
 
 def ratio_entries(path: str | Path, ssim: Mapping[str, list[float]], sqnr: Mapping[str, list[float]]) -> list[Entry]:
@@ -227,11 +248,14 @@ def budget_for_avg(problem: Problem, avg_bits: float) -> float:
     overhead; where they differ (SDNQ's default groups shrink with the bits: uint2 stores 4 bits a weight of fp32
     scales and zero points, int8 one scale a row) the budget does not depend on which is listed first.
     Activations: the first (fewest-bits) candidate's, as MixDQ's budgets have always counted them (their bytes
-    differ by width only in the FP BOS row and rounding)."""
+    differ by width only in the FP BOS row and rounding). A layer every candidate prices alike (one that none of them
+    stores, kept FP) counts at that price, whatever the average."""
     total = problem.fixed_bytes
     for i in range(len(problem.names)):
         bits, nbytes, size = problem.bits[i], problem.bytes[i], problem.sizes[i]
-        if bits:
+        if len(bits) > 1 and len(set(nbytes)) == 1:  # every candidate keeps it FP (GGUF: rows not whole blocks, convs)
+            total += nbytes[0]
+        elif bits:
             # the candidate storing the fewest parameter bytes (the first of equals: MixDQ's fewest bits); its
             # overhead includes its codes' rounding to whole bytes, so that a plan of it alone fills the budget
             params = [b - math.ceil(size * nominal_bits(k) / 8.0) for k, b in zip(bits, nbytes)]

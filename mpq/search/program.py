@@ -49,6 +49,7 @@ class Problem:
     bytes: list[list[float]]  # storage bytes per allowed bit
     fixed_bytes: float = 0.0  # bytes of layers that stay FP
     kind: str = "weight"  # weight | act (what its budgets in average bits count: see build.budget_for_avg)
+    ties: list[tuple[str, ...]] = field(default_factory=list)  # layers that take one choice (one tensor in a file)
 
     def __post_init__(self) -> None:
         for i, name in enumerate(self.names):
@@ -58,6 +59,20 @@ class Problem:
                 raise MpqError(
                     f"layer {name}: sensitivity scores {self.scores[i]} are not finite; fix the sensitivity file"
                 )
+        index = {n: i for i, n in enumerate(self.names)}
+        for tie in self.ties:
+            unknown = [n for n in tie if n not in index]
+            if unknown:
+                raise ValueError(f"tied layer {unknown[0]} is not a layer of the problem")
+            if len({tuple(self.bits[index[n]]) for n in tie}) > 1:
+                raise MpqError(
+                    f"layers {', '.join(tie)} are one tensor in the exported file and must take one choice, but "
+                    "their groups allow different candidates (or some are protected); give them the same candidates"
+                )
+
+    def tied_indices(self) -> list[list[int]]:
+        index = {n: i for i, n in enumerate(self.names)}
+        return [[index[n] for n in tie] for tie in self.ties if self.bits[index[tie[0]]]]
 
     def members(self, group: str) -> list[int]:
         return [i for i, g in enumerate(self.groups) if g == group and self.bits[i]]
@@ -161,6 +176,18 @@ def _solve_mip(
     x = {i: [solver.BoolVar(f"x_{i}_{j}") for j in range(len(problem.bits[i]))] for i in layers}
     for i in layers:
         solver.Add(solver.Sum(x[i]) == 1)
+    present = set(layers)
+    for tie in problem.tied_indices():
+        inside = [i for i in tie if i in present]
+        if inside and len(inside) < len(tie):
+            names = ", ".join(problem.names[i] for i in tie)
+            raise MpqError(
+                f"layers {names} are one tensor in the exported file but fall in different groups, which the "
+                "reference program solves apart; use search.mode=mpq (one program over all layers)"
+            )
+        for i in inside[1:]:  # the same candidate as the first (same candidate lists: see Problem)
+            for j in range(len(x[i])):
+                solver.Add(x[i][j] == x[inside[0]][j])
     for coefs, lo, hi in constraints:
         c = solver.Constraint(lo, hi)
         for i in layers:

@@ -1,0 +1,204 @@
+"""mpq's search in ggml's types against the GGUF files people make today: uniform types and hand rules, at equal bytes.
+
+    python benchmarks/bench_gguf_plans.py --config tiny-sdxl --out gguf_sdxl     # ~30 min on 2 CPU cores
+    python benchmarks/bench_gguf_plans.py --config tiny-sd3 --out gguf_sd3
+
+What runs (weights only, activations FP, the same pipeline, every Linear/Conv2d a candidate):
+
+* **mpq**: ``target=gguf`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, priced at their block bytes; what a file cannot store
+  in a type stays F16), calibration, sensitivity, the full-range search and selection on the calibration prompts;
+  at each byte level the plan selection ranks best among the candidates at no more bytes, chosen without seeing
+  the evaluation images (on SD3 and Flux the layers of a fused ``qkv`` share one type, as the file needs);
+* **uniform**: every type the ``gguf`` package writes (:data:`UNIFORM`), on every layer;
+* **hand rules**, as ComfyUI-GGUF and stable-diffusion.cpp users write them: a base type everywhere, and the
+  first and the last block of the denoiser, its input and output layers and its embeddings (every layer outside
+  a numbered block) one or two types higher on the ladder Q4_0 < Q4_1 < Q5_0 < Q5_1 < Q8_0 (:func:`hand_rule`).
+
+At each level the best uniform or hand-rule file at no more bytes is **chosen by its evaluation MSE** (an oracle
+pick: it favours them). Bytes, one way for all: each layer's weight in its type's blocks, F16 where a type cannot
+store it (rows not whole blocks, convolutions). Levels are bits a weight (bytes x 8 / weights). MSE per image
+against the FP pipeline's images of held-out prompts and seeds neither side saw; ratios mpq / best with a
+paired-bootstrap 95% interval over images; prompt adherence (the embedded judge) beside MSE. Writes
+``gguf_plans.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _imagebench import ImageBench, weight_bytes  # noqa: E402
+from bench_peers import best_at  # noqa: E402
+from bench_sdnq_plans import adherence  # noqa: E402
+
+from mpq.commands.main import main as mpq_main  # noqa: E402
+from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
+from mpq.plan import BitPlan, read_plan  # noqa: E402
+from mpq.quant.formats.gguf import TYPES  # noqa: E402
+from mpq.quant.quantizer import WeightQuant  # noqa: E402
+from mpq.runner.rundir import RunDir  # noqa: E402
+from mpq.selection import read_scores  # noqa: E402
+
+UNIFORM = [f"gguf-{t}" for t in TYPES]
+LADDER = ["gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0"]
+LEVELS = [4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 8.5]  # Q4_0 is 4.5 bits a weight, Q5_0 5.5, Q8_0 8.5
+BLOCK = re.compile(r"^model\.((?:down_|up_|single_transformer_|transformer_)?blocks\.\d+|mid_block)\.")
+
+
+STAGE = {"down_blocks": 0, "transformer_blocks": 0, "blocks": 0, "mid_block": 1, "single_transformer_blocks": 1}
+
+
+def edge_layers(names: list[str]) -> set[str]:
+    """The layers a hand rule keeps higher: outside any numbered block (input/output layers, embeddings), or in
+    the denoiser's first or last block in the order the forward runs them (UNet: down, mid, up; Flux: double,
+    single)."""
+    blocks = [m[1] if (m := BLOCK.match(n)) else None for n in names]
+
+    def order(block: str) -> tuple[int, int]:
+        kind, _, index = block.rpartition(".")
+        return (STAGE.get(kind, 2), int(index)) if kind else (STAGE[block], 0)
+
+    numbered = sorted({b for b in blocks if b is not None}, key=order)
+    ends = {numbered[0], numbered[-1]} if numbered else set()
+    return {n for n, b in zip(names, blocks) if b is None or b in ends}
+
+
+def hand_rule(names: list[str], base: str, up: int) -> dict[str, str]:
+    edges = edge_layers(names)
+    high = LADDER[min(LADDER.index(base) + up, len(LADDER) - 1)]
+    return {n: high if n in edges else base for n in names}
+
+
+def measure(bench: ImageBench, plan: BitPlan) -> tuple[np.ndarray, np.ndarray]:
+    bench.qm.apply(plan)
+    try:
+        images = bench.images()
+    finally:
+        bench.qm.set_fp()
+    return images, image_mse(images, bench.refs)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny-sdxl")
+    ap.add_argument("--n", type=int, default=32, help="held-out prompts (one seed each)")
+    ap.add_argument("--out", default="gguf_out")
+    ap.add_argument("--mpq", nargs="*", default=[], help="extra config overrides for the mpq run")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    bench = ImageBench(args.config, args.n)
+    n_weights = sum(i.weight_numel for i in bench.infos)
+    wq = WeightQuant()
+    points: list[dict[str, Any]] = []
+
+    tmp = Path(tempfile.mkdtemp())
+    run = RunDir(tmp / "run")
+    overrides = ["target=gguf", "search.fp_bytes=2", *args.mpq]
+    for stage in ("calib", "ptq", "sensitivity", "search", "select"):
+        assert mpq_main([stage, "--config", args.config, "--outdir", str(run.root), *overrides]) == 0, stage
+    print(f"mpq run: {time.perf_counter() - t0:.0f} s", flush=True)
+    scores = read_scores(run.scores("weight"))  # selection's own MSE (calibration prompts)
+    picked: dict[str, float] = {}
+    for b in LEVELS:
+        fit = [s for s in scores if s.bytes <= n_weights * b / 8 * (1 + 1e-9)]
+        if fit:
+            best = min(fit, key=lambda s: s.mse)
+            picked[best.plan_file] = best.mse
+    for f, select_mse in picked.items():
+        plan = BitPlan(read_plan(run.candidates / "weight" / f))
+        images, mse = measure(bench, plan)
+        points.append(
+            {
+                "tool": "mpq",
+                "label": f,
+                "bytes": weight_bytes(plan, bench.infos, wq),
+                "select_mse": select_mse,
+                "mse": mse,
+                "adherence": adherence(bench, images),
+            }
+        )
+    print(f"mpq: {len(scores)} candidates, {len(picked)} picked ({time.perf_counter() - t0:.0f} s)", flush=True)
+
+    names = list(bench.names)
+    files = {f"uniform {t[5:].upper()}": {n: t for n in names} for t in UNIFORM}
+    for base in LADDER[:-1]:
+        for up in (1, 2):
+            files[f"{base[5:].upper()}, edges +{up}"] = hand_rule(names, base, up)
+    for label, weights in files.items():
+        plan = BitPlan(weights)
+        images, mse = measure(bench, plan)
+        nbytes = weight_bytes(plan, bench.infos, wq)
+        points.append(
+            {"tool": "file", "label": label, "bytes": nbytes, "mse": mse, "adherence": adherence(bench, images)}
+        )
+        print(f"{label}: {nbytes * 8 / n_weights:.2f} bits/w, MSE {mse.mean():.3g}", flush=True)
+
+    rows = table(points, n_weights, args)
+    data = {
+        "config": args.config,
+        "n_images": args.n,
+        "mpq_overrides": overrides,
+        "edge_layers": sorted(edge_layers(names)),
+        "byte_counting": "each weight in its type's blocks; F16 where the type cannot store it",
+        "points": [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in p.items()} for p in points],
+        "levels": rows,
+    }
+    (out / "gguf_plans.json").write_text(json.dumps(data, indent=1))
+    shutil.rmtree(tmp, ignore_errors=True)
+    print(f"\nwrote {out / 'gguf_plans.json'}; total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def table(points: list[dict[str, Any]], n_weights: int, args: Any) -> list[dict[str, Any]]:
+    for p in points:
+        p["mean_mse"] = float(np.mean(p["mse"]))
+    mpq_pts = [dict(p, key=p["select_mse"]) for p in points if p["tool"] == "mpq"]
+    file_pts = [p for p in points if p["tool"] == "file"]
+    print(f"\n{args.config}, weight-only, {args.n} held-out prompts; bytes as a GGUF file stores the weights\n")
+    print(
+        "| bits/weight | mpq plan (selection's pick) | mpq MSE | adh. | best uniform / hand rule (oracle) | MSE | "
+        "adh. | mpq / best (95% CI) |"
+    )
+    print("|---|---|---:|---:|---|---:|---:|---|")
+    rows = []
+    for b in LEVELS:
+        limit = n_weights * b / 8
+        m, s = best_at(mpq_pts, limit, "key"), best_at(file_pts, limit, "mean_mse")
+        if m is None or s is None:
+            print(f"| {b:g} | {m and m['label']} | | | {s and s['label']} | | | no plan at these bytes |")
+            continue
+        r, lo, hi = paired_bootstrap_ratio(m["mse"], s["mse"])
+        rows.append(
+            {
+                "level": b,
+                "mpq": m["label"],
+                "best": s["label"],
+                "ratio": [r, lo, hi],
+                "mpq_mse": m["mean_mse"],
+                "best_mse": s["mean_mse"],
+                "mpq_bits": m["bytes"] * 8 / n_weights,
+                "best_bits": s["bytes"] * 8 / n_weights,
+            }
+        )
+        print(
+            f"| {b:g} | {m['label']} ({m['bytes'] * 8 / n_weights:.2f}) | {m['mean_mse']:.3g} | {m['adherence']:.0%} "
+            f"| {s['label']} ({s['bytes'] * 8 / n_weights:.2f}) | {s['mean_mse']:.3g} | {s['adherence']:.0%} | "
+            f"{r:.2f} ({lo:.2f}-{hi:.2f}) |"
+        )
+    return rows
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,165 @@
+"""A full-size SDXL GGUF file written by mpq, loaded and run by stable-diffusion.cpp, against its own F16 file.
+
+    pip install -e ".[runtimes]"          # stable-diffusion-cpp-python: a source build (CMake, ~15 min on 2 cores)
+    python benchmarks/bench_gguf_sdcpp.py --out sdcpp_out
+
+SDXL's architecture at full size with random weights (no hub here): the UNet (2.6 B parameters), CLIP-L and
+CLIP-G text encoders and the VAE, each built by diffusers/transformers from SDXL's published configs. mpq writes
+two UNet files in the original layout with :mod:`mpq.export.gguf_format`: F16 (every weight of two or more
+dimensions) and a mixed plan (the hand rule "Q4_0, first/last blocks and in/out layers two types higher": Q4_0,
+Q5_0 and F16 convolutions). stable-diffusion.cpp (its own GGUF reader and ggml kernels; no mpq in that process)
+loads each with the text encoders and VAE, and draws the same prompt and seed at a small resolution: the
+mixed file's image against the F16 file's (MSE and max abs, [0, 1]), and the seconds of one sampling step,
+measured side by side in one process (a 1-step and a 3-step generation; their difference / 2). CPU times here,
+never a GPU projection. Writes ``sdcpp.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_gguf_plans import hand_rule  # noqa: E402
+
+from mpq.export.gguf_format import tensor_types, write_gguf  # noqa: E402
+from mpq.export.gguf_layout import layout  # noqa: E402
+from mpq.quant.formats import resolve  # noqa: E402
+from mpq.quant.structure import PREFIX, quantizable_modules  # noqa: E402
+
+CLIP_L = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+              hidden_act="quick_gelu", projection_dim=768)  # fmt: skip
+CLIP_G = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
+              hidden_act="gelu", projection_dim=1280)  # fmt: skip
+
+_RUN = """
+import json, sys, time
+import numpy as np
+from stable_diffusion_cpp import StableDiffusion
+files, side, threads = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+out = {}
+for label, unet in files["unets"].items():
+    sd = StableDiffusion(diffusion_model_path=unet, clip_l_path=files["clip_l"], clip_g_path=files["clip_g"],
+                         vae_path=files["vae"], n_threads=threads, verbose=False)
+    times = {}
+    for steps in (1, 3):
+        t = time.perf_counter()
+        (img,) = sd.generate_image("a red circle", width=side, height=side, sample_steps=steps, seed=7, cfg_scale=1.0)
+        times[steps] = time.perf_counter() - t
+        if steps == 1:
+            np.save(files["images"][label], np.asarray(img, dtype=np.float32) / 255.0)
+    out[label] = {"generate_1_step_s": times[1], "step_s": (times[3] - times[1]) / 2}
+    del sd
+assert "mpq" not in sys.modules
+print(json.dumps(out))
+"""
+
+
+def save_half(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(path))
+
+
+def build_components(out: Path) -> dict[str, str]:
+    """Random full-size CLIP-L, CLIP-G and VAE files (fp16 safetensors, the layouts their publishers use)."""
+    from diffusers import AutoencoderKL
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(0)
+    files = {"clip_l": out / "clip_l.safetensors", "clip_g": out / "clip_g.safetensors", "vae": out / "vae.safetensors"}
+    if not files["clip_l"].is_file():
+        save_half(CLIPTextModel(CLIPTextConfig(**CLIP_L)), files["clip_l"])
+    if not files["clip_g"].is_file():
+        save_half(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), files["clip_g"])
+    if not files["vae"].is_file():
+        vae = AutoencoderKL(
+            block_out_channels=(128, 256, 512, 512),
+            down_block_types=("DownEncoderBlock2D",) * 4,
+            up_block_types=("UpDecoderBlock2D",) * 4,
+            layers_per_block=2,
+            latent_channels=4,
+            sample_size=1024,
+            scaling_factor=0.13025,
+        )
+        save_half(vae, files["vae"])
+    return {k: str(v) for k, v in files.items()}
+
+
+def write_unets(out: Path) -> tuple[dict[str, str], dict[str, object]]:
+    """The F16 and the mixed file of a random full-size SDXL UNet (mpq's writer and layout)."""
+    from mpq.models.loader import load_arch, meta_denoiser
+    from mpq.runner.config import load_config
+
+    arch = load_arch(load_config("sdxl-base-random"))
+    config = {k: v for k, v in arch["denoiser"].items() if not k.startswith("_")}
+    import diffusers
+
+    torch.manual_seed(0)
+    t = time.perf_counter()
+    den = diffusers.UNet2DConditionModel.from_config(config).eval()
+    params = {k: v.detach() for k, v in den.state_dict().items()}
+    originals = layout("unet", list(params), den.config)
+    names = list(quantizable_modules(meta_denoiser(arch)))
+    plan = {n[len(PREFIX) :]: resolve(k) for n, k in hand_rule(names, "gguf-q4_0", 2).items()}
+    files, info = {}, {}
+    for label, layers in (("F16", {}), ("mixed (Q4_0, edges Q5_0)", plan)):
+        types = tensor_types(originals, params, layers, "f16")
+        path = out / ("unet_f16.gguf" if not layers else "unet_mixed.gguf")
+        if not path.is_file():
+            write_gguf(path, originals, params, types, {"general.name": f"random SDXL UNet, {label}"}, "sdxl")
+        files[label] = str(path)
+        counts: dict[str, int] = {}
+        for v in types.values():
+            counts[v] = counts.get(v, 0) + 1
+        info[label] = {"bytes": path.stat().st_size, "tensor_types": counts}
+    print(f"wrote the UNet files in {time.perf_counter() - t:.0f} s: {json.dumps(info)}", flush=True)
+    return files, info
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default="sdcpp_out")
+    ap.add_argument("--side", type=int, default=256, help="image side in pixels")
+    ap.add_argument("--threads", type=int, default=2)
+    args = ap.parse_args()
+    try:
+        import stable_diffusion_cpp  # noqa: F401
+    except ImportError:
+        sys.exit('stable-diffusion.cpp is not installed: pip install -e ".[runtimes]"')
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    unets, info = write_unets(out)
+    files = {**build_components(out), "unets": unets, "images": {k: str(out / f"image_{i}.npy") for i, k in
+                                                                 enumerate(unets)}}  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", _RUN, json.dumps(files), str(args.side), str(args.threads)],
+        capture_output=True,
+        text=True,
+        cwd=out,
+    )
+    if res.returncode != 0:
+        sys.exit(f"stable-diffusion.cpp failed:\n{res.stderr[-4000:]}")
+    timing = json.loads(res.stdout.strip().splitlines()[-1])
+    f16, mixed = (np.load(files["images"][k]) for k in unets)
+    result = {
+        "files": info,
+        "timing_cpu_s": timing,
+        "mixed_vs_f16": {"mse": float(np.mean((mixed - f16) ** 2)), "max_abs": float(np.abs(mixed - f16).max())},
+        "side": args.side,
+        "threads": args.threads,
+    }
+    (out / "sdcpp.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
