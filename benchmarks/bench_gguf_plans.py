@@ -7,7 +7,8 @@ What runs (weights only, activations FP, the same pipeline, every Linear/Conv2d 
 
 * **mpq**: ``target=gguf`` (Q4_0, Q4_1, Q5_0, Q5_1, Q8_0, priced at their block bytes; what a file cannot store
   in a type stays F16), calibration, sensitivity, the full-range search and selection on the calibration prompts;
-  at each byte level the plan selection ranks best among the candidates at no more bytes, chosen without seeing
+  at each byte level (the bytes of each uniform file of the five, and the midpoints) the plan selection ranks
+  best among the candidates at no more bytes, chosen without seeing
   the evaluation images (on SD3 and Flux the layers of a fused ``qkv`` share one type, as the file needs);
 * **uniform**: every type the ``gguf`` package writes (:data:`UNIFORM`), on every layer;
 * **hand rules**, as ComfyUI-GGUF and stable-diffusion.cpp users write them: a base type everywhere, and the
@@ -16,8 +17,8 @@ What runs (weights only, activations FP, the same pipeline, every Linear/Conv2d 
 
 At each level the best uniform or hand-rule file at no more bytes is **chosen by its evaluation MSE** (an oracle
 pick: it favours them). Bytes, one way for all: each layer's weight in its type's blocks, F16 where a type cannot
-store it (rows not whole blocks, convolutions). Levels are bits a weight (bytes x 8 / weights). MSE per image
-against the FP pipeline's images of held-out prompts and seeds neither side saw; ratios mpq / best with a
+store it (rows not whole blocks, convolutions); bits a weight = bytes x 8 / weights, convolutions included. MSE
+per image against the FP pipeline's images of held-out prompts and seeds neither side saw; ratios mpq / best with a
 paired-bootstrap 95% interval over images; prompt adherence (the embedded judge) beside MSE. Writes
 ``gguf_plans.json`` into ``--out``.
 """
@@ -52,7 +53,6 @@ from mpq.selection import read_scores  # noqa: E402
 
 UNIFORM = [f"gguf-{t}" for t in TYPES]
 LADDER = ["gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0"]
-LEVELS = [4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0, 8.5]  # Q4_0 is 4.5 bits a weight, Q5_0 5.5, Q8_0 8.5
 BLOCK = re.compile(r"^model\.((?:down_|up_|single_transformer_|transformer_)?blocks\.\d+|mid_block)\.")
 
 
@@ -111,9 +111,11 @@ def main() -> None:
         assert mpq_main([stage, "--config", args.config, "--outdir", str(run.root), *overrides]) == 0, stage
     print(f"mpq run: {time.perf_counter() - t0:.0f} s", flush=True)
     scores = read_scores(run.scores("weight"))  # selection's own MSE (calibration prompts)
+    names = list(bench.names)
+    levels = byte_levels(names, bench, wq)
     picked: dict[str, float] = {}
-    for b in LEVELS:
-        fit = [s for s in scores if s.bytes <= n_weights * b / 8 * (1 + 1e-9)]
+    for limit in levels.values():
+        fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
         if fit:
             best = min(fit, key=lambda s: s.mse)
             picked[best.plan_file] = best.mse
@@ -132,7 +134,6 @@ def main() -> None:
         )
     print(f"mpq: {len(scores)} candidates, {len(picked)} picked ({time.perf_counter() - t0:.0f} s)", flush=True)
 
-    names = list(bench.names)
     files = {f"uniform {t[5:].upper()}": {n: t for n in names} for t in UNIFORM}
     for base in LADDER[:-1]:
         for up in (1, 2):
@@ -146,7 +147,7 @@ def main() -> None:
         )
         print(f"{label}: {nbytes * 8 / n_weights:.2f} bits/w, MSE {mse.mean():.3g}", flush=True)
 
-    rows = table(points, n_weights, args)
+    rows = table(points, levels, n_weights, args)
     data = {
         "config": args.config,
         "n_images": args.n,
@@ -161,28 +162,42 @@ def main() -> None:
     print(f"\nwrote {out / 'gguf_plans.json'}; total {time.perf_counter() - t0:.0f} s", flush=True)
 
 
-def table(points: list[dict[str, Any]], n_weights: int, args: Any) -> list[dict[str, Any]]:
+def byte_levels(names: list[str], bench: ImageBench, wq: WeightQuant) -> dict[str, float]:
+    """The bytes of uniform Q4_0, Q4_1, Q5_0, Q5_1 and Q8_0 files, and the midpoints between neighbours (a model
+    whose convolutions stay F16 has more bits a weight than the types' own)."""
+    at = {t[5:].upper(): weight_bytes(BitPlan({n: t for n in names}), bench.infos, wq) for t in LADDER}
+    out: dict[str, float] = {}
+    keys = list(at)
+    for a, b in zip(keys, keys[1:]):
+        out[f"uniform {a}"] = at[a]
+        out[f"between {a} and {b}"] = (at[a] + at[b]) / 2
+    out[f"uniform {keys[-1]}"] = at[keys[-1]]
+    return out
+
+
+def table(points: list[dict[str, Any]], levels: dict[str, float], n_weights: int, args: Any) -> list[dict[str, Any]]:
     for p in points:
         p["mean_mse"] = float(np.mean(p["mse"]))
     mpq_pts = [dict(p, key=p["select_mse"]) for p in points if p["tool"] == "mpq"]
     file_pts = [p for p in points if p["tool"] == "file"]
     print(f"\n{args.config}, weight-only, {args.n} held-out prompts; bytes as a GGUF file stores the weights\n")
     print(
-        "| bits/weight | mpq plan (selection's pick) | mpq MSE | adh. | best uniform / hand rule (oracle) | MSE | "
-        "adh. | mpq / best (95% CI) |"
+        "| bytes of | bits/weight | mpq plan (selection's pick) | mpq MSE | adh. | best uniform / hand rule (oracle) | "
+        "MSE | adh. | mpq / best (95% CI) |"
     )
-    print("|---|---|---:|---:|---|---:|---:|---|")
+    print("|---|---:|---|---:|---:|---|---:|---:|---|")
     rows = []
-    for b in LEVELS:
-        limit = n_weights * b / 8
+    for level, limit in levels.items():
+        b = limit * 8 / n_weights
         m, s = best_at(mpq_pts, limit, "key"), best_at(file_pts, limit, "mean_mse")
         if m is None or s is None:
-            print(f"| {b:g} | {m and m['label']} | | | {s and s['label']} | | | no plan at these bytes |")
+            print(f"| {level} | {b:.2f} | {m and m['label']} | | | {s and s['label']} | | | no plan at these bytes |")
             continue
         r, lo, hi = paired_bootstrap_ratio(m["mse"], s["mse"])
         rows.append(
             {
-                "level": b,
+                "level": level,
+                "bits": b,
                 "mpq": m["label"],
                 "best": s["label"],
                 "ratio": [r, lo, hi],
@@ -193,7 +208,8 @@ def table(points: list[dict[str, Any]], n_weights: int, args: Any) -> list[dict[
             }
         )
         print(
-            f"| {b:g} | {m['label']} ({m['bytes'] * 8 / n_weights:.2f}) | {m['mean_mse']:.3g} | {m['adherence']:.0%} "
+            f"| {level} | {b:.2f} | {m['label']} ({m['bytes'] * 8 / n_weights:.2f}) | {m['mean_mse']:.3g} | "
+            f"{m['adherence']:.0%} "
             f"| {s['label']} ({s['bytes'] * 8 / n_weights:.2f}) | {s['mean_mse']:.3g} | {s['adherence']:.0%} | "
             f"{r:.2f} ({lo:.2f}-{hi:.2f}) |"
         )

@@ -8,10 +8,10 @@ CLIP-G text encoders and the VAE, each built by diffusers/transformers from SDXL
 two UNet files in the original layout with :mod:`mpq.export.gguf_format`: F16 (every weight of two or more
 dimensions) and a mixed plan (the hand rule "Q4_0, first/last blocks and in/out layers two types higher": Q4_0,
 Q5_0 and F16 convolutions). stable-diffusion.cpp (its own GGUF reader and ggml kernels; no mpq in that process)
-loads each with the text encoders and VAE, and draws the same prompt and seed at a small resolution: the
-mixed file's image against the F16 file's (MSE and max abs, [0, 1]), and the seconds of one sampling step,
-measured side by side in one process (a 1-step and a 3-step generation; their difference / 2). CPU times here,
-never a GPU projection. Writes ``sdcpp.json``.
+loads each, its tensors as written, with the text encoders and VAE in one checkpoint (see :func:`combined`), and
+draws the same prompt and seed at a small resolution: the mixed file's image against the F16 file's (MSE and max
+abs, [0, 1]), and the seconds of one sampling step, measured side by side in one process (a 1-step and a 3-step
+generation; their difference / 2). CPU times here, never a GPU projection. Writes ``sdcpp.json``.
 """
 
 from __future__ import annotations
@@ -46,9 +46,8 @@ import numpy as np
 from stable_diffusion_cpp import StableDiffusion
 files, side, threads = json.loads(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
 out = {}
-for label, unet in files["unets"].items():
-    sd = StableDiffusion(diffusion_model_path=unet, clip_l_path=files["clip_l"], clip_g_path=files["clip_g"],
-                         vae_path=files["vae"], n_threads=threads, verbose=False)
+for label, model in files["models"].items():
+    sd = StableDiffusion(model_path=model, n_threads=threads, verbose=bool(files.get("verbose")))
     times = {}
     for steps in (1, 3):
         t = time.perf_counter()
@@ -63,10 +62,15 @@ print(json.dumps(out))
 """
 
 
-def save_half(module: torch.nn.Module, path: Path) -> None:
+def save_half(module: torch.nn.Module, path: Path, text: bool = False) -> None:
+    """fp16 safetensors; ``text``: in Hugging Face CLIP's published names (``text_model.``, ``text_projection``),
+    whichever way this transformers version nests them."""
     from safetensors.torch import save_file
 
-    save_file({k: v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(path))
+    def name(k: str) -> str:
+        return k if not text or k.startswith(("text_model.", "text_projection")) else f"text_model.{k}"
+
+    save_file({name(k): v.detach().half().contiguous() for k, v in module.state_dict().items()}, str(path))
 
 
 def build_components(out: Path) -> dict[str, str]:
@@ -77,9 +81,9 @@ def build_components(out: Path) -> dict[str, str]:
     torch.manual_seed(0)
     files = {"clip_l": out / "clip_l.safetensors", "clip_g": out / "clip_g.safetensors", "vae": out / "vae.safetensors"}
     if not files["clip_l"].is_file():
-        save_half(CLIPTextModel(CLIPTextConfig(**CLIP_L)), files["clip_l"])
+        save_half(CLIPTextModel(CLIPTextConfig(**CLIP_L)), files["clip_l"], text=True)
     if not files["clip_g"].is_file():
-        save_half(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), files["clip_g"])
+        save_half(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G)), files["clip_g"], text=True)
     if not files["vae"].is_file():
         vae = AutoencoderKL(
             block_out_channels=(128, 256, 512, 512),
@@ -92,6 +96,34 @@ def build_components(out: Path) -> dict[str, str]:
         )
         save_half(vae, files["vae"])
     return {k: str(v) for k, v in files.items()}
+
+
+def combined(unet: Path, parts: dict[str, str], out: Path) -> Path:
+    """One checkpoint for stable-diffusion.cpp's ``-m``: mpq's UNet tensors exactly as its file holds them (same
+    names, types and bytes) and the text encoders and VAE under the names stable-diffusion.cpp maps for SDXL
+    (``cond_stage_model.transformer.``, ``cond_stage_model.1.transformer.``, ``vae.``). stable-diffusion.cpp tells
+    SDXL from SD1 by the second text encoder, which a UNet-only file lacks, so a UNet file alone is not enough."""
+    import gguf
+    from safetensors.torch import load_file
+
+    path = out / f"sdxl_{unet.stem}.gguf"
+    if path.is_file():
+        return path
+    writer = gguf.GGUFWriter(str(path), "sdxl", use_temp_file=True)
+    for t in gguf.GGUFReader(str(unet)).tensors:
+        if t.tensor_type in (gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.F32):
+            writer.add_tensor(t.name, np.asarray(t.data).reshape([int(d) for d in reversed(t.shape)]))
+        else:
+            writer.add_tensor(t.name, np.asarray(t.data), raw_dtype=t.tensor_type)
+    prefixes = {"clip_l": "cond_stage_model.transformer.", "clip_g": "cond_stage_model.1.transformer.", "vae": "vae."}
+    for part, prefix in prefixes.items():
+        for name, tensor in load_file(parts[part]).items():
+            writer.add_tensor(prefix + name, tensor.numpy())
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return path
 
 
 def write_unets(out: Path) -> tuple[dict[str, str], dict[str, object]]:
@@ -130,6 +162,7 @@ def main() -> None:
     ap.add_argument("--out", default="sdcpp_out")
     ap.add_argument("--side", type=int, default=256, help="image side in pixels")
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--verbose", action="store_true", help="stable-diffusion.cpp's own log")
     args = ap.parse_args()
     try:
         import stable_diffusion_cpp  # noqa: F401
@@ -138,8 +171,10 @@ def main() -> None:
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     unets, info = write_unets(out)
-    files = {**build_components(out), "unets": unets, "images": {k: str(out / f"image_{i}.npy") for i, k in
-                                                                 enumerate(unets)}}  # fmt: skip
+    parts = build_components(out)
+    models = {label: str(combined(Path(unet), parts, out)) for label, unet in unets.items()}
+    files = {"models": models, "images": {k: str(out / f"image_{i}.npy") for i, k in enumerate(unets)},
+             "verbose": args.verbose}  # fmt: skip
     res = subprocess.run(
         [sys.executable, "-c", _RUN, json.dumps(files), str(args.side), str(args.threads)],
         capture_output=True,

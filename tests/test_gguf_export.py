@@ -30,11 +30,12 @@ from conftest import runtime_draws_the_simulation
 
 
 def labelled(den: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Each parameter as a tensor whose rows carry its own numbers (parameter k, row r: 30000 k + r), expanded
-    over the other dimensions: any misplaced, reordered or unswapped row shows, and no memory is spent."""
+    """Each parameter as a tensor whose rows carry its own numbers (parameter k, row r: 30000 k + r, exact in
+    float64), expanded over the other dimensions: any misplaced, reordered or unswapped row shows, and no memory
+    is spent."""
     out = {}
     for k, (name, t) in enumerate(den.state_dict().items()):
-        rows = torch.arange(t.shape[0], dtype=torch.float32) + 30000.0 * k
+        rows = torch.arange(t.shape[0], dtype=torch.float64) + 30000.0 * k
         out[name] = rows.reshape(-1, *([1] * (t.dim() - 1))).expand(t.shape)
     return out
 
@@ -74,10 +75,32 @@ def test_diffusers_converter_gives_back_every_parameter_of_a_full_size_layout(co
         check_roundtrip(family, broken, params, den.config)
 
 
-def test_a_family_without_a_single_file_layout_is_one_line():
-    den = meta_denoiser(load_arch(load_config("tiny-pixart-random")))
-    with pytest.raises(MpqError, match="no original single-file layout"):
-        layout("pixart", list(den.state_dict()), den.config)
+def test_a_family_without_a_single_file_layout_is_one_line(tmp_path, capsys):
+    """PixArt: a `target: gguf` run is refused before its first stage: no GGUF runtime reads the file it would
+    plan for."""
+    from test_families import TINY_RUN
+
+    code = main(["run", "--config", "tiny-pixart-random", "--outdir", str(tmp_path / "r"), *TINY_RUN, "target=gguf",
+                 "sensitivity.layers=[]", "calib.num_samples=2"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code != 0 and "no original single-file layout" in err and "Traceback" not in err
+
+
+def test_the_search_ties_what_a_file_fuses():
+    """Flux: each double block's image and text qkv, each single block's q, k, v and MLP input (linear1); the UNet
+    fuses nothing; without GGUF candidates nothing is tied."""
+    from mpq.quant.structure import quantizable_modules
+    from mpq.search.build import file_ties
+
+    found = {}
+    for config, expected in (("tiny-flux-random", 2 + 2), ("tiny-sdxl", 0)):
+        cfg = load_config(config, ["target=gguf"])
+        names = list(quantizable_modules(meta_denoiser(load_arch(cfg))))
+        found[config] = file_ties(cfg, names)
+        assert len(found[config]) == expected, config
+        assert file_ties(load_config(config), names) == []
+    single = next(t for t in found["tiny-flux-random"] if "single" in t[0])
+    assert [n.rsplit(".", 1)[-1] for n in single] == ["to_q", "to_k", "to_v", "proj_mlp"]
 
 
 def test_tied_layers_take_one_choice_and_the_program_equals_brute_force():
@@ -162,7 +185,8 @@ def test_a_run_for_gguf_exports_the_plan_in_one_file_diffusers_loads_without_mpq
             continue
         fmt = resolve(plan.weight[f"model.{layers[0]}"])
         t = tensors[o.name]
-        assert rules[f"^{re.escape('model.diffusion_model.' + o.name)}$"] == t.tensor_type.name.lower()
+        matching = [r for r in rules if re.fullmatch(r, f"model.diffusion_model.{o.name}")]  # as sd.cpp matches
+        assert len(matching) == 1 and rules[matching[0]] == t.tensor_type.name.lower()
         if not fmt.stores(tuple(simulated[layers[0]].shape)):
             assert t.tensor_type.name == "F32"
             continue
@@ -197,15 +221,21 @@ def test_the_unet_file_draws_the_simulated_images_in_diffusers(tiny_run, tiny_cf
     out = tmp_path / "export"
     assert main(["export", "--base_path", str(tiny_run.root), "--out", str(out), "--format", "gguf",
                  "--weight-plan", str(plan_file)]) == 0, capsys.readouterr().err  # fmt: skip
-    assert "diffusers' single-file converter gives back every parameter" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "diffusers' single-file converter gives back every parameter" in printed
+    layers = int(re.search(r"\): (\d+) layers in their planned types", printed).group(1))
     diff, effect, quantized = runtime_draws_the_simulation(tiny_cfg, tiny_run, out, plan, tmp_path, "gguf")
     print(f"GGUF file in diffusers (tiny UNet) vs mpq simulation: max abs {diff:.3g}; simulation vs FP {effect:.3g}")
-    assert quantized > 0.5 * len(plan.weight) and diff < 0.1 * effect, (diff, effect)
+    assert quantized == layers > 0.5 * len(plan.weight) and diff < 0.1 * effect, (diff, effect)
 
 
-def test_a_plan_of_another_runtime_is_one_line(tiny_run, tmp_path, capsys):
+def test_a_plan_of_another_runtime_or_of_nothing_is_one_line(tiny_run, tmp_path, capsys):
+    from mpq.export.gguf_format import gguf_plan
+
     plan_file = write_plan(tmp_path / "plan.formats.yaml", {"model.conv_in": 4})
     code = main(["export", "--base_path", str(tiny_run.root), "--out", str(tmp_path / "o"), "--format", "gguf",
                  "--weight-plan", str(plan_file)])  # fmt: skip
     err = capsys.readouterr().err
-    assert code != 0 and "which a GGUF file does not store" in err and "Traceback" not in err
+    assert code != 0 and "which a GGUF file does not store" in err and "Traceback" not in err, err
+    with pytest.raises(MpqError, match="quantizes no weight"):
+        gguf_plan({})

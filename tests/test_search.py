@@ -340,8 +340,13 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
     for r in rows:  # every row, act rows with their FP (act-protected) layers too, satisfies the K it was solved for
         if r.feasible:
             assert abs(r.content_avg_bits - r.K * r.quality_avg_bits) <= band + 1e-4, r
-    assert len([r for r in rows if r.kind == "weight"]) == 3 * run.load_config().search.weight.k_num
-    assert len([r for r in rows if r.kind == "act"]) == 3 * 4
+    solved = [r for r in rows if r.status != "UNIFORM"]
+    assert len([r for r in solved if r.kind == "weight"]) == 3 * run.load_config().search.weight.k_num
+    assert len([r for r in solved if r.kind == "act"]) == 3 * 4
+    for kind in ("weight", "act"):  # and every uniform plan of the bits both groups allow (4 and 8)
+        uniform = [read_plan(run.root / "candidates" / kind / r.plan_file) for r in rows if r.status == "UNIFORM"
+                   and r.kind == kind]  # fmt: skip
+        assert sorted(b for p in uniform for b in set(p.values())) == [4, 8] and all(len(p) > 1 for p in uniform)
     for kind in ("weight", "act"):
         files = {r.plan_file for r in rows if r.kind == kind and r.plan_file}
         on_disk = {p.name for p in (run.root / "candidates" / kind).glob("*.yaml")}
@@ -349,7 +354,7 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
         plans = [tuple(sorted(read_plan(run.root / "candidates" / kind / f).items())) for f in on_disk]
         assert len(plans) == len(set(plans))
         assert any(r.pareto for r in rows if r.kind == kind)
-        assert all(r.status == "OPTIMAL" for r in rows if r.kind == kind and r.plan_file)
+        assert all(r.status in ("OPTIMAL", "UNIFORM") for r in rows if r.kind == kind and r.plan_file)
     assert not (run.root / "report").exists()  # plots belong to the report stage
     protect = __import__("torch").load(run.root / "candidates" / "act_protect.pt")
     n_content = sum(i.group == CONTENT for i in infos)

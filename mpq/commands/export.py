@@ -75,11 +75,14 @@ def _print_gguf(info: dict) -> None:
         f'"$(cat {out}/tensor_type_rules.txt)"'
     )
     absent = "".join(f", {name}=None" for name in info["absent"])
-    print(
-        f"  diffusers (no mpq): {comp} = <{info['cls']}>.from_single_file('{out}/{file}', config='{out}', "
-        f"subfolder='{comp}', quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float16)); "
-        f"DiffusionPipeline.from_pretrained('{out}', {comp}={comp}{absent})"
-    )
+    if info["not_in_diffusers"]:
+        print(f"  diffusers cannot load it: its GGUF loader does not read {', '.join(info['not_in_diffusers'])}")
+    else:
+        print(
+            f"  diffusers (no mpq): {comp} = {info['cls']}.from_single_file('{out}/{file}', config='{out}', "
+            f"subfolder='{comp}', quantization_config=GGUFQuantizationConfig(compute_dtype=torch.float16)); "
+            f"DiffusionPipeline.from_pretrained('{out}', {comp}={comp}{absent})"
+        )
     if info["kept_fp"]:
         print(
             f"  {len(info['kept_fp'])} planned layers stay floating point, as simulated and priced: their rows are "

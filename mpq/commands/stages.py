@@ -182,6 +182,10 @@ def run_through(
             f"sensitivity.layers={list(ctx.cfg.sensitivity.layers)} restricts sensitivity to a subset, but the search "
             f"needs every layer: set sensitivity.layers=[] (a subset is for `mpq sensitivity` alone)"
         )
+    if "search" in needed:
+        from mpq.search.build import check_target_family
+
+        check_target_family(ctx.cfg)  # a target no plan of this family can be exported for
     result = None
     d = distributed.current()  # ranks other than 0 print to /dev/null (the CLI sets that up)
     with ctx.run.lock(command or f"mpq {name}"):

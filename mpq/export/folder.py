@@ -61,7 +61,7 @@ def export_source(folder: Path) -> dict[str, Any] | None:
 
 def export_kind(fmt: str) -> OutputKind:
     """What a ``fmt`` export leaves in its folder: the marker, a pipeline's files (its index and component
-    folders), torchao's config and tables, encodings files."""
+    folders), torchao's config and tables, encodings files, a GGUF file and its tensor-type rules."""
     return OutputKind(
         f"mpq {fmt} export",
         (
@@ -72,6 +72,8 @@ def export_kind(fmt: str) -> OutputKind:
             "torchao_layers.csv",
             "torchao_summary.json",
             "*.encodings",
+            "*.gguf",
+            "tensor_type_rules.txt",
         ),
         lambda f: export_format(f) == fmt,
     )

@@ -20,6 +20,7 @@ quantization_config=GGUFQuantizationConfig(...))``; ``tensor_type_rules.txt`` is
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from pathlib import Path
@@ -29,28 +30,20 @@ import numpy as np
 import torch
 
 from mpq.errors import MpqError
-from mpq.export.gguf_layout import ARCHITECTURES, UNET_PREFIX, Original, check_roundtrip, layout
+from mpq.export.gguf_layout import UNET_PREFIX, Original, architecture, check_roundtrip, layout
+from mpq.export.runtime import cast_others, runtime_plan
 from mpq.plan import BitPlan
-from mpq.quant.formats import Key, resolve
+from mpq.quant.formats import Key
 from mpq.quant.formats.gguf import GgufFormat, gguf_quants
-from mpq.quant.structure import PREFIX
 
-# types the runtimes that read these files all dequantize (diffusers' GGUF loader: Q4_0..Q8_0, K-quants, IQ4)
+# the written types diffusers' GGUF loader dequantizes (it also reads K-quants and IQ4, which gguf cannot write)
 DIFFUSERS_TYPES = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0")
+FLOAT = ("f16", "f32")
 
 
 def gguf_plan(plan: Mapping[str, Key]) -> dict[str, GgufFormat]:
     """{module path: format} of a weight plan; a one-line error for a format a GGUF file does not store."""
-    out: dict[str, GgufFormat] = {}
-    for name, key in plan.items():
-        fmt = resolve(key)
-        if not isinstance(fmt, GgufFormat):
-            raise MpqError(
-                f"layer '{name}' is planned at {key}, which a GGUF file does not store: `--format gguf` exports plans "
-                "of gguf-<type> candidates (quant.weight_formats, or target: gguf); export this plan with --format mpq"
-            )
-        out[name[len(PREFIX) :] if name.startswith(PREFIX) else name] = fmt
-    return out
+    return runtime_plan(plan, GgufFormat, "a GGUF file", "gguf", "gguf-<type>")
 
 
 def tensor_types(
@@ -60,14 +53,14 @@ def tensor_types(
     types: dict[str, str] = {}
     for o in originals:
         paths = [p[: -len(".weight")] for p in o.parts if p.endswith(".weight")]
-        planned = {layers[p].name for p in paths if p in layers}
-        shape = tuple(o.tensor(params).shape) if len(o.parts) > 1 else tuple(params[o.parts[0]].shape)
-        if planned and (len(planned) > 1 or len([p for p in paths if p in layers]) != len(paths)):
+        given = [layers[p].name if p in layers else "FP" for p in paths]
+        shape = o.shape(params)
+        if len(set(given)) > 1:
             raise MpqError(
-                f"layers {', '.join(paths)} are one tensor ({o.name}) in the file, planned at "
-                f"{sorted(planned | ({'FP'} if len(planned) < len(paths) else set()))}: a GGUF file stores it in one "
-                "type; plan them alike (a search with GGUF candidates does)"
+                f"layers {', '.join(paths)} are one tensor ({o.name}) in the file, planned at {', '.join(given)}: a "
+                "GGUF file stores it in one type; plan them alike (a search with GGUF candidates does)"
             )
+        planned = given and given[0] != "FP"
         if planned and layers[paths[0]].stores(shape):
             types[o.name] = layers[paths[0]].qtype
         else:
@@ -98,7 +91,7 @@ def write_gguf(
     import gguf
 
     quants, ggml = gguf_quants()
-    writer = gguf.GGUFWriter(str(path), arch)
+    writer = gguf.GGUFWriter(str(path), arch, use_temp_file=True)  # tensors spill to disk, not all in memory
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     for key, value in metadata.items():
         if isinstance(value, str):
@@ -146,8 +139,8 @@ def export_gguf(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype, fp
     originals = layout(family, list(params), den.config)
     verified = _verify(family, originals, params, den.config)
     types = tensor_types(originals, params, layers, "f16" if fp_bytes == 2 else "f32")
-    quantized = {o.name: GgufFormat(types[o.name]) for o in originals if types[o.name] not in ("f16", "f32")}
-    numel = {n: o.tensor(params).numel() for o in originals for n in [o.name] if n in quantized}
+    quantized = {o.name: GgufFormat(types[o.name]) for o in originals if types[o.name] not in FLOAT}
+    numel = {o.name: math.prod(o.shape(params)) for o in originals if o.name in quantized}
     code_bytes = sum(numel[n] // f.block[0] * f.block[1] for n, f in quantized.items())
     avg_bits = 8.0 * code_bytes / max(sum(numel.values()), 1)
     name = file_name(str(cfg.model.id), avg_bits)
@@ -159,12 +152,10 @@ def export_gguf(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype, fp
         "mpq.family": family,
         "mpq.component": component,
     }
-    stored = write_gguf(folder / name, originals, params, types, meta, ARCHITECTURES[family])
-    rules = tensor_type_rules(types, {o.name for o in originals if params[o.parts[0]].dim() >= 2})
+    stored = write_gguf(folder / name, originals, params, types, meta, architecture(family, den.config))
+    rules = tensor_type_rules(types, {o.name for o in originals if len(o.shape(params)) >= 2})
     (folder / "tensor_type_rules.txt").write_text(rules + "\n")
-    for comp, module in pipe.components.items():
-        if comp != component and isinstance(module, torch.nn.Module):
-            module.to(fp_dtype)
+    cast_others(pipe, component, fp_dtype)
     setattr(pipe, component, None)  # the denoiser is the .gguf file; its config.json stays for from_single_file
     pipe.save_pretrained(folder)
     index = json.loads((folder / "model_index.json").read_text())
@@ -172,8 +163,9 @@ def export_gguf(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype, fp
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / component).mkdir(exist_ok=True)
     den.save_config(folder / component)
-    kept_fp = sorted(p for p in layers if types[_original_of(originals, p)] in ("f16", "f32"))
-    holding = {_original_of(originals, p) for p in layers}  # the tensors that hold the planned weights
+    holder = {p[: -len(".weight")]: o.name for o in originals for p in o.parts if p.endswith(".weight")}
+    kept_fp = sorted(p for p in layers if types[holder[p]] in FLOAT)
+    holding = {holder[p] for p in layers}  # the tensors that hold the planned weights
     return {
         "file": name,
         "file_bytes": (folder / name).stat().st_size,
@@ -189,11 +181,8 @@ def export_gguf(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype, fp
         "rules": rules,
         "family": family,
         "cls": type(den).__name__,
+        "not_in_diffusers": sorted({t for t in types.values() if t not in FLOAT and t not in DIFFUSERS_TYPES}),
     }
-
-
-def _original_of(originals: list[Original], path: str) -> str:
-    return next(o.name for o in originals if f"{path}.weight" in o.parts)
 
 
 def _verify(family: str, originals: list[Original], params: Mapping[str, torch.Tensor], config: Any) -> str:

@@ -34,6 +34,10 @@ class Original:
     parts: tuple[str, ...]
     swap: bool = False
 
+    def shape(self, params: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
+        first = tuple(params[self.parts[0]].shape)
+        return (sum(int(params[p].shape[0]) for p in self.parts), *first[1:])
+
     def tensor(self, params: Mapping[str, torch.Tensor]) -> torch.Tensor:
         t = torch.cat([params[p] for p in self.parts]) if len(self.parts) > 1 else params[self.parts[0]]
         return swapped(t) if self.swap else t
@@ -241,8 +245,13 @@ LAYOUTS: dict[str, Callable[[Sequence[str], Mapping[str, Any]], list[Original]]]
     "sd3": sd3_layout,
     "flux": flux_layout,
 }
-# GGUF's general.architecture as ComfyUI-GGUF names these families
-ARCHITECTURES = {"unet": "sdxl", "sd3": "sd3", "flux": "flux"}
+
+
+def architecture(family: str, config: Mapping[str, Any]) -> str:
+    """GGUF's ``general.architecture`` as ComfyUI-GGUF names the model (``sdxl``, ``sd1``, ``sd3``, ``flux``)."""
+    if family == "unet":
+        return "sdxl" if config.get("addition_embed_type") == "text_time" else "sd1"
+    return family
 
 
 def layout(family: str, keys: Sequence[str], config: Mapping[str, Any]) -> list[Original]:

@@ -23,26 +23,17 @@ import torch
 from torch import nn
 
 from mpq.errors import MpqError
+from mpq.export.runtime import cast_others, runtime_plan
 from mpq.models import denoiser_name, denoiser_of
 from mpq.plan import BitPlan
-from mpq.quant.formats import Key, resolve
+from mpq.quant.formats import Key
 from mpq.quant.formats.sdnq import INSTALL, SdnqFormat, sdnq_module
-from mpq.quant.structure import PREFIX
 
 
 def sdnq_plan(plan: Mapping[str, Key]) -> dict[str, SdnqFormat]:
     """{module path: format} of a weight plan (layer names as mpq writes them); a one-line error for a planned
     format SDNQ does not store. (A layer whose shape its dtype cannot hold stays FP: see :func:`quantize_denoiser`.)"""
-    out: dict[str, SdnqFormat] = {}
-    for name, key in plan.items():
-        fmt = resolve(key)
-        if not isinstance(fmt, SdnqFormat):
-            raise MpqError(
-                f"layer '{name}' is planned at {key}, which SDNQ does not store: `--format sdnq` exports plans of "
-                "sdnq-<dtype> candidates (quant.weight_formats); export this plan with `--format mpq`"
-            )
-        out[name[len(PREFIX) :] if name.startswith(PREFIX) else name] = fmt
-    return out
+    return runtime_plan(plan, SdnqFormat, "SDNQ", "sdnq", "sdnq-<dtype>")
 
 
 def sdnq_kwargs(denoiser: nn.Module, layers: Mapping[str, SdnqFormat]) -> dict[str, Any]:
@@ -96,8 +87,6 @@ def export_sdnq(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype) ->
     from mpq.models.loader import absent_components
 
     layers = sdnq_plan(plan.weight)
-    if not layers:
-        raise MpqError("the plan quantizes no weight: nothing for SDNQ to store (export it with `--format mpq`)")
     sdnq_module()  # one line naming the install command when it is missing
     try:
         from sdnq.loader import save_sdnq_model
@@ -109,9 +98,7 @@ def export_sdnq(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype) ->
     component = denoiser_name(pipe.components)
     den, kept_fp = quantize_denoiser(denoiser_of(pipe), layers, fp_dtype)
     setattr(pipe, component, den)
-    for name, module in pipe.components.items():
-        if name != component and isinstance(module, nn.Module):
-            module.to(fp_dtype)
+    cast_others(pipe, component, fp_dtype)
     save_sdnq_model(pipe, str(folder), is_pipeline=True)
     return {
         "denoiser_bytes": sum(p.stat().st_size for p in (folder / component).glob("*.safetensors")),

@@ -179,6 +179,9 @@ class SearchConfig:
     sweep_density: float = 0.25
     sweep_steps: int = 10
     sweep_span: float = 0.3
+    # mpq mode: every uniform plan (each candidate on every layer both groups allow it on) joins the candidates
+    # selection compares by images: the program's summed scores can miss the plan a user would pick by hand
+    uniform: bool = True
     scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
     fp_bytes: int | None = (
         None  # bytes per element of a layer kept in floating point; null: the model dtype's (fp32 4, fp16/bf16 2)

@@ -66,10 +66,11 @@ def build_problem(
     allowed: Mapping[str, Sequence[Key]],
     protect: Sequence[str] = (),
     hint: str = "",
+    ties: Sequence[tuple[str, ...]] = (),
 ) -> Problem:
     """The ``kind`` (weight|act) problem: one entry per layer, protected layers FP with fixed bytes. ``hint`` ends
     the error for a layer missing from a sensitivity file."""
-    names, groups, sizes, bits, scores, nbytes = [], [], [], [], [], []
+    names, groups, sizes, bits, scores, nbytes, fp = [], [], [], [], [], [], []
     fixed = 0.0
     protected = set(protect)
     for e in entries:
@@ -83,6 +84,7 @@ def build_problem(
         names.append(e.name)
         groups.append(e.group)
         sizes.append(e.size)
+        fp.append(e.price(None))
         if e.name in protected:
             bits.append([]), scores.append([]), nbytes.append([])
             fixed += e.price(None)
@@ -91,7 +93,8 @@ def build_problem(
         bits.append(ok)
         scores.append(_finite([table[e.name][list(cand_bits).index(b)] for b in ok]))
         nbytes.append([e.price(b) for b in ok])
-    return Problem(names, groups, np.asarray(sizes, dtype=np.float64), bits, scores, nbytes, fixed, kind)
+    sizes_ = np.asarray(sizes, dtype=np.float64)
+    return Problem(names, groups, sizes_, bits, scores, nbytes, fixed, kind, list(ties), fp)
 
 
 def act_protect_list(
@@ -165,7 +168,8 @@ def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tu
     protect = (
         act_protect_list(entries, ssim, sqnr, cand, s.act_protect_percent, s.act_protect_bit) if kind == "act" else []
     )
-    problem = build_problem(
+    ties = file_ties(cfg, [e.name for e in entries]) if kind == "weight" else []
+    return build_problem(
         kind,
         entries,
         ssim,
@@ -174,27 +178,46 @@ def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tu
         every_candidate(cand, allowed_bits(s[kind])) if every_bit else allowed_bits(s[kind]),
         protect,
         f"delete it and re-run `mpq sensitivity --force --base_path {run.root}`",
-    )
-    if kind == "weight" and any(resolve(b).runtime == "gguf" for b in cand):
-        problem.ties = file_ties(cfg, problem.names)
-        problem.__post_init__()  # the tied layers' candidate lists agree
-    return problem, protect
+        ties,
+    ), protect
+
+
+def check_target_family(cfg: Any, family: str | None = None) -> None:
+    """A ``target: gguf`` run of a family no GGUF runtime reads (PixArt) is refused in one line; ``family`` None:
+    looked up offline, and left to the search when the architecture is not known offline (a hub id)."""
+    from mpq.export.gguf_layout import LAYOUTS, layout
+    from mpq.models.loader import arch_family, load_arch
+
+    if cfg.target != "gguf":
+        return
+    if family is None:
+        try:
+            family = arch_family(load_arch(cfg)).name
+        except MpqError:
+            return
+    if family not in LAYOUTS:
+        layout(family, [], {})  # its one-line refusal
 
 
 def file_ties(cfg: Any, names: Sequence[str]) -> list[tuple[str, ...]]:
-    """Layers a GGUF file stores as one tensor (SD3's and Flux's fused qkv, ...), as the problem names them: the
-    search gives each such set one type. None for a family without a single-file layout (its export refuses)."""
+    """Layers a GGUF file stores as one tensor (SD3's and Flux's fused qkv, Flux's linear1), as the problem names
+    them, when the weight candidates include GGUF types: the search gives each such set one type. None for the
+    UNet (its original layout fuses nothing); a ``target: gguf`` run of a family GGUF runtimes do not read (PixArt)
+    is refused here, before the search."""
     from mpq.export.gguf_layout import LAYOUTS, fused_layers, layout
     from mpq.models.loader import arch_family, load_arch, meta_denoiser
 
+    if not any(resolve(b).runtime == "gguf" for b in candidates_of(cfg, "weight")):
+        return []
     arch = load_arch(cfg)
     family = arch_family(arch).name
-    if family not in LAYOUTS:
+    check_target_family(cfg, family)
+    if family not in LAYOUTS or family == "unet":
         return []
     den = meta_denoiser(arch)
+    fused = fused_layers(layout(family, list(den.state_dict()), den.config))
     known = set(names)
-    ties = [tuple(PREFIX + p for p in tie) for tie in fused_layers(layout(family, list(den.state_dict()), den.config))]
-    return [tie for tie in ties if all(n in known for n in tie)]
+    return [tuple(PREFIX + p for p in tie) for tie in fused if all(PREFIX + p in known for p in tie)]
 
 
 def ratio_entries(path: str | Path, ssim: Mapping[str, list[float]], sqnr: Mapping[str, list[float]]) -> list[Entry]:
@@ -253,8 +276,9 @@ def budget_for_avg(problem: Problem, avg_bits: float) -> float:
     total = problem.fixed_bytes
     for i in range(len(problem.names)):
         bits, nbytes, size = problem.bits[i], problem.bytes[i], problem.sizes[i]
-        if len(bits) > 1 and len(set(nbytes)) == 1:  # every candidate keeps it FP (GGUF: rows not whole blocks, convs)
-            total += nbytes[0]
+        fp = problem.fp_prices[i] if problem.fp_prices else math.nan
+        if bits and all(b == fp for b in nbytes):  # every candidate keeps it FP (GGUF: rows not whole blocks, convs)
+            total += fp
         elif bits:
             # the candidate storing the fewest parameter bytes (the first of equals: MixDQ's fewest bits); its
             # overhead includes its codes' rounding to whole bytes, so that a plan of it alone fills the budget

@@ -50,6 +50,7 @@ class Problem:
     fixed_bytes: float = 0.0  # bytes of layers that stay FP
     kind: str = "weight"  # weight | act (what its budgets in average bits count: see build.budget_for_avg)
     ties: list[tuple[str, ...]] = field(default_factory=list)  # layers that take one choice (one tensor in a file)
+    fp_prices: list[float] = field(default_factory=list)  # bytes of each layer kept FP (a candidate may keep it so)
 
     def __post_init__(self) -> None:
         for i, name in enumerate(self.names):
@@ -63,7 +64,7 @@ class Problem:
         for tie in self.ties:
             unknown = [n for n in tie if n not in index]
             if unknown:
-                raise ValueError(f"tied layer {unknown[0]} is not a layer of the problem")
+                raise MpqError(f"tied layer {unknown[0]} is not a layer of the problem")
             if len({tuple(self.bits[index[n]]) for n in tie}) > 1:
                 raise MpqError(
                     f"layers {', '.join(tie)} are one tensor in the exported file and must take one choice, but "

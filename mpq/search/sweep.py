@@ -127,8 +127,47 @@ def run_sweep(
                 plans[written[key]] = sol.plan
             row.plan_file = written[key]
         rows.append(row)
+    if s.uniform and mode == "mpq":  # reference mode keeps MixDQ's family as it was
+        for row, plan in uniform_rows(base, kind, mode):
+            key = plan_key(plan)
+            if key not in written:
+                written[key] = plan_file_name(f"{kind}_uniform_{plan_label(plan)}", plan)
+                plans[written[key]] = plan
+            row.plan_file = written[key]
+            rows.append(row)
     mark_pareto(rows)
     return rows, plans
+
+
+def plan_label(plan: Mapping[str, Any]) -> str:
+    return str(next(iter(plan.values()))).replace("/", "-")
+
+
+def uniform_rows(problem: Problem, kind: str, mode: str) -> list[tuple[Candidate, dict[str, Any]]]:
+    """Every uniform plan of the family: each candidate every layer the program chooses for may take, on all of
+    them (the plan a user picks by hand; the program's summed scores can miss it, and selection then compares it
+    by images like any other)."""
+    from mpq.search.program import describe
+
+    layers = [i for i in range(len(problem.names)) if problem.bits[i]]
+    common = [b for b in problem.bits[layers[0]] if all(b in problem.bits[i] for i in layers)] if layers else []
+    out = []
+    for b in common:
+        plan = {problem.names[i]: b for i in layers}
+        details = describe(problem, plan)
+        content, quality = details.get("content_avg_bits"), details.get("quality_avg_bits")
+        row = Candidate(
+            kind,
+            mode,
+            round(details["avg_bits"], 4),
+            content / quality if content and quality else math.inf,  # the K it has
+            details["bytes"],
+            "UNIFORM",
+            0.0,
+            **{key: float(v) for key, v in details.items() if key in Candidate.__dataclass_fields__},
+        )
+        out.append((row, plan))
+    return out
 
 
 def write_sweep(folder: Path, plans: Mapping[str, Mapping[str, int]], prune: bool = False) -> None:
@@ -188,7 +227,7 @@ def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool =
         )
         targets, ks = sweep_grid(s, kind, problem=problem, below=below)
         kind_rows, found[kind] = run_sweep(problem, kind, s.mode, targets, ks, s, show, below)
-        if not found[kind]:
+        if not any(r.feasible and r.status != "UNIFORM" for r in kind_rows):  # the uniform plans alone: not a sweep
             raise infeasible_sweep(problem, kind, cfg.search.mode, targets, ks)
         rows += kind_rows
     if "act" in kinds:
