@@ -98,6 +98,36 @@ def build_components(out: Path) -> dict[str, str]:
     return {k: str(v) for k, v in files.items()}
 
 
+MIXED = "mixed (Q4_0, edges Q5_0)"
+
+
+def rules_check(out: Path, f16: Path, mixed: Path) -> dict[str, object]:
+    """stable-diffusion.cpp's own converter, given the F16 file and the mixed file's ``--tensor-type-rules`` (as
+    ``mpq export`` writes them): which tensors come out in the mixed file's types, and which it keeps (its
+    converter never converts biases, embeddings and the time/label embeddings, whatever the rules)."""
+    import gguf
+    import stable_diffusion_cpp as sdcpp
+
+    from mpq.export.gguf_format import tensor_type_rules
+
+    mine = {t.name: t for t in gguf.GGUFReader(str(mixed)).tensors}
+    rules = tensor_type_rules({n: t.tensor_type.name.lower() for n, t in mine.items()},
+                              {n for n, t in mine.items() if len(t.shape) >= 2})  # fmt: skip
+    path = out / "unet_by_sdcpp_rules.gguf"
+    t = time.perf_counter()
+    if not sdcpp.convert(str(f16).encode(), b"", str(path).encode(), 1, rules.encode(), False):  # 1: F16 default
+        raise SystemExit("stable-diffusion.cpp's convert failed")
+    seconds = time.perf_counter() - t
+    theirs = {t.name: t for t in gguf.GGUFReader(str(path)).tensors}
+    differ = sorted(n for n in mine if theirs[n].tensor_type != mine[n].tensor_type)
+    return {
+        "tensors": len(mine),
+        "same_type": len(mine) - len(differ),
+        "kept_by_sdcpp": {n: [mine[n].tensor_type.name, theirs[n].tensor_type.name] for n in differ},
+        "convert_s": seconds,
+    }
+
+
 def combined(unet: Path, parts: dict[str, str], out: Path) -> Path:
     """One checkpoint for stable-diffusion.cpp's ``-m``: mpq's UNet tensors exactly as its file holds them (same
     names, types and bytes) and the text encoders and VAE under the names stable-diffusion.cpp maps for SDXL
@@ -143,7 +173,7 @@ def write_unets(out: Path) -> tuple[dict[str, str], dict[str, object]]:
     names = list(quantizable_modules(meta_denoiser(arch)))
     plan = {n[len(PREFIX) :]: resolve(k) for n, k in hand_rule(names, "gguf-q4_0", 2).items()}
     files, info = {}, {}
-    for label, layers in (("F16", {}), ("mixed (Q4_0, edges Q5_0)", plan)):
+    for label, layers in (("F16", {}), (MIXED, plan)):
         types = tensor_types(originals, params, layers, "f16")
         path = out / ("unet_f16.gguf" if not layers else "unet_mixed.gguf")
         if not path.is_file():
@@ -175,6 +205,7 @@ def main() -> None:
     models = {label: str(combined(Path(unet), parts, out)) for label, unet in unets.items()}
     files = {"models": models, "images": {k: str(out / f"image_{i}.npy") for i, k in enumerate(unets)},
              "verbose": args.verbose}  # fmt: skip
+    converted = rules_check(out, Path(unets["F16"]), Path(unets[MIXED]))
     res = subprocess.run(
         [sys.executable, "-c", _RUN, json.dumps(files), str(args.side), str(args.threads)],
         capture_output=True,
@@ -188,6 +219,7 @@ def main() -> None:
     result = {
         "files": info,
         "timing_cpu_s": timing,
+        "tensor_type_rules": converted,
         "mixed_vs_f16": {"mse": float(np.mean((mixed - f16) ** 2)), "max_abs": float(np.abs(mixed - f16).max())},
         "side": args.side,
         "threads": args.threads,

@@ -70,13 +70,16 @@ def tensor_types(
 
 def tensor_type_rules(types: Mapping[str, str], matrices: set[str]) -> str:
     """stable-diffusion.cpp's ``--tensor-type-rules``: one exact rule a weight of two or more dimensions
-    (``matrices``), in its ``model.diffusion_model.`` name (the first rule that matches a tensor gives its type)."""
+    (``matrices``), in its ``model.diffusion_model.`` name, then every other tensor of the denoiser F32 (the first
+    rule that matches a tensor gives its type; the text encoders and VAE keep the command's ``--type``).
+    stable-diffusion.cpp's converter itself never converts some tensors, whatever the rules (biases, embeddings,
+    the time/label embeddings, Flux's and SD3's input and output layers): those keep the source's type there."""
     rules = []
     for name, qtype in types.items():
         if name in matrices:
             full = name if name.startswith(UNET_PREFIX) else UNET_PREFIX + name
             rules.append(f"^{re.escape(full)}$={qtype}")
-    return ",".join(rules)
+    return ",".join([*rules, f"^{re.escape(UNET_PREFIX)}=f32"])
 
 
 def write_gguf(
