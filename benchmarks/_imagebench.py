@@ -111,3 +111,66 @@ class ImageBench:
 def weight_bytes(plan: BitPlan, infos: list[Any], wq: WeightQuant) -> float:
     """mpq's bytes of a weight plan: packed integers + every scale/offset at 2 bytes, FP layers at 2 bytes."""
     return CostModel(2, 2, wq).plan_cost(plan, infos).weight_bytes
+
+
+def adherence(bench: ImageBench, images: np.ndarray) -> float:
+    """Prompt adherence of ``images`` (the embedded judge), as a fraction."""
+    from mpq.report.evaluate import score_images
+
+    adh = score_images(images, bench.refs, bench.prompts).get("adherence")
+    return float(adh["all"]) if adh else float("nan")
+
+
+def mpq_points(
+    bench: ImageBench, config: str, overrides: list[str], limits: list[float], wq: WeightQuant, t0: float
+) -> tuple[list[dict[str, Any]], RunDir]:
+    """mpq's weight stages (calib .. select) with ``overrides`` in a temp run; at each byte limit the candidate its
+    selection ranks best on the calibration prompts (chosen without the evaluation images), scored on them."""
+    import time
+
+    from mpq.plan import read_plan
+    from mpq.selection import read_scores
+
+    run = RunDir(Path(tempfile.mkdtemp()) / "run")
+    for stage in ("calib", "ptq", "sensitivity", "search", "select"):
+        assert mpq_main([stage, "--config", config, "--outdir", str(run.root), *overrides]) == 0, stage
+    print(f"mpq run: {time.perf_counter() - t0:.0f} s", flush=True)
+    scores = read_scores(run.scores("weight"))  # selection's own MSE (calibration prompts)
+    picked: dict[str, float] = {}
+    for limit in limits:
+        fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
+        if fit:
+            best = min(fit, key=lambda s: s.mse)
+            picked[best.plan_file] = best.mse
+    points = []
+    for f, select_mse in picked.items():
+        plan = BitPlan(read_plan(run.candidates / "weight" / f))
+        bench.qm.apply(plan)
+        try:
+            images = bench.images()
+        finally:
+            bench.qm.set_fp()
+        points.append(
+            {
+                "tool": "mpq",
+                "label": f,
+                "bytes": weight_bytes(plan, bench.infos, wq),
+                "select_mse": select_mse,
+                "mse": image_mse(images, bench.refs),
+                "adherence": adherence(bench, images),
+            }
+        )
+    print(f"mpq: {len(scores)} candidates, {len(picked)} picked ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return points, run
+
+
+def runtime_parser(doc: str, out: str) -> Any:
+    """The options of the benchmarks that set mpq's plan against a runtime's own files (SDNQ, GGUF)."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="tiny-sdxl")
+    ap.add_argument("--n", type=int, default=32, help="held-out prompts (one seed each)")
+    ap.add_argument("--out", default=out)
+    ap.add_argument("--mpq", nargs="*", default=[], help="extra config overrides for the mpq run")
+    return ap

@@ -25,12 +25,10 @@ paired-bootstrap 95% interval over images; prompt adherence (the embedded judge)
 
 from __future__ import annotations
 
-import argparse
 import json
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -39,17 +37,13 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _imagebench import ImageBench, weight_bytes  # noqa: E402
+from _imagebench import ImageBench, adherence, mpq_points, runtime_parser, weight_bytes  # noqa: E402
 from bench_peers import best_at  # noqa: E402
-from bench_sdnq_plans import adherence  # noqa: E402
 
-from mpq.commands.main import main as mpq_main  # noqa: E402
 from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
-from mpq.plan import BitPlan, read_plan  # noqa: E402
+from mpq.plan import BitPlan  # noqa: E402
 from mpq.quant.formats.gguf import TYPES  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
-from mpq.runner.rundir import RunDir  # noqa: E402
-from mpq.selection import read_scores  # noqa: E402
 
 UNIFORM = [f"gguf-{t}" for t in TYPES]
 LADDER = ["gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0"]
@@ -90,12 +84,7 @@ def measure(bench: ImageBench, plan: BitPlan) -> tuple[np.ndarray, np.ndarray]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny-sdxl")
-    ap.add_argument("--n", type=int, default=32, help="held-out prompts (one seed each)")
-    ap.add_argument("--out", default="gguf_out")
-    ap.add_argument("--mpq", nargs="*", default=[], help="extra config overrides for the mpq run")
-    args = ap.parse_args()
+    args = runtime_parser(__doc__, "gguf_out").parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -104,36 +93,11 @@ def main() -> None:
     wq = WeightQuant()
     points: list[dict[str, Any]] = []
 
-    tmp = Path(tempfile.mkdtemp())
-    run = RunDir(tmp / "run")
     overrides = ["target=gguf", "search.fp_bytes=2", *args.mpq]
-    for stage in ("calib", "ptq", "sensitivity", "search", "select"):
-        assert mpq_main([stage, "--config", args.config, "--outdir", str(run.root), *overrides]) == 0, stage
-    print(f"mpq run: {time.perf_counter() - t0:.0f} s", flush=True)
-    scores = read_scores(run.scores("weight"))  # selection's own MSE (calibration prompts)
+    levels = byte_levels(list(bench.names), bench, wq)
+    mpq, run = mpq_points(bench, args.config, overrides, list(levels.values()), wq, t0)
+    points += mpq
     names = list(bench.names)
-    levels = byte_levels(names, bench, wq)
-    picked: dict[str, float] = {}
-    for limit in levels.values():
-        fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
-        if fit:
-            best = min(fit, key=lambda s: s.mse)
-            picked[best.plan_file] = best.mse
-    for f, select_mse in picked.items():
-        plan = BitPlan(read_plan(run.candidates / "weight" / f))
-        images, mse = measure(bench, plan)
-        points.append(
-            {
-                "tool": "mpq",
-                "label": f,
-                "bytes": weight_bytes(plan, bench.infos, wq),
-                "select_mse": select_mse,
-                "mse": mse,
-                "adherence": adherence(bench, images),
-            }
-        )
-    print(f"mpq: {len(scores)} candidates, {len(picked)} picked ({time.perf_counter() - t0:.0f} s)", flush=True)
-
     files = {f"uniform {t[5:].upper()}": {n: t for n in names} for t in UNIFORM}
     for base in LADDER[:-1]:
         for up in (1, 2):
@@ -158,7 +122,7 @@ def main() -> None:
         "levels": rows,
     }
     (out / "gguf_plans.json").write_text(json.dumps(data, indent=1))
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(run.root.parent, ignore_errors=True)
     print(f"\nwrote {out / 'gguf_plans.json'}; total {time.perf_counter() - t0:.0f} s", flush=True)
 
 

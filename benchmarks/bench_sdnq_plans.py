@@ -26,13 +26,11 @@ no more bytes, side by side in that process (the whole call, median of repeats).
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -43,16 +41,14 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")  # eager dequantizers: what mpq simulates, no Inductor builds
 
-from _imagebench import ImageBench, weight_bytes  # noqa: E402
+from _imagebench import ImageBench, adherence, mpq_points, runtime_parser  # noqa: E402
 from bench_peers import best_at, sdnq_quantize  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
 from mpq.export.sdnq_format import sdnq_tensor_bytes  # noqa: E402
 from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
-from mpq.plan import BitPlan, read_plan  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
 from mpq.runner.rundir import RunDir  # noqa: E402
-from mpq.selection import read_scores  # noqa: E402
 
 STATIC = ["int2", "uint2", "int3", "uint3", "int4", "uint4", "int5", "uint5", "int6", "int8", "fp4", "fp6"]
 GROUPS = {0: "default groups", -1: "row-wise", 64: "groups of 64", 128: "groups of 128"}
@@ -87,13 +83,6 @@ def stored_bytes(model: torch.nn.Module) -> float:
         elif isinstance(mod, (torch.nn.Linear, torch.nn.Conv2d)):
             total += 2 * mod.weight.numel()
     return total
-
-
-def adherence(bench: ImageBench, images: np.ndarray) -> float:
-    from mpq.report.evaluate import score_images
-
-    adh = score_images(images, bench.refs, bench.prompts).get("adherence")
-    return float(adh["all"]) if adh else float("nan")
 
 
 # ----------------------------------------------------------------------------- speed
@@ -153,11 +142,7 @@ def speed(run: RunDir, plan_file: Path, uniform: dict[str, Any], cfg: Any, out: 
 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="tiny-sdxl")
-    ap.add_argument("--n", type=int, default=32, help="held-out prompts (one seed each)")
-    ap.add_argument("--out", default="sdnq_out")
-    ap.add_argument("--mpq", nargs="*", default=[], help="extra config overrides for the mpq run")
+    ap = runtime_parser(__doc__, "sdnq_out")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per model (after one warm-up)")
     args = ap.parse_args()
     out = Path(args.out).resolve()
@@ -168,40 +153,9 @@ def main() -> None:
     wq = WeightQuant()
     points: list[dict[str, Any]] = []
 
-    tmp = Path(tempfile.mkdtemp())
-    run = RunDir(tmp / "run")
     overrides = ["target=sdnq", "search.fp_bytes=2", *args.mpq]
-    for stage in ("calib", "ptq", "sensitivity", "search", "select"):
-        assert mpq_main([stage, "--config", args.config, "--outdir", str(run.root), *overrides]) == 0, stage
-    print(f"mpq run: {time.perf_counter() - t0:.0f} s", flush=True)
-    scores = read_scores(run.scores("weight"))  # selection's own MSE (calibration prompts)
-    picked: dict[str, float] = {}
-    for b in LEVELS:
-        fit = [s for s in scores if s.bytes <= n_weights * b / 8 * (1 + 1e-9)]
-        if fit:
-            best = min(fit, key=lambda s: s.mse)
-            picked[best.plan_file] = best.mse
-    for f, select_mse in picked.items():
-        plan = BitPlan(read_plan(run.candidates / "weight" / f))
-        bench.qm.apply(plan)
-        try:
-            images = bench.images()
-        finally:
-            bench.qm.set_fp()
-        mse = image_mse(images, bench.refs)
-        nbytes = weight_bytes(plan, bench.infos, wq)
-        points.append(
-            {
-                "tool": "mpq",
-                "label": f,
-                "bytes": nbytes,
-                "select_mse": select_mse,
-                "mse": mse,
-                "adherence": adherence(bench, images),
-            }
-        )
-    print(f"mpq: {len(scores)} candidates, {len(picked)} picked ({time.perf_counter() - t0:.0f} s)", flush=True)
-
+    mpq, run = mpq_points(bench, args.config, overrides, [n_weights * b / 8 for b in LEVELS], wq, t0)
+    points += mpq
     for conf in sdnq_configs():
         info: dict[str, Any] = {}
 
@@ -241,7 +195,7 @@ def main() -> None:
         data["seconds_per_generation"] = speed(run, plan_file, uniform, bench.cfg, out, args.repeats)
         print("\nseconds a generation (stock diffusers, no mpq, CPU):", json.dumps(data["seconds_per_generation"]))
         (out / "sdnq_plans.json").write_text(json.dumps(data, indent=1))
-    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.rmtree(run.root.parent, ignore_errors=True)
     print(f"\nwrote {out / 'sdnq_plans.json'}; total {time.perf_counter() - t0:.0f} s", flush=True)
 
 

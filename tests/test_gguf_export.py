@@ -150,8 +150,10 @@ def test_a_run_for_gguf_exports_the_plan_in_one_file_diffusers_loads_without_mpq
     from mpq.quant.formats import resolve
 
     run = RunDir(tmp_path / "run")
-    two = "[gguf-q4_0,gguf-q8_0]"  # two of the target's five: the suite's time
+    two = "[gguf-q4_0,gguf-q8_0]"  # two of the target's five, and estimated sensitivity: the suite's time (exact
+    # sensitivity of data-free runtime formats runs in tests/test_sdnq.py)
     fewer = [f"quant.weight_formats={two}", f"search.weight.bits_content={two}", f"search.weight.bits_quality={two}"]
+    fewer.append("sensitivity.method=local")
     with contextlib.redirect_stdout(io.StringIO()):
         argv = ["run", "--config", "tiny-sd3", "--outdir", str(run.root), *TINY_RUN, "target=gguf", *fewer]
         assert main(argv) == 0
