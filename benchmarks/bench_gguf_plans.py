@@ -26,7 +26,6 @@ paired-bootstrap 95% interval over images; prompt adherence (the embedded judge)
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import sys
 import time
@@ -40,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _imagebench import ImageBench, adherence, mpq_points, runtime_parser, weight_bytes  # noqa: E402
 from bench_peers import best_at  # noqa: E402
 
+from mpq.layers import edge_layers  # noqa: E402
 from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
 from mpq.plan import BitPlan  # noqa: E402
 from mpq.quant.formats.gguf import TYPES  # noqa: E402
@@ -47,25 +47,6 @@ from mpq.quant.quantizer import WeightQuant  # noqa: E402
 
 UNIFORM = [f"gguf-{t}" for t in TYPES]
 LADDER = ["gguf-q4_0", "gguf-q4_1", "gguf-q5_0", "gguf-q5_1", "gguf-q8_0"]
-BLOCK = re.compile(r"^model\.((?:down_|up_|single_transformer_|transformer_)?blocks\.\d+|mid_block)\.")
-
-
-STAGE = {"down_blocks": 0, "transformer_blocks": 0, "blocks": 0, "mid_block": 1, "single_transformer_blocks": 1}
-
-
-def edge_layers(names: list[str]) -> set[str]:
-    """The layers a hand rule keeps higher: outside any numbered block (input/output layers, embeddings), or in
-    the denoiser's first or last block in the order the forward runs them (UNet: down, mid, up; Flux: double,
-    single)."""
-    blocks = [m[1] if (m := BLOCK.match(n)) else None for n in names]
-
-    def order(block: str) -> tuple[int, int]:
-        kind, _, index = block.rpartition(".")
-        return (STAGE.get(kind, 2), int(index)) if kind else (STAGE[block], 0)
-
-    numbered = sorted({b for b in blocks if b is not None}, key=order)
-    ends = {numbered[0], numbered[-1]} if numbered else set()
-    return {n for n, b in zip(names, blocks) if b is None or b in ends}
 
 
 def hand_rule(names: list[str], base: str, up: int) -> dict[str, str]:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import re
 import warnings
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
@@ -113,6 +114,26 @@ class LayerInfo:
             int(entry["act_numel"]),
             group,
         )
+
+
+# the denoiser's numbered blocks (and the UNet's middle block), and the order the forward runs their kinds in
+BLOCK = re.compile(r"^model\.((?:down_|up_|single_transformer_|transformer_)?blocks\.\d+|mid_block)\.")
+STAGE = {"down_blocks": 0, "transformer_blocks": 0, "blocks": 0, "mid_block": 1, "single_transformer_blocks": 1}
+
+
+def edge_layers(names: Sequence[str]) -> set[str]:
+    """The layers hand rules keep at higher precision: outside any numbered block (input/output layers,
+    embeddings), or in the denoiser's first or last block in the order the forward runs them (UNet: down, mid,
+    up; Flux: double, single)."""
+    blocks = [m[1] if (m := BLOCK.match(n)) else None for n in names]
+
+    def order(block: str) -> tuple[int, int]:
+        kind, _, index = block.rpartition(".")
+        return (STAGE.get(kind, 2), int(index)) if kind else (STAGE[block], 0)
+
+    numbered = sorted({b for b in blocks if b is not None}, key=order)
+    ends = {numbered[0], numbered[-1]} if numbered else set()
+    return {n for n, b in zip(names, blocks) if b is None or b in ends}
 
 
 def describe(qm: QuantModel, content_patterns: Sequence[str], warn: bool = True) -> list[LayerInfo]:

@@ -11,7 +11,7 @@ import yaml
 from mpq.commands.main import main
 from mpq.cost import CostModel, act_bytes, weight_bytes
 from mpq.errors import MpqError
-from mpq.layers import CONTENT, QUALITY, meta_layers
+from mpq.layers import CONTENT, QUALITY, edge_layers, meta_layers
 from mpq.plan import read_plan
 from mpq.runner.config import load_config
 from mpq.search.build import Entry, budget_for_avg, build_problem, run_entries
@@ -340,13 +340,17 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
     for r in rows:  # every row, act rows with their FP (act-protected) layers too, satisfies the K it was solved for
         if r.feasible:
             assert abs(r.content_avg_bits - r.K * r.quality_avg_bits) <= band + 1e-4, r
-    solved = [r for r in rows if r.status != "UNIFORM"]
+    solved = [r for r in rows if r.solved]
     assert len([r for r in solved if r.kind == "weight"]) == 3 * run.load_config().search.weight.k_num
     assert len([r for r in solved if r.kind == "act"]) == 3 * 4
     for kind in ("weight", "act"):  # and every uniform plan of the bits both groups allow (4 and 8)
         uniform = [read_plan(run.root / "candidates" / kind / r.plan_file) for r in rows if r.status == "UNIFORM"
                    and r.kind == kind]  # fmt: skip
         assert sorted(b for p in uniform for b in set(p.values())) == [4, 8] and all(len(p) > 1 for p in uniform)
+    # and the edges rule on the weights: W4 with the layers outside numbered blocks and the first/last block at W8
+    (rule,) = [read_plan(run.root / "candidates" / "weight" / r.plan_file) for r in rows if r.status == "RULE"]
+    edges = edge_layers(list(rule))
+    assert edges and {rule[n] for n in edges} == {8} and {rule[n] for n in rule if n not in edges} == {4}
     for kind in ("weight", "act"):
         files = {r.plan_file for r in rows if r.kind == kind and r.plan_file}
         on_disk = {p.name for p in (run.root / "candidates" / kind).glob("*.yaml")}
@@ -354,7 +358,7 @@ def test_run_dir_search_writes_family_csv_and_dedupes(tiny_run, tmp_path):
         plans = [tuple(sorted(read_plan(run.root / "candidates" / kind / f).items())) for f in on_disk]
         assert len(plans) == len(set(plans))
         assert any(r.pareto for r in rows if r.kind == kind)
-        assert all(r.status in ("OPTIMAL", "UNIFORM") for r in rows if r.kind == kind and r.plan_file)
+        assert all(r.status in ("OPTIMAL", "UNIFORM", "RULE") for r in rows if r.kind == kind and r.plan_file)
     assert not (run.root / "report").exists()  # plots belong to the report stage
     protect = __import__("torch").load(run.root / "candidates" / "act_protect.pt")
     n_content = sum(i.group == CONTENT for i in infos)

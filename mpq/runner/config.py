@@ -182,6 +182,9 @@ class SearchConfig:
     # mpq mode: every uniform plan (each candidate on every layer both groups allow it on) joins the candidates
     # selection compares by images: the program's summed scores can miss the plan a user would pick by hand
     uniform: bool = True
+    # mpq mode: the GGUF users' hand rule joins it too, for every pair of candidates: a base candidate, and one or
+    # two candidates higher on the layers outside numbered blocks and on the first and last block
+    edge_rules: bool = True
     scale_bytes: int = 2  # bytes per stored scale / zero point (fp16)
     fp_bytes: int | None = (
         None  # bytes per element of a layer kept in floating point; null: the model dtype's (fp32 4, fp16/bf16 2)

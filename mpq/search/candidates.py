@@ -17,6 +17,9 @@ from mpq.plan import BitPlan, read_layer_list, read_plan
 from mpq.runner.files import read_records, write_records
 from mpq.runner.rundir import RunDir
 
+UNIFORM = "UNIFORM"  # a uniform plan of the family (search.uniform)
+RULE = "RULE"  # a hand rule's plan: edges one or two candidates up (search.edge_rules)
+
 
 @dataclass
 class Candidate:
@@ -25,7 +28,7 @@ class Candidate:
     target_avg_bits: float
     K: float
     budget_bytes: float  # mpq mode's byte budget (nan in reference mode)
-    status: str  # OPTIMAL | FEASIBLE | INFEASIBLE | ...
+    status: str  # OPTIMAL | FEASIBLE | INFEASIBLE | ... (solved) | UNIFORM | RULE (simple plans, not solved)
     gap: float
     content_objective: float = math.nan
     quality_objective: float = math.nan
@@ -38,6 +41,11 @@ class Candidate:
     pareto: bool = False
     plan_file: str = ""  # empty: no plan (infeasible point); identical plans share one file
     seconds: float = field(default=0.0, repr=False, compare=False, metadata={"csv": False})  # in memory only
+
+    @property
+    def solved(self) -> bool:
+        """A point of the sweep (not one of the simple plans the family also holds)."""
+        return self.status not in (UNIFORM, RULE)
 
     @property
     def feasible(self) -> bool:

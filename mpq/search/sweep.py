@@ -22,7 +22,7 @@ from mpq.runner.config import parse_bytes
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
 from mpq.search.build import budget_for_avg, run_problem, write_protect_list
-from mpq.search.candidates import Candidate, write_candidates
+from mpq.search.candidates import RULE, UNIFORM, Candidate, write_candidates
 from mpq.search.program import Problem, Solution, solve_mpq, solve_reference
 
 
@@ -127,11 +127,13 @@ def run_sweep(
                 plans[written[key]] = sol.plan
             row.plan_file = written[key]
         rows.append(row)
-    if s.uniform and mode == "mpq":  # reference mode keeps MixDQ's family as it was
-        for row, plan in uniform_rows(base, kind, mode):
+    if mode == "mpq":  # reference mode keeps MixDQ's family as it was
+        simple = uniform_rows(base, kind, mode) if s.uniform else []
+        simple += edge_rows(base, kind, mode, simple) if s.edge_rules and kind == "weight" else []
+        for row, plan, stem in simple:
             key = plan_key(plan)
             if key not in written:
-                written[key] = plan_file_name(f"{kind}_uniform_{plan_label(plan)}", plan)
+                written[key] = plan_file_name(f"{kind}_{stem}", plan)
                 plans[written[key]] = plan
             row.plan_file = written[key]
             rows.append(row)
@@ -139,34 +141,66 @@ def run_sweep(
     return rows, plans
 
 
-def plan_label(plan: Mapping[str, Any]) -> str:
-    return str(next(iter(plan.values()))).replace("/", "-")
+def _label(key: Any) -> str:
+    return str(key).replace("/", "-")
 
 
-def uniform_rows(problem: Problem, kind: str, mode: str) -> list[tuple[Candidate, dict[str, Any]]]:
+def _row(problem: Problem, kind: str, mode: str, plan: Mapping[str, Any], status: str) -> Candidate:
+    from mpq.search.program import describe
+
+    details = describe(problem, plan)
+    content, quality = details.get("content_avg_bits"), details.get("quality_avg_bits")
+    return Candidate(
+        kind,
+        mode,
+        round(details["avg_bits"], 4),
+        content / quality if content and quality else math.inf,  # the K it has
+        details["bytes"],
+        status,
+        0.0,
+        **{key: float(v) for key, v in details.items() if key in Candidate.__dataclass_fields__},
+    )
+
+
+def _common(problem: Problem) -> tuple[list[int], list[Any]]:
+    """The layers the program chooses for, and the candidates every one of them may take."""
+    layers = [i for i in range(len(problem.names)) if problem.bits[i]]
+    common = [b for b in problem.bits[layers[0]] if all(b in problem.bits[i] for i in layers)] if layers else []
+    return layers, common
+
+
+def uniform_rows(problem: Problem, kind: str, mode: str) -> list[tuple[Candidate, dict[str, Any], str]]:
     """Every uniform plan of the family: each candidate every layer the program chooses for may take, on all of
     them (the plan a user picks by hand; the program's summed scores can miss it, and selection then compares it
     by images like any other)."""
-    from mpq.search.program import describe
-
-    layers = [i for i in range(len(problem.names)) if problem.bits[i]]
-    common = [b for b in problem.bits[layers[0]] if all(b in problem.bits[i] for i in layers)] if layers else []
+    layers, common = _common(problem)
     out = []
     for b in common:
         plan = {problem.names[i]: b for i in layers}
-        details = describe(problem, plan)
-        content, quality = details.get("content_avg_bits"), details.get("quality_avg_bits")
-        row = Candidate(
-            kind,
-            mode,
-            round(details["avg_bits"], 4),
-            content / quality if content and quality else math.inf,  # the K it has
-            details["bytes"],
-            "UNIFORM",
-            0.0,
-            **{key: float(v) for key, v in details.items() if key in Candidate.__dataclass_fields__},
-        )
-        out.append((row, plan))
+        out.append((_row(problem, kind, mode, plan, UNIFORM), plan, f"uniform_{_label(b)}"))
+    return out
+
+
+def edge_rows(
+    problem: Problem, kind: str, mode: str, uniform: Sequence[tuple[Candidate, dict[str, Any], str]]
+) -> list[tuple[Candidate, dict[str, Any], str]]:
+    """The hand rule of GGUF users, for every candidate: a base candidate everywhere, and the layers outside the
+    denoiser's numbered blocks (input/output layers, embeddings) and those of its first and last block one or two
+    candidates higher (candidates ordered by the bytes of their uniform plans)."""
+    from mpq.layers import edge_layers
+
+    layers, common = _common(problem)
+    ladder = [plan[problem.names[layers[0]]] for _, plan, _ in sorted(uniform, key=lambda u: u[0].bytes)]
+    ladder = [b for b in ladder if b in common]
+    edges = edge_layers([problem.names[i] for i in layers])
+    out = []
+    for j, base in enumerate(ladder):
+        for up in (1, 2):
+            if j + up < len(ladder):
+                high = ladder[j + up]
+                plan = {problem.names[i]: high if problem.names[i] in edges else base for i in layers}
+                row = _row(problem, kind, mode, plan, RULE)
+                out.append((row, plan, f"edges_{_label(base)}_{_label(high)}"))
     return out
 
 
@@ -227,7 +261,7 @@ def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool =
         )
         targets, ks = sweep_grid(s, kind, problem=problem, below=below)
         kind_rows, found[kind] = run_sweep(problem, kind, s.mode, targets, ks, s, show, below)
-        if not any(r.feasible and r.status != "UNIFORM" for r in kind_rows):  # the uniform plans alone: not a sweep
+        if not any(r.feasible and r.solved for r in kind_rows):  # the uniform and rule plans alone: not a sweep
             raise infeasible_sweep(problem, kind, cfg.search.mode, targets, ks)
         rows += kind_rows
     if "act" in kinds:
