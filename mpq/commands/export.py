@@ -69,10 +69,14 @@ def _print_gguf(info: dict) -> None:
         f"the planned layers' weights {info['planned_bytes']:,} bytes ({info['priced_bytes']:,.0f} priced by the "
         f"search); original {info['family']} layout ({info['verified']})"
     )
+    sdcpp = (  # sd.cpp prefixes a --diffusion-model's names; the ldm UNet's carry the prefix (diffusers needs it)
+        "-m with the file's tensors in one checkpoint with the text encoders and VAE"
+        if info["family"] == "unet"
+        else f"--diffusion-model {out}/{file}"
+    )
     print(
-        f"  ComfyUI: copy it to models/unet and load it with the Unet Loader (GGUF); stable-diffusion.cpp: "
-        f"--diffusion-model {out}/{file}; the same types from the original checkpoint: --tensor-type-rules "
-        f'"$(cat {out}/tensor_type_rules.txt)"'
+        f"  ComfyUI: copy it to models/unet and load it with the Unet Loader (GGUF); stable-diffusion.cpp: {sdcpp}; "
+        f'the same types from the original checkpoint: --tensor-type-rules "$(cat {out}/tensor_type_rules.txt)"'
     )
     absent = "".join(f", {name}=None" for name in info["absent"])
     if info["not_in_diffusers"]:
