@@ -182,7 +182,7 @@ def test_a_run_for_gguf_exports_the_plan_in_one_file_diffusers_loads_without_mpq
     rules = dict(r.split("=") for r in (out / "tensor_type_rules.txt").read_text().strip().split(","))
     checked = 0
     for o in originals:
-        layers = [p[: -len(".weight")] for p in o.parts if p.endswith(".weight")]
+        layers = o.layers
         if not layers or f"model.{layers[0]}" not in plan.weight:
             continue
         fmt = resolve(plan.weight[f"model.{layers[0]}"])

@@ -52,7 +52,7 @@ def tensor_types(
     """The ggml type of each original tensor: the planned type, ``fp`` (f16|f32) for other weights, f32 for 1-D."""
     types: dict[str, str] = {}
     for o in originals:
-        paths = [p[: -len(".weight")] for p in o.parts if p.endswith(".weight")]
+        paths = o.layers
         given = [layers[p].name if p in layers else "FP" for p in paths]
         shape = o.shape(params)
         if len(set(given)) > 1:
@@ -166,7 +166,7 @@ def export_gguf(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype, fp
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     (folder / component).mkdir(exist_ok=True)
     den.save_config(folder / component)
-    holder = {p[: -len(".weight")]: o.name for o in originals for p in o.parts if p.endswith(".weight")}
+    holder = {path: o.name for o in originals for path in o.layers}
     kept_fp = sorted(p for p in layers if types[holder[p]] in FLOAT)
     holding = {holder[p] for p in layers}  # the tensors that hold the planned weights
     return {
@@ -191,8 +191,9 @@ def export_gguf(cfg: Any, plan: BitPlan, folder: Path, fp_dtype: torch.dtype, fp
 def _verify(family: str, originals: list[Original], params: Mapping[str, torch.Tensor], config: Any) -> str:
     """diffusers' converter gives the denoiser back from the layout (see :func:`check_roundtrip`); Flux's converter
     is written for Flux's width (3072) only, so a narrower Flux is checked by the name rules alone."""
-    width = int(config["num_attention_heads"]) * int(config["attention_head_dim"]) if family == "flux" else 0
-    if family == "flux" and width != 3072:
-        return f"layout not run through diffusers' converter: it assumes Flux's width 3072, this model's is {width}"
+    if family == "flux":
+        width = int(config["num_attention_heads"]) * int(config["attention_head_dim"])
+        if width != 3072:
+            return f"layout not run through diffusers' converter: it assumes Flux's width 3072, this model's is {width}"
     check_roundtrip(family, originals, params, config)
     return "diffusers' single-file converter gives back every parameter"

@@ -34,6 +34,11 @@ class Original:
     parts: tuple[str, ...]
     swap: bool = False
 
+    @property
+    def layers(self) -> tuple[str, ...]:
+        """The module paths whose weights this tensor holds (none for a bias or buffer)."""
+        return tuple(p[: -len(".weight")] for p in self.parts if p.endswith(".weight"))
+
     def shape(self, params: Mapping[str, torch.Tensor]) -> tuple[int, ...]:
         first = tuple(params[self.parts[0]].shape)
         return (sum(int(params[p].shape[0]) for p in self.parts), *first[1:])
@@ -254,14 +259,19 @@ def architecture(family: str, config: Mapping[str, Any]) -> str:
     return family
 
 
-def layout(family: str, keys: Sequence[str], config: Mapping[str, Any]) -> list[Original]:
-    """The original layout of a denoiser of ``family`` with parameters ``keys``; every key used exactly once."""
+def require_layout(family: str) -> None:
+    """A one-line error for a family GGUF runtimes have no single-file layout for (PixArt)."""
     if family not in LAYOUTS:
         have = ", ".join(sorted(LAYOUTS))
         raise MpqError(
             f"the {family} family has no original single-file layout that GGUF runtimes read (they read {have}); "
             "export it with --format mpq or --format sdnq"
         )
+
+
+def layout(family: str, keys: Sequence[str], config: Mapping[str, Any]) -> list[Original]:
+    """The original layout of a denoiser of ``family`` with parameters ``keys``; every key used exactly once."""
+    require_layout(family)
     out = LAYOUTS[family](list(keys), config)
     used = [p for o in out for p in o.parts]
     if sorted(used) != sorted(keys):
@@ -272,11 +282,7 @@ def layout(family: str, keys: Sequence[str], config: Mapping[str, Any]) -> list[
 
 def fused_layers(originals: Sequence[Original]) -> list[tuple[str, ...]]:
     """Layers (module paths) whose weights are one tensor of the original layout: a file stores them in one type."""
-    return [
-        tuple(p[: -len(".weight")] for p in o.parts)
-        for o in originals
-        if len(o.parts) > 1 and o.name.endswith(".weight")
-    ]
+    return [o.layers for o in originals if len(o.layers) > 1]
 
 
 def check_roundtrip(

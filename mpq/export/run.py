@@ -76,11 +76,9 @@ def _export_runtime(
     plan = plan if plan is not None else final_plan(run)
     plan.validate([e["name"] for e in manifest["layers"]], manifest["bits"], formats=manifest_formats(manifest))
     cost = CostModel.from_config(cfg)
-    priced = {
-        info.name: cost.weight_bytes(info, plan.weight[info.name])
-        for info in run_layers(cfg, run)
-        if info.name in plan.weight
-    }
+    priced = sum(
+        cost.weight_bytes(info, plan.weight[info.name]) for info in run_layers(cfg, run) if info.name in plan.weight
+    )
     with export_folder(out, fmt, run.root, overwrite, {"model_id": str(cfg.model.id)}) as folder:
         if fmt == "sdnq":
             from mpq.export.sdnq_format import export_sdnq
@@ -90,4 +88,4 @@ def _export_runtime(
             from mpq.export.gguf_format import export_gguf
 
             info = export_gguf(cfg, plan, folder, DTYPES[fp_dtype], cost.fp_bytes)
-    return {**info, "priced_bytes": sum(priced.values()), "priced": priced, "out": out}
+    return {**info, "priced_bytes": priced, "out": out}

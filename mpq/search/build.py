@@ -93,8 +93,9 @@ def build_problem(
         bits.append(ok)
         scores.append(_finite([table[e.name][list(cand_bits).index(b)] for b in ok]))
         nbytes.append([e.price(b) for b in ok])
-    sizes_ = np.asarray(sizes, dtype=np.float64)
-    return Problem(names, groups, sizes_, bits, scores, nbytes, fixed, kind, list(ties), fp)
+    return Problem(
+        names, groups, np.asarray(sizes, dtype=np.float64), bits, scores, nbytes, fixed, kind, list(ties), fp
+    )
 
 
 def act_protect_list(
@@ -185,7 +186,7 @@ def run_problem(cfg: Any, run: RunDir, kind: str, every_bit: bool = False) -> tu
 def check_target_family(cfg: Any, family: str | None = None) -> None:
     """A ``target: gguf`` run of a family no GGUF runtime reads (PixArt) is refused in one line; ``family`` None:
     looked up offline, and left to the search when the architecture is not known offline (a hub id)."""
-    from mpq.export.gguf_layout import LAYOUTS, layout
+    from mpq.export.gguf_layout import require_layout
     from mpq.models.loader import arch_family, load_arch
 
     if cfg.target != "gguf":
@@ -195,8 +196,7 @@ def check_target_family(cfg: Any, family: str | None = None) -> None:
             family = arch_family(load_arch(cfg)).name
         except MpqError:
             return
-    if family not in LAYOUTS:
-        layout(family, [], {})  # its one-line refusal
+    require_layout(family)
 
 
 def file_ties(cfg: Any, names: Sequence[str]) -> list[tuple[str, ...]]:

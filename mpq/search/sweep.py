@@ -129,7 +129,7 @@ def run_sweep(
         rows.append(row)
     if mode == "mpq":  # reference mode keeps MixDQ's family as it was
         simple = uniform_rows(base, kind, mode) if s.uniform else []
-        simple += edge_rows(base, kind, mode, simple) if s.edge_rules and kind == "weight" else []
+        simple += edge_rows(base, kind, mode) if s.edge_rules and kind == "weight" else []
         for row, plan, stem in simple:
             key = plan_key(plan)
             if key not in written:
@@ -181,17 +181,14 @@ def uniform_rows(problem: Problem, kind: str, mode: str) -> list[tuple[Candidate
     return out
 
 
-def edge_rows(
-    problem: Problem, kind: str, mode: str, uniform: Sequence[tuple[Candidate, dict[str, Any], str]]
-) -> list[tuple[Candidate, dict[str, Any], str]]:
+def edge_rows(problem: Problem, kind: str, mode: str) -> list[tuple[Candidate, dict[str, Any], str]]:
     """The hand rule of GGUF users, for every candidate: a base candidate everywhere, and the layers outside the
     denoiser's numbered blocks (input/output layers, embeddings) and those of its first and last block one or two
     candidates higher (candidates ordered by the bytes of their uniform plans)."""
     from mpq.layers import edge_layers
 
     layers, common = _common(problem)
-    ladder = [plan[problem.names[layers[0]]] for _, plan, _ in sorted(uniform, key=lambda u: u[0].bytes)]
-    ladder = [b for b in ladder if b in common]
+    ladder = sorted(common, key=lambda b: problem.plan_bytes({problem.names[i]: b for i in layers}))
     edges = edge_layers([problem.names[i] for i in layers])
     out = []
     for j, base in enumerate(ladder):
