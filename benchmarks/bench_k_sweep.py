@@ -17,7 +17,7 @@ from pathlib import Path
 
 from mpq.cost import CostModel
 from mpq.layers import meta_layers
-from mpq.runner.config import load_config
+from mpq.runner.config import load_config, target_bits
 from mpq.runner.rundir import RunDir
 from mpq.search.build import act_protect_list, allowed_bits, build_problem, run_entries, run_problem
 from mpq.search.mixdq_files import read_sensitivity
@@ -54,7 +54,7 @@ def main() -> None:
         problem = run_problem(cfg, run, args.kind)[0]
         source = f"{args.run} ({cfg.model.id})"
     kc = cfg.search[args.kind]
-    target = args.target if args.target is not None else kc.target_bitwidth
+    target = args.target if args.target is not None else target_bits(cfg.search, args.kind, problem.avg_range()[1])
     ks = sweep_values(args.k[0], args.k[1], int(args.k[2])) if args.k else sweep_values(kc.k_min, kc.k_max, kc.k_num)
     print(f"{source}: target {target} average bits, K over {ks[0]}..{ks[-1]} ({len(ks)} values)\n")
     print(

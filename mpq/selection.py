@@ -35,6 +35,7 @@ from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, score_images
 from mpq.runner import distributed
 from mpq.runner.choices import KINDS
+from mpq.runner.config import AUTO, target_bits
 from mpq.runner.files import file_digest, read_records, write_layer_list, write_records
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
@@ -97,16 +98,68 @@ def named_budgets(cfg: DictConfig, run: RunDir, kind: str) -> list[tuple[str, fl
     problem = run_problem(cfg, run, kind)[0]
     kc = cfg.search[kind]
     slack = float(cfg.search.band) if cfg.search.mode == "reference" else 0.0
-    return [
+    target = target_bits(cfg.search, kind, problem.avg_range()[1])
+    return [(str(kc.target_bitwidth), budget_for_avg(problem, target + slack))] + [
         (str(b), parse_bytes(b) if isinstance(b, str) else budget_for_avg(problem, float(b) + slack))
-        for b in [kc.target_bitwidth, *kc.budgets]
+        for b in kc.budgets
     ]
 
 
-def budget_table(kind: str, ranked: list[Score], budgets: list[tuple[str, float]]) -> list[BudgetBest]:
+def measured_target(cfg: DictConfig, kind: str) -> bool:
+    """Is the kind's budget chosen by measurement (``target_bitwidth: auto`` in mpq mode)?"""
+    return bool(cfg.search[kind].target_bitwidth == AUTO and cfg.search.mode == "mpq")
+
+
+def choose(ranked: list[Score], limit: float, measured: bool = False) -> Score | None:
+    """The chosen plan of ``ranked`` (best first): the best within ``limit`` bytes; ``measured``: the fewest bytes
+    within it whose MSE is no worse than the reference, the plan with the most bytes (every layer at the most bits:
+    uniform A8), ties to the better MSE."""
+    within = [r for r in ranked if r.bytes <= limit * (1 + 1e-9)]
+    if not within or not measured:
+        return within[0] if within else None
+    ref = reference_of(within)
+    return min((r for r in within if r.mse <= ref.mse), key=lambda r: (r.bytes, within.index(r)))
+
+
+def reference_of(rows: list[Score]) -> Score:
+    """The plan a measured budget must not lose to: the one with the most bytes (ties: the first)."""
+    return max(rows, key=lambda r: (r.bytes, -rows.index(r)))
+
+
+@dataclass
+class CurvePoint:
+    """A point of what each budget costs (a row of ``selection/<kind>_curve.csv``): the best scored plan at no more
+    than these bytes, where it improves on every smaller one; its MSE against the reference's (the most bytes)."""
+
+    kind: str
+    avg_bits: float
+    bytes: float
+    plan_file: str
+    mse: float
+    vs_reference: float
+    chosen: bool
+
+
+def budget_curve(kind: str, ranked: list[Score]) -> list[CurvePoint]:
+    """The lower envelope of MSE against bytes: at any budget the best plan is the last point at no more bytes."""
+    if not ranked:
+        return []
+    ref = reference_of(ranked)
+    out: list[CurvePoint] = []
+    for r in sorted(ranked, key=lambda r: (r.bytes, ranked.index(r))):
+        if not out or r.mse < out[-1].mse:
+            vs = r.mse / ref.mse if ref.mse > 0 else math.nan
+            out.append(CurvePoint(kind, r.avg_bits, r.bytes, r.plan_file, r.mse, vs, r.chosen))
+    return out
+
+
+def budget_table(
+    kind: str, ranked: list[Score], budgets: list[tuple[str, float]], measured: bool = False
+) -> list[BudgetBest]:
+    """The best plan at each named budget; the target's (the first) as chosen (``measured``: see :func:`choose`)."""
     rows = []
-    for name, limit in budgets:
-        r = best_within(ranked, limit)
+    for i, (name, limit) in enumerate(budgets):
+        r = choose(ranked, limit, measured and i == 0)
         nan = math.nan
         rows.append(
             BudgetBest(kind, name, limit, r.plan_file, r.mse, r.ssim, r.psnr, r.avg_bits, r.bytes)
@@ -174,6 +227,7 @@ def _score_kind(
     show: bool,
     force: bool,
     limit: float = math.inf,
+    measured: bool = False,
 ) -> list[Score]:
     """Every ``kind`` candidate scored (this rank's share, resumed from partial files), merged, ranked best first, the
     best within ``limit`` bytes marked chosen; a score table finished with the same signature is read back unless
@@ -196,7 +250,7 @@ def _score_kind(
         work,
         table,
         compute=compute,
-        result=lambda merged: ranked_scores(kind, list(plans), merged, rows, limit),
+        result=lambda merged: ranked_scores(kind, list(plans), merged, rows, limit, measured),
         write=lambda ranked: write_scores(table, ranked),
         read=read,
         force=force,
@@ -207,9 +261,15 @@ def _score_kind(
 
 
 def ranked_scores(
-    kind: str, plan_files: list[str], merged: dict[str, dict[str, float]], rows: dict[str, Candidate], limit: float
+    kind: str,
+    plan_files: list[str],
+    merged: dict[str, dict[str, float]],
+    rows: dict[str, Candidate],
+    limit: float,
+    measured: bool = False,
 ) -> list[Score]:
-    """The scores of ``plan_files`` ranked best first, the best within ``limit`` bytes marked chosen (pure)."""
+    """The scores of ``plan_files`` ranked best first, the one :func:`choose` picks within ``limit`` bytes marked
+    chosen (pure)."""
     ranked = rank(
         [
             Score(
@@ -225,7 +285,7 @@ def ranked_scores(
             for f in plan_files
         ]
     )
-    chosen = best_within(ranked, limit)
+    chosen = choose(ranked, limit, measured)
     if chosen is None:
         check_fits(kind, [r.bytes for r in ranked], limit)
     assert chosen is not None
@@ -276,14 +336,16 @@ def run_selection(
             plan_sig = {
                 f: [sorted(p.weight.items()), sorted(p.act.items()), sorted(p.protected)] for f, p in plans.items()
             }
+            measured = measured_target(cfg, kind)
             sig = stage_signature(
                 SELECT, cfg, **base, kind=kind, plans=plan_sig, weight=repr(final), limit=budgets[0][1]
             )
-            ranked = _score_kind(session, kind, plans, by_file, final, sig, show, force, budgets[0][1])
+            ranked = _score_kind(session, kind, plans, by_file, final, sig, show, force, budgets[0][1], measured)
             chosen[kind] = next(r for r in ranked if r.chosen)
             final = _trial(kind, plans[chosen[kind].plan_file], final, cfg.search.protect_weights)
             if distributed.current().is_main:
-                write_records(run.budgets(kind), budget_table(kind, ranked, budgets), BudgetBest)
+                write_records(run.budgets(kind), budget_table(kind, ranked, budgets, measured), BudgetBest)
+                write_records(run.curve(kind), budget_curve(kind, ranked), CurvePoint)
     finally:
         qm.set_fp()
     if final is not None and distributed.current().is_main:

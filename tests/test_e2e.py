@@ -14,7 +14,7 @@ from mpq.commands.main import main
 from mpq.plan import read_layer_list, read_plan
 from mpq.runner.files import read_records
 from mpq.search.candidates import read_candidates
-from mpq.selection import BudgetBest, read_scores
+from mpq.selection import BudgetBest, CurvePoint, read_scores
 
 from conftest import FULL_SMALL
 
@@ -52,13 +52,25 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
         assert plans == {r.plan_file for r in rows if r.kind == kind and r.feasible}
         scores = read_scores(d / "selection" / f"{kind}_scores.csv")
         assert {s.plan_file for s in scores} == plans and [s.mse for s in scores] == sorted(s.mse for s in scores)
-        # the family spans the whole range; the chosen plan is the best within the target budget, and the budgets
-        # table gives the best at no more bytes for each named budget (here: the target, first)
+        # the family spans the whole range. Weights: the chosen plan is the best within the target budget, and the
+        # budgets table gives the best at no more bytes for each named budget (here: the target, first).
+        # Activations (target auto): the fewest bytes whose MSE is no worse than the plan with the most (A8)
         budgets = read_records(d / "selection" / f"{kind}_budgets.csv", BudgetBest, "")
         limit = budgets[0].budget_bytes
-        assert max(s.bytes for s in scores) > limit > min(s.bytes for s in scores)
         chosen = next(s for s in scores if s.chosen)
-        assert chosen.mse == min(s.mse for s in scores if s.bytes <= limit) and chosen.plan_file == budgets[0].plan_file
+        assert chosen.plan_file == budgets[0].plan_file
+        if kind == "weight":
+            assert max(s.bytes for s in scores) > limit > min(s.bytes for s in scores)
+            assert chosen.mse == min(s.mse for s in scores if s.bytes <= limit)
+        else:
+            a8 = max(scores, key=lambda s: s.bytes)
+            assert budgets[0].budget == "auto" and limit >= a8.bytes  # no fixed budget: every plan fits
+            assert chosen.mse <= a8.mse and all(s.mse > a8.mse for s in scores if s.bytes < chosen.bytes)
+        curve = read_records(d / "selection" / f"{kind}_curve.csv", CurvePoint, "")
+        assert [p.bytes for p in curve] == sorted(p.bytes for p in curve) and chosen.plan_file in {
+            p.plan_file for p in curve
+        }
+        assert all(a.mse > b.mse for a, b in zip(curve, curve[1:]))  # each point improves on the smaller budgets
         assert 0.0 < chosen.mse < 0.05 and 0.0 <= chosen.adherence <= 1.0
         assert read_plan(d / "selection" / f"final_{kind}.yaml") == read_plan(
             d / "candidates" / kind / chosen.plan_file

@@ -113,6 +113,13 @@ def test_a_budget_no_plan_can_meet_is_refused_before_any_model_call(capsys, full
         load_config("tiny-sdxl", ["search.weight.target_bitwidth=1.5"])
     with pytest.raises(MpqError, match=r"search.act.target_bitwidth' is 3.5; no act plan averages fewer than 4"):
         load_config("tiny-sdxl", ["search.act.target_bitwidth=3.5"])
+    with pytest.raises(MpqError, match=r"search.act.target_bitwidth' is 'most'; use average bits \(e.g. 4.0\) or auto"):
+        load_config("tiny-sdxl", ["search.act.target_bitwidth=most"])
+    # auto: the top of the range in mpq mode (the budget is measured), MixDQ's 7.5 in reference mode
+    from mpq.runner.config import target_bits
+
+    assert target_bits(load_config("tiny-sdxl").search, "act", 8.0) == 8.0
+    assert target_bits(load_config("tiny-sdxl", ["search.mode=reference"]).search, "act", 8.0) == 7.5
 
     run = tmp_path / "run"
     shutil.copytree(full_run[0].root, run)

@@ -105,10 +105,14 @@ def plot_pareto(rows: Sequence[Candidate], path: Path, chosen: Mapping[str, str]
 
 
 def plot_selection(
-    scores: Mapping[str, Sequence[Any]], uniform: Mapping[str, Sequence[Mapping[str, Any]]], path: Path
+    scores: Mapping[str, Sequence[Any]],
+    uniform: Mapping[str, Sequence[Mapping[str, Any]]],
+    path: Path,
+    curves: Mapping[str, Sequence[Any]] | None = None,
 ) -> Path:
     """Per kind: every scored candidate's selection MSE vs FP (log) against its bytes, the uniform reference plans
-    marked and labelled, the chosen candidate starred."""
+    marked and labelled, the chosen candidate starred; ``curves``: what each budget costs (the best at no more
+    bytes) as a step line."""
     plt = _pyplot()
     kinds = [k for k in KINDS if scores.get(k)]
     fig, axes = plt.subplots(1, max(1, len(kinds)), figsize=(6 * max(1, len(kinds)), 4.5), squeeze=False)
@@ -121,6 +125,11 @@ def plot_selection(
             color="tab:blue",
             label="candidates",
         )
+        curve = (curves or {}).get(kind) or []
+        if curve:
+            xs = [p.bytes / 2**20 for p in curve] + [max(r.bytes for r in rows) / 2**20]
+            ys = [max(p.mse, 1e-12) for p in curve]
+            ax.step(xs, ys + ys[-1:], where="post", color="tab:blue", alpha=0.5, label="best at no more bytes")
         best = [r for r in rows if r.chosen]
         if best:
             ax.scatter(

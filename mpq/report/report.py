@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import html
 import math
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +34,7 @@ from mpq.runner.files import write_json, write_text, write_with
 from mpq.runner.rundir import RunDir
 from mpq.search.candidates import read_candidates
 from mpq.search.mixdq_files import read_sensitivity
-from mpq.selection import Score, read_scores
+from mpq.selection import Score, budget_curve, read_scores
 from mpq.shapes.data import ATTRIBUTES
 
 MIXED_W = "mixed W, A16"  # the best mixed weight plan with no more bytes than uniform W4, activations FP
@@ -171,7 +172,8 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     candidates = read_candidates(run.require(run.candidate_table, f"run `mpq search --base_path {run.root}` first"))
     plot_pareto(candidates, run.pareto_plot, chosen)
     uniform = uniform_selection_points(cfg, run, pipe, qm, infos, cost, final)
-    plot_selection(scores, uniform, run.selection_plot)
+    curves = {k: budget_curve(k, scores[k]) for k in KINDS}
+    plot_selection(scores, uniform, run.selection_plot, curves)
     peers = peer_results(cfg, run)
     summary: dict[str, Any] = cost.plan_cost(final, infos).as_dict()
     summary.update(
@@ -184,6 +186,7 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
             "eval": results,
             "mixed_weight_plan": mixed,
             "selection_uniform": uniform,
+            "budget_curves": {k: [asdict(p) for p in c] for k, c in curves.items()},
             "ssim_sensitivity_spread": ssim_spread(tables, bits),
             "export": export,
             "peers": peers,
@@ -292,6 +295,12 @@ def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:
         f"FP at {s['fp_dtype_bytes']} bytes a weight)",
         f"  MSE vs FP images: {s['final_mse']:.6g}",
     ]
+    act = [p for p in (s.get("budget_curves") or {}).get("act", []) if p["chosen"]]
+    if act:
+        lines.append(
+            f"  activation budget: the chosen plan's selection MSE is {act[0]['vs_reference']:.2f}x the plan with the "
+            f"most bytes (A8); what each budget costs: {run.curve('act')}"
+        )
     chosen = s["eval"].get(CHOSEN, {})
     if "export" in s and "export_file_bytes" in chosen:
         fp16 = s["export"]["fp16_denoiser_bytes"]
@@ -399,6 +408,33 @@ def _formats_line(s: dict[str, Any]) -> str:
     return f"<p>Chosen weight candidates: {html.escape(text)}.</p>"
 
 
+def _curves_html(s: dict[str, Any]) -> str:
+    """What each budget costs, per kind: the best selection plan at no more bytes, against the plan with the most."""
+    out = []
+    for kind, points in (s.get("budget_curves") or {}).items():
+        if not points:
+            continue
+        rows = [
+            {
+                "avg bits": f"{p['avg_bits']:.3f}",
+                "bytes": f"{p['bytes']:,.0f}",
+                "plan": p["plan_file"],
+                "MSE vs FP": f"{p['mse']:.4g}",
+                "x most bytes": f"{p['vs_reference']:.2f}",
+                "chosen": "yes" if p["chosen"] else "",
+            }
+            for p in points
+        ]
+        ref = " (uniform A8 on the chosen weights)" if kind == "act" else ""
+        out.append(
+            f"<h3>What each {kind} budget costs</h3><p>The best {kind} plan selection scored at no more bytes, where "
+            f"it improves on every smaller budget (selection images), and its MSE as a ratio to the plan with the most "
+            f"bytes{ref}. A budget <code>auto</code> takes the fewest bytes no worse than that plan.</p>"
+            + _table(rows, ["avg bits", "bytes", "plan", "MSE vs FP", "x most bytes", "chosen"])
+        )
+    return "".join(out)
+
+
 def _html(cfg: DictConfig, run: RunDir, prompts: list[str], s: dict[str, Any], weight_rows: list[Score]) -> str:
     chosen = s["chosen"]
     fp, fpb = s["fp_weight_bytes"], 8 * s["fp_dtype_bytes"]
@@ -479,6 +515,7 @@ front (no other candidate has fewer bytes and a higher objective).</p><img src='
 its bytes;
 uniform plans on the same images for reference (weights: W8/W4/W2 with FP activations; activations: A8/A4 on the chosen
 weight plan); the chosen plans starred.</p><img src='{run.selection_plot.name}'>
+{_curves_html(s)}
 {_peers_html(s.get("peers"))}
 {trace_html(run)}
 <h2>Weight candidates scored (selection

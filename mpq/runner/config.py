@@ -135,10 +135,25 @@ class SensitivityConfig:
     layers: list[str] = field(default_factory=list)
 
 
+AUTO = "auto"  # search.<kind>.target_bitwidth chosen by measurement (see SearchKindConfig)
+REFERENCE_AUTO = {"weight": 4.0, "act": 7.5}  # auto in MixDQ's reference mode: its budgets
+
+
+def target_bits(s: Any, kind: str, top: float) -> float:
+    """``search.<kind>.target_bitwidth`` as average bits: a number as given; ``auto`` is ``top`` (the most bits a
+    plan of the kind averages: no fixed budget) in mpq mode, MixDQ's budget in reference mode."""
+    t = s[kind].target_bitwidth
+    if t != AUTO:
+        return float(t)
+    return REFERENCE_AUTO[kind] if s.mode == "reference" else float(top)
+
+
 @dataclass
 class SearchKindConfig:
-    # the budget selection chooses at (average bits); with sweep: target, the sweep's top (down by sweep_span)
-    target_bitwidth: float = 4.0
+    # the budget selection chooses at (average bits); with sweep: target, the sweep's top (down by sweep_span).
+    # auto (mpq mode): no fixed budget; selection takes the fewest bytes whose images are no worse than the uniform
+    # plan at the most bits (activations: A8), and selection/<kind>_curve.csv shows what each budget costs
+    target_bitwidth: Any = 4.0
     # more budgets to report the best plan at (selection/<kind>_budgets.csv): average bits (4.5) or bytes with a
     # unit ("750KB", "1.5MiB"); each is also a point of a full sweep
     budgets: list[Any] = field(default_factory=list)
@@ -157,7 +172,7 @@ class SearchKindConfig:
 
 def _act_search() -> SearchKindConfig:
     return SearchKindConfig(
-        target_bitwidth=7.5,
+        target_bitwidth=AUTO,  # A7.5 (MixDQ's, and reference mode's auto) lost to A8 on both embedded models
         bits_content=[4, 8],
         bits_quality=[4, 8],
         k_min=0.94,
@@ -530,6 +545,11 @@ def _validate_search(cfg: DictConfig) -> None:
     if not s.sweep_density > 0:
         raise MpqError(f"config key 'search.sweep_density' is {s.sweep_density}; use a positive step in average bits")
     for kind in ("weight", "act"):
+        t = s[kind].target_bitwidth
+        if t != AUTO and (isinstance(t, bool) or not isinstance(t, (int, float))):
+            raise MpqError(
+                f"config key 'search.{kind}.target_bitwidth' is {t!r}; use average bits (e.g. 4.0) or {AUTO}"
+            )
         for b in s[kind].budgets:
             if isinstance(b, bool) or not isinstance(b, (int, float, str)):
                 raise MpqError(f"config key 'search.{kind}.budgets' holds {b!r}; use average bits or bytes like 750KB")
@@ -577,6 +597,8 @@ def _validate_search(cfg: DictConfig) -> None:
         pool = [*cfg.quant.bits, *named] if s.sweep == "full" and k.every_bit_below else named
         fewest = min(_nominal_bits(b) for b in pool)
         slack = float(s.band) if s.mode == "reference" else 0.0  # MixDQ's budget holds within the band
+        if k.target_bitwidth == AUTO:
+            continue
         if k.target_bitwidth + slack < fewest - 1e-9:
             raise MpqError(
                 f"config key 'search.{kind}.target_bitwidth' is {k.target_bitwidth}; no {kind} plan averages fewer "

@@ -175,6 +175,10 @@ class RunDir:
         """The best scored plan at each named budget."""
         return self.selection / f"{kind}_budgets.csv"
 
+    def curve(self, kind: str) -> Path:
+        """What each budget costs: the best scored plan at no more bytes, where it improves."""
+        return self.selection / f"{kind}_curve.csv"
+
     def selection_images(self, kind: str, plan_file: str) -> Path:
         """The images a candidate plan generated for selection."""
         return self.selection / "images" / kind / Path(plan_file).stem

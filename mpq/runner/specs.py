@@ -39,6 +39,7 @@ def _select_outputs(run: RunDir) -> tuple[Path, ...]:
         run.final_protect,
         *(run.scores(k) for k in KINDS),
         *(run.budgets(k) for k in KINDS),
+        *(run.curve(k) for k in KINDS),
     )
 
 

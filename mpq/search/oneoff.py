@@ -17,6 +17,7 @@ from omegaconf import DictConfig
 from mpq.errors import MpqError
 from mpq.plan import read_plan, write_plan
 from mpq.runner.choices import KINDS
+from mpq.runner.config import target_bits
 from mpq.runner.rundir import RunDir
 from mpq.search.build import compare_report, feasible_error, reference_problem, run_problem
 from mpq.search.candidates import Candidate, write_candidates
@@ -75,7 +76,7 @@ def solve(cfg: DictConfig, run: RunDir | None, req: SolveRequest, log: Callable[
     kinds = [req.kind] if req.kind else (["weight"] if req.mixdq else list(KINDS))
     for k in kinds:
         problem = problem_for(k)
-        target = req.target if req.target is not None else s[k].target_bitwidth
+        target = req.target if req.target is not None else target_bits(s, k, problem.avg_range()[1])
         # in a run, single solves go beside the sweep folders: candidates/<kind>/ holds exactly the sweep's plans
         outdir = req.outdir or ((run.manual_plans if req.single else run.candidate_folder(k)) if run else None)
         if outdir is None:

@@ -18,7 +18,7 @@ import numpy as np
 from mpq.errors import MpqError
 from mpq.plan import plan_file_name, write_plan
 from mpq.runner.choices import KINDS
-from mpq.runner.config import parse_bytes
+from mpq.runner.config import parse_bytes, target_bits
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
 from mpq.search.build import budget_for_avg, run_problem, write_protect_list
@@ -40,9 +40,13 @@ def sweep_grid(
     (``search.<kind>.budgets``) inside it, and in mpq mode K free (``inf``: no ratio constraint; only it reaches the
     ends, where both groups sit at their fewest or most bits); else MixDQ's linspace(target - sweep_span, target,
     sweep_steps).
-    ``target`` defaults to ``search.<kind>.target_bitwidth``."""
+    ``target`` defaults to ``search.<kind>.target_bitwidth`` (``auto``: the top of the range, see
+    :func:`~mpq.runner.config.target_bits`)."""
     kc = s[kind]
-    top = kc.target_bitwidth if target is None else target
+    if target is None:
+        top = target_bits(s, kind, problem.avg_range()[1] if problem is not None else most_bits(kc))
+    else:
+        top = target
     ks = sweep_values(kc.k_min, kc.k_max, kc.k_num)
     if s.sweep != "full" or problem is None:
         return sweep_values(top - s.sweep_span, top, s.sweep_steps), ks
@@ -54,6 +58,12 @@ def sweep_grid(
     n = max(2, math.ceil(round((hi - lo) / s.sweep_density, 6)) + 1)
     named = [budget_avg_bits(problem, b) for b in [top, *kc.budgets]]
     return sorted(set(sweep_values(lo, hi, n)) | {round(t, 4) for t in named if lo <= t <= hi}), ks
+
+
+def most_bits(kc: Any) -> float:
+    """The most integer bits a kind's groups may take (the top of a range with no problem to measure it)."""
+    ints = [float(b) for b in [*kc.bits_content, *kc.bits_quality] if not isinstance(b, str)]
+    return max(ints, default=8.0)
 
 
 def budget_avg_bits(problem: Problem, budget: Any) -> float:
