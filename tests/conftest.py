@@ -15,7 +15,21 @@ from mpq.quant.model import QuantModel
 from mpq.runner.config import load_config
 from mpq.runner.rundir import RunDir
 
-SMALL = ["sampling.steps=1", "calib.num_samples=8", "sampling.batch_size=4", "calib.batch_size=8", "model.device=cpu"]
+# MixDQ's three widths (the trained configs search every width from 2 to 8: twice the sensitivity time)
+THREE_WIDTHS = [
+    "quant.bits=[2,4,8]",
+    "search.weight.bits_content=[2,4,8]",
+    "search.weight.bits_quality=[4,8]",
+    "search.weight.also=[]",
+]
+SMALL = [
+    "sampling.steps=1",
+    "calib.num_samples=8",
+    "sampling.batch_size=4",
+    "calib.batch_size=8",
+    "model.device=cpu",
+    *THREE_WIDTHS,
+]
 
 
 @pytest.fixture(scope="session")
@@ -73,6 +87,7 @@ FULL_SMALL = [
     "search.weight.k_num=2",
     "search.act.k_num=2",
     "eval.num_images=8",
+    *THREE_WIDTHS,
 ]
 
 

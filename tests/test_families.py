@@ -191,6 +191,8 @@ def test_trace_of_an_fp32_export_equals_its_fake_quant_plan_everywhere(family_ru
 
 # ----------------------------------------------------------------------------- the UNet with guidance, many steps
 def test_unet_with_guidance_and_steps_runs_through_sensitivity(tmp_path):
+    from conftest import THREE_WIDTHS
+
     over = [
         "sampling.guidance_scale=3",
         "sampling.steps=2",
@@ -199,6 +201,7 @@ def test_unet_with_guidance_and_steps_runs_through_sensitivity(tmp_path):
         "sensitivity.num_images=2",
         "model.device=cpu",
         'sensitivity.layers=["*down_blocks.1.attentions.0.transformer_blocks.0.attn2.to_k","*conv_out"]',
+        *THREE_WIDTHS,
     ]
     run = RunDir(tmp_path / "run")
     with contextlib.redirect_stdout(io.StringIO()):

@@ -510,3 +510,52 @@ def test_a_layer_that_changes_nothing_does_not_break_the_program():
     expected = brute_mpq(problem, lo + 0.6 * (hi - lo), 1.0, 1e9)  # band 1e9: no K constraint
     got = problem.norm_objective(sol.plan, CONTENT) + problem.norm_objective(sol.plan, QUALITY)
     assert got == pytest.approx(expected, abs=1e-9)
+
+
+def test_a_narrower_candidate_set_swept_too_joins_the_family(tiny_run, tmp_path):
+    """``search.weight.also=[[4,8]]``: the plans of a sweep over W4/W8 alone join the program's family (a plan it has
+    keeps its file, a new one is named after the set), each distinct plan once."""
+    import shutil
+
+    from mpq.runner.rundir import RunDir
+    from mpq.search.candidates import read_candidates
+
+    rng = np.random.default_rng(5)
+    settings = {
+        "union": ["search.weight.also=[[4,8]]"],
+        "narrow": ["search.weight.bits_content=[4,8]", "search.weight.every_bit_below=false"],
+    }
+    runs = {}
+    for label in settings:
+        run = RunDir(tmp_path / label)
+        shutil.copytree(tiny_run.root, run.root)
+        runs[label] = run
+    infos = meta_layers(runs["union"].load_config())
+    files = {}
+    for kind in ("weight", "act"):
+        sqnr = {i.name: [float(v) for v in np.sort(rng.uniform(5, 60, 3))] for i in infos}
+        ssim = {i.name: [float(v) for v in np.sort(rng.uniform(0.5, 1.0, 3))] for i in infos if i.group == CONTENT}
+        files[kind] = (yaml.safe_dump(sqnr), yaml.safe_dump(ssim))
+    for label, extra in settings.items():
+        run = runs[label]
+        (run.root / "sensitivity").mkdir(exist_ok=True)
+        for kind, (sqnr, ssim) in files.items():
+            (run.root / "sensitivity" / f"{kind}_sqnr.yaml").write_text(sqnr)
+            (run.root / "sensitivity" / f"{kind}_ssim.yaml").write_text(ssim)
+        sweep = ["search.sweep=target", "search.sweep_steps=3", "search.weight.target_bitwidth=6"]
+        sweep += ["search.weight.k_num=2", "search.act.k_num=2"]
+        argv = ["search", "--base_path", str(run.root), *sweep, *extra]
+        assert main(argv) == 0
+
+    def plans(run):
+        folder = run.root / "candidates" / "weight"
+        return {p.name: tuple(sorted(read_plan(p).items())) for p in folder.glob("*.yaml")}
+
+    union, narrow = plans(runs["union"]), plans(runs["narrow"])
+    assert set(narrow.values()) <= set(union.values())  # every plan of the narrower sweep is in the family
+    assert len(set(union.values())) == len(union)  # each once
+    added = [f for f in union if f.startswith("weight_w48_")]
+    assert added and all({b for _, b in union[f]} <= {4, 8} for f in added)
+    assert any(2 in {b for _, b in p} for p in union.values())  # and the program's own plans, W2 on content layers
+    rows = read_candidates(runs["union"].candidate_table)
+    assert {r.plan_file for r in rows if r.kind == "weight" and r.plan_file} == set(union)

@@ -111,9 +111,11 @@ def test_train_tiny_sd3_runs_two_steps_seeded_and_resumable(tmp_path):
 def test_every_stage_runs_on_tiny_sd3(tmp_path):
     from test_families import TINY_RUN
 
+    from conftest import THREE_WIDTHS
+
     run = RunDir(tmp_path / "run")
     with contextlib.redirect_stdout(io.StringIO()):
-        assert main(["run", "--config", "tiny-sd3", "--outdir", str(run.root), *TINY_RUN]) == 0
+        assert main(["run", "--config", "tiny-sd3", "--outdir", str(run.root), *TINY_RUN, *THREE_WIDTHS]) == 0
     for stage in ("calib", "ptq", "sensitivity", "search", "select", "final", "report"):
         assert (run.stamps / f"{stage}.json").is_file(), stage
     meta = json.loads((run.calib / "meta.json").read_text())

@@ -295,6 +295,13 @@ def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:
         f"FP at {s['fp_dtype_bytes']} bytes a weight)",
         f"  MSE vs FP images: {s['final_mse']:.6g}",
     ]
+    ev = s.get("eval", {})
+    if CHOSEN in ev and "W4A8" in ev and ev["W4A8"].get("mse"):
+        c, u = ev[CHOSEN]["mse"], ev["W4A8"]["mse"]
+        lines.append(
+            f"  evaluation MSE vs FP ({s['eval_prompts']['n']} prompts): chosen {c:.3g}, uniform W4A8 {u:.3g} "
+            f"({c / u:.2f}x)"
+        )
     act = [p for p in (s.get("budget_curves") or {}).get("act", []) if p["chosen"]]
     if act:
         lines.append(

@@ -165,6 +165,10 @@ class SearchKindConfig:
     # groups, so the family reaches uniform-W2 bytes (above, the groups' bits hold: W2 on quality layers, allowed
     # everywhere, made the 3.5-4.5-bit plans 2-15x worse on the embedded model)
     every_bit_below: bool = True
+    # mpq mode: more candidate sets, each swept on its own over its range (both groups keep their candidates in the
+    # set); their plans join the family selection compares. With many candidates the program's summed scores can
+    # miss a mix a narrower set finds (tiny-sdxl, widths 2-8: 2.7x worse at the uniform-W4 bytes than with 2/4/8)
+    also: list[Any] = field(default_factory=list)
     k_min: float = 0.46  # K = avg bits content / avg bits quality, swept over linspace(k_min, k_max, k_num)
     k_max: float = 1.36
     k_num: int = 10
@@ -378,10 +382,13 @@ def build_config(
     """Merge a raw mapping onto the schema, then apply overrides and validate (``saved``: a run's own config.yaml)."""
     raw = _retire(raw, source, drop=saved)
     schema = OmegaConf.structured(MpqConfig)
+    target = _target_of(raw, overrides)
+    preset = target_preset(target)
     try:
-        cfg = OmegaConf.merge(schema, target_preset(_target_of(raw, overrides)), raw)
+        cfg = OmegaConf.merge(schema, preset, raw)
     except OmegaConfBaseException as err:
         raise _key_error(err, source) from None
+    _runtime_candidates(cfg, preset, target)
     for item in overrides:
         if "=" not in item:
             raise MpqError(f"override '{item}' is not of the form key=value (e.g. quant.bits=[4,8])")
@@ -410,11 +417,29 @@ def _target_of(raw: Any, overrides: Sequence[str]) -> str:
     return str(target)
 
 
+def _runtime_candidates(cfg: DictConfig, preset: DictConfig, target: str) -> None:
+    """A file's weight candidates that name none of a runtime target's formats (a pipeline config's integer
+    widths) give way to the target's own; a list that names them wins over the preset (overrides come later)."""
+    if "search" not in preset:
+        return
+    w, p = cfg.search.weight, preset.search.weight
+    replaced = False
+    for key in ("bits_content", "bits_quality"):
+        if not any(str(b).startswith(f"{target}-") for b in w[key]):
+            w[key] = list(p[key])
+            w.every_bit_below = p.every_bit_below
+            w.also = []
+            replaced = True
+    if replaced:  # the file's integer widths were weight candidates: keep only what the activations use
+        a = cfg.search.act
+        cfg.quant.bits = sorted({*a.bits_content, *a.bits_quality, cfg.search.act_protect_bit})
+
+
 def target_preset(target: str) -> DictConfig:
-    """What a target sets under a config (a key the config gives wins): ``sdnq`` (``gguf``) makes SDNQ's dtypes
-    (ggml's types) the weight candidates of both groups (``quant.weight_formats``, ``search.weight.bits_content`` /
-    ``bits_quality``), with no sweep below them (every plan must be storable by the runtime); ``gguf`` aims at 5
-    code bits a weight."""
+    """What a target sets under a config (a key the config gives wins, but see :func:`_runtime_candidates`):
+    ``sdnq`` (``gguf``) makes SDNQ's dtypes (ggml's types) the weight candidates of both groups
+    (``quant.weight_formats``, ``search.weight.bits_content`` / ``bits_quality``), with no sweep below them (every
+    plan must be storable by the runtime); ``gguf`` aims at 5 code bits a weight."""
     cands = list(choices.TARGETS[target])
     if not cands:
         return OmegaConf.create({})
@@ -588,6 +613,13 @@ def _validate_search(cfg: DictConfig) -> None:
                 what = "quant.bits and quant.weight_formats" if kind == "weight" else "quant.bits"
                 raise MpqError(
                     f"config key 'search.{kind}.{key}' is {list(k[key])}; use a non-empty subset of {what} {known}"
+                )
+        for subset in k.also:
+            names = [_format_key(b, f"search.{kind}.also") if isinstance(b, str) else b for b in subset or []]
+            if not names or any(b not in known for b in names):
+                raise MpqError(
+                    f"config key 'search.{kind}.also' holds {subset!r}; give lists of calibrated candidates "
+                    f"{known}, e.g. [[2,4,8]]"
                 )
         if k.k_num < 1 or k.k_min <= 0 or k.k_max < k.k_min:
             raise MpqError(f"config keys search.{kind}.k_min/k_max/k_num must give 0 < k_min <= k_max and k_num >= 1")

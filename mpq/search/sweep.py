@@ -254,6 +254,41 @@ def mark_pareto(rows: list[Candidate]) -> None:
         )
 
 
+def narrowed(cfg: Any, kind: str, subset: list[Any]) -> Any:
+    """``cfg`` with the kind's groups narrowed to the candidates of ``subset`` (a ``search.<kind>.also`` entry)."""
+    from omegaconf import OmegaConf
+
+    out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
+    kc = out.search[kind]
+    kc.bits_content = [b for b in kc.bits_content if b in subset] or list(subset)
+    kc.bits_quality = [b for b in kc.bits_quality if b in subset] or list(subset)
+    kc.also = []
+    return out
+
+
+def join_family(
+    family: dict[str, dict[str, Any]],
+    rows: list[Candidate],
+    plans: dict[str, dict[str, Any]],
+    kind: str,
+    subset: list[Any],
+) -> list[Candidate]:
+    """A narrower sweep's rows and plans joined to ``family`` (in place): a plan the family has keeps its file; a new
+    one is named ``<kind>_<subset>_<rest>`` (``weight_w248_4.00_inf.yaml``)."""
+    have = {plan_key(p): f for f, p in family.items()}
+    tag = f"{kind[0]}{''.join(_label(b) for b in subset)}"
+    names: dict[str, str] = {}
+    for f, plan in plans.items():
+        key = plan_key(plan)
+        if key not in have:
+            have[key] = f"{kind}_{tag}_{f[len(kind) + 1 :]}"
+            family[have[key]] = plan
+        names[f] = have[key]
+    for r in rows:
+        r.plan_file = names.get(r.plan_file, r.plan_file)
+    return rows
+
+
 def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool = True) -> list[Candidate]:
     """The search stage: candidates/{weight,act}/*.yaml, candidates/act_protect.pt, candidates/pareto.csv."""
     rows: list[Candidate] = []
@@ -270,6 +305,12 @@ def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool =
         kind_rows, found[kind] = run_sweep(problem, kind, s.mode, targets, ks, s, show, below)
         if not any(r.feasible and r.solved for r in kind_rows):  # the uniform and rule plans alone: not a sweep
             raise infeasible_sweep(problem, kind, cfg.search.mode, targets, ks)
+        for subset in s[kind].also if s.mode == "mpq" else []:
+            sub = run_problem(narrowed(cfg, kind, list(subset)), run, kind)[0]
+            sub_targets, _ = sweep_grid(s, kind, problem=sub)
+            more, plans = run_sweep(sub, kind, s.mode, sub_targets, ks, s, show)
+            kind_rows += join_family(found[kind], more, plans, kind, list(subset))
+        mark_pareto(kind_rows)
         rows += kind_rows
     if "act" in kinds:
         write_protect_list(run.act_protect, protected)

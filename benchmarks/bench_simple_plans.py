@@ -1,0 +1,216 @@
+"""Is mpq's plan ever beaten by a simpler one? Every byte level from 2.5 to 8 bits a weight, each family mechanism
+switched on and off.
+
+    python benchmarks/bench_simple_plans.py --config tiny-sdxl --out simple_sdxl     # ~15 min on 2 CPU cores
+    python benchmarks/bench_simple_plans.py --config tiny-sd3 --out simple_sd3       # ~35 min
+
+Weights only (activations FP), held-out prompts and seeds neither side saw (:class:`_imagebench.ImageBench`).
+
+* **Simple plans**: every uniform integer width from 2 to 8 bits with the run's own weight quantizer
+  (``quant.weight``), scored on the evaluation images; at each level the best at no more bytes, **chosen by its
+  evaluation MSE** (an oracle pick, in the simple plans' favour).
+* **mpq**, one run per mechanism setting (calibration, PTQ and sensitivity shared where the setting leaves them
+  alone): at each level the plan selection ranks best at no more bytes on the calibration prompts. Settings, each
+  adding one mechanism to the one before: the program's plans alone; + uniform plans in the family
+  (``search.uniform``); + the edge rules (``search.edge_rules``: the default); + 3-bit candidates
+  (``quant.bits=[2,3,4,8]``, W3 allowed on both groups); + every calibration image in selection
+  (``select.num_images`` = ``calib.num_samples``, where that is more than the default); apart from the chain,
+  every width from 2 to 8 bits a candidate (W2 on content layers only), alone and with MixDQ's 2/4/8 swept too
+  (``search.weight.also``: the trained configs' default).
+
+Ratios mpq / best simple plan with a paired-bootstrap 95% interval over images; the goal is <= 0.8 at every level.
+Bytes one way for both: codes plus every scale and offset at 2 bytes (:func:`_imagebench.weight_bytes`); levels
+are bits a weight (bytes x 8 / weights). Writes ``simple_plans.json`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from _imagebench import ImageBench, adherence, runtime_parser, weight_bytes  # noqa: E402
+from bench_peers import best_at  # noqa: E402
+
+from mpq.commands.main import main as mpq_main  # noqa: E402
+from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
+from mpq.plan import BitPlan, read_plan  # noqa: E402
+from mpq.quant.quantizer import WeightQuant  # noqa: E402
+from mpq.runner.rundir import RunDir  # noqa: E402
+from mpq.selection import read_scores  # noqa: E402
+
+LEVELS = [2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0]
+THREE = ["quant.bits=[2,4,8]", "search.weight.bits_content=[2,4,8]", "search.weight.bits_quality=[4,8]"]
+THREE_BIT = ["quant.bits=[2,3,4,8]", "search.weight.bits_content=[2,3,4,8]", "search.weight.bits_quality=[3,4,8]"]
+EVERY_WIDTH = [
+    "quant.bits=[2,3,4,5,6,7,8]",
+    "search.weight.bits_content=[2,3,4,5,6,7,8]",
+    "search.weight.bits_quality=[3,4,5,6,7,8]",
+]
+ALONE = "search.weight.also=[]"
+DEFAULT = "every width, 2/4/8 swept too (default)"
+
+
+def settings(num_samples: int, num_images: int) -> dict[str, list[str]]:
+    """Each mechanism setting's overrides: MixDQ's widths with one mechanism added after another, then the widths."""
+    out = {
+        "program only": [*THREE, ALONE, "search.uniform=false", "search.edge_rules=false"],
+        "+ uniform plans": [*THREE, ALONE, "search.edge_rules=false"],
+        "+ edge rules": [*THREE, ALONE],
+        "+ 3-bit candidates": [*THREE_BIT, ALONE],
+    }
+    if num_samples > num_images:
+        out["+ every calibration image in selection"] = [*THREE_BIT, ALONE, f"select.num_images={num_samples}"]
+    out["every width 2-8"] = [*EVERY_WIDTH, ALONE]
+    out[DEFAULT] = [*EVERY_WIDTH, "search.weight.also=[[2,4,8]]"]
+    return out
+
+
+def base_run(config: str, overrides: list[str], cache: dict[str, RunDir]) -> RunDir:
+    """A run through sensitivity for the overrides that touch PTQ (quant.*), made once per distinct set."""
+    ptq = tuple(o for o in overrides if o.startswith("quant."))
+    key = repr(ptq)
+    if key not in cache:
+        run = RunDir(Path(tempfile.mkdtemp()) / "base")
+        for stage in ("calib", "ptq", "sensitivity"):
+            assert mpq_main([stage, "--config", config, "--outdir", str(run.root), *ptq]) == 0, stage
+        cache[key] = run
+    return cache[key]
+
+
+def mechanism_points(
+    bench: ImageBench, config: str, label: str, overrides: list[str], base: RunDir, limits: list[float]
+) -> tuple[list[dict[str, Any]], float]:
+    """(the plan selection ranks best at each byte limit, scored on the evaluation images; search + select s)."""
+    run = RunDir(Path(tempfile.mkdtemp()) / "run")
+    shutil.copytree(base.root, run.root)
+    t0 = time.perf_counter()
+    for stage in ("search", "select"):
+        assert mpq_main([stage, "--config", config, "--outdir", str(run.root), *overrides]) == 0, stage
+    seconds = time.perf_counter() - t0
+    scores = read_scores(run.scores("weight"))
+    picked: dict[str, float] = {}
+    for limit in limits:
+        fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
+        if fit:
+            best = min(fit, key=lambda s: s.mse)
+            picked[best.plan_file] = best.mse
+    points = []
+    cfg = run.load_config()
+    wq = WeightQuant.from_config(cfg.quant.weight)
+    bench.calibrate(wq, list(cfg.quant.bits))  # data-free: the run's own weight parameters
+    for f, select_mse in picked.items():
+        plan = BitPlan(read_plan(run.candidates / "weight" / f))
+        bench.qm.apply(plan)
+        try:
+            images = bench.images()
+        finally:
+            bench.qm.set_fp()
+        points.append(
+            {
+                "setting": label,
+                "label": f,
+                "bytes": weight_bytes(plan, bench.infos, wq),
+                "select_mse": select_mse,
+                "mse": image_mse(images, bench.refs),
+                "adherence": adherence(bench, images),
+            }
+        )
+    shutil.rmtree(run.root.parent, ignore_errors=True)
+    print(f"{label}: {len(scores)} candidates, {len(picked)} picked, search + select {seconds:.0f} s", flush=True)
+    return points, seconds
+
+
+def main() -> None:
+    ap = runtime_parser(__doc__, "simple_plans_out")
+    ap.add_argument("--settings", nargs="*", default=None, help="only these mechanism settings (labels)")
+    args = ap.parse_args()
+    out = Path(args.out).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    bench = ImageBench(args.config, args.n)
+    n_weights = sum(i.weight_numel for i in bench.infos)
+    wq = WeightQuant.from_config(bench.cfg.quant.weight)
+    simple: list[dict[str, Any]] = []
+    for b in range(2, 9):
+        bench.calibrate(wq, [b])
+        nbytes, mse = bench.mpq_point(BitPlan.uniform(list(bench.names), b, None), wq)
+        simple.append({"label": f"uniform W{b}", "bytes": nbytes, "mse": mse, "adherence": float("nan")})
+        print(f"uniform W{b}: {nbytes * 8 / n_weights:.2f} bits/w, MSE {mse.mean():.3g}", flush=True)
+    limits = [lv * n_weights / 8 for lv in LEVELS]
+    cfg = bench.cfg
+    all_settings = settings(int(cfg.calib.num_samples), int(cfg.select.num_images))
+    chosen = {k: v for k, v in all_settings.items() if args.settings is None or k in args.settings}
+    cache: dict[str, RunDir] = {}
+    mpq: dict[str, list[dict[str, Any]]] = {}
+    seconds: dict[str, float] = {}
+    for label, overrides in chosen.items():
+        base = base_run(args.config, [*overrides, *args.mpq], cache)
+        mpq[label], seconds[label] = mechanism_points(bench, args.config, label, [*overrides, *args.mpq], base, limits)
+    rows = table(simple, mpq, n_weights, args)
+    data = {
+        "config": args.config,
+        "n_images": args.n,
+        "levels": LEVELS,
+        "settings": chosen,
+        "search_select_seconds": seconds,
+        "simple": [{k: (v.tolist() if isinstance(v, np.ndarray) else v) for k, v in p.items()} for p in simple],
+        "mpq": {
+            k: [{kk: (v.tolist() if isinstance(v, np.ndarray) else v) for kk, v in p.items()} for p in pts]
+            for k, pts in mpq.items()
+        },
+        "rows": rows,
+    }
+    (out / "simple_plans.json").write_text(json.dumps(data, indent=1))
+    for run in cache.values():
+        shutil.rmtree(run.root.parent, ignore_errors=True)
+    print(f"\nwrote {out / 'simple_plans.json'}; total {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def table(
+    simple: list[dict[str, Any]], mpq: dict[str, list[dict[str, Any]]], n_weights: int, args: Any
+) -> list[dict[str, Any]]:
+    for p in simple + [p for pts in mpq.values() for p in pts]:
+        p["mean_mse"] = float(np.mean(p["mse"]))
+    labels = list(mpq)
+    print(f"\n{args.config}, weight-only, {args.n} held-out prompts; mpq / best uniform plan at no more bytes\n")
+    print("| bits/weight | best uniform (oracle) | MSE | " + " | ".join(labels) + " |")
+    print("|---:|---|---:|" + "---|" * len(labels))
+    rows = []
+    for level in LEVELS:
+        limit = level * n_weights / 8
+        s = best_at(simple, limit, "mean_mse")
+        row: dict[str, Any] = {"bits": level, "best": s and s["label"], "best_mse": s and s["mean_mse"]}
+        cells = []
+        for label in labels:
+            m = best_at([dict(p, key=p["select_mse"]) for p in mpq[label]], limit, "key")
+            if m is None or s is None:
+                cells.append("no plan" if m is None else f"{m['label']} (no uniform plan)")
+                continue
+            r, lo, hi = paired_bootstrap_ratio(m["mse"], s["mse"])
+            row[label] = {"plan": m["label"], "mse": m["mean_mse"], "ratio": [r, lo, hi], "adh": m["adherence"]}
+            cells.append(f"{'**' if r <= 0.8 else ''}{r:.2f}{'**' if r <= 0.8 else ''} ({lo:.2f}-{hi:.2f})")
+        rows.append(row)
+        best = f"{s['label']} ({s['bytes'] * 8 / n_weights:.2f})" if s else "none"
+        print(f"| {level:.1f} | {best} | {s['mean_mse'] if s else float('nan'):.3g} | " + " | ".join(cells) + " |")
+    print("\n| setting | worst ratio | best ratio | levels <= 0.8 | levels > 1 |")
+    print("|---|---:|---:|---:|---:|")
+    for label in labels:
+        rs = [r[label]["ratio"][0] for r in rows if label in r]
+        if rs:
+            print(
+                f"| {label} | {max(rs):.2f} | {min(rs):.2f} | {sum(x <= 0.8 for x in rs)}/{len(rs)} | "
+                f"{sum(x > 1 for x in rs)}/{len(rs)} |"
+            )
+    return rows
+
+
+if __name__ == "__main__":
+    main()
