@@ -254,14 +254,20 @@ def mark_pareto(rows: list[Candidate]) -> None:
         )
 
 
-def narrowed(cfg: Any, kind: str, subset: list[Any]) -> Any:
-    """``cfg`` with the kind's groups narrowed to the candidates of ``subset`` (a ``search.<kind>.also`` entry)."""
+def narrowed(cfg: Any, kind: str, subset: list[Any]) -> Any | None:
+    """``cfg`` with the kind's groups narrowed to the candidates of ``subset`` (a ``search.<kind>.also`` entry) that
+    are calibrated; None when none is."""
     from omegaconf import OmegaConf
 
+    from mpq.search.build import candidates_of
+
+    known = [b for b in subset if b in candidates_of(cfg, kind)]
+    if not known:
+        return None
     out = OmegaConf.create(OmegaConf.to_container(cfg, resolve=True))
     kc = out.search[kind]
-    kc.bits_content = [b for b in kc.bits_content if b in subset] or list(subset)
-    kc.bits_quality = [b for b in kc.bits_quality if b in subset] or list(subset)
+    kc.bits_content = [b for b in kc.bits_content if b in known] or known
+    kc.bits_quality = [b for b in kc.bits_quality if b in known] or known
     kc.also = []
     return out
 
@@ -306,7 +312,11 @@ def run_search(cfg: Any, run: RunDir, kinds: Sequence[str] = KINDS, show: bool =
         if not any(r.feasible and r.solved for r in kind_rows):  # the uniform and rule plans alone: not a sweep
             raise infeasible_sweep(problem, kind, cfg.search.mode, targets, ks)
         for subset in s[kind].also if s.mode == "mpq" else []:
-            sub = run_problem(narrowed(cfg, kind, list(subset)), run, kind)[0]
+            narrow = narrowed(cfg, kind, list(subset))
+            groups = ("bits_content", "bits_quality")
+            if narrow is None or all(list(narrow.search[kind][g]) == list(s[kind][g]) for g in groups):
+                continue  # nothing of the set calibrated, or the groups' own sweep again
+            sub = run_problem(narrow, run, kind)[0]
             sub_targets, _ = sweep_grid(s, kind, problem=sub)
             more, plans = run_sweep(sub, kind, s.mode, sub_targets, ks, s, show)
             kind_rows += join_family(found[kind], more, plans, kind, list(subset))
