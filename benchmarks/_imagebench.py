@@ -128,13 +128,23 @@ def mpq_points(
     selection ranks best on the calibration prompts (chosen without the evaluation images), scored on them."""
     import time
 
-    from mpq.plan import read_plan
-    from mpq.selection import read_scores
-
     run = RunDir(Path(tempfile.mkdtemp()) / "run")
     for stage in ("calib", "ptq", "sensitivity", "search", "select"):
         assert mpq_main([stage, "--config", config, "--outdir", str(run.root), *overrides]) == 0, stage
     print(f"mpq run: {time.perf_counter() - t0:.0f} s", flush=True)
+    points, n = selected_points(bench, run, limits, wq)
+    print(f"mpq: {n} candidates, {len(points)} picked ({time.perf_counter() - t0:.0f} s)", flush=True)
+    return points, run
+
+
+def selected_points(
+    bench: ImageBench, run: RunDir, limits: list[float], wq: WeightQuant, **extra: Any
+) -> tuple[list[dict[str, Any]], int]:
+    """(at each byte limit the weight candidate a finished run's selection ranks best on the calibration prompts,
+    chosen without the evaluation images, scored on them; how many candidates selection scored)."""
+    from mpq.plan import read_plan
+    from mpq.selection import read_scores
+
     scores = read_scores(run.scores("weight"))  # selection's own MSE (calibration prompts)
     picked: dict[str, float] = {}
     for limit in limits:
@@ -153,6 +163,7 @@ def mpq_points(
         points.append(
             {
                 "tool": "mpq",
+                **extra,
                 "label": f,
                 "bytes": weight_bytes(plan, bench.infos, wq),
                 "select_mse": select_mse,
@@ -160,8 +171,7 @@ def mpq_points(
                 "adherence": adherence(bench, images),
             }
         )
-    print(f"mpq: {len(scores)} candidates, {len(picked)} picked ({time.perf_counter() - t0:.0f} s)", flush=True)
-    return points, run
+    return points, len(scores)
 
 
 def runtime_parser(doc: str, out: str) -> Any:

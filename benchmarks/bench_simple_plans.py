@@ -36,15 +36,14 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _imagebench import ImageBench, adherence, runtime_parser, weight_bytes  # noqa: E402
+from _imagebench import ImageBench, runtime_parser, selected_points  # noqa: E402
 from bench_peers import best_at  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
-from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
-from mpq.plan import BitPlan, read_plan  # noqa: E402
+from mpq.metrics import paired_bootstrap_ratio  # noqa: E402
+from mpq.plan import BitPlan  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
 from mpq.runner.rundir import RunDir  # noqa: E402
-from mpq.selection import read_scores  # noqa: E402
 
 LEVELS = [2.5, 3.0, 3.5, 4.0, 4.5, 5.0, 5.5, 6.0, 6.5, 7.0, 7.5, 8.0]
 THREE = ["quant.bits=[2,4,8]", "search.weight.bits_content=[2,4,8]", "search.weight.bits_quality=[4,8]"]
@@ -95,36 +94,12 @@ def mechanism_points(
     for stage in ("search", "select"):
         assert mpq_main([stage, "--config", config, "--outdir", str(run.root), *overrides]) == 0, stage
     seconds = time.perf_counter() - t0
-    scores = read_scores(run.scores("weight"))
-    picked: dict[str, float] = {}
-    for limit in limits:
-        fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
-        if fit:
-            best = min(fit, key=lambda s: s.mse)
-            picked[best.plan_file] = best.mse
-    points = []
     cfg = run.load_config()
     wq = WeightQuant.from_config(cfg.quant.weight)
     bench.calibrate(wq, list(cfg.quant.bits))  # data-free: the run's own weight parameters
-    for f, select_mse in picked.items():
-        plan = BitPlan(read_plan(run.candidates / "weight" / f))
-        bench.qm.apply(plan)
-        try:
-            images = bench.images()
-        finally:
-            bench.qm.set_fp()
-        points.append(
-            {
-                "setting": label,
-                "label": f,
-                "bytes": weight_bytes(plan, bench.infos, wq),
-                "select_mse": select_mse,
-                "mse": image_mse(images, bench.refs),
-                "adherence": adherence(bench, images),
-            }
-        )
+    points, n = selected_points(bench, run, limits, wq, setting=label)
     shutil.rmtree(run.root.parent, ignore_errors=True)
-    print(f"{label}: {len(scores)} candidates, {len(picked)} picked, search + select {seconds:.0f} s", flush=True)
+    print(f"{label}: {n} candidates, {len(points)} picked, search + select {seconds:.0f} s", flush=True)
     return points, seconds
 
 
