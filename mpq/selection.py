@@ -82,11 +82,6 @@ class BudgetBest:
     bytes: float
 
 
-def best_within(ranked: list[Score], limit: float) -> Score | None:
-    """The best of ``ranked`` (best first) whose bytes are at most ``limit``."""
-    return next((r for r in ranked if r.bytes <= limit * (1 + 1e-9)), None)
-
-
 def named_budgets(cfg: DictConfig, run: RunDir, kind: str) -> list[tuple[str, float]]:
     """(name, bytes) of the target budget and every ``search.<kind>.budgets`` entry, the target first.
 
