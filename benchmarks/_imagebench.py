@@ -154,7 +154,7 @@ def selected_points(
             picked[best.plan_file] = best.mse
     points = []
     for f, select_mse in picked.items():
-        plan = BitPlan(read_plan(run.candidates / "weight" / f))
+        plan = BitPlan(read_plan(run.scored_plan("weight", f)))
         bench.qm.apply(plan)
         try:
             images = bench.images()

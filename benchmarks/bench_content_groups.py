@@ -71,7 +71,7 @@ def main() -> None:
         cfg = run.load_config()
         pipe, qm, _ = quantized_pipeline(cfg, run)
         rows = read_records(run.selection / "weight_budgets.csv", BudgetBest, "re-run the benchmark")
-        plans = {f"W{r.budget}": BitPlan(read_plan(run.candidates / "weight" / r.plan_file)) for r in rows}
+        plans = {f"W{r.budget}": BitPlan(read_plan(run.scored_plan("weight", r.plan_file))) for r in rows}
         if evalset is None:
             evalset = eval_set(cfg, run, pipe, Path(tempfile.mkdtemp(prefix="mpq-groups-fp-")))
         scores, per_image[name] = {}, {}

@@ -149,7 +149,7 @@ def main() -> None:
     for method, run in runs.items():
         for row in read_csv(run.selection / "weight_budgets.csv"):
             if row["plan_file"] and row["budget"] in BUDGETS:
-                plans[f"{method} W{row['budget']}"] = BitPlan(read_plan(run.candidates / "weight" / row["plan_file"]))
+                plans[f"{method} W{row['budget']}"] = BitPlan(read_plan(run.scored_plan("weight", row["plan_file"])))
         plans[f"{method} chosen W+A"] = final_plan(run)
     listed = read_prompts(cfg.eval.prompts_file, "eval.prompts_file")
     prompts, seeds = cycle(listed, min(args.n, len(listed)), cfg.sampling.seed)

@@ -87,7 +87,7 @@ def stage(name: str, root: Path, config: str, extra: list[str]) -> None:
 def budget_plans(run: RunDir) -> dict[float, BitPlan]:
     """{budget bytes: the plan selection ranks best at no more bytes}."""
     rows = read_records(run.selection / "weight_budgets.csv", BudgetBest, "re-run the benchmark")
-    return {r.budget_bytes: BitPlan(read_plan(run.candidates / "weight" / r.plan_file)) for r in rows if r.plan_file}
+    return {r.budget_bytes: BitPlan(read_plan(run.scored_plan("weight", r.plan_file))) for r in rows if r.plan_file}
 
 
 def score(bench: ImageBench, images: np.ndarray) -> dict[str, Any]:

@@ -165,7 +165,7 @@ def main() -> None:
             if fit:
                 picks[min(fit, key=lambda s: s.mse).plan_file] = min(fit, key=lambda s: s.mse).mse
         for f, select_mse in picks.items():
-            plan = BitPlan(read_plan(run.candidates / "weight" / f))
+            plan = BitPlan(read_plan(run.scored_plan("weight", f)))
             nbytes, mse = bench.mpq_point(plan, wq)
             points.append({"tool": "mpq", "label": f, "bytes": nbytes, "select_mse": select_mse, "mse": mse})
         print(f"mpq: {len(scores)} candidates, {len(picks)} picked ({time.perf_counter() - t0:.0f} s)", flush=True)

@@ -190,7 +190,7 @@ def main() -> None:
     (out / "sdnq_plans.json").write_text(json.dumps(data, indent=1))  # before the timing: the table is kept
     timed = min(rows, key=lambda r: abs(r["level"] - 4.5)) if rows else None  # a typical level
     if timed is not None:
-        plan_file = run.candidates / "weight" / timed["mpq"]
+        plan_file = run.scored_plan("weight", timed["mpq"])
         uniform = next(p["conf"] for p in points if p["label"] == timed["sdnq"])
         data["seconds_per_generation"] = speed(run, plan_file, uniform, bench.cfg, out, args.repeats)
         print("\nseconds a generation (stock diffusers, no mpq, CPU):", json.dumps(data["seconds_per_generation"]))

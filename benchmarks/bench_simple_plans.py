@@ -18,6 +18,11 @@ Weights only (activations FP), held-out prompts and seeds neither side saw (:cla
   every width from 2 to 8 bits a candidate (W2 on content layers only), alone and with MixDQ's 2/4/8 swept too
   (``search.weight.also``: the trained configs' default).
 
+``--refine N`` adds a column per setting: at each level, the selected plan refined as selection refines its
+chosen one (``select.refine_evals=N``; every other column runs with refinement off). ``--mpq key=value ...`` runs
+every setting with those overrides (``sensitivity.method=fisher``); ``--compare BASE.json OTHER.json`` prints
+OTHER's held-out MSE over BASE's at each level for the settings both have (paired bootstrap).
+
 Ratios mpq / best simple plan with a paired-bootstrap 95% interval over images; the goal is <= 0.8 at every level.
 Bytes one way for both: codes plus every scale and offset at 2 bytes (:func:`_imagebench.weight_bytes`); levels
 are bits a weight (bytes x 8 / weights). Writes ``simple_plans.json`` into ``--out``.
@@ -36,11 +41,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _imagebench import ImageBench, runtime_parser, selected_points  # noqa: E402
+from _imagebench import ImageBench, adherence, runtime_parser, selected_points, weight_bytes  # noqa: E402
 from bench_peers import best_at  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
-from mpq.metrics import paired_bootstrap_ratio  # noqa: E402
+from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
 from mpq.plan import BitPlan  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
 from mpq.runner.rundir import RunDir  # noqa: E402
@@ -54,6 +59,7 @@ EVERY_WIDTH = [
     "search.weight.bits_quality=[3,4,5,6,7,8]",
 ]
 ALONE = "search.weight.also=[]"
+UPSTREAM = ("quant.", "sensitivity.", "calib.", "sampling.", "model.")  # keys of the stages a base run makes
 DEFAULT = "every width, 2/4/8 swept too (default)"
 
 
@@ -73,8 +79,9 @@ def settings(num_samples: int, num_images: int) -> dict[str, list[str]]:
 
 
 def base_run(config: str, overrides: list[str], cache: dict[str, RunDir]) -> RunDir:
-    """A run through sensitivity for the overrides that touch PTQ (quant.*), made once per distinct set."""
-    ptq = tuple(o for o in overrides if o.startswith("quant."))
+    """A run through sensitivity for the overrides that touch it (quant.*, sensitivity.*, ...), made once per
+    distinct set."""
+    ptq = tuple(o for o in overrides if o.startswith(UPSTREAM))
     key = repr(ptq)
     if key not in cache:
         run = RunDir(Path(tempfile.mkdtemp()) / "base")
@@ -85,7 +92,13 @@ def base_run(config: str, overrides: list[str], cache: dict[str, RunDir]) -> Run
 
 
 def mechanism_points(
-    bench: ImageBench, config: str, label: str, overrides: list[str], base: RunDir, limits: list[float]
+    bench: ImageBench,
+    config: str,
+    label: str,
+    overrides: list[str],
+    base: RunDir,
+    limits: list[float],
+    refine_evals: int = 0,
 ) -> tuple[list[dict[str, Any]], float]:
     """(the plan selection ranks best at each byte limit, scored on the evaluation images; search + select s)."""
     run = RunDir(Path(tempfile.mkdtemp()) / "run")
@@ -98,15 +111,97 @@ def mechanism_points(
     wq = WeightQuant.from_config(cfg.quant.weight)
     bench.calibrate(wq, list(cfg.quant.bits))  # data-free: the run's own weight parameters
     points, n = selected_points(bench, run, limits, wq, setting=label)
+    if refine_evals:
+        refined = refined_points(bench, run, limits, wq, refine_evals, label)
+        points += refined
     shutil.rmtree(run.root.parent, ignore_errors=True)
     print(f"{label}: {n} candidates, {len(points)} picked, search + select {seconds:.0f} s", flush=True)
     return points, seconds
 
 
+def refined_points(
+    bench: ImageBench, run: RunDir, limits: list[float], wq: WeightQuant, evals: int, label: str
+) -> list[dict[str, Any]]:
+    """At each byte limit, the selected plan refined as selection refines its chosen one (``select.refine_evals``:
+    :func:`mpq.selection.refine_plan`), scored on the evaluation images (setting ``<label> + refine``)."""
+    from mpq.plan import read_plan
+    from mpq.selection import open_session, read_scores, refine_plan, refine_problem
+
+    cfg = run.load_config()
+    cfg.select.refine_evals = evals
+    scores = read_scores(run.scores("weight"))
+    session = open_session(cfg, run)
+    out = []
+    for limit in limits:
+        fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
+        if not fit:
+            continue
+        best = min(fit, key=lambda s: s.mse)
+        start = read_plan(run.scored_plan("weight", best.plan_file))
+        t0 = time.perf_counter()
+        r = refine_plan(session, refine_problem(cfg, run, start), start, best.mse, limit, show=False)
+        took = time.perf_counter() - t0
+        plan = BitPlan(r.plan)
+        bench.qm.apply(plan)
+        try:
+            images = bench.images()
+        finally:
+            bench.qm.set_fp()
+        moves = len(r.trail) - 1
+        print(f"  refine @{limit:,.0f}: {best.mse:.4g} -> {r.value:.4g}, {r.evals} evals, {moves} moves, {took:.0f} s")
+        out.append(
+            {
+                "tool": "mpq",
+                "setting": f"{label} + refine",
+                "label": f"refined {best.plan_file} ({moves} moves)",
+                "bytes": weight_bytes(plan, bench.infos, wq),
+                "select_mse": r.value,
+                "mse": image_mse(images, bench.refs),
+                "adherence": adherence(bench, images),
+                "refine_seconds": took,
+            }
+        )
+    return out
+
+
+def pick(points: list[dict[str, Any]], limit: float) -> dict[str, Any] | None:
+    """The point selection ranks best (its calibration-prompt MSE) at no more than ``limit`` bytes."""
+    return best_at([dict(p, key=p["select_mse"]) for p in points], limit, "key")
+
+
+def compare(base: Path, other: Path) -> None:
+    """Print, per level and per setting both files have, ``other``'s held-out MSE over ``base``'s (paired bootstrap
+    95% interval): e.g. fisher-sensitivity runs against exact ones (``--mpq sensitivity.method=fisher``)."""
+    a, b = json.loads(base.read_text()), json.loads(other.read_text())
+    n_weights = a.get("n_weights") or b["n_weights"]
+    labels = [k for k in a["mpq"] if k in b["mpq"]]
+    print(f"\n{other} / {base}, held-out MSE at each level\n")
+    print("| bits/weight | " + " | ".join(labels) + " |")
+    print("|---:|" + "---|" * len(labels))
+    for level in a["levels"]:
+        cells = []
+        for label in labels:
+            pa, pb = (pick(d["mpq"][label], level * n_weights / 8) for d in (a, b))
+            if pa is None or pb is None:
+                cells.append("no plan")
+                continue
+            r, lo, hi = paired_bootstrap_ratio(np.array(pb["mse"]), np.array(pa["mse"]))
+            same = " (same plan)" if pa["label"] == pb["label"] and np.array_equal(pa["mse"], pb["mse"]) else ""
+            cells.append(f"{r:.2f} ({lo:.2f}-{hi:.2f}){same}")
+        print(f"| {level:.1f} | " + " | ".join(cells) + " |")
+
+
 def main() -> None:
     ap = runtime_parser(__doc__, "simple_plans_out")
+    ap.add_argument("--compare", nargs=2, type=Path, metavar=("BASE", "OTHER"), help="compare two results and exit")
     ap.add_argument("--settings", nargs="*", default=None, help="only these mechanism settings (labels)")
+    ap.add_argument(
+        "--refine", type=int, default=0, help="also refine each level's selected plan, this many evaluations each"
+    )
     args = ap.parse_args()
+    if args.compare:
+        compare(*args.compare)
+        return
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
@@ -127,12 +222,19 @@ def main() -> None:
     mpq: dict[str, list[dict[str, Any]]] = {}
     seconds: dict[str, float] = {}
     for label, overrides in chosen.items():
+        overrides = [*overrides, "select.refine_evals=0"]  # refinement: its own column (--refine), at every level
         base = base_run(args.config, [*overrides, *args.mpq], cache)
-        mpq[label], seconds[label] = mechanism_points(bench, args.config, label, [*overrides, *args.mpq], base, limits)
+        pts, seconds[label] = mechanism_points(
+            bench, args.config, label, [*overrides, *args.mpq], base, limits, args.refine
+        )
+        for p in pts:
+            mpq.setdefault(p.get("setting", label), []).append(p)
     rows = table(simple, mpq, n_weights, args)
     data = {
         "config": args.config,
         "n_images": args.n,
+        "n_weights": n_weights,
+        "overrides": args.mpq,
         "levels": LEVELS,
         "settings": chosen,
         "search_select_seconds": seconds,
@@ -165,7 +267,7 @@ def table(
         row: dict[str, Any] = {"bits": level, "best": s and s["label"], "best_mse": s and s["mean_mse"]}
         cells = []
         for label in labels:
-            m = best_at([dict(p, key=p["select_mse"]) for p in mpq[label]], limit, "key")
+            m = pick(mpq[label], limit)
             if m is None or s is None:
                 cells.append("no plan" if m is None else f"{m['label']} (no uniform plan)")
                 continue

@@ -30,13 +30,13 @@ from omegaconf import DictConfig
 from mpq.calibration.checkpoint import quantized_pipeline
 from mpq.errors import MpqError
 from mpq.images import PromptEmbeddings, generate, save_images
-from mpq.plan import BitPlan, write_plan
+from mpq.plan import FORMATS_SUFFIX, BitPlan, plan_file_name, read_plan, write_plan
 from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, score_images
 from mpq.runner import distributed
 from mpq.runner.choices import KINDS
 from mpq.runner.config import AUTO, target_bits
-from mpq.runner.files import file_digest, read_records, write_layer_list, write_records
+from mpq.runner.files import file_digest, read_json, read_records, write_json, write_layer_list, write_records
 from mpq.runner.progress import progress
 from mpq.runner.rundir import RunDir
 from mpq.runner.sharded import ShardedWork, run_sharded, stage_signature
@@ -187,6 +187,24 @@ class _Session:
     text: PromptEmbeddings | None = None  # the selection prompts, encoded once for every candidate
 
 
+def open_session(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> _Session:
+    """The run's quantized pipeline with selection's prompts, seeds and FP references (the first
+    ``select.num_images`` calibration images), prompts encoded once."""
+    pipe, qm, _ = quantized_pipeline(cfg, run, pipe)
+    images = calibration_set(run, cfg.select.num_images, "select.num_images")
+    return _Session(cfg, run, pipe, qm, images.prompts, images.seeds, images.refs, PromptEmbeddings(pipe, cfg))
+
+
+def plan_mse(s: _Session, plan: BitPlan) -> float:
+    """Selection's objective for one plan: the mean image MSE of its selection images against FP (nothing saved)."""
+    s.qm.apply(plan)
+    try:
+        generated = generate(s.pipe, s.prompts, s.seeds, s.cfg, text=s.text)
+    finally:
+        s.qm.set_fp()
+    return float(score_images(generated, s.refs)["mse"])
+
+
 def _trial(kind: str, plan: BitPlan, weight: BitPlan | None, protect_weights: bool) -> BitPlan:
     """The plan that runs for a candidate: a weight candidate alone (activations FP), or an act candidate on top of
     the chosen ``weight`` plan; with ``protect_weights`` the act-protected layers' weights stay FP too (made here,
@@ -239,7 +257,7 @@ def _score_kind(
 
     def read() -> list[Score] | None:
         done = read_scores(table)
-        return done if {r.plan_file for r in done} == set(plans) else None
+        return done if {r.plan_file for r in done if not is_refined(kind, r.plan_file)} == set(plans) else None
 
     return run_sharded(
         work,
@@ -299,6 +317,143 @@ def check_fits(kind: str, plan_bytes: list[float], limit: float) -> None:
         )
 
 
+def is_refined(kind: str, plan_file: str) -> bool:
+    """Is ``plan_file`` a refined plan (selection's own, not one of the search's family; see
+    :meth:`RunDir.scored_plan`)?"""
+    return plan_file.startswith(f"{kind}_refined_")
+
+
+def refine_problem(cfg: DictConfig, run: RunDir, plan: dict[str, Any]) -> Any:
+    """The weight problem a plan is refined in: the configured groups', or every candidate on every layer where the
+    plan already uses more (a plan of the sweep below the groups' fewest bits)."""
+    from mpq.search.build import run_problem
+
+    problem = run_problem(cfg, run, "weight")[0]
+    if all(plan[n] in problem.bits[i] for i, n in enumerate(problem.names) if problem.bits[i]):
+        return problem
+    return run_problem(cfg, run, "weight", every_bit=True)[0]
+
+
+def refine_plan(
+    s: _Session, problem: Any, start: dict[str, Any], start_mse: float, limit: float, show: bool = True
+) -> Any:
+    """:func:`mpq.search.refine.refine` from ``start`` (its selection MSE ``start_mse``) within ``limit`` bytes, each
+    move scored by selection's objective (:func:`plan_mse`, activations FP); ``select.refine_*`` set the effort."""
+    from mpq.search.refine import refine
+
+    evals, per_round = int(s.cfg.select.refine_evals), int(s.cfg.select.refine_per_round)
+    bar = progress(total=evals, desc="select: refine weight plan", unit="plan", disable=not show)
+    d = distributed.current()
+
+    def objective(plan: dict[str, Any]) -> float:
+        return plan_mse(s, BitPlan(plan))
+
+    def many(plans: list[dict[str, Any]]) -> list[float]:
+        """A round's plans, shared out over the torchrun ranks (every rank gets every value, so every rank takes
+        the same move)."""
+        mine = {i: objective(p) for i, p in enumerate(plans) if i % d.world == d.rank}
+        merged: dict[int, float] = {}
+        for part in d.gather(mine):
+            merged.update(part)
+        bar.update(len(plans))
+        return [merged[i] for i in range(len(plans))]
+
+    try:
+        return refine(problem, start, limit, objective, evals, per_round, start_value=start_mse, many=many)
+    finally:
+        bar.close()
+
+
+def _refine_chosen(
+    s: _Session,
+    ranked: list[Score],
+    plans: dict[str, BitPlan],
+    limit: float,
+    measured: bool,
+    sig: str,
+    show: bool,
+    force: bool,
+) -> tuple[list[Score], dict[str, BitPlan]]:
+    """The weight ranking with the chosen plan refined (:func:`refine_plan`): when the search improves on it, the
+    refined plan (``selection/weight_refined_<start>``) is added, scored like every candidate, and chosen.
+    Within the target budget (measured: within the chosen plan's bytes). Resumed from ``selection/weight_refine.json``
+    when its signature matches. Returns (ranked, {refined file: plan})."""
+    import hashlib
+    import time
+
+    kind, run, cfg = "weight", s.run, s.cfg
+    ranked = [r for r in ranked if not is_refined(kind, r.plan_file)]  # a table read back has it: made again below
+    for r in ranked:
+        r.chosen = False
+    start = choose(ranked, limit, measured)
+    assert start is not None
+    start.chosen = True
+    limit = start.bytes if measured else limit
+    key = [sig, start.plan_file, start.mse, limit, cfg.select.refine_evals, cfg.select.refine_per_round]
+    signature = hashlib.sha256(repr(key).encode()).hexdigest()[:16]
+    log = run.refine_log(kind)
+    data = read_json(log) if log.is_file() and not force else None
+    if data is not None and (
+        data.get("signature") != signature
+        or (data["plan_file"] and not run.scored_plan(kind, data["plan_file"]).is_file())
+    ):
+        data = None
+    if data is None:  # every rank searches (each scores its share of a round's moves); the main one writes
+        t0 = time.perf_counter()
+        base = plans[start.plan_file].weight
+        problem = refine_problem(cfg, run, base)
+        r = refine_plan(s, problem, base, start.mse, limit, show)
+        data = {
+            "signature": signature,
+            "start": start.plan_file,
+            "start_mse": start.mse,
+            "limit_bytes": limit,
+            "evals": r.evals,
+            "mse": r.value,
+            "plan_file": "",
+            "trail": [{"move": m, "mse": v, "bytes": b} for m, v, b in r.trail],
+        }
+        if r.improved and distributed.current().is_main:
+            stem = start.plan_file.removesuffix(FORMATS_SUFFIX).removesuffix(".yaml")[len(kind) + 1 :]
+            name = plan_file_name(f"{kind}_refined_{stem}", r.plan)
+            write_plan(run.scored_plan(kind, name), r.plan)
+            scored = _score_one(s, kind, name, BitPlan(r.plan))
+            data.update(plan_file=name, score=scored, avg_bits=problem.avg_bits(r.plan))
+            data["bytes"] = problem.plan_bytes(r.plan)
+        data["seconds"] = time.perf_counter() - t0
+        if distributed.current().is_main:
+            write_json(log, data)
+    data = distributed.current().broadcast(data)
+    if not data["plan_file"]:
+        return ranked, {}
+    name, sc = data["plan_file"], data["score"]
+    row = Score(name, kind, sc["mse"], sc["ssim"], sc["psnr"], sc["adherence"], data["avg_bits"], data["bytes"])
+    start.chosen, row.chosen = False, True
+    ranked = rank([*ranked, row])
+    if distributed.current().is_main:
+        write_scores(run.scores(kind), ranked)
+    return ranked, {name: BitPlan(read_plan(run.scored_plan(kind, name)))}
+
+
+def refine_line(data: dict[str, Any]) -> str:
+    """One line on a refinement (``selection/<kind>_refine.json``), for the stage's summary."""
+    moves = len(data["trail"]) - 1
+    if not data["plan_file"]:
+        return f"  refined: no better plan in {data['evals']} evaluations; kept {data['start']}"
+    ratio = data["mse"] / data["start_mse"] if data["start_mse"] > 0 else math.nan
+    return (
+        f"  refined from {data['start']}: {moves} moves in {data['evals']} evaluations ({data['seconds']:.0f} s), "
+        f"selection MSE {data['start_mse']:.6g} -> {data['mse']:.6g} ({ratio:.2f}x)"
+    )
+
+
+def _drop_refined(run: RunDir, kind: str) -> None:
+    """Remove an earlier refinement's log and plan (refinement now off)."""
+    run.refine_log(kind).unlink(missing_ok=True)
+    for p in run.selection.glob(f"{kind}_refined_*.yaml"):
+        p.unlink()
+
+
 def run_selection(
     cfg: DictConfig, run: RunDir, pipe: Any | None = None, show: bool = True, force: bool = False
 ) -> dict[str, Score]:
@@ -314,12 +469,10 @@ def run_selection(
         if not plans:
             raise MpqError(f"{table} lists no {kind} plans; re-run the search with a feasible budget")
         check_fits(kind, [by_file[f].bytes for f in plans], kind_budgets[kind][0][1])
-    pipe, qm, _ = quantized_pipeline(cfg, run, pipe)
-    images = calibration_set(run, cfg.select.num_images, "select.num_images")
-    n = len(images.prompts)
-    session = _Session(cfg, run, pipe, qm, images.prompts, images.seeds, images.refs, PromptEmbeddings(pipe, cfg))
+    session = open_session(cfg, run, pipe)
+    qm, n = session.qm, len(session.prompts)
     # the inputs the scores depend on besides the stage's config keys (protect_weights, sampling, ...: SELECT's)
-    base = {"n": n, "seeds": images.seeds, "ckpt": file_digest(run.ckpt), "candidates": file_digest(table)}
+    base = {"n": n, "seeds": session.seeds, "ckpt": file_digest(run.ckpt), "candidates": file_digest(table)}
     chosen: dict[str, Score] = {}
     final: BitPlan | None = None
     try:
@@ -336,6 +489,11 @@ def run_selection(
                 SELECT, cfg, **base, kind=kind, plans=plan_sig, weight=repr(final), limit=budgets[0][1]
             )
             ranked = _score_kind(session, kind, plans, by_file, final, sig, show, force, budgets[0][1], measured)
+            if kind == "weight" and cfg.search.mode == "mpq" and cfg.select.refine_evals > 0:
+                ranked, refined = _refine_chosen(session, ranked, plans, budgets[0][1], measured, sig, show, force)
+                plans = {**plans, **refined}
+            elif distributed.current().is_main:
+                _drop_refined(run, kind)
             chosen[kind] = next(r for r in ranked if r.chosen)
             final = _trial(kind, plans[chosen[kind].plan_file], final, cfg.search.protect_weights)
             if distributed.current().is_main:

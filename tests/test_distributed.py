@@ -3,6 +3,7 @@ job resumes from what every rank finished, and a rank that dies stops the job wi
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -201,6 +202,9 @@ def test_run_with_two_ranks_shards_selection(full_run, tmp_path):
         read_layer_list(r.root / "selection" / "final_act_protect.pt") for r in (one, two)
     ]  # a zip: its member names vary
     assert protect[0] == protect[1]
+    # the refinement's rounds were shared out over the ranks: the same moves, the same values
+    logs = [json.loads((r.root / "selection" / "weight_refine.json").read_text()) for r in (one, two)]
+    assert logs[0]["plan_file"] and logs[0]["trail"] == logs[1]["trail"]
     assert (two.root / "report" / "summary.json").is_file()
 
 

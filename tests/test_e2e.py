@@ -6,6 +6,7 @@ import re
 import shutil
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -13,8 +14,9 @@ from PIL import Image
 from mpq.commands.main import main
 from mpq.plan import read_layer_list, read_plan
 from mpq.runner.files import read_records
+from mpq.runner.rundir import RunDir
 from mpq.search.candidates import read_candidates
-from mpq.selection import BudgetBest, CurvePoint, read_scores
+from mpq.selection import BudgetBest, CurvePoint, is_refined, read_scores
 
 from conftest import FULL_SMALL
 
@@ -51,7 +53,8 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
         plans = {p.name for p in (d / "candidates" / kind).glob("*.yaml")}
         assert plans == {r.plan_file for r in rows if r.kind == kind and r.feasible}
         scores = read_scores(d / "selection" / f"{kind}_scores.csv")
-        assert {s.plan_file for s in scores} == plans and [s.mse for s in scores] == sorted(s.mse for s in scores)
+        family = [s for s in scores if not is_refined(kind, s.plan_file)]  # selection's refined plan beside them
+        assert {s.plan_file for s in family} == plans and [s.mse for s in scores] == sorted(s.mse for s in scores)
         # the family spans the whole range. Weights: the chosen plan is the best within the target budget, and the
         # budgets table gives the best at no more bytes for each named budget (here: the target, first).
         # Activations (target auto): the fewest bytes whose MSE is no worse than the plan with the most (A8)
@@ -62,6 +65,17 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
         if kind == "weight":
             assert max(s.bytes for s in scores) > limit > min(s.bytes for s in scores)
             assert chosen.mse == min(s.mse for s in scores if s.bytes <= limit)
+            # refinement: from the family's best within the budget, each accepted move lowered the selection MSE
+            # and stayed within the budget; the refined plan, scored like every candidate, is the chosen one
+            log = json.loads((d / "selection" / "weight_refine.json").read_text())
+            start = min((s for s in family if s.bytes <= limit), key=lambda s: s.mse)
+            trail = log["trail"]
+            assert log["start"] == start.plan_file and trail[0]["mse"] == pytest.approx(start.mse, rel=1e-6)
+            assert all(b["mse"] < a["mse"] and b["bytes"] <= limit for a, b in zip(trail, trail[1:]))
+            assert 1 <= log["evals"] <= 40 and len(trail) >= 2  # it improved on this run
+            assert chosen.plan_file == log["plan_file"] and chosen.mse == pytest.approx(trail[-1]["mse"], rel=1e-6)
+            assert chosen.mse < start.mse and chosen.bytes <= limit
+            assert is_refined(kind, chosen.plan_file) and "weight plan refined" in out
         else:
             a8 = max(scores, key=lambda s: s.bytes)
             assert budgets[0].budget == "auto" and limit >= a8.bytes  # no fixed budget: every plan fits
@@ -72,9 +86,8 @@ def test_whole_search_one_command(full_run, tmp_path, capsys):
         }
         assert all(a.mse > b.mse for a, b in zip(curve, curve[1:]))  # each point improves on the smaller budgets
         assert 0.0 < chosen.mse < 0.05 and 0.0 <= chosen.adherence <= 1.0
-        assert read_plan(d / "selection" / f"final_{kind}.yaml") == read_plan(
-            d / "candidates" / kind / chosen.plan_file
-        )
+        final = read_plan(d / "selection" / f"final_{kind}.yaml")
+        assert final == read_plan(RunDir(d).scored_plan(kind, chosen.plan_file))
     protect = read_layer_list(d / "selection" / "final_act_protect.pt")
     assert (
         sorted(protect) == sorted(read_layer_list(d / "candidates" / "act_protect.pt")) and len(protect) == 2
@@ -216,7 +229,6 @@ def test_the_sensitivity_method_keys_remake_sensitivity_and_what_follows(full_ru
     prefix cache's memory) changes nothing. Inside the stage each file's signature holds what its computation used:
     hybrid re-makes the SQNR files and keeps the exact SSIM files (its SSIM is the fast path's)."""
     from mpq.commands.stages import STAGES as REGISTRY
-    from mpq.runner.rundir import RunDir
 
     ref, d = full_run[0], RunDir(tmp_path / "run")
     shutil.copytree(ref.root, d.root)

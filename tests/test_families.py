@@ -42,6 +42,7 @@ TINY_RUN = [
     "search.weight.k_num=2",
     "search.act.k_num=2",
     "model.device=cpu",
+    "select.refine_evals=6",  # the refinement's path on every family, at a few generations (e2e: the default)
 ]
 PROMPTS = ["a small red circle at the top left on a white background", "a large blue square in the center"]
 

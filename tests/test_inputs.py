@@ -115,6 +115,9 @@ def test_a_budget_no_plan_can_meet_is_refused_before_any_model_call(capsys, full
         load_config("tiny-sdxl", ["search.act.target_bitwidth=3.5"])
     with pytest.raises(MpqError, match=r"search.act.target_bitwidth' is 'most'; use average bits \(e.g. 4.0\) or auto"):
         load_config("tiny-sdxl", ["search.act.target_bitwidth=most"])
+    for bad in ("select.refine_evals=-1", "select.refine_per_round=0"):
+        with pytest.raises(MpqError, match=r"select.refine_evals must be >= 0 \(0: off\)"):
+            load_config("tiny-sdxl", [bad])
     # auto: the top of the range in mpq mode (the budget is measured), MixDQ's 7.5 in reference mode
     from mpq.runner.config import target_bits
 

@@ -30,7 +30,7 @@ from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, eval_set, evaluate_plans, slug
 from mpq.report.plots import plot_pareto, plot_peers, plot_selection, plot_sensitivity
 from mpq.runner.choices import KINDS, METRICS
-from mpq.runner.files import write_json, write_text, write_with
+from mpq.runner.files import read_json, write_json, write_text, write_with
 from mpq.runner.rundir import RunDir
 from mpq.search.candidates import read_candidates
 from mpq.search.mixdq_files import read_sensitivity
@@ -156,7 +156,7 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
     scores = {k: _scores(run, k) for k in KINDS}
     mixed = mixed_weight_pick(scores["weight"], w4_bytes)
     if mixed:
-        plans[MIXED_W] = BitPlan(read_plan(run.candidate_plan("weight", mixed)))
+        plans[MIXED_W] = BitPlan(read_plan(run.scored_plan("weight", mixed)))
     plans[CHOSEN] = final
     data = eval_set(cfg, run, pipe, run.report_images / slug("FP"))  # beside each plan's: report_images/<slug>
     results = evaluate_plans(cfg, pipe, qm, plans, data, run.report_images)
@@ -187,6 +187,7 @@ def build_report(cfg: DictConfig, run: RunDir, pipe: Any | None = None) -> Path:
             "mixed_weight_plan": mixed,
             "selection_uniform": uniform,
             "budget_curves": {k: [asdict(p) for p in c] for k, c in curves.items()},
+            "weight_refine": refine_summary(run),
             "ssim_sensitivity_spread": ssim_spread(tables, bits),
             "export": export,
             "peers": peers,
@@ -279,6 +280,19 @@ def bits_text(avg: float, fp_layers: int) -> str:
     return f"{avg:.2f}" + (f" + {fp_layers} FP layers" if fp_layers else "")
 
 
+def refine_summary(run: RunDir) -> dict[str, Any] | None:
+    """What selection's refinement of the weight plan did (``selection/weight_refine.json``), or None (off)."""
+    log = run.refine_log("weight")
+    if not log.is_file():
+        return None
+    d = read_json(log)
+    keys = ("start", "start_mse", "mse", "evals", "plan_file")
+    out = {k: d[k] for k in keys}
+    out["moves"] = len(d["trail"]) - 1
+    out["ratio"] = d["mse"] / d["start_mse"] if d["start_mse"] > 0 else math.nan
+    return out
+
+
 def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:
     """The headline numbers of a finished run, as ``mpq run`` prints them."""
     lines = [
@@ -301,6 +315,14 @@ def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:
         lines.append(
             f"  evaluation MSE vs FP ({s['eval_prompts']['n']} prompts): chosen {c:.3g}, uniform W4A8 {u:.3g} "
             f"({c / u:.2f}x)"
+        )
+    ref = s.get("weight_refine")
+    if ref:
+        lines.append(
+            f"  weight plan refined (select.refine_evals): selection MSE {ref['ratio']:.2f}x the search's best within "
+            f"the budget ({ref['start']}; {ref['moves']} moves, {ref['evals']} evaluations)"
+            if ref["plan_file"]
+            else f"  weight plan refinement: no better plan than the search's in {ref['evals']} evaluations"
         )
     act = [p for p in (s.get("budget_curves") or {}).get("act", []) if p["chosen"]]
     if act:
@@ -442,6 +464,24 @@ def _curves_html(s: dict[str, Any]) -> str:
     return "".join(out)
 
 
+def _refine_html(s: dict[str, Any]) -> str:
+    """Selection's refinement of the chosen weight plan, in one paragraph."""
+    ref = s.get("weight_refine")
+    if not ref:
+        return ""
+    what = (
+        f"{ref['moves']} moves lowered the selection MSE from {ref['start_mse']:.4g} to {ref['mse']:.4g} "
+        f"({ref['ratio']:.2f}x); the refined plan <code>{ref['plan_file']}</code> is the chosen weight plan"
+        if ref["plan_file"]
+        else "no move improved on it; the search's plan is kept"
+    )
+    return (
+        f"<h3>Refinement of the weight plan</h3><p>From the search's best plan within the budget "
+        f"(<code>{ref['start']}</code>), a local search scored each one-step move by the selection images "
+        f"({ref['evals']} evaluations, <code>select.refine_evals</code>): {what}.</p>"
+    )
+
+
 def _html(cfg: DictConfig, run: RunDir, prompts: list[str], s: dict[str, Any], weight_rows: list[Score]) -> str:
     chosen = s["chosen"]
     fp, fpb = s["fp_weight_bytes"], 8 * s["fp_dtype_bytes"]
@@ -522,7 +562,7 @@ front (no other candidate has fewer bytes and a higher objective).</p><img src='
 its bytes;
 uniform plans on the same images for reference (weights: W8/W4/W2 with FP activations; activations: A8/A4 on the chosen
 weight plan); the chosen plans starred.</p><img src='{run.selection_plot.name}'>
-{_curves_html(s)}
+{_curves_html(s)}{_refine_html(s)}
 {_peers_html(s.get("peers"))}
 {trace_html(run)}
 <h2>Weight candidates scored (selection

@@ -220,6 +220,12 @@ class SearchConfig:
 class SelectConfig:
     num_images: int = 8  # selection images: the first N calibration prompts/seeds, scored against their FP images
     pareto_only: bool = False  # score only Pareto-optimal candidates (fewer generations on big sweeps)
+    # weights, mpq mode: after scoring the family, a local search from the chosen plan within its budget (one-step
+    # moves on each layer's candidate ladder, tried in the order the program's scores rank them, each scored by the
+    # selection images' MSE; kept only when it improves): the program's summed per-layer scores miss how layers
+    # compose. Objective evaluations (each one plan's selection images); 0: off
+    refine_evals: int = 40
+    refine_per_round: int = 8  # moves scored before the best of them is taken (if it improves)
 
 
 @dataclass
@@ -519,6 +525,8 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg.sensitivity.ssim, choices.SSIM_KINDS, "sensitivity.ssim")
     if cfg.select.num_images < 1:
         raise MpqError("config key 'select.num_images' must be >= 1")
+    if cfg.select.refine_evals < 0 or cfg.select.refine_per_round < 1:
+        raise MpqError("config key select.refine_evals must be >= 0 (0: off) and select.refine_per_round >= 1")
     _one_of(cfg.sensitivity.share_bits, choices.SHARE_BITS, "sensitivity.share_bits")
     if cfg.sensitivity.num_images < 1 or cfg.sensitivity.batch_size < 1 or cfg.sensitivity.cache_budget_mb <= 0:
         raise MpqError(

@@ -153,6 +153,12 @@ class RunDir:
     def candidate_plan(self, kind: str, plan_file: str) -> Path:
         return self.candidate_folder(kind) / plan_file
 
+    def scored_plan(self, kind: str, plan_file: str) -> Path:
+        """The plan file of a row of ``selection/<kind>_scores.csv``: a candidate of the search, or selection's own
+        refined plan (``<kind>_refined_*``, in ``selection/``)."""
+        refined = plan_file.startswith(f"{kind}_refined_")
+        return self.selection / plan_file if refined else self.candidate_plan(kind, plan_file)
+
     @property
     def manual_plans(self) -> Path:
         """Plans of single solves (``mpq search --K/--budget_mb``), beside the sweep's."""
@@ -174,6 +180,10 @@ class RunDir:
     def budgets(self, kind: str) -> Path:
         """The best scored plan at each named budget."""
         return self.selection / f"{kind}_budgets.csv"
+
+    def refine_log(self, kind: str) -> Path:
+        """The refinement of the chosen plan: its start, every accepted move, its result (JSON)."""
+        return self.selection / f"{kind}_refine.json"
 
     def curve(self, kind: str) -> Path:
         """What each budget costs: the best scored plan at no more bytes, where it improves."""
