@@ -21,10 +21,11 @@ SMALL = ["sensitivity.num_images=4", "sensitivity.batch_size=8"]
 
 
 @pytest.fixture(scope="module")
-def sens_run(tiny_run, tmp_path_factory):
+def sens_run(full_run, tmp_path_factory):
+    """A run with its sensitivity files (the shared whole run's, with these sizes: copied, not made again)."""
     run = RunDir(tmp_path_factory.mktemp("sens") / "run")
-    shutil.copytree(tiny_run.root, run.root)
-    assert main(["sensitivity", "--base_path", str(run.root), *SMALL]) == 0
+    shutil.copytree(full_run[0].root, run.root)
+    assert main(["sensitivity", "--base_path", str(run.root), *SMALL]) == 0  # up to date: skipped
     return run
 
 
