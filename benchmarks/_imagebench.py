@@ -146,32 +146,35 @@ def selected_points(
     from mpq.selection import read_scores
 
     scores = read_scores(run.scores("weight"))  # selection's own MSE (calibration prompts)
-    picked: dict[str, float] = {}
-    for limit in limits:
-        fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
-        if fit:
-            best = min(fit, key=lambda s: s.mse)
-            picked[best.plan_file] = best.mse
-    points = []
-    for f, select_mse in picked.items():
-        plan = BitPlan(read_plan(run.scored_plan("weight", f)))
-        bench.qm.apply(plan)
-        try:
-            images = bench.images()
-        finally:
-            bench.qm.set_fp()
-        points.append(
-            {
-                "tool": "mpq",
-                **extra,
-                "label": f,
-                "bytes": weight_bytes(plan, bench.infos, wq),
-                "select_mse": select_mse,
-                "mse": image_mse(images, bench.refs),
-                "adherence": adherence(bench, images),
-            }
-        )
+    picked = {best.plan_file: best.mse for best in (best_scored(scores, limit) for limit in limits) if best}
+    points = [
+        scored_point(bench, BitPlan(read_plan(run.scored_plan("weight", f))), wq, label=f, select_mse=m, **extra)
+        for f, m in picked.items()
+    ]
     return points, len(scores)
+
+
+def best_scored(scores: list[Any], limit: float) -> Any | None:
+    """The plan selection scored best (lowest MSE on the calibration prompts) at no more than ``limit`` bytes."""
+    fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
+    return min(fit, key=lambda s: s.mse) if fit else None
+
+
+def scored_point(bench: ImageBench, plan: BitPlan, wq: WeightQuant, **fields: Any) -> dict[str, Any]:
+    """A weight plan of mpq's as a benchmark point: its bytes, its per-image MSE and adherence on the evaluation
+    images, and ``fields`` (label, select_mse, ...)."""
+    bench.qm.apply(plan)
+    try:
+        images = bench.images()
+    finally:
+        bench.qm.set_fp()
+    return {
+        "tool": "mpq",
+        **fields,
+        "bytes": weight_bytes(plan, bench.infos, wq),
+        "mse": image_mse(images, bench.refs),
+        "adherence": adherence(bench, images),
+    }
 
 
 def runtime_parser(doc: str, out: str) -> Any:

@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 # eager mode computes the same dequantized weights
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")
 
-from _imagebench import ImageBench  # noqa: E402
+from _imagebench import ImageBench, best_scored  # noqa: E402
 
 from mpq.calibration.checkpoint import load_checkpoint  # noqa: E402
 from mpq.commands.main import main as mpq_main  # noqa: E402
@@ -161,9 +161,9 @@ def main() -> None:
         n_weights = sum(i.weight_numel for i in bench.infos)
         picks = {}  # at each level, the plan selection ranks best at no more bytes: chosen without the eval images
         for b in args.levels:
-            fit = [s for s in scores if s.bytes <= n_weights * b / 8 * (1 + 1e-9)]
-            if fit:
-                picks[min(fit, key=lambda s: s.mse).plan_file] = min(fit, key=lambda s: s.mse).mse
+            best = best_scored(scores, n_weights * b / 8)
+            if best:
+                picks[best.plan_file] = best.mse
         for f, select_mse in picks.items():
             plan = BitPlan(read_plan(run.scored_plan("weight", f)))
             nbytes, mse = bench.mpq_point(plan, wq)

@@ -41,11 +41,11 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _imagebench import ImageBench, adherence, runtime_parser, selected_points, weight_bytes  # noqa: E402
+from _imagebench import ImageBench, best_scored, runtime_parser, scored_point, selected_points  # noqa: E402
 from bench_peers import best_at  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
-from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
+from mpq.metrics import paired_bootstrap_ratio  # noqa: E402
 from mpq.plan import BitPlan  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
 from mpq.runner.rundir import RunDir  # noqa: E402
@@ -133,34 +133,18 @@ def refined_points(
     session = open_session(cfg, run)
     out = []
     for limit in limits:
-        fit = [s for s in scores if s.bytes <= limit * (1 + 1e-9)]
-        if not fit:
+        best = best_scored(scores, limit)
+        if best is None:
             continue
-        best = min(fit, key=lambda s: s.mse)
         start = read_plan(run.scored_plan("weight", best.plan_file))
         t0 = time.perf_counter()
         r = refine_plan(session, refine_problem(cfg, run, start), start, best.mse, limit, show=False)
         took = time.perf_counter() - t0
-        plan = BitPlan(r.plan)
-        bench.qm.apply(plan)
-        try:
-            images = bench.images()
-        finally:
-            bench.qm.set_fp()
         moves = len(r.trail) - 1
         print(f"  refine @{limit:,.0f}: {best.mse:.4g} -> {r.value:.4g}, {r.evals} evals, {moves} moves, {took:.0f} s")
-        out.append(
-            {
-                "tool": "mpq",
-                "setting": f"{label} + refine",
-                "label": f"refined {best.plan_file} ({moves} moves)",
-                "bytes": weight_bytes(plan, bench.infos, wq),
-                "select_mse": r.value,
-                "mse": image_mse(images, bench.refs),
-                "adherence": adherence(bench, images),
-                "refine_seconds": took,
-            }
-        )
+        name = f"refined {best.plan_file} ({moves} moves)"
+        point = scored_point(bench, BitPlan(r.plan), wq, setting=f"{label} + refine", label=name, select_mse=r.value)
+        out.append({**point, "refine_seconds": took})
     return out
 
 

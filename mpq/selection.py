@@ -38,7 +38,7 @@ from mpq.runner.choices import KINDS
 from mpq.runner.config import AUTO, target_bits
 from mpq.runner.files import file_digest, read_json, read_records, write_json, write_layer_list, write_records
 from mpq.runner.progress import progress
-from mpq.runner.rundir import RunDir
+from mpq.runner.rundir import RunDir, is_refined, refined_prefix
 from mpq.runner.sharded import ShardedWork, run_sharded, stage_signature
 from mpq.runner.specs import SELECT
 from mpq.search.candidates import Candidate, candidate_plans, read_candidates
@@ -317,12 +317,6 @@ def check_fits(kind: str, plan_bytes: list[float], limit: float) -> None:
         )
 
 
-def is_refined(kind: str, plan_file: str) -> bool:
-    """Is ``plan_file`` a refined plan (selection's own, not one of the search's family; see
-    :meth:`RunDir.scored_plan`)?"""
-    return plan_file.startswith(f"{kind}_refined_")
-
-
 def refine_problem(cfg: DictConfig, run: RunDir, plan: dict[str, Any]) -> Any:
     """The weight problem a plan is refined in: the configured groups', or every candidate on every layer where the
     plan already uses more (a plan of the sweep below the groups' fewest bits)."""
@@ -415,7 +409,7 @@ def _refine_chosen(
         }
         if r.improved and distributed.current().is_main:
             stem = start.plan_file.removesuffix(FORMATS_SUFFIX).removesuffix(".yaml")[len(kind) + 1 :]
-            name = plan_file_name(f"{kind}_refined_{stem}", r.plan)
+            name = plan_file_name(f"{refined_prefix(kind)}{stem}", r.plan)
             write_plan(run.scored_plan(kind, name), r.plan)
             scored = _score_one(s, kind, name, BitPlan(r.plan))
             data.update(plan_file=name, score=scored, avg_bits=problem.avg_bits(r.plan))
@@ -435,22 +429,33 @@ def _refine_chosen(
     return ranked, {name: BitPlan(read_plan(run.scored_plan(kind, name)))}
 
 
-def refine_line(data: dict[str, Any]) -> str:
-    """One line on a refinement (``selection/<kind>_refine.json``), for the stage's summary."""
-    moves = len(data["trail"]) - 1
-    if not data["plan_file"]:
-        return f"  refined: no better plan in {data['evals']} evaluations; kept {data['start']}"
-    ratio = data["mse"] / data["start_mse"] if data["start_mse"] > 0 else math.nan
+def refine_summary(run: RunDir, kind: str = "weight") -> dict[str, Any] | None:
+    """What the refinement did (``selection/<kind>_refine.json``: start, MSEs, evaluations, plan file, seconds, and
+    the accepted moves and MSE ratio derived), or None (off)."""
+    log = run.refine_log(kind)
+    if not log.is_file():
+        return None
+    d = read_json(log)
+    out = {k: d[k] for k in ("start", "start_mse", "mse", "evals", "plan_file", "seconds")}
+    out["moves"] = len(d["trail"]) - 1
+    out["ratio"] = d["mse"] / d["start_mse"] if d["start_mse"] > 0 else math.nan
+    return out
+
+
+def refine_line(ref: dict[str, Any]) -> str:
+    """One line on a refinement (:func:`refine_summary`), for the stage's summary."""
+    if not ref["plan_file"]:
+        return f"  refined: no better plan in {ref['evals']} evaluations; kept {ref['start']}"
     return (
-        f"  refined from {data['start']}: {moves} moves in {data['evals']} evaluations ({data['seconds']:.0f} s), "
-        f"selection MSE {data['start_mse']:.6g} -> {data['mse']:.6g} ({ratio:.2f}x)"
+        f"  refined from {ref['start']}: {ref['moves']} moves in {ref['evals']} evaluations ({ref['seconds']:.0f} s), "
+        f"selection MSE {ref['start_mse']:.6g} -> {ref['mse']:.6g} ({ref['ratio']:.2f}x)"
     )
 
 
 def _drop_refined(run: RunDir, kind: str) -> None:
     """Remove an earlier refinement's log and plan (refinement now off)."""
     run.refine_log(kind).unlink(missing_ok=True)
-    for p in run.selection.glob(f"{kind}_refined_*.yaml"):
+    for p in run.selection.glob(f"{refined_prefix(kind)}*.yaml"):
         p.unlink()
 
 

@@ -22,14 +22,15 @@ THREE_WIDTHS = [
     "search.weight.bits_quality=[4,8]",
     "search.weight.also=[]",
 ]
-SMALL = [
+# the tiny model at small sizes: one sampling step, 8 calibration samples, CPU
+TINY_SIZES = [
     "sampling.steps=1",
     "calib.num_samples=8",
     "sampling.batch_size=4",
     "calib.batch_size=8",
     "model.device=cpu",
-    *THREE_WIDTHS,
 ]
+SMALL = [*TINY_SIZES, *THREE_WIDTHS]
 
 
 @pytest.fixture(scope="session")
@@ -73,11 +74,7 @@ def repo_root() -> Path:
 
 # the whole flow once per session, with small sizes: shared by the end-to-end and artifact tests
 FULL_SMALL = [
-    "sampling.steps=1",
-    "calib.num_samples=8",
-    "sampling.batch_size=4",
-    "calib.batch_size=8",
-    "model.device=cpu",
+    *TINY_SIZES,
     "sensitivity.num_images=4",
     "sensitivity.batch_size=8",
     "select.num_images=4",

@@ -43,6 +43,8 @@ from mpq.runner.rundir import RunDir
 from mpq.search.mixdq_files import read_sensitivity
 from mpq.search.program import Problem, solve_mpq
 
+from conftest import TINY_SIZES
+
 FORMATS = ["nf7", "nf12", "nf16", "nf24", "nf32", "fp8", "int4-asym-g64", "int3-sym-channel"]
 PROMPTS = [
     "a small red circle at the top left on a white background",
@@ -178,11 +180,7 @@ def test_program_with_formats_equals_brute_force():
 
 # ----------------------------------------------------------------------------- the flow on the tiny model
 SMALL = [
-    "sampling.steps=1",
-    "calib.num_samples=8",
-    "sampling.batch_size=4",
-    "calib.batch_size=8",
-    "model.device=cpu",
+    *TINY_SIZES,
     "sensitivity.num_images=2",
     "sensitivity.batch_size=8",
     "select.num_images=2",

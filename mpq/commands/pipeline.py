@@ -37,8 +37,8 @@ def stage_arguments(name: str, stage: str | None = None) -> Callable[[argparse.A
 
 
 def _select_summary(run: RunDir, result: Any) -> str:
-    from mpq.runner.files import read_json, read_records
-    from mpq.selection import BudgetBest, refine_line
+    from mpq.runner.files import read_records
+    from mpq.selection import BudgetBest, refine_line, refine_summary
 
     lines = []
     for kind, r in result.items():
@@ -46,9 +46,9 @@ def _select_summary(run: RunDir, result: Any) -> str:
             f"{kind}: chose {r.plan_file} (MSE {r.mse:.6g}, SSIM {r.ssim:.6f}, PSNR {r.psnr:.2f} dB; {r.bytes:,.0f} "
             "bytes)"
         )
-        log = run.refine_log(kind)
-        if log.is_file():
-            lines.append(refine_line(read_json(log)))
+        ref = refine_summary(run, kind)
+        if ref:
+            lines.append(refine_line(ref))
         table = run.budgets(kind)
         for b in read_records(table, BudgetBest, "re-run `mpq select`")[1:] if table.is_file() else []:
             best = f"{b.plan_file} (MSE {b.mse:.6g}, {b.bytes:,.0f} bytes)" if b.plan_file else "no candidate fits"

@@ -30,11 +30,11 @@ from mpq.quant.model import QuantModel
 from mpq.report.evaluate import calibration_set, eval_set, evaluate_plans, slug
 from mpq.report.plots import plot_pareto, plot_peers, plot_selection, plot_sensitivity
 from mpq.runner.choices import KINDS, METRICS
-from mpq.runner.files import read_json, write_json, write_text, write_with
+from mpq.runner.files import write_json, write_text, write_with
 from mpq.runner.rundir import RunDir
 from mpq.search.candidates import read_candidates
 from mpq.search.mixdq_files import read_sensitivity
-from mpq.selection import Score, budget_curve, read_scores
+from mpq.selection import Score, budget_curve, read_scores, refine_summary
 from mpq.shapes.data import ATTRIBUTES
 
 MIXED_W = "mixed W, A16"  # the best mixed weight plan with no more bytes than uniform W4, activations FP
@@ -278,19 +278,6 @@ def bits_text(avg: float, fp_layers: int) -> str:
     if math.isnan(avg):
         return "FP"
     return f"{avg:.2f}" + (f" + {fp_layers} FP layers" if fp_layers else "")
-
-
-def refine_summary(run: RunDir) -> dict[str, Any] | None:
-    """What selection's refinement of the weight plan did (``selection/weight_refine.json``), or None (off)."""
-    log = run.refine_log("weight")
-    if not log.is_file():
-        return None
-    d = read_json(log)
-    keys = ("start", "start_mse", "mse", "evals", "plan_file")
-    out = {k: d[k] for k in keys}
-    out["moves"] = len(d["trail"]) - 1
-    out["ratio"] = d["mse"] / d["start_mse"] if d["start_mse"] > 0 else math.nan
-    return out
 
 
 def summary_lines(run: RunDir, s: dict[str, Any]) -> list[str]:

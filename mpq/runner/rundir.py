@@ -68,6 +68,16 @@ def _drop(value: Any, path: list[str]) -> None:
         value.pop(path[-1], None)
 
 
+def refined_prefix(kind: str) -> str:
+    """How the names of selection's refined plans begin (``weight_refined_4.00_inf.yaml``)."""
+    return f"{kind}_refined_"
+
+
+def is_refined(kind: str, plan_file: str) -> bool:
+    """Is ``plan_file`` selection's refined plan (in ``selection/``), not one of the search's family?"""
+    return plan_file.startswith(refined_prefix(kind))
+
+
 class RunDir:
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
@@ -156,8 +166,7 @@ class RunDir:
     def scored_plan(self, kind: str, plan_file: str) -> Path:
         """The plan file of a row of ``selection/<kind>_scores.csv``: a candidate of the search, or selection's own
         refined plan (``<kind>_refined_*``, in ``selection/``)."""
-        refined = plan_file.startswith(f"{kind}_refined_")
-        return self.selection / plan_file if refined else self.candidate_plan(kind, plan_file)
+        return self.selection / plan_file if is_refined(kind, plan_file) else self.candidate_plan(kind, plan_file)
 
     @property
     def manual_plans(self) -> Path:

@@ -26,9 +26,15 @@ Plan = dict[str, Any]
 @dataclass
 class Move:
     label: str  # "raise a 4->5", "raise a 4->5, lower b 4->3"
-    plan: Plan
+    changes: Plan  # the layers it changes, with their new choices
     predicted: float  # change of the program's objective (normalized group scores; higher is better)
     bytes: float
+    base: Mapping[str, Any]  # the plan it moves from (shared by every move of a round, never copied)
+
+    @property
+    def plan(self) -> Plan:
+        """The whole plan after the move (made when asked: a round has thousands of moves, few are scored)."""
+        return {**self.base, **self.changes}
 
 
 @dataclass
@@ -87,15 +93,15 @@ def neighbours(problem: Problem, plan: Mapping[str, Any], limit: float) -> list[
     downs = [s for s in steps if s[3] < 0]
 
     def make(parts: list[tuple[list[int], int, int, float, float]]) -> Move:
-        new = dict(plan)
+        changes = {}
         labels = []
         for unit, a, b, _, _ in parts:
             for k in unit:
-                new[problem.names[k]] = problem.bits[k][b]
+                changes[problem.names[k]] = problem.bits[k][b]
             i = unit[0]
             verb = "raise" if problem.bytes[i][b] > problem.bytes[i][a] else "lower"
             labels.append(f"{verb} {problem.names[i]} {problem.bits[i][a]}->{problem.bits[i][b]}")
-        return Move(", ".join(labels), new, sum(p[4] for p in parts), base + sum(p[3] for p in parts))
+        return Move(", ".join(labels), changes, sum(p[4] for p in parts), base + sum(p[3] for p in parts), plan)
 
     moves = [make([u]) for u in ups if base + u[3] <= limit * (1 + 1e-9)]
     moves += [make([u, d]) for u in ups for d in downs if d[0] is not u[0] and base + u[3] + d[3] <= limit * (1 + 1e-9)]
@@ -110,7 +116,6 @@ def refine(
     evals: int = 40,
     per_round: int = 8,
     start_value: float | None = None,
-    show: Callable[[str], None] | None = None,
     many: Callable[[list[Plan]], list[float]] | None = None,
 ) -> Refined:
     """Local search from ``start`` within ``limit`` bytes, ``evals`` objective calls at most (the start's own
@@ -122,9 +127,23 @@ def refine(
     spent = 0 if start_value is not None else 1
     first = value
     trail = [("start", value, problem.plan_bytes(current))]
-    seen = {_key(current)}
+
+    moved: dict[str, Any] = {}  # the current plan's layers that differ from the start
+
+    def key(m: Move) -> frozenset[tuple[str, Any]]:
+        """The plan after ``m`` by its difference from the start (a few layers: cheap for every move of a round;
+        equal plans, equal keys)."""
+        diff = dict(moved)
+        for n, v in m.changes.items():
+            if v == start[n]:
+                diff.pop(n, None)
+            else:
+                diff[n] = v
+        return frozenset(diff.items())
+
+    seen: set[frozenset[tuple[str, Any]]] = {frozenset()}  # the start
     while spent < evals:
-        untried = [m for m in neighbours(problem, current, limit) if _key(m.plan) not in seen]
+        untried = [m for m in neighbours(problem, current, limit) if key(m) not in seen]
         if not untried:
             break
         improved = False
@@ -132,16 +151,15 @@ def refine(
             batch = untried[lo : lo + per_round][: evals - spent]
             if not batch:
                 break
-            seen.update(_key(m.plan) for m in batch)
+            seen.update(key(m) for m in batch)
             values = many([m.plan for m in batch]) if many else [objective(m.plan) for m in batch]
             scored = list(zip(values, batch))
             spent += len(batch)
             v, best = min(scored, key=lambda t: (t[0], t[1].bytes, t[1].label))
             if v < value:
+                moved = dict(key(best))
                 current, value = best.plan, v
                 trail.append((best.label, v, best.bytes))
-                if show:
-                    show(f"{best.label}: {v:.6g}")
                 improved = True
                 break
             if spent >= evals:
@@ -149,7 +167,3 @@ def refine(
         if not improved:
             break
     return Refined(current, value, first, spent, trail)
-
-
-def _key(plan: Mapping[str, Any]) -> tuple[tuple[str, str], ...]:
-    return tuple(sorted((k, repr(v)) for k, v in plan.items()))
