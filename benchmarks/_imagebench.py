@@ -177,6 +177,37 @@ def scored_point(bench: ImageBench, plan: BitPlan, wq: WeightQuant, **fields: An
     }
 
 
+def refined_points(
+    bench: ImageBench, run: RunDir, limits: list[float], wq: WeightQuant, evals: int, label: str
+) -> list[dict[str, Any]]:
+    """At each byte limit, the selected plan refined as selection refines its chosen one (``select.refine_evals``:
+    :func:`mpq.selection.refine_plan`), scored on the evaluation images (setting ``<label> + refine``)."""
+    import time
+
+    from mpq.plan import read_plan
+    from mpq.selection import open_session, read_scores, refine_plan, refine_problem
+
+    cfg = run.load_config()
+    cfg.select.refine_evals = evals
+    scores = read_scores(run.scores("weight"))
+    session = open_session(cfg, run)
+    out = []
+    for limit in limits:
+        best = best_scored(scores, limit)
+        if best is None:
+            continue
+        start = read_plan(run.scored_plan("weight", best.plan_file))
+        t0 = time.perf_counter()
+        r = refine_plan(session, refine_problem(cfg, run, start), start, best.mse, limit, show=False)
+        took = time.perf_counter() - t0
+        moves = len(r.trail) - 1
+        print(f"  refine @{limit:,.0f}: {best.mse:.4g} -> {r.value:.4g}, {r.evals} evals, {moves} moves, {took:.0f} s")
+        name = f"refined {best.plan_file} ({moves} moves)"
+        point = scored_point(bench, BitPlan(r.plan), wq, setting=f"{label} + refine", label=name, select_mse=r.value)
+        out.append({**point, "refine_seconds": took, "plan": dict(r.plan)})
+    return out
+
+
 def runtime_parser(doc: str, out: str) -> Any:
     """The options of the benchmarks that set mpq's plan against a runtime's own files (SDNQ, GGUF)."""
     import argparse

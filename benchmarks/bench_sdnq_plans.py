@@ -41,12 +41,13 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("SDNQ_USE_TORCH_COMPILE", "0")  # eager dequantizers: what mpq simulates, no Inductor builds
 
-from _imagebench import ImageBench, adherence, mpq_points, runtime_parser  # noqa: E402
+from _imagebench import ImageBench, adherence, mpq_points, refined_points, runtime_parser  # noqa: E402
 from bench_peers import best_at, sdnq_quantize  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
 from mpq.export.sdnq_format import sdnq_tensor_bytes  # noqa: E402
 from mpq.metrics import image_mse, paired_bootstrap_ratio  # noqa: E402
+from mpq.plan import write_plan  # noqa: E402
 from mpq.quant.quantizer import WeightQuant  # noqa: E402
 from mpq.runner.rundir import RunDir  # noqa: E402
 
@@ -144,6 +145,13 @@ def speed(run: RunDir, plan_file: Path, uniform: dict[str, Any], cfg: Any, out: 
 def main() -> None:
     ap = runtime_parser(__doc__, "sdnq_out")
     ap.add_argument("--repeats", type=int, default=3, help="timed generations per model (after one warm-up)")
+    ap.add_argument(
+        "--refine",
+        type=int,
+        default=0,
+        help="also refine the plan selection picks at each level, this many evaluations each (select.refine_evals): "
+        "what a run with that level as its budget hands the user; the refined plans join the pick by selection MSE",
+    )
     args = ap.parse_args()
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
@@ -154,8 +162,11 @@ def main() -> None:
     points: list[dict[str, Any]] = []
 
     overrides = ["target=sdnq", "search.fp_bytes=2", *args.mpq]
-    mpq, run = mpq_points(bench, args.config, overrides, [n_weights * b / 8 for b in LEVELS], wq, t0)
+    limits = [n_weights * b / 8 for b in LEVELS]
+    mpq, run = mpq_points(bench, args.config, overrides, limits, wq, t0)
     points += mpq
+    if args.refine:
+        points += refined_points(bench, run, limits, wq, args.refine, "mpq")
     for conf in sdnq_configs():
         info: dict[str, Any] = {}
 
@@ -190,7 +201,11 @@ def main() -> None:
     (out / "sdnq_plans.json").write_text(json.dumps(data, indent=1))  # before the timing: the table is kept
     timed = min(rows, key=lambda r: abs(r["level"] - 4.5)) if rows else None  # a typical level
     if timed is not None:
-        plan_file = run.scored_plan("weight", timed["mpq"])
+        point = next(p for p in points if p["tool"] == "mpq" and p["label"] == timed["mpq"])
+        if "plan" in point:  # a refined plan: no candidate file holds it
+            plan_file = write_plan(out / "timed_plan.yaml", point["plan"])
+        else:
+            plan_file = run.scored_plan("weight", timed["mpq"])
         uniform = next(p["conf"] for p in points if p["label"] == timed["sdnq"])
         data["seconds_per_generation"] = speed(run, plan_file, uniform, bench.cfg, out, args.repeats)
         print("\nseconds a generation (stock diffusers, no mpq, CPU):", json.dumps(data["seconds_per_generation"]))

@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _imagebench import ImageBench, best_scored, runtime_parser, scored_point, selected_points  # noqa: E402
+from _imagebench import ImageBench, refined_points, runtime_parser, selected_points  # noqa: E402
 from bench_peers import best_at  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
@@ -117,35 +117,6 @@ def mechanism_points(
     shutil.rmtree(run.root.parent, ignore_errors=True)
     print(f"{label}: {n} candidates, {len(points)} picked, search + select {seconds:.0f} s", flush=True)
     return points, seconds
-
-
-def refined_points(
-    bench: ImageBench, run: RunDir, limits: list[float], wq: WeightQuant, evals: int, label: str
-) -> list[dict[str, Any]]:
-    """At each byte limit, the selected plan refined as selection refines its chosen one (``select.refine_evals``:
-    :func:`mpq.selection.refine_plan`), scored on the evaluation images (setting ``<label> + refine``)."""
-    from mpq.plan import read_plan
-    from mpq.selection import open_session, read_scores, refine_plan, refine_problem
-
-    cfg = run.load_config()
-    cfg.select.refine_evals = evals
-    scores = read_scores(run.scores("weight"))
-    session = open_session(cfg, run)
-    out = []
-    for limit in limits:
-        best = best_scored(scores, limit)
-        if best is None:
-            continue
-        start = read_plan(run.scored_plan("weight", best.plan_file))
-        t0 = time.perf_counter()
-        r = refine_plan(session, refine_problem(cfg, run, start), start, best.mse, limit, show=False)
-        took = time.perf_counter() - t0
-        moves = len(r.trail) - 1
-        print(f"  refine @{limit:,.0f}: {best.mse:.4g} -> {r.value:.4g}, {r.evals} evals, {moves} moves, {took:.0f} s")
-        name = f"refined {best.plan_file} ({moves} moves)"
-        point = scored_point(bench, BitPlan(r.plan), wq, setting=f"{label} + refine", label=name, select_mse=r.value)
-        out.append({**point, "refine_seconds": took})
-    return out
 
 
 def pick(points: list[dict[str, Any]], limit: float) -> dict[str, Any] | None:
