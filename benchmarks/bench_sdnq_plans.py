@@ -1,8 +1,9 @@
 """mpq's search in SDNQ's own formats against SDNQ's own choices, at equal bytes, and the SDNQ export's speed.
 
     pip install -e ".[sdnq]"
-    python benchmarks/bench_sdnq_plans.py --config tiny-sdxl --out sdnq_out      # ~1 h on 2 CPU cores
-    python benchmarks/bench_sdnq_plans.py --config tiny-sd3 --out sdnq_sd3 --mpq sensitivity.num_images=8
+    python benchmarks/bench_sdnq_plans.py --config tiny-sdxl --out sdnq_out --refine 40
+    python benchmarks/bench_sdnq_plans.py --config tiny-sd3 --out sdnq_sd3 --mpq sensitivity.num_images=8 --refine 40
+                                                                    # ~11 min on 2 CPU cores (tiny-sd3)
 
 What runs (weights only, activations FP, the same pipeline, every layer a candidate for both tools):
 
