@@ -145,7 +145,7 @@ def speed(run: RunDir, plan_file: Path, uniform: dict[str, Any], cfg: Any, out: 
 # ----------------------------------------------------------------------------- main
 def main() -> None:
     ap = runtime_parser(__doc__, "sdnq_out")
-    ap.add_argument("--repeats", type=int, default=3, help="timed generations per model (after one warm-up)")
+    ap.add_argument("--repeats", type=int, default=10, help="timed generations per model (after one warm-up)")
     ap.add_argument(
         "--refine",
         type=int,
