@@ -18,10 +18,12 @@ Weights only (activations FP), held-out prompts and seeds neither side saw (:cla
   every width from 2 to 8 bits a candidate (W2 on content layers only), alone and with MixDQ's 2/4/8 swept too
   (``search.weight.also``: the trained configs' default).
 
-``--refine N`` adds a column per setting: at each level, the selected plan refined as selection refines its
-chosen one (``select.refine_evals=N``; every other column runs with refinement off). ``--mpq key=value ...`` runs
-every setting with those overrides (``sensitivity.method=fisher``); ``--compare BASE.json OTHER.json`` prints
-OTHER's held-out MSE over BASE's at each level for the settings both have (paired bootstrap).
+``--sdnq`` adds SDNQ's configurations to the simple plans (the oracle pick is then over both: item 1 of the
+"never beaten" goal). ``--refine N`` adds a column per setting: at each level, the selected plan refined as
+selection refines its chosen one (``select.refine_evals=N``; every other column runs with refinement off).
+``--mpq key=value ...`` runs every setting with those overrides (``sensitivity.method=fisher``); ``--compare
+BASE.json OTHER.json`` prints OTHER's held-out MSE over BASE's at each level for the settings both have (paired
+bootstrap).
 
 Ratios mpq / best simple plan with a paired-bootstrap 95% interval over images; the goal is <= 0.8 at every level.
 Bytes one way for both: codes plus every scale and offset at 2 bytes (:func:`_imagebench.weight_bytes`); levels
@@ -41,7 +43,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _imagebench import ImageBench, refined_points, runtime_parser, selected_points  # noqa: E402
+from _imagebench import ImageBench, adherence, refined_points, runtime_parser, selected_points  # noqa: E402
 from bench_peers import best_at  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
@@ -119,6 +121,35 @@ def mechanism_points(
     return points, seconds
 
 
+def sdnq_points(bench: ImageBench) -> list[dict[str, Any]]:
+    """SDNQ's configurations of the peer benchmark (:func:`bench_sdnq_plans.sdnq_configs`: every uniform dtype
+    row-wise, with its default groups and groups of 64 and 128, and its dynamic mode over thresholds) as simple
+    plans, scored on the evaluation images; bytes as mpq's are counted (:func:`bench_peers.sdnq_bytes`)."""
+    from bench_peers import sdnq_bytes, sdnq_quantize
+    from bench_sdnq_plans import sdnq_configs
+
+    from mpq.metrics import image_mse
+
+    out = []
+    for conf in sdnq_configs():
+        info: dict[str, Any] = {}
+
+        def make(model: Any, conf: dict[str, Any] = conf, info: dict[str, Any] = info) -> Any:
+            q = sdnq_quantize(model, conf)
+            info["bytes"] = sdnq_bytes(q)[0]
+            return q
+
+        images = bench.images_with(make)
+        mse = image_mse(images, bench.refs)
+        out.append({"label": conf["label"], "bytes": info["bytes"], "mse": mse, "adherence": adherence(bench, images)})
+        print(
+            f"{conf['label']}: {info['bytes'] * 8 / sum(i.weight_numel for i in bench.infos):.2f} bits/w, MSE "
+            f"{mse.mean():.3g}",
+            flush=True,
+        )
+    return out
+
+
 def pick(points: list[dict[str, Any]], limit: float) -> dict[str, Any] | None:
     """The point selection ranks best (its calibration-prompt MSE) at no more than ``limit`` bytes."""
     return best_at([dict(p, key=p["select_mse"]) for p in points], limit, "key")
@@ -153,6 +184,12 @@ def main() -> None:
     ap.add_argument(
         "--refine", type=int, default=0, help="also refine each level's selected plan, this many evaluations each"
     )
+    ap.add_argument(
+        "--sdnq",
+        action="store_true",
+        help="SDNQ's configurations join the simple plans (pip install -e '.[sdnq]'): every uniform dtype and group "
+        "size and its dynamic mode, bytes counted as mpq's (scales and zero points at 2 bytes)",
+    )
     args = ap.parse_args()
     if args.compare:
         compare(*args.compare)
@@ -169,6 +206,8 @@ def main() -> None:
         nbytes, mse = bench.mpq_point(BitPlan.uniform(list(bench.names), b, None), wq)
         simple.append({"label": f"uniform W{b}", "bytes": nbytes, "mse": mse, "adherence": float("nan")})
         print(f"uniform W{b}: {nbytes * 8 / n_weights:.2f} bits/w, MSE {mse.mean():.3g}", flush=True)
+    if args.sdnq:
+        simple += sdnq_points(bench)
     limits = [lv * n_weights / 8 for lv in LEVELS]
     cfg = bench.cfg
     all_settings = settings(int(cfg.calib.num_samples), int(cfg.select.num_images))
@@ -213,7 +252,7 @@ def table(
         p["mean_mse"] = float(np.mean(p["mse"]))
     labels = list(mpq)
     print(f"\n{args.config}, weight-only, {args.n} held-out prompts; mpq / best uniform plan at no more bytes\n")
-    print("| bits/weight | best uniform (oracle) | MSE | " + " | ".join(labels) + " |")
+    print("| bits/weight | best simple plan (oracle) | MSE | " + " | ".join(labels) + " |")
     print("|---:|---|---:|" + "---|" * len(labels))
     rows = []
     for level in LEVELS:
