@@ -66,9 +66,10 @@ class ImageBench:
         return image_mse(self.images(), self.refs)
 
     # -------------------------------------------------------------- mpq
-    def calibrate(self, wq: WeightQuant, bits: list[int]) -> None:
-        """mpq's weight quantizer ``wq`` at ``bits`` on every layer (weights only: no activation pass)."""
-        self.qm.prepare(bits, False, self._structure(), wq)
+    def calibrate(self, wq: WeightQuant, bits: list[int], formats: list[str] | None = None) -> None:
+        """mpq's weight quantizer ``wq`` at ``bits`` (and the weight ``formats``) on every layer (weights only: no
+        activation pass)."""
+        self.qm.prepare(bits, False, self._structure(), wq, formats or ())
         for layer in self.qm.layers.values():
             layer.calibrate_weight()
 

@@ -111,7 +111,7 @@ def mechanism_points(
     seconds = time.perf_counter() - t0
     cfg = run.load_config()
     wq = WeightQuant.from_config(cfg.quant.weight)
-    bench.calibrate(wq, list(cfg.quant.bits))  # data-free: the run's own weight parameters
+    bench.calibrate(wq, list(cfg.quant.bits), list(cfg.quant.weight_formats))  # data-free: the run's own
     points, n = selected_points(bench, run, limits, wq, setting=label)
     if refine_evals:
         refined = refined_points(bench, run, limits, wq, refine_evals, label)
