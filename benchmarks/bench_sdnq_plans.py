@@ -33,6 +33,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,37 @@ def sdnq_configs() -> list[dict[str, Any]]:
         for k in (-1, 0)
     ]
     return static + dynamic
+
+
+def sdnq_points(
+    bench: ImageBench, count_bytes: Callable[[torch.nn.Module], float] | None = None
+) -> list[dict[str, Any]]:
+    """Every configuration of :func:`sdnq_configs` on the evaluation images: label, configuration, bytes
+    (``count_bytes`` of the quantized denoiser; default :func:`stored_bytes`), per-image MSE, adherence."""
+    count = count_bytes or stored_bytes
+    out = []
+    for conf in sdnq_configs():
+        info: dict[str, Any] = {}
+
+        def make(model: torch.nn.Module, conf: dict[str, Any] = conf, info: dict[str, Any] = info) -> torch.nn.Module:
+            q = sdnq_quantize(model, conf)
+            info["bytes"] = count(q)
+            return q
+
+        images = bench.images_with(make)
+        mse = image_mse(images, bench.refs)
+        out.append(
+            {
+                "tool": "SDNQ",
+                "label": conf["label"],
+                "conf": conf,
+                "bytes": info["bytes"],
+                "mse": mse,
+                "adherence": adherence(bench, images),
+            }
+        )
+        print(f"{conf['label']}: {info['bytes']:,.0f} bytes, MSE {mse.mean():.3g}", flush=True)
+    return out
 
 
 def stored_bytes(model: torch.nn.Module) -> float:
@@ -168,28 +200,7 @@ def main() -> None:
     points += mpq
     if args.refine:
         points += refined_points(bench, run, limits, wq, args.refine, "mpq")
-    for conf in sdnq_configs():
-        info: dict[str, Any] = {}
-
-        def make(model: torch.nn.Module, conf: dict[str, Any] = conf, info: dict[str, Any] = info) -> torch.nn.Module:
-            q = sdnq_quantize(model, conf)
-            info["bytes"] = stored_bytes(q)
-            return q
-
-        images = bench.images_with(make)
-        mse = image_mse(images, bench.refs)
-        points.append(
-            {
-                "tool": "SDNQ",
-                "label": conf["label"],
-                "conf": conf,
-                "bytes": info["bytes"],
-                "mse": mse,
-                "adherence": adherence(bench, images),
-            }
-        )
-        print(f"{conf['label']}: {info['bytes']:,.0f} bytes, MSE {mse.mean():.3g}", flush=True)
-
+    points += sdnq_points(bench)
     rows = table(points, n_weights, args)
     data = {
         "config": args.config,

@@ -44,7 +44,7 @@ from typing import Any
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
-from _imagebench import ImageBench, adherence, refined_points, runtime_parser, selected_points  # noqa: E402
+from _imagebench import ImageBench, refined_points, runtime_parser, selected_points  # noqa: E402
 from bench_peers import best_at  # noqa: E402
 
 from mpq.commands.main import main as mpq_main  # noqa: E402
@@ -123,32 +123,13 @@ def mechanism_points(
 
 
 def sdnq_points(bench: ImageBench) -> list[dict[str, Any]]:
-    """SDNQ's configurations of the peer benchmark (:func:`bench_sdnq_plans.sdnq_configs`: every uniform dtype
+    """SDNQ's configurations of the peer benchmark (:func:`bench_sdnq_plans.sdnq_points`: every uniform dtype
     row-wise, with its default groups and groups of 64 and 128, and its dynamic mode over thresholds) as simple
     plans, scored on the evaluation images; bytes as mpq's are counted (:func:`bench_peers.sdnq_bytes`)."""
-    from bench_peers import sdnq_bytes, sdnq_quantize
-    from bench_sdnq_plans import sdnq_configs
+    from bench_peers import sdnq_bytes
+    from bench_sdnq_plans import sdnq_points as peer_points
 
-    from mpq.metrics import image_mse
-
-    out = []
-    for conf in sdnq_configs():
-        info: dict[str, Any] = {}
-
-        def make(model: Any, conf: dict[str, Any] = conf, info: dict[str, Any] = info) -> Any:
-            q = sdnq_quantize(model, conf)
-            info["bytes"] = sdnq_bytes(q)[0]
-            return q
-
-        images = bench.images_with(make)
-        mse = image_mse(images, bench.refs)
-        out.append({"label": conf["label"], "bytes": info["bytes"], "mse": mse, "adherence": adherence(bench, images)})
-        print(
-            f"{conf['label']}: {info['bytes'] * 8 / sum(i.weight_numel for i in bench.infos):.2f} bits/w, MSE "
-            f"{mse.mean():.3g}",
-            flush=True,
-        )
-    return out
+    return peer_points(bench, lambda q: sdnq_bytes(q)[0])
 
 
 def pick(points: list[dict[str, Any]], limit: float) -> dict[str, Any] | None:
