@@ -2,7 +2,9 @@
 
 Tensors are each layer's quant buffers (:mod:`mpq.quant.layers`), named
 ``<layer>::<buffer>``: ``qbits``, ``w_scale`` / ``w_offset`` (bits, rows, groups), ``a_scale`` /
-``a_zero`` (bits, parts), ``a_range`` (parts, 2). The manifest (every layer's
+``a_zero`` (bits, parts), ``a_range`` (parts, 2); with step groups (``act_quant.step_groups`` G > 1) also
+``a_step_scale`` / ``a_step_zero`` (G, bits, parts), ``a_step_range`` (G, parts, 2), ``a_step_bounds`` (G - 1,).
+The manifest (every layer's
 :class:`~mpq.layers.LayerInfo`: kind, shape, input split, BOS-awareness, input
 size; candidate bits; quantizer settings; model id and fingerprint) is stored
 in the file's metadata under ``mpq_manifest`` and copied beside it as
@@ -117,6 +119,7 @@ def load_checkpoint(path: str | Path, qm: QuantModel) -> dict[str, Any]:
         ),
         WeightQuant.from_config(manifest["weight_quant"]),
         manifest_formats(manifest, path),
+        [0.0] * (int(manifest["act_quant"].get("step_groups", 1)) - 1),  # the boundaries load with the tensors
     )
     tensors = load_tensors(path)
     expected = set(qm.quant_state())

@@ -25,6 +25,7 @@ from mpq.models import denoiser_of, pipeline_in, torch_dtype
 from mpq.quant.formats import resolve
 from mpq.quant.model import QuantModel, same_weights, weights_sample
 from mpq.quant.quantizer import WeightQuant
+from mpq.quant.steps import call_timestep, step_bounds
 from mpq.quant.structure import constant_first_token, trace
 from mpq.runner.config import weight_formats
 from mpq.runner.progress import progress
@@ -48,7 +49,17 @@ def prepare(qm: QuantModel, calib: CalibData, cfg: DictConfig, bits: list[int] |
         st,
         WeightQuant.from_config(cfg.quant.weight),
         weight_formats(cfg),
+        calib_step_bounds(calib, int(cfg.quant.act.step_groups)),
     )
+
+
+def calib_step_bounds(calib: CalibData, groups: int) -> list[float]:
+    """The timestep boundaries of ``groups`` step groups over the recorded calls ([] for one group)."""
+    if groups == 1:
+        return []
+    if any("timestep" not in step for step in calib.steps):
+        raise MpqError("the calibration data records no timestep input, so quant.act.step_groups must be 1")
+    return step_bounds((call_timestep(step["timestep"]) for step in calib.steps), groups)
 
 
 def calibrate(
@@ -86,6 +97,12 @@ def calibrate(
         ):
             qm(**kwargs, return_dict=False)
     missing = [n for n, layer in qm.layers.items() if not layer.a_observed]
+    missing += [
+        f"{n} (step group {g})"
+        for n, layer in qm.layers.items()
+        for g in range(layer.step_groups if layer.step_groups > 1 else 0)
+        if g not in layer.a_step_observed
+    ]
     if missing:
         raise MpqError(
             f"{len(missing)} layers never ran on the calibration data (first: {missing[0]}); check the calibration "

@@ -59,6 +59,12 @@ def handle(args: argparse.Namespace) -> None:
         print(
             f"encodings in {info['out']}/{info['file']} ({info['params']} weight and {info['activations']} activation "
             "encodings)"
+            + (
+                f"; activation_encodings hold the all-steps ranges, the {info['step_groups']} step groups' ranges "
+                "are in its mpq.step_groups section (AIMET has one encoding a tensor)"
+                if info["step_groups"] > 1
+                else ""
+            )
         )
 
 

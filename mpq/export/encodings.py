@@ -63,6 +63,8 @@ def aimet_grid(fmt: Format, layer: str) -> IntGrid:
 
 def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
     acts: dict[str, list[dict[str, Any]]] = {}
+    step_acts: dict[str, list[list[dict[str, Any]]]] = {}  # per step group (timestep-aware ranges), mpq's section
+    bounds: list[float] = []
     params: dict[str, list[dict[str, Any]]] = {}
     splits: dict[str, list[int]] = {}
     excluded = []
@@ -86,6 +88,25 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
                 encoding(float(layer.a_scale[k, p]), float(layer.a_zero[k, p]), a, layer.a_symmetric)
                 for p in range(layer.n_parts)
             ]
+            if layer.step_groups > 1:
+                bounds = layer.step_bounds()
+                scales, zeros = layer.a_step_scale[:, k].tolist(), layer.a_step_zero[:, k].tolist()
+                step_acts[f"{path}.input"] = [
+                    [encoding(s, z, a, layer.a_symmetric) for s, z in zip(gs, gz)] for gs, gz in zip(scales, zeros)
+                ]
+    steps = (
+        {
+            "step_groups": {
+                "groups": len(bounds) + 1,
+                "timestep_bounds": bounds,
+                "activation_encodings": step_acts,
+                "note": "AIMET holds one encoding per tensor: activation_encodings are the all-steps ranges; a "
+                "runtime with per-step ranges takes group g (timesteps between bounds[g-1] and bounds[g]) from here",
+            }
+        }
+        if step_acts
+        else {}
+    )
     return {
         "version": VERSION,
         "activation_encodings": acts,
@@ -102,6 +123,7 @@ def plan_encodings(qm: QuantModel, plan: BitPlan) -> dict[str, Any]:
             "in_split": splits,
             "bos_fp": sorted(n[len(PREFIX) :] for n, layer in qm.layers.items() if layer.bos_aware),
             "act_protected": sorted(n[len(PREFIX) :] for n in plan.protected),
+            **steps,
         },
     }
 
@@ -113,5 +135,6 @@ def export_encodings(qm: QuantModel, plan: BitPlan, folder: Path, component: str
     return {
         "activations": len(data["activation_encodings"]),
         "params": len(data["param_encodings"]),
+        "step_groups": data["mpq"].get("step_groups", {}).get("groups", 1),
         "file": f"{component}.encodings",
     }

@@ -7,6 +7,7 @@ Layout (what ``DiffusionPipeline.save_pretrained`` writes, the denoiser replaced
     OUT/<denoiser>/diffusion_pytorch_model.safetensors      (<denoiser>: unet or transformer)
         <layer>.qweight  uint8, packed (2-bit: 4 a byte, 4-bit: 2 a byte, 8-bit: 1 a byte)
         <layer>.w_scale  fp32 (rows, groups)      <layer>.a_scale / a_zero  fp32 (n_parts,)
+        <layer>.a_step_scale / a_step_zero fp32 (G, n_parts), a_step_bounds fp32 (G - 1,)   with step groups only
         <layer>.w_offset fp32 (rows, groups)      asymmetric weight levels only (codes stored minus 2^(b-1))
         <layer>.bos_in / bos_out  fp32           cached FP row of a BOS-aware text layer's constant first token
         everything else (FP layers, norms, biases, buffers made at construction) in ``fp_dtype``
@@ -39,6 +40,7 @@ from mpq.plan import BitPlan
 from mpq.quant.formats import Key
 from mpq.quant.layers import QuantLayer
 from mpq.quant.model import PREFIX, QuantModel
+from mpq.quant.steps import attach, grouped
 from mpq.runner.files import file_digest, load_tensors, read_tensor_metadata, save_tensors, write_json
 
 # 2: 3/5/6/7-bit codes in a dense bit stream (1 stored them one a byte); 3: grouped scales, asymmetric levels;
@@ -81,6 +83,7 @@ def layer_spec(layer: QuantLayer, w_bits: Key | None, a_bits: int | None, bos_ca
         layer.bias is not None,
         conv,
         layer.wq.as_dict(),
+        layer.step_groups if a_bits is not None else 1,
     )
 
 
@@ -108,6 +111,10 @@ def packed_tensors(
             layer.a_scale[k].detach().float().clone(),
             layer.a_zero[k].detach().float().clone(),
         )
+        if spec.step_groups > 1:  # the bit's scale and zero point per step group, and the groups' boundaries
+            out["a_step_scale"] = layer.a_step_scale[:, k].detach().float().clone()
+            out["a_step_zero"] = layer.a_step_zero[:, k].detach().float().clone()
+            out["a_step_bounds"] = layer.a_step_bounds.detach().float().clone()
     return out
 
 
@@ -440,6 +447,8 @@ def install_packed_layers(model: nn.Module, qconfig: Mapping[str, Any], cfg_path
     left = [n for n, t in [*model.named_parameters(), *model.named_buffers()] if t.is_meta]
     if left:
         raise MpqError(f"{weights} lacks tensor {left[0]}; re-export with `mpq export`")
+    if any(grouped(m) for m in model.modules()):
+        attach(model)  # each call's timestep picks the step-grouped activation ranges
 
 
 def load_denoiser(

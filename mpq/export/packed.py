@@ -12,7 +12,9 @@ and for asymmetric levels offsets, per row and group of input columns,
 computes it) and drops it again, so resident memory holds only the packed
 bytes. A layer
 whose weight stays FP keeps ``weight``. With activation bits, the input is
-fake-quantized per part with ``a_scale``/``a_zero`` (n_parts,).
+fake-quantized per part with ``a_scale``/``a_zero`` (n_parts,); with step groups (``step_groups`` G > 1,
+:mod:`mpq.quant.steps`) with ``a_step_scale``/``a_step_zero`` (G, n_parts) of the group the denoiser's pre-hook
+finds from the call's timestep (``a_step_bounds`` (G - 1,)), and the all-steps ones outside a denoiser call.
 
 A BOS-aware layer (cross-attention ``to_k``/``to_v``) computes the BOS token
 with FP weights. The causal text encoders make that token's features the same
@@ -38,7 +40,8 @@ from mpq.quant.formats.bitpack import MAX_BITS
 from mpq.quant.layers import fake_quant_input
 from mpq.quant.quantizer import WeightQuant
 
-ACT_TENSORS = ("a_scale", "a_zero", "bos_in", "bos_out")  # a packed layer's activation and BOS tensors (fp32)
+# a packed layer's activation (all steps; per step group) and BOS tensors (fp32)
+ACT_TENSORS = ("a_scale", "a_zero", "a_step_scale", "a_step_zero", "a_step_bounds", "bos_in", "bos_out")
 NON_WEIGHT = ("bias", *ACT_TENSORS)  # what an exported layer stores besides its weight (codes and parameters)
 
 
@@ -57,6 +60,7 @@ class PackedSpec:
     bias: bool = True
     conv: dict[str, Any] = field(default_factory=dict)  # stride, padding, dilation, groups
     weight_quant: dict[str, Any] = field(default_factory=dict)  # WeightQuant fields ({}: MixDQ's per-channel)
+    step_groups: int = 1  # activation ranges per group of sampling steps (quantized activations only)
 
     @property
     def wq(self) -> WeightQuant:
@@ -72,6 +76,8 @@ class PackedSpec:
     def as_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["shape"], d["in_split"] = list(self.shape), list(self.in_split)
+        if self.step_groups == 1:
+            del d["step_groups"]  # one range for all steps: the spec as before step groups
         return d
 
     @classmethod
@@ -127,6 +133,11 @@ class PackedSpec:
         for key in ("bos_aware", "bos_cached", "a_symmetric", "bias"):
             if key in d and not isinstance(d[key], bool):
                 raise bad(key, "it must be true or false")
+        groups = d.get("step_groups", 1)
+        if not (isinstance(groups, int) and not isinstance(groups, bool) and groups >= 1):
+            raise bad("step_groups", "it must be a positive integer")
+        if groups > 1 and a is None:
+            raise bad("step_groups", "only a layer with activation bits has step groups")
         if d["kind"] == "conv":
             conv = d.get("conv")
             keys = {"stride", "padding", "dilation", "groups"}
@@ -171,6 +182,28 @@ class PackedLayer(nn.Module):
         if spec.a_bits is not None:
             self.register_buffer("a_scale", torch.empty(parts, **f32))
             self.register_buffer("a_zero", torch.empty(parts, **f32))
+        self.a_group: int | None = None  # the step group of the denoiser call in progress (set by its pre-hook)
+        self._bounds: list[float] | None = None  # ``a_step_bounds`` as numbers, read on the first call
+        if spec.a_bits is not None and spec.step_groups > 1:
+            self.register_buffer("a_step_scale", torch.empty(spec.step_groups, parts, **f32))
+            self.register_buffer("a_step_zero", torch.empty(spec.step_groups, parts, **f32))
+            self.register_buffer("a_step_bounds", torch.empty(spec.step_groups - 1, **f32))
+
+    @property
+    def step_groups(self) -> int:
+        return self.spec.step_groups if self.spec.a_bits is not None else 1
+
+    def step_bounds(self) -> list[float]:
+        """The step groups' timestep boundaries, ascending ([] without step groups; read once, after loading)."""
+        if self.step_groups == 1:
+            return []
+        if self._bounds is None:
+            self._bounds = [float(v) for v in self.a_step_bounds.tolist()]
+        return self._bounds
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._bounds = None  # re-read from the loaded a_step_bounds
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def keep_fp32(self) -> frozenset[str]:
@@ -205,9 +238,9 @@ class PackedLayer(nn.Module):
         if self.spec.a_bits is None:
             return x
         dim = -1 if self.spec.kind == "linear" else 1
-        return fake_quant_input(
-            x, self.spec.in_split, dim, self.a_scale, self.a_zero, self.spec.a_bits, self.spec.a_symmetric
-        )
+        g = self.a_group if self.step_groups > 1 else None
+        scale, zero = (self.a_scale, self.a_zero) if g is None else (self.a_step_scale[g], self.a_step_zero[g])
+        return fake_quant_input(x, self.spec.in_split, dim, scale, zero, self.spec.a_bits, self.spec.a_symmetric)
 
     def _bos_head(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         if self.spec.w_bits is None:
@@ -228,6 +261,8 @@ class PackedLayer(nn.Module):
 
     def extra_repr(self) -> str:
         s = self.spec
-        return f"{s.kind}, shape={list(s.shape)}, w_bits={s.w_bits}, a_bits={s.a_bits}" + (
-            f", in_split={list(s.in_split)}" if len(s.in_split) > 2 else ""
+        return (
+            f"{s.kind}, shape={list(s.shape)}, w_bits={s.w_bits}, a_bits={s.a_bits}"
+            + (f", in_split={list(s.in_split)}" if len(s.in_split) > 2 else "")
+            + (f", step_groups={self.step_groups}" if self.step_groups > 1 else "")
         )

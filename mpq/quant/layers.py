@@ -13,7 +13,11 @@ hooks treat them as any module's tensors:
   and group of input columns (one group per input part at MixDQ's ``channel`` granularity); the other weight
   formats (``formats``) in ``wf_<slug>_<param>`` (e.g. ``wf_nf_ratio`` / ``wf_nf_smax``, shared by every ``nf<k>``);
 * ``a_scale``, ``a_zero`` (n_bits, n_parts): per-tensor activation scale and zero point;
-* ``a_range`` (n_parts, 2): the observed running (min, max) of the input.
+* ``a_range`` (n_parts, 2): the observed running (min, max) of the input;
+* with step groups (``quant.act.step_groups`` G > 1, :mod:`mpq.quant.steps`), the same per group of sampling
+  steps besides the all-steps ones: ``a_step_scale``, ``a_step_zero`` (G, n_bits, n_parts), ``a_step_range``
+  (G, n_parts, 2), and the groups' timestep boundaries ``a_step_bounds`` (G - 1,). The denoiser's pre-hook sets
+  ``a_group`` on each call; a call outside a denoiser call (no group set) uses the all-steps range.
 
 ``n_parts`` > 1 splits a concatenated input (``in_split``, e.g. a UNet skip
 concatenation) into parts with their own weight and activation quantizers.
@@ -91,6 +95,10 @@ class QuantLayer:
         self._slots: dict[Key, Slot] = {}  # where each weight candidate's parameters live (:mod:`mpq.quant.banks`)
         self._quant_buffers: tuple[str, ...] = ()  # the buffers :meth:`init_quant` registered
         self.multi: tuple[str, list[Key]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
+        self.step_groups = 1  # activation ranges per group of sampling steps (:mod:`mpq.quant.steps`)
+        self.a_group: int | None = None  # the step group of the denoiser call in progress (set by its pre-hook)
+        self.a_step_observed: set[int] = set()  # the step groups whose range has been observed
+        self._bounds: list[float] | None = None  # ``a_step_bounds`` as numbers (:meth:`step_bounds`)
 
     def init_quant(
         self,
@@ -101,9 +109,11 @@ class QuantLayer:
         act_numel: int = 0,
         wq: WeightQuant | None = None,
         formats: Sequence[str] = (),
+        step_groups: int = 1,
     ) -> None:
-        """(Re)allocate the buffers for ``bits``, the weight quantizer ``wq`` (default: MixDQ's) and the other
-        weight ``formats`` (zeros until calibrated or loaded)."""
+        """(Re)allocate the buffers for ``bits``, the weight quantizer ``wq`` (default: MixDQ's), the other
+        weight ``formats`` and ``step_groups`` activation ranges besides the all-steps one (zeros until calibrated
+        or loaded)."""
         self.wq = wq or WeightQuant()
         self.act_numel = int(act_numel)
         self.in_split = tuple(in_split) if in_split else (0, self.weight.shape[1])
@@ -128,6 +138,15 @@ class QuantLayer:
             "a_zero": torch.zeros(n, parts, device=dev),
             "a_range": torch.zeros(parts, 2, device=dev),
         }
+        self.step_groups, self.a_group, self.a_step_observed, self._bounds = int(step_groups), None, set(), None
+        if self.step_groups > 1:
+            g = self.step_groups
+            buffers |= {
+                "a_step_scale": torch.zeros(g, n, parts, device=dev),
+                "a_step_zero": torch.zeros(g, n, parts, device=dev),
+                "a_step_range": torch.zeros(g, parts, 2, device=dev),
+                "a_step_bounds": torch.zeros(g - 1, device=dev),
+            }
         for name, t in buffers.items():
             self.register_buffer(name, t)
         self._quant_buffers = tuple(buffers)
@@ -201,14 +220,32 @@ class QuantLayer:
                 (buf if slot.row is None else buf[slot.row]).copy_(t)
         self._wcache = {}
 
+    def step_bounds(self) -> list[float]:
+        """The step groups' timestep boundaries, ascending ([] without step groups; read from the buffer once after
+        each load, not on every call: no device sync per layer and call)."""
+        if self.step_groups == 1:
+            return []
+        if self._bounds is None:
+            self._bounds = [float(v) for v in self.a_step_bounds.tolist()]
+        return self._bounds
+
     def observe(self, x: torch.Tensor) -> None:
         if self.bos_aware and x.dim() == 3:
             x = x[:, 1:]
+        g = self._group()
+        if self.step_groups > 1 and g is None:
+            raise RuntimeError("step-grouped ranges observed outside a denoiser call (no timestep, no step group)")
         for p, part in enumerate(self._parts(x)):
             prev = (self.a_range[p, 0], self.a_range[p, 1]) if self.a_observed else None
             lo, hi = running_minmax(prev, part, self.momentum)
             self.a_range[p, 0], self.a_range[p, 1] = lo, hi
+            if g is not None:
+                r = self.a_step_range[g]
+                lo, hi = running_minmax((r[p, 0], r[p, 1]) if g in self.a_step_observed else None, part, self.momentum)
+                r[p, 0], r[p, 1] = lo, hi
         self.a_observed = True
+        if g is not None:
+            self.a_step_observed.add(g)
 
     def finalize_act(self) -> None:
         if not self.a_observed:
@@ -218,6 +255,14 @@ class QuantLayer:
                 self.a_scale[k, p], self.a_zero[k, p] = act_qparams(
                     self.a_range[p, 0], self.a_range[p, 1], b, self.a_symmetric
                 )
+                for g in self.a_step_observed:
+                    self.a_step_scale[g, k, p], self.a_step_zero[g, k, p] = act_qparams(
+                        self.a_step_range[g, p, 0], self.a_step_range[g, p, 1], b, self.a_symmetric
+                    )
+
+    def _group(self) -> int | None:
+        """The step group whose range applies now (None: the all-steps range)."""
+        return self.a_group if self.step_groups > 1 else None
 
     # ------------------------------------------------------------------ activation of bits
     def set_bits(self, w_bits: Key | None, a_bits: int | None) -> None:
@@ -242,10 +287,10 @@ class QuantLayer:
     def _fq_act(self, x: torch.Tensor, bits: int | None) -> torch.Tensor:
         if bits is None:
             return x
-        k = self._act_index(bits)
-        return fake_quant_input(
-            x, self.in_split, self._input_dim(), self.a_scale[k], self.a_zero[k], bits, self.a_symmetric
-        )
+        k, g = self._act_index(bits), self._group()
+        scale, zero = (self.a_scale, self.a_zero) if g is None else (self.a_step_scale[g], self.a_step_zero[g])
+        scale, zero = scale[k], zero[k]
+        return fake_quant_input(x, self.in_split, self._input_dim(), scale, zero, bits, self.a_symmetric)
 
     def weight_at(self, bits: Key | None) -> torch.Tensor:
         """The weight fake-quantized at ``bits`` (or in the format it names; cached), or the float weight."""
@@ -297,6 +342,8 @@ class QuantLayer:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
         if self._quant_buffers and not self.qbits.is_meta:
             self._index_formats(self.bits)  # the loaded bit-widths are the weight candidates
+        if self.step_groups > 1:
+            self.a_step_observed, self._bounds = set(range(self.step_groups)), None
 
     def quant_state(self) -> dict[str, torch.Tensor]:
         """The quant buffers (the PTQ checkpoint's tensors): ``qbits``, every weight candidate's bank, ``a_*``."""
@@ -308,6 +355,8 @@ class QuantLayer:
         extra = f", bits={self.bits}{formats}, w_bits={self.w_bits}, a_bits={self.a_bits}, weight_quant={self.wq.label}"
         if self.n_parts > 1:
             extra += f", in_split={self.in_split}"
+        if self.step_groups > 1:
+            extra += f", step_groups={self.step_groups}"
         return base + extra + (", bos_aware=True" if self.bos_aware else "")
 
 

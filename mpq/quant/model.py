@@ -18,6 +18,7 @@ from mpq.plan import BitPlan
 from mpq.quant.formats import Key
 from mpq.quant.layers import QuantConv2d, QuantLayer, QuantLinear
 from mpq.quant.quantizer import WeightQuant
+from mpq.quant.steps import attach
 from mpq.quant.structure import PREFIX, Structure, quantizable_modules
 
 __all__ = ["PREFIX", "QuantModel", "fingerprint", "quantizable_modules", "same_weights", "weights_sample"]
@@ -92,15 +93,28 @@ class QuantModel:
         structure: Structure | None = None,
         wq: WeightQuant | None = None,
         formats: Sequence[str] = (),
+        step_bounds: Sequence[float] = (),
     ) -> None:
         """Allocate every layer's quant buffers for ``bits``, the weight quantizer ``wq`` (default: MixDQ's) and
         the other weight ``formats`` (:mod:`mpq.quant.formats`), with the input splits, BOS-aware layers and input
-        sizes of ``structure`` (:func:`mpq.quant.structure.trace`)."""
+        sizes of ``structure`` (:func:`mpq.quant.structure.trace`); ``step_bounds`` (ascending timesteps): activation
+        ranges per group of sampling steps besides the all-steps one (:mod:`mpq.quant.steps`)."""
         st = structure or Structure()
+        groups = len(step_bounds) + 1
         for name, layer in self.layers.items():
             layer.init_quant(
-                bits, st.in_split.get(name), name in st.bos, a_symmetric, st.act_numel.get(name, 0), wq, formats
+                bits, st.in_split.get(name), name in st.bos, a_symmetric, st.act_numel.get(name, 0), wq, formats, groups
             )
+            if groups > 1:
+                layer.a_step_bounds.copy_(torch.tensor([float(b) for b in step_bounds]))
+                layer._bounds = None
+        if groups > 1:
+            attach(self.denoiser)
+
+    @property
+    def step_groups(self) -> int:
+        """Activation ranges per group of sampling steps (1: one range for all steps)."""
+        return next(iter(self.layers.values())).step_groups if self.layers else 1
 
     @property
     def formats(self) -> list[str]:
@@ -159,4 +173,8 @@ class QuantModel:
             getattr(layer, buf).copy_(t)
             if buf == "a_range":
                 layer.a_observed = True
+            if buf == "a_step_range":
+                layer.a_step_observed = set(range(layer.step_groups))
+            if buf == "a_step_bounds":
+                layer._bounds = None  # re-read by step_bounds()
             layer._wcache = {}

@@ -78,6 +78,9 @@ class ActQuantConfig:
     # mpq: the FP model, calibration batches in order, one range update per batch | mixdq: MixDQ's loop --
     # shuffled batches, W8A8 on while observing (ranges so far), the range updated once per candidate bit
     calibration: str = "mpq"
+    # activation ranges per group of sampling steps (timestep-aware; 1: one range over all steps): the recorded
+    # calls' timesteps cut into this many groups, each with its own range besides the all-steps one
+    step_groups: int = 1
 
 
 @dataclass
@@ -504,6 +507,11 @@ def validate(cfg: DictConfig) -> None:
     _one_of(cfg.quant.act.calibration, choices.ACT_CALIBRATIONS, "quant.act.calibration")
     if not 0.0 <= cfg.quant.act.momentum < 1.0:
         raise MpqError("config key 'quant.act.momentum' must be in [0, 1)")
+    if not isinstance(cfg.quant.act.step_groups, int) or cfg.quant.act.step_groups < 1:
+        raise MpqError(
+            f"config key 'quant.act.step_groups' is {cfg.quant.act.step_groups!r}; use 1 (one activation range for "
+            "all steps) or a larger integer (ranges per group of steps)"
+        )
     if not 0.0 < cfg.quant.weight.mse_min_ratio <= 1.0:
         raise MpqError("config key 'quant.weight.mse_min_ratio' must be in (0, 1]")
     for key in ("sampling.batch_size", "calib.batch_size", "calib.num_samples", "infer.num_images", "eval.num_images"):

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils._pytree import tree_leaves, tree_map
 
 from mpq.errors import MpqError
+from mpq.quant.steps import StepGroupHook
 
 
 def _tensors(obj: Any) -> list[torch.Tensor]:
@@ -41,6 +42,12 @@ def repeat_batch(obj: Any, n: int, batch: int = 1) -> Any:
         return t
 
     return obj if n == 1 else tree_map(rep, obj)  # diffusers' outputs are registered pytree nodes too
+
+
+def _foreign(pre_hooks: Any) -> bool:
+    """Whether a module has pre-hooks besides mpq's step-group hook (which only reads the call's timestep and runs
+    in the module's ``__call__``, before the forward the cache replaces)."""
+    return any(not isinstance(h, StepGroupHook) for h in pre_hooks.values())
 
 
 @dataclass
@@ -69,7 +76,7 @@ class PrefixCache:
         hooked = [
             name or "<root>"
             for name, m in root.named_modules()
-            if m._forward_hooks or m._forward_pre_hooks or hasattr(m, "_hf_hook") or "forward" in m.__dict__
+            if m._forward_hooks or _foreign(m._forward_pre_hooks) or hasattr(m, "_hf_hook") or "forward" in m.__dict__
         ]
         if hooked:  # it replaces module.forward: offload/compile hooks would be bypassed or double-wrapped
             raise MpqError(

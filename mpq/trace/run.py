@@ -32,6 +32,7 @@ from mpq.images import PromptEmbeddings, generate, to_array
 from mpq.metrics import ErrorStats, image_mse
 from mpq.models import denoiser_name
 from mpq.plan import BitPlan
+from mpq.quant.steps import StepGroupHook, grouped
 from mpq.quant.structure import quantizable_modules
 from mpq.runner.patterns import search_names
 from mpq.trace.capture import CallId, replace_tensors, tracing
@@ -98,6 +99,9 @@ def export_sides(cfg: DictConfig, folder: str | Path, dtype: torch.dtype) -> Sid
             raise MpqError(
                 f"{folder}: the export has no layer {name} of the run's model; trace an export of this run's model"
             ) from None
+
+    if any(grouped(m) for m in qden.modules()):  # each FP call's timestep picks the export's step group
+        denoiser_of(fp).register_forward_pre_hook(StepGroupHook(qden), with_kwargs=True)
 
     def quant_layer(name: str, x: torch.Tensor) -> torch.Tensor:
         return quant_layers[name](x.to(dtype))
