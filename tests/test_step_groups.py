@@ -143,6 +143,10 @@ def test_step_groups_survive_export_and_load_bit_exactly(grouped_run, tmp_path):
         assert torch.equal(m.a_step_bounds, layer.a_step_bounds)
     got = generate(loaded, PROMPT, [0], cfg, output_type="np")
     np.testing.assert_array_equal(ref[0], got[0])  # fp32: bit-identical images, every step in its own group
+    from diffusers import DiffusionPipeline
+
+    hub = DiffusionPipeline.from_pretrained(out, text_encoder_3=None, tokenizer_3=None)  # diffusers' loader, too
+    np.testing.assert_array_equal(ref[0], generate(hub, PROMPT, [0], cfg, output_type="np")[0])
     for layer in qm.layers.values():
         layer.step_groups = 1  # the one-range reading of the same checkpoint draws another image
     single = generate(pipe, PROMPT, [0], cfg, output_type="np")
