@@ -38,9 +38,14 @@ def test_bounds_cut_the_timesteps_into_even_runs():
         step_bounds([1.0, 0.5], 3)
 
 
-def test_a_bad_step_groups_value_is_one_line():
+def test_a_bad_step_groups_value_is_one_line_and_old_runs_stay_fresh():
+    from mpq.runner.config import settings
+
     with pytest.raises(MpqError, match=r"'quant.act.step_groups' is 0; use 1"):
         load_config("tiny-sd3", ["quant.act.step_groups=0"])
+    # runs stamped before step groups existed stay fresh: one group is no key in the stamps' quant section
+    assert "step_groups" not in settings(load_config("tiny-sd3"), "quant")["act"]
+    assert settings(load_config("tiny-sd3", ["quant.act.step_groups=2"]), "quant")["act"]["step_groups"] == 2
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +90,10 @@ def test_each_group_holds_its_own_steps_range(grouped_run):
         )
     spans = [float(x.max() - x.min()) for x in inputs]
     assert max(spans) > 1.2 * min(spans)  # the steps' ranges really differ (else groups could not matter)
+    exact = layer.a_step_bounds.tolist()
+    qm.denoiser.to(torch.bfloat16)  # a cast keeps the boundaries exact (bf16 would round 929.0 to 928)
+    assert layer.a_step_bounds.dtype == torch.float32 and layer.a_step_bounds.tolist() == exact
+    assert layer.a_step_scale.dtype == torch.bfloat16  # the rest casts as any module's buffers do
 
 
 def snr(out: torch.Tensor, ref: torch.Tensor) -> float:

@@ -97,12 +97,17 @@ def calibrate(
         ):
             qm(**kwargs, return_dict=False)
     missing = [n for n, layer in qm.layers.items() if not layer.a_observed]
-    missing += [
-        f"{n} (step group {g})"
+    unseen = [
+        f"{n}, step group {g}"
         for n, layer in qm.layers.items()
         for g in range(layer.step_groups if layer.step_groups > 1 else 0)
         if g not in layer.a_step_observed
     ]
+    if unseen and not missing:
+        raise MpqError(
+            f"{len(unseen)} layer x step group pairs never ran (first: {unseen[0]}): a layer that runs at some steps "
+            "only; lower quant.act.step_groups (1: one range for all steps)"
+        )
     if missing:
         raise MpqError(
             f"{len(missing)} layers never ran on the calibration data (first: {missing[0]}); check the calibration "

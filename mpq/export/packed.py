@@ -14,7 +14,8 @@ bytes. A layer
 whose weight stays FP keeps ``weight``. With activation bits, the input is
 fake-quantized per part with ``a_scale``/``a_zero`` (n_parts,); with step groups (``step_groups`` G > 1,
 :mod:`mpq.quant.steps`) with ``a_step_scale``/``a_step_zero`` (G, n_parts) of the group the denoiser's pre-hook
-finds from the call's timestep (``a_step_bounds`` (G - 1,)), and the all-steps ones outside a denoiser call.
+finds from the call's timestep (``a_step_bounds`` (G - 1,), kept fp32 by any cast), and the all-steps ones before
+the first call.
 
 A BOS-aware layer (cross-attention ``to_k``/``to_v``) computes the BOS token
 with FP weights. The causal text encoders make that token's features the same
@@ -39,6 +40,7 @@ from mpq.quant.formats import Format, Key, resolve
 from mpq.quant.formats.bitpack import MAX_BITS
 from mpq.quant.layers import fake_quant_input
 from mpq.quant.quantizer import WeightQuant
+from mpq.quant.steps import apply_keeping_bounds
 
 # a packed layer's activation (all steps; per step group) and BOS tensors (fp32)
 ACT_TENSORS = ("a_scale", "a_zero", "a_step_scale", "a_step_zero", "a_step_bounds", "bos_in", "bos_out")
@@ -182,7 +184,7 @@ class PackedLayer(nn.Module):
         if spec.a_bits is not None:
             self.register_buffer("a_scale", torch.empty(parts, **f32))
             self.register_buffer("a_zero", torch.empty(parts, **f32))
-        self.a_group: int | None = None  # the step group of the denoiser call in progress (set by its pre-hook)
+        self.a_group: int | None = None  # the step group of the latest denoiser call (set by its pre-hook)
         self._bounds: list[float] | None = None  # ``a_step_bounds`` as numbers, read on the first call
         if spec.a_bits is not None and spec.step_groups > 1:
             self.register_buffer("a_step_scale", torch.empty(spec.step_groups, parts, **f32))
@@ -200,6 +202,9 @@ class PackedLayer(nn.Module):
         if self._bounds is None:
             self._bounds = [float(v) for v in self.a_step_bounds.tolist()]
         return self._bounds
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        return apply_keeping_bounds(self, lambda: super(PackedLayer, self)._apply(fn, recurse))
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._bounds = None  # re-read from the loaded a_step_bounds

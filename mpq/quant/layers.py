@@ -17,7 +17,8 @@ hooks treat them as any module's tensors:
 * with step groups (``quant.act.step_groups`` G > 1, :mod:`mpq.quant.steps`), the same per group of sampling
   steps besides the all-steps ones: ``a_step_scale``, ``a_step_zero`` (G, n_bits, n_parts), ``a_step_range``
   (G, n_parts, 2), and the groups' timestep boundaries ``a_step_bounds`` (G - 1,). The denoiser's pre-hook sets
-  ``a_group`` on each call; a call outside a denoiser call (no group set) uses the all-steps range.
+  ``a_group`` on each call, and it stays until the next one (the estimators score a call's recorded inputs after
+  it returns); before the first call the all-steps range applies.
 
 ``n_parts`` > 1 splits a concatenated input (``in_split``, e.g. a UNet skip
 concatenation) into parts with their own weight and activation quantizers.
@@ -38,9 +39,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mpq.errors import MpqError
 from mpq.quant.banks import Slot, calibrators, layout
 from mpq.quant.formats import Format, Key, ParamShapes, resolve
 from mpq.quant.quantizer import WeightQuant, act_qparams, fake_quant, qrange, running_minmax
+from mpq.quant.steps import apply_keeping_bounds
 
 
 def split_input(x: torch.Tensor, in_split: Sequence[int], dim: int) -> tuple[torch.Tensor, ...]:
@@ -96,7 +99,7 @@ class QuantLayer:
         self._quant_buffers: tuple[str, ...] = ()  # the buffers :meth:`init_quant` registered
         self.multi: tuple[str, list[Key]] | None = None  # (weight|act, bits): batch chunk k uses bits[k]
         self.step_groups = 1  # activation ranges per group of sampling steps (:mod:`mpq.quant.steps`)
-        self.a_group: int | None = None  # the step group of the denoiser call in progress (set by its pre-hook)
+        self.a_group: int | None = None  # the step group of the latest denoiser call (set by its pre-hook)
         self.a_step_observed: set[int] = set()  # the step groups whose range has been observed
         self._bounds: list[float] | None = None  # ``a_step_bounds`` as numbers (:meth:`step_bounds`)
 
@@ -234,7 +237,10 @@ class QuantLayer:
             x = x[:, 1:]
         g = self._group()
         if self.step_groups > 1 and g is None:
-            raise RuntimeError("step-grouped ranges observed outside a denoiser call (no timestep, no step group)")
+            raise MpqError(
+                "step-grouped activation ranges are observed in denoiser calls (their timestep picks the group); "
+                "call the denoiser, not the layer"
+            )
         for p, part in enumerate(self._parts(x)):
             prev = (self.a_range[p, 0], self.a_range[p, 1]) if self.a_observed else None
             lo, hi = running_minmax(prev, part, self.momentum)
@@ -334,7 +340,7 @@ class QuantLayer:
     # ------------------------------------------------------------------ torch plumbing
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         self._wcache = {}  # moved or cast: the cached quantized weights are stale
-        return super()._apply(fn, recurse)  # type: ignore[misc]
+        return apply_keeping_bounds(self, lambda: super(QuantLayer, self)._apply(fn, recurse))  # type: ignore[misc]
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._wcache = {}

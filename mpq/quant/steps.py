@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import inspect
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 import torch
@@ -99,6 +99,19 @@ class StepGroupHook:
         value = call_timestep(t)
         for layer in layers:
             layer.a_group = group_of(value, layer.step_bounds())  # type: ignore[operator]
+
+
+def apply_keeping_bounds(layer: Any, apply: Callable[[], Any]) -> Any:
+    """A layer's ``_apply`` (a move or a cast: ``.to()``, ``.half()``) with its step groups' boundaries kept exact
+    and fp32: a timestep boundary rounded to bf16 (Flux's sigmas are 0..1) could move a call into another group."""
+    bounds = layer.a_step_bounds if grouped(layer) else None
+    if bounds is None or bounds.is_meta:
+        return apply()
+    exact = layer.step_bounds()  # read before the cast can round them
+    out = apply()
+    if layer.a_step_bounds.dtype != torch.float32:
+        layer._buffers["a_step_bounds"] = torch.tensor(exact, dtype=torch.float32, device=layer.a_step_bounds.device)
+    return out
 
 
 def attach(denoiser: nn.Module) -> None:

@@ -654,20 +654,30 @@ def _validate_search(cfg: DictConfig) -> None:
             )
 
 
-# keys added after runs were stamped, whose unset value (null) means what mpq did before they existed: left out of
-# stamps and signatures while unset, so a run made before them stays up to date
-ADDED_UNSET = ("sampling.max_sequence_length", "eval.peers", "quant.weight_formats")
+# keys added after runs were stamped, with the values that mean what mpq did before they existed: left out of stamps
+# and signatures while they hold one of those, so a run made before them stays up to date
+ADDED_UNSET: dict[str, tuple[Any, ...]] = {
+    "sampling.max_sequence_length": (None,),
+    "eval.peers": (None, []),
+    "quant.weight_formats": (None, []),
+    "quant.act.step_groups": (1,),
+}
 
 
 def settings(cfg: DictConfig, key: str) -> Any:
     """The resolved value of config section ``key`` as stamps and signatures record it (see ``ADDED_UNSET``)."""
     value = OmegaConf.to_container(OmegaConf.create({"v": OmegaConf.select(cfg, key)}), resolve=True)["v"]
-    for added in ADDED_UNSET:
-        section, _, leaf = added.rpartition(".")
-        if section == key and isinstance(value, dict) and leaf in value and value[leaf] in (None, []):
-            value.pop(leaf)
-        elif added == key and value is None:
+    for added, before in ADDED_UNSET.items():
+        if added == key and value is None:  # a whole key that is unset (the section itself never is)
             return None
+        if not added.startswith(key + "."):
+            continue
+        *path, leaf = added[len(key) + 1 :].split(".")
+        node = value
+        for part in path:
+            node = node.get(part) if isinstance(node, dict) else None
+        if isinstance(node, dict) and leaf in node and node[leaf] in before:
+            node.pop(leaf)
     return value
 
 
