@@ -203,3 +203,20 @@ def test_sensitivity_fast_path_runs_and_equals_naive_with_step_groups(grouped_ru
     assert naive.keys() == fast.keys() and len(naive) == 3
     for name in naive:
         assert fast[name] == pytest.approx(naive[name], abs=1e-3)
+
+
+def test_encodings_keep_the_groups_beside_the_all_steps_ranges(grouped_run):
+    """AIMET holds one encoding a tensor: the all-steps range there, every group's under ``mpq.step_groups``."""
+    from mpq.export.encodings import plan_encodings
+
+    cfg, run = grouped_run
+    _, qm, _ = quantized_pipeline(cfg, run)
+    data = plan_encodings(qm, BitPlan({}, {n: 8 for n in qm.names}))
+    name = PREFIX + "pos_embed.proj"
+    layer, key = qm.layers[name], "pos_embed.proj.input"
+    groups = data["mpq"]["step_groups"]
+    assert groups["groups"] == 3 and groups["timestep_bounds"] == layer.step_bounds()
+    assert data["activation_encodings"][key][0]["scale"] == pytest.approx(float(layer.a_scale[-1, 0]))
+    per_group = [g[0]["scale"] for g in groups["activation_encodings"][key]]
+    assert per_group == pytest.approx([float(v) for v in layer.a_step_scale[:, -1, 0]])
+    assert len(set(per_group)) == 3  # the steps' ranges differ
