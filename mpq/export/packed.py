@@ -40,7 +40,7 @@ from mpq.quant.formats import Format, Key, resolve
 from mpq.quant.formats.bitpack import MAX_BITS
 from mpq.quant.layers import fake_quant_input
 from mpq.quant.quantizer import WeightQuant
-from mpq.quant.steps import apply_keeping_bounds
+from mpq.quant.steps import StepRanges
 
 # a packed layer's activation (all steps; per step group) and BOS tensors (fp32)
 ACT_TENSORS = ("a_scale", "a_zero", "a_step_scale", "a_step_zero", "a_step_bounds", "bos_in", "bos_out")
@@ -153,7 +153,7 @@ class PackedSpec:
         return cls(**{**d, "shape": tuple(shape), "in_split": tuple(split)})
 
 
-class PackedLayer(nn.Module):
+class PackedLayer(StepRanges, nn.Module):
     def __init__(self, spec: PackedSpec, device: torch.device | str | None = None) -> None:
         super().__init__()
         self.spec = spec
@@ -185,7 +185,6 @@ class PackedLayer(nn.Module):
             self.register_buffer("a_scale", torch.empty(parts, **f32))
             self.register_buffer("a_zero", torch.empty(parts, **f32))
         self.a_group: int | None = None  # the step group of the latest denoiser call (set by its pre-hook)
-        self._bounds: list[float] | None = None  # ``a_step_bounds`` as numbers, read on the first call
         if spec.a_bits is not None and spec.step_groups > 1:
             self.register_buffer("a_step_scale", torch.empty(spec.step_groups, parts, **f32))
             self.register_buffer("a_step_zero", torch.empty(spec.step_groups, parts, **f32))
@@ -194,21 +193,6 @@ class PackedLayer(nn.Module):
     @property
     def step_groups(self) -> int:
         return self.spec.step_groups if self.spec.a_bits is not None else 1
-
-    def step_bounds(self) -> list[float]:
-        """The step groups' timestep boundaries, ascending ([] without step groups; read once, after loading)."""
-        if self.step_groups == 1:
-            return []
-        if self._bounds is None:
-            self._bounds = [float(v) for v in self.a_step_bounds.tolist()]
-        return self._bounds
-
-    def _apply(self, fn: Any, recurse: bool = True) -> Any:
-        return apply_keeping_bounds(self, lambda: super(PackedLayer, self)._apply(fn, recurse))
-
-    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
-        self._bounds = None  # re-read from the loaded a_step_bounds
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def keep_fp32(self) -> frozenset[str]:
@@ -243,8 +227,7 @@ class PackedLayer(nn.Module):
         if self.spec.a_bits is None:
             return x
         dim = -1 if self.spec.kind == "linear" else 1
-        g = self.a_group if self.step_groups > 1 else None
-        scale, zero = (self.a_scale, self.a_zero) if g is None else (self.a_step_scale[g], self.a_step_zero[g])
+        scale, zero = self._act_params()
         return fake_quant_input(x, self.spec.in_split, dim, scale, zero, self.spec.a_bits, self.spec.a_symmetric)
 
     def _bos_head(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,7 @@ from mpq.errors import MpqError
 from mpq.quant.banks import Slot, calibrators, layout
 from mpq.quant.formats import Format, Key, ParamShapes, resolve
 from mpq.quant.quantizer import WeightQuant, act_qparams, fake_quant, qrange, running_minmax
-from mpq.quant.steps import apply_keeping_bounds
+from mpq.quant.steps import StepRanges
 
 
 def split_input(x: torch.Tensor, in_split: Sequence[int], dim: int) -> tuple[torch.Tensor, ...]:
@@ -68,7 +68,7 @@ def fake_quant_input(
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
 
 
-class QuantLayer:
+class QuantLayer(StepRanges):
     """Mixin holding the quant params of one Linear/Conv2d and its active bits."""
 
     weight: torch.Tensor
@@ -101,7 +101,6 @@ class QuantLayer:
         self.step_groups = 1  # activation ranges per group of sampling steps (:mod:`mpq.quant.steps`)
         self.a_group: int | None = None  # the step group of the latest denoiser call (set by its pre-hook)
         self.a_step_observed: set[int] = set()  # the step groups whose range has been observed
-        self._bounds: list[float] | None = None  # ``a_step_bounds`` as numbers (:meth:`step_bounds`)
 
     def init_quant(
         self,
@@ -112,11 +111,11 @@ class QuantLayer:
         act_numel: int = 0,
         wq: WeightQuant | None = None,
         formats: Sequence[str] = (),
-        step_groups: int = 1,
+        step_bounds: Sequence[float] = (),
     ) -> None:
         """(Re)allocate the buffers for ``bits``, the weight quantizer ``wq`` (default: MixDQ's), the other
-        weight ``formats`` and ``step_groups`` activation ranges besides the all-steps one (zeros until calibrated
-        or loaded)."""
+        weight ``formats`` and activation ranges per step group besides the all-steps one, for the groups the ascending
+        timestep boundaries ``step_bounds`` cut (zeros until calibrated or loaded)."""
         self.wq = wq or WeightQuant()
         self.act_numel = int(act_numel)
         self.in_split = tuple(in_split) if in_split else (0, self.weight.shape[1])
@@ -141,14 +140,14 @@ class QuantLayer:
             "a_zero": torch.zeros(n, parts, device=dev),
             "a_range": torch.zeros(parts, 2, device=dev),
         }
-        self.step_groups, self.a_group, self.a_step_observed, self._bounds = int(step_groups), None, set(), None
+        self.step_groups, self.a_group, self.a_step_observed, self._bounds = len(step_bounds) + 1, None, set(), None
         if self.step_groups > 1:
             g = self.step_groups
             buffers |= {
                 "a_step_scale": torch.zeros(g, n, parts, device=dev),
                 "a_step_zero": torch.zeros(g, n, parts, device=dev),
                 "a_step_range": torch.zeros(g, parts, 2, device=dev),
-                "a_step_bounds": torch.zeros(g - 1, device=dev),
+                "a_step_bounds": torch.tensor([float(t) for t in step_bounds], dtype=torch.float32, device=dev),
             }
         for name, t in buffers.items():
             self.register_buffer(name, t)
@@ -223,15 +222,6 @@ class QuantLayer:
                 (buf if slot.row is None else buf[slot.row]).copy_(t)
         self._wcache = {}
 
-    def step_bounds(self) -> list[float]:
-        """The step groups' timestep boundaries, ascending ([] without step groups; read from the buffer once after
-        each load, not on every call: no device sync per layer and call)."""
-        if self.step_groups == 1:
-            return []
-        if self._bounds is None:
-            self._bounds = [float(v) for v in self.a_step_bounds.tolist()]
-        return self._bounds
-
     def observe(self, x: torch.Tensor) -> None:
         if self.bos_aware and x.dim() == 3:
             x = x[:, 1:]
@@ -266,10 +256,6 @@ class QuantLayer:
                         self.a_step_range[g, p, 0], self.a_step_range[g, p, 1], b, self.a_symmetric
                     )
 
-    def _group(self) -> int | None:
-        """The step group whose range applies now (None: the all-steps range)."""
-        return self.a_group if self.step_groups > 1 else None
-
     # ------------------------------------------------------------------ activation of bits
     def set_bits(self, w_bits: Key | None, a_bits: int | None) -> None:
         for kind, b in (("weight", w_bits), ("activation", a_bits)):
@@ -293,8 +279,7 @@ class QuantLayer:
     def _fq_act(self, x: torch.Tensor, bits: int | None) -> torch.Tensor:
         if bits is None:
             return x
-        k, g = self._act_index(bits), self._group()
-        scale, zero = (self.a_scale, self.a_zero) if g is None else (self.a_step_scale[g], self.a_step_zero[g])
+        k, (scale, zero) = self._act_index(bits), self._act_params()
         scale, zero = scale[k], zero[k]
         return fake_quant_input(x, self.in_split, self._input_dim(), scale, zero, bits, self.a_symmetric)
 
@@ -340,7 +325,7 @@ class QuantLayer:
     # ------------------------------------------------------------------ torch plumbing
     def _apply(self, fn: Callable[[torch.Tensor], torch.Tensor], recurse: bool = True) -> Any:
         self._wcache = {}  # moved or cast: the cached quantized weights are stale
-        return apply_keeping_bounds(self, lambda: super(QuantLayer, self)._apply(fn, recurse))  # type: ignore[misc]
+        return super()._apply(fn, recurse)
 
     def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
         self._wcache = {}
@@ -349,7 +334,7 @@ class QuantLayer:
         if self._quant_buffers and not self.qbits.is_meta:
             self._index_formats(self.bits)  # the loaded bit-widths are the weight candidates
         if self.step_groups > 1:
-            self.a_step_observed, self._bounds = set(range(self.step_groups)), None
+            self.a_step_observed = set(range(self.step_groups))
 
     def quant_state(self) -> dict[str, torch.Tensor]:
         """The quant buffers (the PTQ checkpoint's tensors): ``qbits``, every weight candidate's bank, ``a_*``."""

@@ -100,15 +100,18 @@ class QuantModel:
         sizes of ``structure`` (:func:`mpq.quant.structure.trace`); ``step_bounds`` (ascending timesteps): activation
         ranges per group of sampling steps besides the all-steps one (:mod:`mpq.quant.steps`)."""
         st = structure or Structure()
-        groups = len(step_bounds) + 1
         for name, layer in self.layers.items():
             layer.init_quant(
-                bits, st.in_split.get(name), name in st.bos, a_symmetric, st.act_numel.get(name, 0), wq, formats, groups
+                bits,
+                st.in_split.get(name),
+                name in st.bos,
+                a_symmetric,
+                st.act_numel.get(name, 0),
+                wq,
+                formats,
+                step_bounds,
             )
-            if groups > 1:
-                layer.a_step_bounds.copy_(torch.tensor([float(b) for b in step_bounds]))
-                layer._bounds = None
-        if groups > 1:
+        if step_bounds:
             attach(self.denoiser)
 
     @property

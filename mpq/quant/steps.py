@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import bisect
 import inspect
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -101,17 +101,52 @@ class StepGroupHook:
             layer.a_group = group_of(value, layer.step_bounds())  # type: ignore[operator]
 
 
-def apply_keeping_bounds(layer: Any, apply: Callable[[], Any]) -> Any:
-    """A layer's ``_apply`` (a move or a cast: ``.to()``, ``.half()``) with its step groups' boundaries kept exact
-    and fp32: a timestep boundary rounded to bf16 (Flux's sigmas are 0..1) could move a call into another group."""
-    bounds = layer.a_step_bounds if grouped(layer) else None
-    if bounds is None or bounds.is_meta:
-        return apply()
-    exact = layer.step_bounds()  # read before the cast can round them
-    out = apply()
-    if layer.a_step_bounds.dtype != torch.float32:
-        layer._buffers["a_step_bounds"] = torch.tensor(exact, dtype=torch.float32, device=layer.a_step_bounds.device)
-    return out
+class StepRanges:
+    """What a layer with step groups does the same whether fake-quantized (:class:`~mpq.quant.layers.QuantLayer`)
+    or packed (:class:`~mpq.export.packed.PackedLayer`): its groups' boundaries read once from ``a_step_bounds`` (no
+    device sync per layer and call), the activation scale and zero point that apply now, and moves and casts that
+    keep the boundaries exact and fp32 (a timestep boundary rounded to bf16 could move a call into another group;
+    Flux's sigmas are 0..1). Mixed in before ``nn.Module``; the layer sets ``step_groups`` and ``a_group``."""
+
+    step_groups: int
+    a_group: int | None
+    a_scale: torch.Tensor
+    a_zero: torch.Tensor
+    a_step_scale: torch.Tensor
+    a_step_zero: torch.Tensor
+    a_step_bounds: torch.Tensor
+    _bounds: list[float] | None = None  # ``a_step_bounds`` as numbers (:meth:`step_bounds`)
+    _buffers: dict[str, torch.Tensor | None]
+
+    def step_bounds(self) -> list[float]:
+        """The step groups' timestep boundaries, ascending ([] without step groups)."""
+        if self.step_groups == 1:
+            return []
+        if self._bounds is None:
+            self._bounds = [float(v) for v in self.a_step_bounds.tolist()]
+        return self._bounds
+
+    def _group(self) -> int | None:
+        """The step group whose range applies now (None: the all-steps range)."""
+        return self.a_group if self.step_groups > 1 else None
+
+    def _act_params(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scale, zero point) of the range that applies now: the active step group's, else the all-steps ones."""
+        g = self._group()
+        return (self.a_scale, self.a_zero) if g is None else (self.a_step_scale[g], self.a_step_zero[g])
+
+    def _apply(self, fn: Any, recurse: bool = True) -> Any:
+        bounds = self._buffers.get("a_step_bounds") if self.step_groups > 1 else None
+        exact = self.step_bounds() if bounds is not None and not bounds.is_meta else None  # read before any cast
+        out = super()._apply(fn, recurse)  # type: ignore[misc]
+        moved = self._buffers.get("a_step_bounds")
+        if exact is not None and moved is not None and moved.dtype != torch.float32:
+            self._buffers["a_step_bounds"] = torch.tensor(exact, dtype=torch.float32, device=moved.device)
+        return out
+
+    def _load_from_state_dict(self, state_dict: dict[str, Any], prefix: str, *args: Any, **kwargs: Any) -> None:
+        self._bounds = None  # re-read from the loaded a_step_bounds
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)  # type: ignore[misc]
 
 
 def attach(denoiser: nn.Module) -> None:
