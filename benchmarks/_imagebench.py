@@ -82,14 +82,17 @@ class ImageBench:
             {n for n, lay in self.qm.layers.items() if lay.bos_aware},
         )
 
-    def mpq_point(self, plan: BitPlan, wq: WeightQuant) -> tuple[float, np.ndarray]:
-        """(bytes, per-image MSE) of a weight plan with the calibrated quantizer."""
+    def plan_mse(self, plan: BitPlan) -> np.ndarray:
+        """Per-image MSE of a plan (weights and activations) with the calibrated quantizer (FP again after)."""
         self.qm.apply(plan)
         try:
-            mse = self.mse()
+            return self.mse()
         finally:
             self.qm.set_fp()
-        return weight_bytes(plan, self.infos, wq), mse
+
+    def mpq_point(self, plan: BitPlan, wq: WeightQuant) -> tuple[float, np.ndarray]:
+        """(bytes, per-image MSE) of a weight plan with the calibrated quantizer."""
+        return weight_bytes(plan, self.infos, wq), self.plan_mse(plan)
 
     # -------------------------------------------------------------- any other tool
     def with_denoiser(self, make: Callable[[torch.nn.Module], torch.nn.Module]) -> np.ndarray:

@@ -28,10 +28,12 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 from _imagebench import ImageBench  # noqa: E402
+from bench_simple_plans import median_ratio  # noqa: E402
 
 from mpq.calibration.checkpoint import load_checkpoint  # noqa: E402
 from mpq.calibration.ptq import calibrate  # noqa: E402
 from mpq.commands.main import main as mpq_main  # noqa: E402
+from mpq.cost import average_bits  # noqa: E402
 from mpq.metrics import paired_bootstrap_ratio  # noqa: E402
 from mpq.plan import BitPlan, final_plan  # noqa: E402
 from mpq.runner.rundir import RunDir  # noqa: E402
@@ -39,22 +41,9 @@ from mpq.runner.rundir import RunDir  # noqa: E402
 PLANS = ((None, 8), (None, 6), (None, 4), (8, 8), (4, 8), (8, 4), (4, 6))
 
 
-def uniform(bench: ImageBench, w: int | None, a: int) -> BitPlan:
-    return BitPlan({n: w for n in bench.names} if w else {}, {n: a for n in bench.names})
-
-
-def score(bench: ImageBench, plan: BitPlan) -> np.ndarray:
-    bench.qm.apply(plan)
-    try:
-        return bench.mse()
-    finally:
-        bench.qm.set_fp()
-
-
 def ratio_cell(a: np.ndarray, b: np.ndarray) -> str:
     r, lo, hi = paired_bootstrap_ratio(a, b)
-    med = float(np.median(a / np.maximum(b, 1e-30)))
-    return f"{r:.2f} ({lo:.2f}-{hi:.2f}), median {med:.2f}"
+    return f"{r:.2f} ({lo:.2f}-{hi:.2f}), median {median_ratio(a, b):.2f}"
 
 
 def uniform_table(bench: ImageBench, groups: list[int]) -> dict[str, Any]:
@@ -66,7 +55,7 @@ def uniform_table(bench: ImageBench, groups: list[int]) -> dict[str, Any]:
         ptq_s = time.perf_counter() - t0
         out[str(g)] = {
             "ptq_s": ptq_s,
-            "mse": {f"W{w or 'FP'}A{a}": score(bench, uniform(bench, w, a)).tolist() for w, a in PLANS},
+            "mse": {f"W{w or 'FP'}A{a}": bench.plan_mse(BitPlan.uniform(bench.names, w, a)).tolist() for w, a in PLANS},
         }
         print(f"[bench] {g} step group(s): PTQ {ptq_s:.1f} s", flush=True)
     base = out[str(groups[0])]["mse"]
@@ -95,9 +84,9 @@ def run_table(
             wall = time.perf_counter() - t0
             load_checkpoint(run.ckpt, bench.qm)
             plan = final_plan(run)
-            chosen = score(bench, plan)
-            w4a8 = score(bench, uniform(bench, 4, 8))
-            act_bits = bench_avg_act(plan, bench)
+            chosen = bench.plan_mse(plan)
+            w4a8 = bench.plan_mse(BitPlan.uniform(bench.names, 4, 8))
+            act_bits = average_bits((i.act_numel, plan.act.get(i.name)) for i in bench.infos)  # quantized layers
             out[str(g)] = {"wall_s": wall, "chosen": chosen.tolist(), "w4a8": w4a8.tolist(), "act_avg_bits": act_bits}
             if save is not None:
                 save(out)  # each run kept as it finishes (a run takes minutes)
@@ -121,13 +110,6 @@ def run_table(
             f"{ratio_cell(c, w)} | {ratio_cell(c, np.array(base['chosen']))} |"
         )
     return out
-
-
-def bench_avg_act(plan: BitPlan, bench: ImageBench) -> float:
-    """The plan's average activation bits (FP counted at 16), weighted by each layer's input size."""
-    from mpq.cost import average_bits
-
-    return average_bits((info.act_numel, plan.act.get(info.name)) for info in bench.infos)
 
 
 def main() -> None:
